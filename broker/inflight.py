@@ -1,0 +1,61 @@
+"""The root's in-flight table: every admitted request, where it is, and what the client has.
+
+    request_id -> InFlight(gateway, ref, request, rid, holder, state, tokens and text so far, deadline)
+
+`rid` is the current dispatch; `holder` the node that last acknowledged it and `state` what that
+node did with it ('running', 'queued', or 'forwarded' to the child `to`). `hop` orders acks that
+arrive out of order from different nodes (each node has its own connection to the root).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, eq=False)
+class InFlight:
+    request_id: int
+    gateway: bytes
+    ref: int
+    request: dict
+    rid: int | None = None
+    holder: str | None = None
+    state: str = "queued_at_root"
+    to: str | None = None
+    hop: int = 0
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    attempts: int = 0
+    deadline: float | None = None
+    first_token_at: float | None = None
+
+
+class Table:
+    def __init__(self):
+        self.requests: dict[int, InFlight] = {}
+        self.by_rid: dict[int, InFlight] = {}
+        self.by_ref: dict[tuple[bytes, int], InFlight] = {}
+
+    def add(self, req: InFlight) -> None:
+        self.requests[req.request_id] = req
+        self.by_ref[(req.gateway, req.ref)] = req
+
+    def place(self, req: InFlight, rid: int, holder: str, state: str, to: str | None) -> None:
+        self.unplace(req)
+        req.rid, req.holder, req.state, req.to, req.hop = rid, holder, state, to, 0
+        self.by_rid[rid] = req
+
+    def unplace(self, req: InFlight) -> None:
+        if req.rid is not None:
+            self.by_rid.pop(req.rid, None)
+        req.rid, req.holder, req.state, req.to = None, None, "queued_at_root", None
+
+    def remove(self, req: InFlight) -> None:
+        self.unplace(req)
+        self.requests.pop(req.request_id, None)
+        self.by_ref.pop((req.gateway, req.ref), None)
+
+    def held_by(self, name: str) -> list[InFlight]:
+        """Requests a lost node held: running or queued there, or on their way to it."""
+        return [r for r in self.by_rid.values()
+                if r.holder == name or (r.state == "forwarded" and r.to == name)]

@@ -1,0 +1,401 @@
+"""The one wire protocol of treechat: every ZeroMQ message of every process.
+
+A message is a command frame (one byte naming the type) followed by one body frame (orjson),
+after whatever identity frames the socket adds:
+
+    DEALER side:  [cmd][body]
+    ROUTER side:  [identity][cmd][body]
+
+Bodies decode against the type their command names, never by guessing and never by pickle:
+`decode()` raises `ProtocolError` for an unknown command, invalid JSON, a missing field or a field
+of the wrong type, and every reader logs and drops such a frame instead of crashing. Unknown
+fields are ignored so a newer peer can append fields; fields are only ever appended.
+
+Who sends what (`rid` is the root's id of one dispatch; a re-dispatch gets a new one, so a late
+result from a node declared dead matches nothing and is dropped; `ref` is the gateway's own id):
+
+    gateway -> root (front):  Hello, Heartbeat, Submit, Cancel, StatusQuery
+    root -> gateway:          Heartbeat, Accepted, Deltas, Done, Error, StatusReply
+    parent -> child (tree):   Heartbeat, Dispatch
+    child -> parent:          Heartbeat (carrying the child's subtree Load)
+    node -> root (results):   Register, Lookup, Heartbeat, Acks, Tokens, Done, Error, Bye
+    root -> node:             Welcome, Refused, Found, Reregister, Heartbeat, Cancel
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+
+
+class ProtocolError(ValueError):
+    """A frame that does not decode as the message its command names."""
+
+
+class FinishReason(enum.IntEnum):
+    STOP = 0
+    LENGTH = 1
+    CANCELLED = 2
+    ERROR = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class ErrorCode:
+    """Stable error codes shared by the tree and every gateway (the TCP protocol shows them)."""
+
+    BAD_REQUEST = "bad_request"
+    TOO_LONG = "too_long"
+    OVERLOADED = "overloaded"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    NODE_LOST = "node_lost"
+    ROOT_LOST = "root_lost"
+    SHUTTING_DOWN = "shutting_down"
+    HANDED_BACK = "handed_back"  # node -> root only: "I could not finish it, place it elsewhere"
+    UNKNOWN_MODEL = "unknown_model"
+    ENGINE = "engine_error"
+
+
+# --- the request a client asks for ---------------------------------------------------------------
+
+SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0)}
+
+
+@dataclass(slots=True)
+class Request:
+    """What to generate: a chat (`messages`) or a plain `prompt`, and how to sample it.
+
+    Validated once, at the gateway, by `Request.from_dict`; nodes trust what the root forwards.
+    """
+
+    messages: list[dict] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None  # None: until a stop condition or the model's context is full
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+    model: str | None = None
+
+    FIELDS: ClassVar[frozenset[str]] = frozenset(
+        ["messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
+         "ignore_eos", "model"])
+
+    @classmethod
+    def from_dict(cls, data: dict, *, strict: bool = True) -> "Request":
+        """Build and validate a request; raise `BadRequest(param, message)` naming the field."""
+        if not isinstance(data, dict):
+            raise BadRequest(None, "the request must be a JSON object")
+        if strict:
+            unknown = sorted(set(data) - cls.FIELDS)
+            if unknown:
+                raise BadRequest(unknown[0], f"unknown field '{unknown[0]}'")
+        values = {k: v for k, v in data.items() if k in cls.FIELDS and v is not None}
+        if isinstance(values.get("stop"), str):
+            values["stop"] = [values["stop"]]
+        req = cls(**values)
+        req.validate()
+        return req
+
+    def validate(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise BadRequest("messages", "give exactly one of 'messages' or 'prompt'")
+        if self.messages is not None:
+            if not isinstance(self.messages, list) or not self.messages:
+                raise BadRequest("messages", "'messages' must be a non-empty list")
+            for i, m in enumerate(self.messages):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                        or not isinstance(m.get("content"), str):
+                    raise BadRequest(f"messages[{i}]",
+                                     "each message needs a string 'role' and a string 'content'")
+                if m["role"] not in ("system", "user", "assistant", "developer", "tool"):
+                    raise BadRequest(f"messages[{i}].role", f"unknown role '{m['role']}'")
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise BadRequest("prompt", "'prompt' must be a string")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise BadRequest("max_tokens", "'max_tokens' must be a positive integer")
+        for name, (lo, hi) in SAMPLING_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise BadRequest(name, f"'{name}' must be a number between {lo} and {hi}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise BadRequest("top_k", "'top_k' must be a non-negative integer (0 turns it off)")
+        if not isinstance(self.stop, list) or len(self.stop) > 16 or \
+                not all(isinstance(s, str) and s for s in self.stop):
+            raise BadRequest("stop", "'stop' must be a non-empty string or a list of up to 16 of them")
+        if self.seed is not None and not _is_int(self.seed):
+            raise BadRequest("seed", "'seed' must be an integer")
+        if not isinstance(self.ignore_eos, bool):
+            raise BadRequest("ignore_eos", "'ignore_eos' must be true or false")
+        if self.model is not None and not isinstance(self.model, str):
+            raise BadRequest("model", "'model' must be a string")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def last_user_text(self) -> str:
+        if self.prompt is not None:
+            return self.prompt
+        users = [m["content"] for m in self.messages if m["role"] == "user"]
+        return users[-1] if users else self.messages[-1]["content"]
+
+
+class BadRequest(ValueError):
+    def __init__(self, param: str | None, message: str):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+REGISTRY: dict[bytes, type["Message"]] = {}
+
+
+class Message:
+    """Base of every wire message: `CMD` is its command frame."""
+
+    CMD: ClassVar[bytes] = b""
+    __slots__ = ()
+
+    def frames(self) -> list[bytes]:
+        return [self.CMD, orjson.dumps(self)]  # orjson encodes dataclasses natively
+
+
+def message(cmd: bytes):
+    """Declare a wire message: a slotted dataclass registered under its one-byte command."""
+
+    def wrap(cls):
+        if cmd in REGISTRY:
+            raise TypeError(f"command {cmd!r} used twice")
+        body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        cls = dataclass(slots=True)(type(cls.__name__, (Message,), {**body, "CMD": cmd}))
+        REGISTRY[cmd] = cls
+        return cls
+
+    return wrap
+
+
+@message(b"h")
+class Hello:
+    """Gateway -> root: who I am (shown by `treechat status`)."""
+    name: str
+    kind: str = "gateway"
+
+
+@message(b"b")
+class Heartbeat:
+    """Every edge, both ways, about once a second. A child's heartbeat carries its subtree's load
+    (see `Load`); the root's carries its `epoch` so peers notice a restarted root at once."""
+    sender: str = ""
+    epoch: int = 0
+    load: dict | None = None
+
+
+@message(b"s")
+class Submit:
+    """Gateway -> root: a new request. `timeout` (seconds) becomes its deadline at the root."""
+    ref: int
+    request: dict
+    timeout: float | None = None
+
+
+@message(b"a")
+class Accepted:
+    """Root -> gateway: the request got `request_id` (arrival order at the root)."""
+    ref: int
+    request_id: int
+
+
+@message(b"x")
+class Cancel:
+    """Gateway -> root (`id` = ref) and root -> node (`id` = rid): stop it at the next step."""
+    id: int
+
+
+@message(b"d")
+class Dispatch:
+    """Root -> child and node -> child: run or place this request.
+
+    `hop` counts the edges travelled (for ack ordering); `resume_ids`/`resume_text` are the tokens
+    and text the client already has when a request is re-dispatched after a node was lost."""
+    rid: int
+    request: dict
+    hop: int = 1
+    resume_ids: list[int] = field(default_factory=list)
+    resume_text: str = ""
+
+
+@message(b"k")
+class Acks:
+    """Node -> root: where requests now are. items: [rid, hop, state, to] with state one of
+    'running', 'queued', 'forwarded' (then `to` names the child)."""
+    items: list
+
+
+@message(b"t")
+class Tokens:
+    """Node -> root: one engine step. items: [rid, text_delta, [token ids]]."""
+    items: list
+
+
+@message(b"D")
+class Deltas:
+    """Root -> gateway: the step's deltas for this gateway's requests. items: [ref, text, n_tokens]."""
+    items: list
+
+
+@message(b"f")
+class Done:
+    """The request finished. `id` is the rid (node -> root) or the ref (root -> gateway)."""
+    id: int
+    finish_reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@message(b"e")
+class Error:
+    """The request failed; `id` as in Done. `retry_after` (seconds) comes with `overloaded`."""
+    id: int
+    code: str
+    message: str
+    retry_after: float | None = None
+
+
+@message(b"r")
+class Register:
+    """Node -> root: bind `name` in the registry. `instance` tells a restart from a duplicate."""
+    name: str
+    instance: str
+    parent: str | None
+    endpoint: str
+    slots: int
+    model: str | None = None
+    engine: str = "none"
+    info: dict | None = None
+
+
+@message(b"w")
+class Welcome:
+    """Root -> node: registered. `tree` is the endpoint of the root's tree socket."""
+    name: str
+    epoch: int
+    tree: str
+    heartbeat: float
+
+
+@message(b"R")
+class Refused:
+    """Root -> node: not registered, and why (a live node holds the name)."""
+    name: str
+    reason: str
+
+
+@message(b"?")
+class Reregister:
+    """Root -> node: I do not know you (I restarted, or declared you dead): register again."""
+    epoch: int = 0
+
+
+@message(b"l")
+class Lookup:
+    """Node or CLI -> root: the registry entry for `name`, or every entry when `name` is null."""
+    name: str | None = None
+
+
+@message(b"L")
+class Found:
+    """Root -> asker: registry entries (empty when the name is not registered)."""
+    entries: list
+
+
+@message(b"q")
+class StatusQuery:
+    """Anyone -> root (front): the live tree."""
+    ref: int = 0
+
+
+@message(b"S")
+class StatusReply:
+    """Root -> asker: the live tree, as `/v1/tree` shows it."""
+    ref: int
+    tree: dict
+
+
+@message(b"y")
+class Bye:
+    """Node -> root: I am leaving on purpose (SIGTERM); unregister me."""
+    name: str
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Decode `[cmd, body]` into its message type, validating field types; raise ProtocolError."""
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames (command, body), got {len(frames)}")
+    cmd, body = frames
+    cls = REGISTRY.get(bytes(cmd))
+    if cls is None:
+        raise ProtocolError(f"unknown command {bytes(cmd)[:8]!r}")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(f"{cls.__name__}: body is not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{cls.__name__}: body must be a JSON object")
+    kwargs = {}
+    for f in _FIELDS[cls]:
+        name, check, required = f
+        if name in data:
+            value = data[name]
+            if not check(value):
+                raise ProtocolError(f"{cls.__name__}.{name}: wrong type {type(value).__name__}")
+            kwargs[name] = value
+        elif required:
+            raise ProtocolError(f"{cls.__name__}: missing field '{name}'")
+    return cls(**kwargs)
+
+
+def _checker(tp) -> typing.Callable[[Any], bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        checks = [_checker(a) for a in typing.get_args(tp)]
+        return lambda v: any(c(v) for c in checks)
+    if tp is type(None):
+        return lambda v: v is None
+    if tp is int:
+        return _is_int
+    if tp is float:
+        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    base = origin or tp
+    return lambda v: isinstance(v, base)
+
+
+def _fields(cls) -> list[tuple[str, Any, bool]]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        out.append((f.name, _checker(hints[f.name]), required))
+    return out
+
+
+_FIELDS = {cls: _fields(cls) for cls in REGISTRY.values()}

@@ -1,0 +1,144 @@
+"""ZeroMQ sockets, made and configured in one place, and read on the asyncio event loop.
+
+Every process runs one asyncio loop (Tornado shares it). A `Channel` wraps one socket: the loop
+watches the socket's file descriptor, and when it fires the channel drains every waiting message
+without blocking and hands each decoded message to its handler. Handlers are plain functions: the
+routing code never awaits, so it needs no locks.
+
+ZeroMQ's descriptor is edge-triggered: it only signals a change of state, and a send can consume
+that signal. So after sending, a channel schedules one more drain on the next loop turn; without it
+a message that arrived during a send could sit unread until the next one.
+
+Options (the design's rules): ROUTER_MANDATORY on every ROUTER (a send to a gone peer raises
+instead of vanishing), ROUTER_HANDOVER (a restarted node takes its name back), IMMEDIATE on
+DEALERs (no queueing toward a peer that is not connected), explicit HWMs, linger 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Callable
+
+import zmq
+
+from broker.protocol import Message, ProtocolError, decode
+
+log = logging.getLogger(__name__)
+
+HWM = 100_000  # messages; admission control bounds real traffic far below this
+DRAIN_BATCH = 512  # messages read per loop turn before yielding to other work
+
+
+def make_socket(ctx: zmq.Context, kind: int, *, identity: str | None = None) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    if kind == zmq.DEALER:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)  # zmq's own reconnect backoff, in ms
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+    return sock
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> str:
+    """Bind, resolving port 0 to a free port; return the endpoint peers should connect to."""
+    if endpoint.endswith(":0"):
+        host = endpoint[len("tcp://"):-2]
+        port = sock.bind_to_random_port(f"tcp://{host}")
+        return f"tcp://{host}:{port}"
+    sock.bind(endpoint)
+    return endpoint
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Channel:
+    """One socket on the event loop. `on_message(identity, message)` gets every decoded message
+    (identity is None on a DEALER); frames that do not decode are logged and dropped."""
+
+    def __init__(self, sock: zmq.Socket, on_message: Callable[[bytes | None, Message], None],
+                 name: str):
+        self.sock = sock
+        self.name = name
+        self.on_message = on_message
+        self.router = sock.type == zmq.ROUTER
+        self.loop = asyncio.get_running_loop()
+        self._fd = sock.getsockopt(zmq.FD)
+        self._drain_scheduled = False
+        self.loop.add_reader(self._fd, self._drain)
+        self._schedule_drain()  # messages may already be waiting
+
+    def send(self, msg: Message, identity: bytes | None = None) -> bool:
+        """Send without blocking. False (and logged) when the peer is gone or its queue is full:
+        the caller decides what that means (a ROUTER peer that vanished, a DEALER not connected)."""
+        frames = msg.frames()
+        if identity is not None:
+            frames.insert(0, identity)
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            log.debug("%s: no route to %r for %s", self.name, identity, type(msg).__name__)
+            return False
+        except zmq.ZMQError as e:  # EHOSTUNREACH from ROUTER_MANDATORY
+            log.debug("%s: send to %r failed: %s", self.name, identity, e)
+            return False
+        finally:
+            self._schedule_drain()
+
+    def close(self) -> None:
+        try:
+            self.loop.remove_reader(self._fd)
+        except (ValueError, OSError):
+            pass
+        self.sock.close(linger=0)
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        sock = self.sock
+        for _ in range(DRAIN_BATCH):
+            try:
+                if sock.closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as e:
+                log.warning("%s: receive failed: %s", self.name, e)
+                return
+            self._dispatch(frames)
+        self._schedule_drain()  # more is waiting: continue on the next loop turn
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        identity = None
+        if self.router:
+            if len(frames) < 2:
+                log.warning("%s: dropped a frame with no identity", self.name)
+                return
+            identity, frames = frames[0], frames[1:]
+        try:
+            msg = decode(frames)
+        except ProtocolError as e:
+            log.warning("%s: dropped an undecodable message from %r: %s", self.name, identity, e)
+            return
+        try:
+            self.on_message(identity, msg)
+        except Exception:  # a handler bug must not take the whole process down
+            log.exception("%s: handler failed on %s", self.name, type(msg).__name__)

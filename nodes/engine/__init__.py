@@ -1,0 +1,44 @@
+"""Engines a node can own: `fake` (no model, for routing tests and overhead), `hf` (a real Hugging
+Face causal LM), or none (a pure router). `add_engine_args` declares their flags once for every
+command that starts a node; `make_engine` builds the one asked for."""
+
+from __future__ import annotations
+
+import argparse
+
+from nodes.engine.base import Engine
+
+ENGINES = ("fake", "hf", "none")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=ENGINES, default="hf",
+                   help="what answers requests on this node (default: hf, a real model)")
+    g.add_argument("--max-slots", type=int, default=None,
+                   help="requests running at once on one engine (fake: 4; hf: 8 on CPU, 64 on GPU)")
+    g.add_argument("--fake-delay", type=float, default=0.02,
+                   help="fake engine: seconds per step (one token for every running request)")
+    g.add_argument("--model", default=None,
+                   help="hf: a Hub name, a local folder or a .gguf file (default: SmolLM2-135M-Instruct, offline)")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="hf: context length in tokens (default: the model's own, capped at 4096 on CPU)")
+    g.add_argument("--kv-budget", type=int, default=None,
+                   help="hf: tokens of KV cache for all running requests together")
+    g.add_argument("--chat-template", default=None, help="hf: a Jinja chat template file")
+    g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="hf: dummy = random weights of --model-config's shape (benchmarks)")
+    g.add_argument("--model-config", default=None,
+                   help="hf with --load-format dummy: gpt2, qwen2.5-0.5b or llama-3-8b")
+
+
+def make_engine(args: argparse.Namespace) -> Engine | None:
+    if args.engine == "none":
+        return None
+    if args.engine == "fake":
+        from nodes.engine.fake import FakeEngine
+        return FakeEngine(slots=args.max_slots or 4, delay=args.fake_delay)
+    from nodes.engine.hf import HFEngine  # imports torch: only for nodes that run a model
+    return HFEngine.from_args(args)

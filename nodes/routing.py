@@ -1,0 +1,143 @@
+"""Children and the routing policies, shared by the root and every node.
+
+A parent keeps its children in a ring (the original design's ring buffer) with the load each last
+reported for its whole subtree. Two policies choose the child a request goes to:
+
+- `seed`: the original. Next child in the ring, whatever its load.
+- `least-loaded`: the child whose subtree has the most free engine slots; ring order breaks ties,
+  so equal children still take turns. A parent sends nothing down to a subtree with no free slot:
+  the request waits in the parent's own queue (late binding), so it never sits behind a long
+  request at a busy leaf while another leaf is idle.
+
+Reports arrive with every heartbeat and as soon as a child's load changes; between reports the
+parent counts what it sent (`note_sent`), so a burst does not pile onto one child.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+POLICIES = ("least-loaded", "seed")
+
+
+@dataclass(slots=True)
+class Load:
+    """A subtree's capacity: engine slots, free slots, requests queued, queue places left."""
+
+    slots: int = 0
+    free: int = 0
+    queued: int = 0
+    room: int = 0
+    running: int = 0
+    draining: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Load":
+        if not d:
+            return cls()
+        return cls(**{k: d[k] for k in ("slots", "free", "queued", "room", "running", "draining")
+                      if k in d and isinstance(d[k], (int, bool))})
+
+    def to_dict(self) -> dict:
+        return {"slots": self.slots, "free": self.free, "queued": self.queued, "room": self.room,
+                "running": self.running, "draining": self.draining}
+
+    def add(self, other: "Load") -> None:
+        if other.draining:
+            return  # a draining subtree takes no new work: its capacity is not ours to offer
+        self.slots += other.slots
+        self.free += other.free
+        self.queued += other.queued
+        self.room += other.room
+        self.running += other.running
+
+
+@dataclass(slots=True)
+class Child:
+    name: str
+    identity: bytes
+    load: Load = field(default_factory=Load)
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class Children:
+    """The ring of a parent's live children."""
+
+    def __init__(self, policy: str):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy '{policy}' (choose from {', '.join(POLICIES)})")
+        self.policy = policy
+        self.ring: list[Child] = []
+        self.next = 0
+
+    def __len__(self) -> int:
+        return len(self.ring)
+
+    def __iter__(self):
+        return iter(self.ring)
+
+    def get(self, name: str) -> Child | None:
+        return next((c for c in self.ring if c.name == name), None)
+
+    def seen(self, name: str, identity: bytes, load: dict | None) -> Child:
+        """A heartbeat from `name`: add it to the ring on first sight, refresh its load."""
+        child = self.get(name)
+        if child is None:
+            child = Child(name, identity)
+            self.ring.append(child)
+        child.identity = identity
+        child.last_seen = time.monotonic()
+        if load is not None:
+            child.load = Load.from_dict(load)
+        return child
+
+    def remove(self, name: str) -> Child | None:
+        child = self.get(name)
+        if child is not None:
+            i = self.ring.index(child)
+            self.ring.remove(child)
+            if i < self.next:
+                self.next -= 1
+            if self.next >= len(self.ring):
+                self.next = 0
+        return child
+
+    def expired(self, older_than: float) -> list[Child]:
+        return [c for c in self.ring if c.last_seen < older_than]
+
+    def total(self) -> Load:
+        load = Load()
+        for c in self.ring:
+            load.add(c.load)
+        return load
+
+    def pick(self, *, need_free: bool) -> Child | None:
+        """The child to send the next request to, advancing the ring; None when no child fits.
+
+        seed ignores load (but never picks a draining child). least-loaded picks most free slots;
+        with `need_free=False` it falls back to most queue room."""
+        order = self.ring[self.next:] + self.ring[:self.next]
+        live = [c for c in order if not c.load.draining]
+        if self.policy == "seed":
+            chosen = live[0] if live else None
+        else:
+            chosen = max(live, key=lambda c: c.load.free, default=None)  # max keeps the first tie
+            if chosen is not None and chosen.load.free <= 0:
+                chosen = None if need_free else max(live, key=lambda c: c.load.room)
+                if chosen is not None and chosen.load.room <= 0:
+                    chosen = None
+        if chosen is not None:
+            self.next = (self.ring.index(chosen) + 1) % len(self.ring)
+        return chosen
+
+    @staticmethod
+    def note_sent(child: Child) -> None:
+        """Count a request sent to `child` until its next report says otherwise."""
+        load = child.load
+        if load.free > 0:
+            load.free -= 1
+            load.running += 1
+        else:
+            load.queued += 1
+            load.room = max(0, load.room - 1)

@@ -1,0 +1,190 @@
+"""`treechat`: the command line. The original launcher's verbs (log, parent, registry, server), and more.
+
+    treechat up                      everything on one machine: root, nodes, gateways
+    treechat root                    the root broker
+    treechat node --name N [--parent P] --root HOST:PORT    a node, attached to its parent by name
+    treechat gateway http|tcp        a gateway feeding the root
+    treechat status (alias log)      the live tree with each node's load
+    treechat registry                every registered node
+    treechat chat                    a terminal chat client
+    treechat bench                   load-test a server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+
+import orjson
+
+from treechat.process import Fatal, serve, setup_logging
+
+DEFAULT_ROOT = "127.0.0.1:5550"
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def add_root_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=5550,
+                   help="first of three ports: gateways PORT, tree PORT+1, node results PORT+2")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests the root holds when every node is busy; past that: overloaded")
+
+
+def add_tree_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", choices=("least-loaded", "seed"), default="least-loaded",
+                   help="routing: least-loaded (default, see README) or seed (the original ring)")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds SIGTERM waits for running requests before handing them back")
+
+
+def add_node_args(p: argparse.ArgumentParser, *, named: bool = True) -> None:
+    from nodes.engine import add_engine_args
+    if named:
+        p.add_argument("--name", required=True, help="unique node name (the registry key)")
+        p.add_argument("--parent", default=None,
+                       help="attach under this node (by name); default: directly under the root")
+        p.add_argument("--root", default=DEFAULT_ROOT, help="the root's HOST:PORT")
+        p.add_argument("--host", default="127.0.0.1", help="address this node's children connect to")
+    p.add_argument("--node-queue", type=int, default=64, help="requests a node may queue")
+    add_engine_args(p)
+
+
+def cmd_root(args) -> int:
+    from broker.root import Root, RootConfig
+    cfg = RootConfig(host=args.host, port=args.port, policy=args.policy, max_queue=args.max_queue,
+                     heartbeat=args.heartbeat, grace=args.grace)
+    return serve(lambda stop, ready: Root(cfg).run(stop, ready))
+
+
+def cmd_node(args) -> int:
+    from nodes.engine import make_engine
+    from nodes.node import Node, NodeConfig, RegistrationRefused
+    cfg = NodeConfig(name=args.name, root=args.root, parent=args.parent, host=args.host,
+                     policy=args.policy, max_queue=args.node_queue, heartbeat=args.heartbeat,
+                     grace=args.grace)
+
+    async def main(stop, ready):
+        engine = await asyncio.to_thread(make_engine, args)  # loading a model can take a while
+        try:
+            await Node(cfg, engine).run(stop, ready)
+        except RegistrationRefused as e:
+            raise Fatal(f"node {cfg.name} was refused by the root: {e}") from None
+
+    return serve(main)
+
+
+def gateway_module(kind: str):
+    name = {"http": "gateways.http.server", "tcp": "gateways.tcp_mobile.server"}[kind]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith(name.rsplit(".", 1)[0]):
+            return None
+        raise
+
+
+def cmd_gateway(args) -> int:
+    return serve(lambda stop, ready: args.module.serve(args, stop, ready))
+
+
+def cmd_status(args) -> int:
+    from treechat.show import render_registry, render_tree
+    tree = asyncio.run(ask_root(args.root, lambda c: c.status()))
+    if args.command == "registry":
+        tree = {"nodes": tree["nodes"]}
+        print(orjson.dumps(tree["nodes"], option=orjson.OPT_INDENT_2).decode() if args.json
+              else render_registry(tree["nodes"]))
+    else:
+        print(orjson.dumps(tree, option=orjson.OPT_INDENT_2).decode() if args.json
+              else render_tree(tree))
+    return 0
+
+
+async def ask_root(root: str, query):
+    from broker.client import RootClient
+    client = RootClient(root, name="cli")
+    await client.start()
+    try:
+        if not await client.wait_connected(3.0):
+            raise Fatal(f"no root answers at {root} (is `treechat root` or `treechat up` running?)")
+        return await query(client)
+    finally:
+        client.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="treechat", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("up", help="start root, nodes and gateways on this machine")
+    from treechat.launch import add_up_args
+    add_up_args(p)
+    p.set_defaults(func=lambda a: __import__("treechat.launch").launch.cmd_up(a))
+
+    p = sub.add_parser("root", help="run the root broker")
+    add_root_args(p)
+    add_tree_args(p)
+    p.set_defaults(func=cmd_root)
+
+    p = sub.add_parser("node", help="run a node (attach it under --parent by name)")
+    add_tree_args(p)
+    add_node_args(p)
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("gateway", help="run a gateway (http or tcp)")
+    gsub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for kind in ("http", "tcp"):
+        module = gateway_module(kind)
+        g = gsub.add_parser(kind, help=f"the {kind} gateway" + ("" if module else " (not built)"))
+        g.add_argument("--root", default=DEFAULT_ROOT, help="the root's HOST:PORT")
+        add_common(g)
+        if module is not None:
+            module.add_args(g)
+        g.set_defaults(func=cmd_gateway, module=module)
+
+    for name, aliases, what in (("status", ["log"], "the live tree and each node's load"),
+                                ("registry", [], "every registered node")):
+        p = sub.add_parser(name, aliases=aliases, help=what)
+        p.add_argument("--root", default=DEFAULT_ROOT, help="the root's HOST:PORT")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=cmd_status)
+
+    for name, module in (("chat", "gateways.tcp_mobile.chat"), ("bench", "bench.serve")):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError:
+            continue
+        p = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0])
+        mod.add_args(p)
+        p.set_defaults(func=mod.main)
+
+    for p in sub.choices.values():
+        if not any(a.dest == "log_level" for a in p._actions):
+            add_common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "log":
+        args.command = "status"
+    setup_logging(args.log_level, getattr(args, "name", "") or "")
+    try:
+        return args.func(args) or 0
+    except (ValueError, Fatal) as e:
+        print(f"treechat: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""`treechat up`: a whole treechat on one machine, in one command.
+
+Starts the root, then `--nodes N` nodes in a tree of fan-out `--fanout K` (node-1..node-K under the
+root, the next K under node-1, and so on), then the gateways that exist, each as its own named
+child process. Each child prints one READY line when it serves (see `treechat.process`); `up`
+waits for it before starting what depends on it, then prints where everything listens.
+
+A child that dies on its own is started again (a restarted node takes its name back; the root
+re-dispatches what it held). Ctrl-C or SIGTERM stops gateways, then nodes, then the root, each with
+SIGTERM so they finish or hand back their work, and `up` exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import orjson
+
+from treechat.process import READY, Fatal, setup_logging
+
+log = logging.getLogger("treechat.up")
+
+READY_TIMEOUT = 900.0  # seconds: a first start may convert the default model
+MAX_RESTARTS = 5  # per child per minute, then `up` gives up
+
+
+def add_up_args(p: argparse.ArgumentParser) -> None:
+    from treechat.cli import add_node_args, add_root_args, add_tree_args
+    add_root_args(p)
+    add_tree_args(p)
+    p.add_argument("--nodes", type=int, default=1, help="how many nodes (default 1)")
+    p.add_argument("--fanout", type=int, default=2, help="children per node in the tree (default 2)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP gateway port (0: none)")
+    p.add_argument("--tcp-port", type=int, default=8001, help="TCP gateway port (0: none)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require this Bearer key on the HTTP API (repeatable)")
+    add_node_args(p, named=False)
+
+
+def tree_layout(nodes: int, fanout: int) -> list[tuple[str, str | None]]:
+    """[(name, parent)] for a breadth-first tree: node-1..node-K under the root, then K per node."""
+    return [(f"node-{i}", None if i <= fanout else f"node-{(i - fanout - 1) // fanout + 1}")
+            for i in range(1, nodes + 1)]
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: asyncio.subprocess.Process | None = None
+    info: dict = field(default_factory=dict)
+    starts: list[float] = field(default_factory=list)
+
+
+class Launcher:
+    def __init__(self, args: argparse.Namespace):
+        if args.nodes < 1:
+            raise ValueError("--nodes must be at least 1")
+        if args.fanout < 1:
+            raise ValueError("--fanout must be at least 1")
+        self.args = args
+        self.stopping = False
+        self.root = f"{args.host}:{args.port}"
+        self.children: list[Child] = []
+        self.failed = asyncio.Event()
+
+    def plan(self) -> list[list[Child]]:
+        a = self.args
+        py = [sys.executable, "-m", "treechat.cli"]
+        common = ["--heartbeat", str(a.heartbeat), "--grace", str(a.grace), "--policy", a.policy,
+                  "--log-level", a.log_level]
+        root = Child("root", py + ["root", "--host", a.host, "--port", str(a.port),
+                                   "--max-queue", str(a.max_queue)] + common)
+        engine = ["--engine", a.engine, "--fake-delay", str(a.fake_delay), "--dtype", a.dtype,
+                  "--device", a.device, "--load-format", a.load_format,
+                  "--node-queue", str(a.node_queue)]
+        for flag in ("max_slots", "model", "max_model_len", "kv_budget", "chat_template",
+                     "model_config"):
+            value = getattr(a, flag)
+            if value is not None:
+                engine += ["--" + flag.replace("_", "-"), str(value)]
+        nodes = []
+        for name, parent in tree_layout(a.nodes, a.fanout):
+            argv = py + ["node", "--name", name, "--root", self.root, "--host", a.host] + common + engine
+            if parent:
+                argv += ["--parent", parent]
+            nodes.append(Child(name, argv))
+        gateways = []
+        from treechat.cli import gateway_module
+        for kind, port in (("http", a.http_port), ("tcp", a.tcp_port)):
+            if port and gateway_module(kind) is not None:
+                argv = py + ["gateway", kind, "--root", self.root, "--host", a.host,
+                             "--port", str(port), "--log-level", a.log_level]
+                if kind == "http":
+                    for key in a.api_key or []:
+                        argv += ["--api-key", key]
+                gateways.append(Child(f"{kind}-gateway", argv))
+        return [[root], nodes, gateways]
+
+    async def run(self) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        stages = self.plan()
+        try:
+            for stage in stages:
+                if stage:
+                    await self.start_all(stage, stop)
+                if stop.is_set():
+                    break
+            else:
+                self.announce()
+                await asyncio.wait([loop.create_task(stop.wait()),
+                                    loop.create_task(self.failed.wait())],
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.stopping = True
+            for stage in reversed(stages):
+                await self.stop_all(stage)
+        return 1 if self.failed.is_set() else 0
+
+    async def start_all(self, stage: list[Child], stop: asyncio.Event) -> None:
+        waits = [asyncio.create_task(self.start(c)) for c in stage]
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([asyncio.gather(*waits), stopper],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        for task in waits:
+            if task.done() and task.exception():
+                raise task.exception()
+
+    async def start(self, child: Child) -> None:
+        self.children.append(child) if child not in self.children else None
+        child.starts = [t for t in child.starts if t > time.monotonic() - 60] + [time.monotonic()]
+        child.proc = await asyncio.create_subprocess_exec(
+            *child.argv, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        ready = asyncio.get_running_loop().create_future()
+        asyncio.create_task(self.watch(child, child.proc, ready))
+        try:
+            child.info = await asyncio.wait_for(ready, READY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise Fatal(f"{child.name} did not become ready in {READY_TIMEOUT:.0f}s") from None
+
+    async def watch(self, child: Child, proc, ready: asyncio.Future) -> None:
+        """Relay the child's stdout, catch its READY line, and restart it if it dies."""
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith(READY) and not ready.done():
+                ready.set_result(orjson.loads(line[len(READY):]))
+            else:
+                print(line, flush=True)
+        code = await proc.wait()
+        if not ready.done():
+            ready.set_exception(Fatal(f"{child.name} exited with code {code} before it was ready"))
+            return
+        if self.stopping or child.proc is not proc:
+            return
+        if len(child.starts) >= MAX_RESTARTS:
+            log.error("%s exited with code %s %d times in a minute; stopping", child.name, code,
+                      len(child.starts))
+            self.failed.set()
+            return
+        log.warning("%s exited with code %s; starting it again", child.name, code)
+        try:
+            await self.start(child)
+        except Fatal as e:
+            log.error("%s", e)
+            self.failed.set()
+
+    async def stop_all(self, stage: list[Child]) -> None:
+        procs = [c.proc for c in stage if c.proc is not None and c.proc.returncode is None]
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        if procs:
+            _, pending = await asyncio.wait([asyncio.create_task(p.wait()) for p in procs],
+                                            timeout=self.args.grace + 5)
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+
+    def announce(self) -> None:
+        a = self.args
+        lines = [f"treechat is up: root {self.root} (policy {a.policy}), {a.nodes} node(s), "
+                 f"engine {a.engine}"]
+        for c in self.children:
+            if c.name.endswith("gateway"):
+                lines.append(f"  {c.name:<13} {c.info.get('url', '')}")
+        lines.append(f"  status:       treechat status --root {self.root}")
+        lines.append("  stop:         Ctrl-C")
+        print("\n".join(lines), flush=True)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, "up")
+    try:
+        return asyncio.run(Launcher(args).run())
+    except Fatal as e:
+        print(f"treechat: {e}", file=sys.stderr)
+        return 1
