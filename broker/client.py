@@ -156,15 +156,25 @@ class RootClient:
         ref = next(self.refs)
         fut = self._queries[ref] = asyncio.get_running_loop().create_future()
         try:
-            self.ch.send(p.StatusQuery(ref=ref))
-            return await asyncio.wait_for(fut, timeout)
+            return await self._ask(p.StatusQuery(ref=ref), fut, timeout)
         finally:
             self._queries.pop(ref, None)
 
     async def lookup(self, name: str | None = None, timeout: float = 3.0) -> list[dict]:
         self._found = asyncio.get_running_loop().create_future()
-        self.ch.send(p.Lookup(name=name))
-        return await asyncio.wait_for(self._found, timeout)
+        return await self._ask(p.Lookup(name=name), self._found, timeout)
+
+    async def _ask(self, msg: p.Message, answer: asyncio.Future, timeout: float):
+        """Send a query until it is answered: a query sent while the connection to the root is
+        still (re)forming is dropped (IMMEDIATE), and asking twice is harmless."""
+        deadline = time.monotonic() + timeout
+        while not answer.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the root at {self.endpoint} did not answer in {timeout:.0f}s")
+            self.ch.send(msg)
+            await asyncio.wait([answer], timeout=min(0.25, left))
+        return answer.result()
 
     # --- from the root --------------------------------------------------------------------------
 
@@ -206,8 +216,10 @@ class RootClient:
         while True:
             await asyncio.sleep(self.heartbeat)
             self.ch.send(p.Heartbeat(sender=self.name))
-            if self.streams and self.root_seen and time.monotonic() - self.root_seen > self.dead_after:
-                self.lose_root("the root stopped answering")
+            if self.root_seen and time.monotonic() - self.root_seen > self.dead_after:
+                self.epoch = 0  # whoever answers next is the root, not a restarted stranger
+                if self.streams:
+                    self.lose_root("the root stopped answering")
 
     def lose_root(self, why: str) -> None:
         log.warning("%s; failing %d open requests", why, len(self.streams))

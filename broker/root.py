@@ -256,7 +256,10 @@ class Root:
 
     def on_tree(self, ident: bytes, msg: p.Message) -> None:
         if isinstance(msg, p.Heartbeat):
-            self.children.seen(ident.decode(errors="replace"), ident, msg.load)
+            name = ident.decode(errors="replace")
+            if self.children.get(name) is None:
+                self.tree.send(p.Heartbeat(sender="root", epoch=self.epoch), ident)  # welcome it
+            self.children.seen(name, ident, msg.load)
             self.pump()
         else:
             log.warning("tree: unexpected %s from %r", type(msg).__name__, ident)

@@ -87,6 +87,8 @@ class Node:
         self._flush_scheduled = False
         self._welcome: asyncio.Future | None = None
         self._found: asyncio.Future | None = None
+        self._parent_answered: asyncio.Future | None = None
+        self._repairs: dict[str, asyncio.Task] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -130,7 +132,7 @@ class Node:
             try:
                 while not self._welcome.done():
                     self.results.send(msg)
-                    await asyncio.wait([self._welcome], timeout=self.cfg.heartbeat)
+                    await asyncio.wait([self._welcome], timeout=min(0.2, self.cfg.heartbeat))
                 welcome = self._welcome.result()
             except RegistrationRefused as e:
                 if time.monotonic() > give_up:
@@ -144,22 +146,36 @@ class Node:
             return
 
     async def connect_parent(self) -> None:
-        """Connect `up` to the parent: the root's tree socket, or a node found in the registry."""
+        """Connect `up` to the parent (the root's tree socket, or a node found in the registry)
+        and wait until it answers: ready means the parent knows us. Retries with backoff."""
         backoff = self.cfg.heartbeat / 2
         while True:
             endpoint = self.tree_endpoint if self.cfg.parent is None else await self.lookup_parent()
-            if endpoint:
-                break
-            log.warning("parent %s is not registered yet; retrying in %.1fs", self.cfg.parent, backoff)
+            if endpoint and await self.attach(endpoint):
+                self.parent_seen = time.monotonic()
+                return
+            log.warning("parent %s is not reachable yet; retrying in %.1fs",
+                        self.cfg.parent or "root", backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 8.0)
+
+    async def attach(self, endpoint: str) -> bool:
         if self.up is not None:
             self.up.close()
         self.up = Channel(make_socket(self.ctx, zmq.DEALER, identity=self.cfg.name), self.on_up, "up")
         self.up.sock.connect(endpoint)
-        self.parent_endpoint = endpoint
-        self.parent_seen = time.monotonic()
-        self.report_load(force=True)
+        self._parent_answered = self.loop.create_future()  # a parent answers a new child at once
+        give_up = time.monotonic() + self.cfg.dead_after
+        while not self._parent_answered.done() and time.monotonic() < give_up:
+            self.report_load(force=True)
+            await asyncio.wait([self._parent_answered], timeout=min(0.1, self.cfg.heartbeat))
+        return self._parent_answered.done()
+
+    def repair(self, what: str, coro_fn) -> None:
+        """Run a reconnection in the background, one per link, so heartbeats keep flowing."""
+        task = self._repairs.get(what)
+        if task is None or task.done():
+            self._repairs[what] = self.loop.create_task(coro_fn())
 
     async def lookup_parent(self) -> str | None:
         self._found = self.loop.create_future()
@@ -197,12 +213,15 @@ class Node:
                 self.down.send(hb, child.identity)
             self.report_load(force=True)
             self.results.send(p.Heartbeat(sender=self.cfg.name, load=self.own_load().to_dict()))
-            if now - self.root_seen > self.cfg.dead_after:
+            if now - self.root_seen > self.cfg.dead_after and "root" not in self._busy_repairs():
                 log.warning("the root stopped answering; registering again")
-                await self.register()
-            if now - self.parent_seen > self.cfg.dead_after:
+                self.repair("root", self.register)
+            if now - self.parent_seen > self.cfg.dead_after and "parent" not in self._busy_repairs():
                 log.warning("parent %s stopped answering; reconnecting", self.cfg.parent or "root")
-                await self.connect_parent()
+                self.repair("parent", self.connect_parent)
+
+    def _busy_repairs(self) -> set[str]:
+        return {what for what, task in self._repairs.items() if not task.done()}
 
     # --- placing requests -----------------------------------------------------------------------
 
@@ -353,6 +372,8 @@ class Node:
 
     def on_up(self, _ident, msg: p.Message) -> None:
         self.parent_seen = time.monotonic()
+        if self._parent_answered is not None and not self._parent_answered.done():
+            self._parent_answered.set_result(None)
         if isinstance(msg, p.Dispatch):
             self.place(msg)
         elif not isinstance(msg, p.Heartbeat):
@@ -360,7 +381,10 @@ class Node:
 
     def on_down(self, ident: bytes, msg: p.Message) -> None:
         if isinstance(msg, p.Heartbeat):
-            self.children.seen(ident.decode(errors="replace"), ident, msg.load)
+            name = ident.decode(errors="replace")
+            if self.children.get(name) is None:
+                self.down.send(p.Heartbeat(sender=self.cfg.name), ident)  # welcome a new child
+            self.children.seen(name, ident, msg.load)
             self.pump()
             self.report_load()
         else:
