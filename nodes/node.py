@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -125,7 +126,8 @@ class Node:
             self.results = Channel(make_socket(self.ctx, zmq.DEALER), self.on_results, "results")
             self.results.sock.connect(self.cfg.root_endpoint(2))
             self._welcome = self.loop.create_future()
-            info = self.engine.describe() if self.engine else {"engine": "none"}
+            info = {**(self.engine.describe() if self.engine else {"engine": "none"}),
+                    "pid": os.getpid()}
             msg = p.Register(name=self.cfg.name, instance=self.instance, parent=self.cfg.parent,
                              endpoint=self.endpoint, slots=self.engine.slots if self.engine else 0,
                              model=info.get("model"), engine=info.get("engine", "none"), info=info)

@@ -119,7 +119,8 @@ async def ask_root(root: str, query):
         client.close()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    command = argv[0] if argv else None
     parser = argparse.ArgumentParser(prog="treechat", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -139,17 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_node_args(p)
     p.set_defaults(func=cmd_node)
 
-    p = sub.add_parser("gateway", help="run a gateway (http or tcp)")
-    gsub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
-    for kind in ("http", "tcp"):
-        module = gateway_module(kind)
-        g = gsub.add_parser(kind, help=f"the {kind} gateway" + ("" if module else " (not built)"))
-        g.add_argument("--root", default=DEFAULT_ROOT, help="the root's HOST:PORT")
-        add_common(g)
-        if module is not None:
-            module.add_args(g)
-        g.set_defaults(func=cmd_gateway, module=module)
-
     for name, aliases, what in (("status", ["log"], "the live tree and each node's load"),
                                 ("registry", [], "every registered node")):
         p = sub.add_parser(name, aliases=aliases, help=what)
@@ -157,14 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=cmd_status)
 
-    for name, module in (("chat", "gateways.tcp_mobile.chat"), ("bench", "bench.serve")):
-        try:
+    # Gateways, chat and bench import their modules only when asked for, so a node or the root
+    # never depends on them.
+    p = sub.add_parser("gateway", help="run a gateway (http or tcp)")
+    gsub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for kind in ("http", "tcp"):
+        g = gsub.add_parser(kind, help=f"the {kind} gateway")
+        g.add_argument("--root", default=DEFAULT_ROOT, help="the root's HOST:PORT")
+        g.add_argument("--heartbeat", type=float, default=1.0,
+                       help="seconds between heartbeats to the root (match the root's)")
+        add_common(g)
+        if command == "gateway" and kind in argv[1:2]:
+            module = gateway_module(kind)
+            if module is None:
+                raise Fatal(f"the {kind} gateway is not installed")
+            module.add_args(g)
+            g.set_defaults(func=cmd_gateway, module=module)
+
+    for name, module, what in (("chat", "gateways.tcp_mobile.chat", "chat in the terminal"),
+                               ("bench", "bench.serve", "load-test a treechat or OpenAI server")):
+        p = sub.add_parser(name, help=what)
+        if command == name:
             mod = importlib.import_module(module)
-        except ModuleNotFoundError:
-            continue
-        p = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0])
-        mod.add_args(p)
-        p.set_defaults(func=mod.main)
+            mod.add_args(p)
+            p.set_defaults(func=mod.main)
 
     for p in sub.choices.values():
         if not any(a.dest == "log_level" for a in p._actions):
@@ -173,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser(argv).parse_args(argv)
+    except Fatal as e:
+        print(f"treechat: {e}", file=sys.stderr)
+        return 2
     if args.command == "log":
         args.command = "status"
     setup_logging(args.log_level, getattr(args, "name", "") or "")

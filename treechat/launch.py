@@ -97,7 +97,8 @@ class Launcher:
         for kind, port in (("http", a.http_port), ("tcp", a.tcp_port)):
             if port and gateway_module(kind) is not None:
                 argv = py + ["gateway", kind, "--root", self.root, "--host", a.host,
-                             "--port", str(port), "--log-level", a.log_level]
+                             "--port", str(port), "--log-level", a.log_level,
+                             "--heartbeat", str(a.heartbeat)]
                 if kind == "http":
                     for key in a.api_key or []:
                         argv += ["--api-key", key]

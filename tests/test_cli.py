@@ -1,0 +1,93 @@
+"""The `treechat` command as a user runs it: up, status/log, registry, node --parent, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import REPO, connect, free_ports, run, wait_for, wait_tree
+from treechat.launch import tree_layout
+
+
+def treechat(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "treechat.cli", *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def test_up_starts_a_tree_answers_and_stops_cleanly(cluster):
+    up = cluster.up("--engine", "fake", "--nodes", "4", "--fanout", "2")
+    status = treechat("status", "--root", up.root)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert "policy least-loaded" in lines[0]
+    for name in ("node-1", "node-2", "node-3", "node-4"):
+        assert any(name in line and "alive" in line for line in lines), status.stdout
+    assert any(line.startswith("│   ├── node-3") or line.startswith("│   └── node-3")
+               for line in lines), status.stdout  # node-3 sits under node-1
+    registry = treechat("registry", "--root", up.root)
+    assert registry.stdout.count("tcp://127.0.0.1:") == 4
+    log = treechat("log", "--root", up.root, "--json")
+    assert log.returncode == 0 and '"nodes"' in log.stdout
+
+    async def ask():
+        client = await connect(up.root)
+        text, final = await client.submit({"messages": [{"role": "user", "content": "hi up"}]}).collect()
+        client.close()
+        return text, final.finish_reason
+    assert run(ask()) == ("hi up ", "stop")
+    assert up.proc.terminate(timeout=30) == 0
+    assert not any("Traceback" in line for line in up.proc.lines)
+
+
+def test_up_restarts_a_node_that_dies(cluster):
+    up = cluster.up("--engine", "fake", "--nodes", "2")
+
+    async def scenario():
+        client = await connect(up.root)
+        st = await wait_tree(client, {"node-1", "node-2"})
+        node2 = next(n for n in st["nodes"] if n["name"] == "node-2")
+        before = node2["endpoint"]
+        os.kill(node2["info"]["pid"], signal.SIGKILL)
+
+        async def replaced():
+            st = await client.status()
+            n = next((n for n in st["nodes"] if n["name"] == "node-2"), None)
+            return n and n["state"] == "alive" and n["endpoint"] != before
+        await wait_for(replaced, timeout=30)
+        client.close()
+
+    run(scenario())
+
+
+def test_node_attaches_to_a_parent_by_name(cluster):
+    root, _ = cluster.root()
+    cluster.node(root, "top", None)
+    cluster.node(root, "leaf", "top")
+    out = treechat("status", "--root", root).stdout
+    assert "└── top" in out and "    └── leaf" in out
+
+
+def test_tree_layout_is_breadth_first():
+    assert tree_layout(7, 2) == [("node-1", None), ("node-2", None), ("node-3", "node-1"),
+                                 ("node-4", "node-1"), ("node-5", "node-2"), ("node-6", "node-2"),
+                                 ("node-7", "node-3")]
+
+
+def test_bad_input_gives_a_readable_error_and_nonzero_exit():
+    port = free_ports(1)[0]
+    cases = [
+        (["status", "--root", f"127.0.0.1:{port}"], "no root answers"),
+        (["node", "--name", "bad name!", "--engine", "fake"], "bad node name"),
+        (["node", "--name", "x", "--root", "nowhere", "--engine", "fake"], "HOST:PORT"),
+        (["root", "--max-queue", "-1"], "--max-queue"),
+        (["up", "--nodes", "0", "--engine", "fake"], "--nodes"),
+    ]
+    for args, message in cases:
+        result = treechat(*args)
+        assert result.returncode != 0, args
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    result = treechat("node", "--policy", "random")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
