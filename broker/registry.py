@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from broker.protocol import Register
 from nodes.routing import Load
@@ -40,9 +41,19 @@ class Entry:
                 "info": self.info}
 
 
+class Store(Protocol):
+    """Where registrations are also written (the `ldap` backend); the root's memory stays the
+    source of truth for liveness. Calls must not block the event loop."""
+
+    def publish(self, entry: Entry) -> None: ...
+
+    def withdraw(self, name: str) -> None: ...
+
+
 class Registry:
-    def __init__(self, dead_after: float):
+    def __init__(self, dead_after: float, store: Store | None = None):
         self.dead_after = dead_after
+        self.store = store
         self.entries: dict[str, Entry] = {}
         self.by_identity: dict[bytes, Entry] = {}
 
@@ -66,6 +77,8 @@ class Registry:
                       msg.model, msg.engine, msg.info or {})
         self.entries[msg.name] = entry
         self.by_identity[identity] = entry
+        if self.store is not None:
+            self.store.publish(entry)
         replaced = old if old is not None and old.instance != msg.instance else None
         return entry, replaced
 
@@ -73,11 +86,15 @@ class Registry:
         entry = self.entries.pop(name, None)
         if entry is not None:
             self.by_identity.pop(entry.identity, None)
+            if self.store is not None:
+                self.store.withdraw(name)
         return entry
 
     def mark_dead(self, entry: Entry) -> None:
         entry.state = "dead"
         self.by_identity.pop(entry.identity, None)
+        if self.store is not None:
+            self.store.withdraw(entry.name)
 
     def lookup(self, name: str | None) -> list[dict]:
         if name is None:

@@ -49,6 +49,11 @@ class RootConfig:
     heartbeat: float = 1.0
     misses: int = 3  # heartbeats missed before a peer is declared dead
     grace: float = 30.0  # seconds SIGTERM waits for in-flight requests
+    registry: str = "builtin"  # or "ldap": registrations are also written to an LDAP directory
+    ldap_url: str | None = None
+    ldap_base: str = "dc=treechat,dc=local"
+    ldap_bind_dn: str | None = None
+    ldap_password_file: str | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -59,6 +64,12 @@ class RootConfig:
             raise ValueError("--max-queue cannot be negative")
         if self.heartbeat <= 0:
             raise ValueError("--heartbeat must be positive")
+        if self.registry not in ("builtin", "ldap"):
+            raise ValueError("--registry must be builtin or ldap")
+        if self.registry == "ldap" and not (self.ldap_url and self.ldap_bind_dn
+                                            and self.ldap_password_file):
+            raise ValueError("--registry ldap needs --ldap-url, --ldap-bind-dn and "
+                             "--ldap-password-file")
 
     def endpoint(self, offset: int) -> str:
         return f"tcp://{self.host}:{self.port + offset}"
@@ -92,6 +103,9 @@ class Root:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, ready=None) -> None:
+        if self.cfg.registry == "ldap":
+            from broker.ldap_store import LdapStore  # only roots that use LDAP need its client
+            self.registry.store = await LdapStore.open(self.cfg)  # raises Fatal, clearly
         ctx = zmq.Context.instance()
         self.front = Channel(make_socket(ctx, zmq.ROUTER), self.on_front, "front")
         self.tree = Channel(make_socket(ctx, zmq.ROUTER), self.on_tree, "tree")
@@ -108,6 +122,8 @@ class Root:
         beat.cancel()
         for ch in (self.front, self.tree, self.results):
             ch.close()
+        if self.registry.store is not None:
+            await self.registry.store.close()
 
     async def drain(self) -> None:
         """SIGTERM: refuse new work, let what runs finish (up to `grace`), fail the rest clearly."""

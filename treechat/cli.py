@@ -34,6 +34,14 @@ def add_root_args(p: argparse.ArgumentParser) -> None:
                    help="first of three ports: gateways PORT, tree PORT+1, node results PORT+2")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests the root holds when every node is busy; past that: overloaded")
+    g = p.add_argument_group("registry")
+    g.add_argument("--registry", choices=("builtin", "ldap"), default="builtin",
+                   help="builtin (in the root) or ldap (also written to an LDAP directory)")
+    g.add_argument("--ldap-url", default=None, help="ldap://HOST:PORT of the directory")
+    g.add_argument("--ldap-base", default="dc=treechat,dc=local",
+                   help="suffix; nodes live under ou=Nodes,<base>")
+    g.add_argument("--ldap-bind-dn", default=None, help="the registrar account the root binds as")
+    g.add_argument("--ldap-password-file", default=None, help="file holding its password")
 
 
 def add_tree_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +67,9 @@ def add_node_args(p: argparse.ArgumentParser, *, named: bool = True) -> None:
 def cmd_root(args) -> int:
     from broker.root import Root, RootConfig
     cfg = RootConfig(host=args.host, port=args.port, policy=args.policy, max_queue=args.max_queue,
-                     heartbeat=args.heartbeat, grace=args.grace)
+                     heartbeat=args.heartbeat, grace=args.grace, registry=args.registry,
+                     ldap_url=args.ldap_url, ldap_base=args.ldap_base,
+                     ldap_bind_dn=args.ldap_bind_dn, ldap_password_file=args.ldap_password_file)
     return serve(lambda stop, ready: Root(cfg).run(stop, ready))
 
 

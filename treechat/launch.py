@@ -76,8 +76,12 @@ class Launcher:
         py = [sys.executable, "-m", "treechat.cli"]
         common = ["--heartbeat", str(a.heartbeat), "--grace", str(a.grace), "--policy", a.policy,
                   "--log-level", a.log_level]
+        registry = ["--registry", a.registry]
+        for flag in ("ldap_url", "ldap_base", "ldap_bind_dn", "ldap_password_file"):
+            if getattr(a, flag) is not None:
+                registry += ["--" + flag.replace("_", "-"), getattr(a, flag)]
         root = Child("root", py + ["root", "--host", a.host, "--port", str(a.port),
-                                   "--max-queue", str(a.max_queue)] + common)
+                                   "--max-queue", str(a.max_queue)] + registry + common)
         engine = ["--engine", a.engine, "--fake-delay", str(a.fake_delay), "--dtype", a.dtype,
                   "--device", a.device, "--load-format", a.load_format,
                   "--node-queue", str(a.node_queue)]
