@@ -1,0 +1,93 @@
+/**
+ * settings.js: the model menu (filled from GET /v1/models) and the settings dialog (system
+ * prompt, temperature, max tokens, model, optional API key), both saved through the Store.
+ */
+
+import { listModels } from "./api.js";
+import { DEFAULT_SETTINGS } from "./store.js";
+
+const $ = (id) => document.getElementById(id);
+
+function fillModels(select, models, chosen) {
+  select.replaceChildren(...models.map((id) => new Option(id, id)));
+  if (chosen && models.includes(chosen)) select.value = chosen;
+}
+
+export class Settings {
+  /**
+   * @param {import("./store.js").Store} store
+   * @param {object} hooks {serverState(ok), beforeOpen()}
+   */
+  constructor(store, hooks) {
+    this.store = store;
+    this.hooks = hooks;
+    this.models = [];
+    this.menu = $("model");
+    this.dlg = $("settings");
+
+    this.menu.addEventListener("change", () => store.saveSettings({ model: this.menu.value }));
+    $("set-temp").addEventListener("input", (e) => {
+      $("temp-out").textContent = Number(e.target.value).toFixed(2);
+    });
+    $("close-settings").addEventListener("click", () => this.dlg.close());
+    $("reset-settings").addEventListener("click", () => this.fill({ ...store.settings, ...DEFAULT_SETTINGS, model: store.settings.model, apiKey: store.settings.apiKey }));
+    $("settings-form").addEventListener("submit", () => this.save());
+    this.dlg.addEventListener("click", (e) => {
+      if (e.target === this.dlg) this.dlg.close(); // a click on the backdrop
+    });
+  }
+
+  /** The model to ask for: the chosen one, else the menu's, else none (the gateway's default). */
+  model() {
+    return this.store.settings.model || this.menu.value || "";
+  }
+
+  async loadModels() {
+    const s = this.store.settings;
+    try {
+      this.models = await listModels(s.apiKey);
+      this.hooks.serverState(true);
+    } catch (e) {
+      this.models = [];
+      if (e.kind === "network") this.hooks.serverState(false);
+    }
+    const shown = this.models.length ? this.models : [s.model].filter(Boolean);
+    if (!shown.length) {
+      this.menu.replaceChildren(new Option("No models", ""));
+      return;
+    }
+    fillModels(this.menu, shown, s.model);
+    if (!shown.includes(s.model)) this.store.saveSettings({ model: shown[0] });
+  }
+
+  fill(s) {
+    fillModels($("set-model"), this.models.length ? this.models : [s.model].filter(Boolean), s.model);
+    $("set-system").value = s.systemPrompt;
+    $("set-temp").value = String(s.temperature);
+    $("temp-out").textContent = Number(s.temperature).toFixed(2);
+    $("set-max").value = String(s.maxTokens);
+    $("set-key").value = s.apiKey;
+  }
+
+  open() {
+    this.fill(this.store.settings);
+    this.hooks.beforeOpen?.();
+    this.dlg.showModal();
+  }
+
+  save() {
+    const max = Number.parseInt($("set-max").value, 10);
+    const temp = Number.parseFloat($("set-temp").value);
+    const key = $("set-key").value.trim();
+    const keyChanged = key !== this.store.settings.apiKey;
+    this.store.saveSettings({
+      model: $("set-model").value || this.store.settings.model,
+      systemPrompt: $("set-system").value,
+      temperature: Number.isFinite(temp) ? temp : DEFAULT_SETTINGS.temperature,
+      maxTokens: Number.isFinite(max) && max > 0 ? max : DEFAULT_SETTINGS.maxTokens,
+      apiKey: key,
+    });
+    if (keyChanged) this.loadModels();
+    else if (this.store.settings.model) this.menu.value = this.store.settings.model;
+  }
+}
