@@ -104,6 +104,7 @@ class RootClient:
         self.endpoint = f"tcp://{host}:{port}"
         self.name = name
         self.heartbeat = heartbeat
+        self.misses = misses
         self.dead_after = heartbeat * misses
         self.streams: dict[int, Stream] = {}
         self.refs = itertools.count(1)
@@ -204,6 +205,9 @@ class RootClient:
             if self.epoch and msg.epoch != self.epoch:
                 self.lose_root("the root restarted")
             self.epoch = msg.epoch
+            if msg.interval > 0:  # follow the root's pace: beat as often as it expects,
+                self.heartbeat = min(self.heartbeat, msg.interval)  # and judge it by its own
+                self.dead_after = msg.interval * self.misses
         elif isinstance(msg, p.StatusReply):
             fut = self._queries.get(msg.ref)
             if fut is not None and not fut.done():

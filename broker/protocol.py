@@ -205,6 +205,7 @@ class Heartbeat:
     sender: str = ""
     epoch: int = 0
     load: dict | None = None
+    interval: float = 0.0  # the sender's heartbeat period: a peer beats at least this often
 
 
 @message(b"s")

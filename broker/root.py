@@ -146,7 +146,7 @@ class Root:
             self.beat()
 
     def beat(self) -> None:
-        hb = p.Heartbeat(sender="root", epoch=self.epoch)
+        hb = p.Heartbeat(sender="root", epoch=self.epoch, interval=self.cfg.heartbeat)
         now = time.monotonic()
         limit = now - self.cfg.dead_after
         for gw in list(self.gateways.values()):
@@ -179,7 +179,7 @@ class Root:
             self.cancel_ref(ident, msg.id)
         elif isinstance(msg, p.Hello):
             gw.name = msg.name
-            self.front.send(p.Heartbeat(sender="root", epoch=self.epoch), ident)
+            self.front.send(p.Heartbeat(sender="root", epoch=self.epoch, interval=self.cfg.heartbeat), ident)
         elif isinstance(msg, p.StatusQuery):
             self.front.send(p.StatusReply(ref=msg.ref, tree=self.status()), ident)
         elif isinstance(msg, p.Lookup):
@@ -274,7 +274,7 @@ class Root:
         if isinstance(msg, p.Heartbeat):
             name = ident.decode(errors="replace")
             if self.children.get(name) is None:
-                self.tree.send(p.Heartbeat(sender="root", epoch=self.epoch), ident)  # welcome it
+                self.tree.send(p.Heartbeat(sender="root", epoch=self.epoch, interval=self.cfg.heartbeat), ident)  # welcome it
             self.children.seen(name, ident, msg.load)
             self.pump()
         else:
