@@ -1,0 +1,262 @@
+"""an interactive terminal chat client (TCP line protocol or the HTTP API)
+
+`treechat chat [--tcp HOST:PORT | --http URL]`: type a message, the answer streams back; Ctrl-C
+while an answer streams cancels it (what came so far stays in the history); Ctrl-C or Ctrl-D at
+the prompt quits; `/reset` starts a new conversation. The whole conversation is sent with every
+message, so follow-ups have context.
+
+Over TCP (docs/protocol.md) a dropped connection is resumed: the client reconnects, sends its
+session token and how many characters it has, and the answer goes on where it stopped. Over HTTP
+it posts to `/v1/chat/completions` with `stream: true` and reads the SSE `data:` lines up to
+`data: [DONE]`; Ctrl-C closes the connection, which cancels the request on the server.
+
+Plain blocking sockets: Ctrl-C arrives as KeyboardInterrupt wherever the main thread waits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import itertools
+import json
+import select
+import socket
+import sys
+import time
+import urllib.parse
+
+class ChatError(Exception):
+    """The server answered with an error (code, message) or could not be reached."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class TcpChat:
+    """The line protocol: one connection, one request at a time, resumed after a drop."""
+
+    def __init__(self, address: str):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--tcp wants HOST:PORT, not '{address}'")
+        self.address = (host, int(port))
+        self.ids = itertools.count(1)
+        self.connect()
+
+    def connect(self) -> None:
+        if getattr(self, "sock", None) is not None:
+            self.sock.close()
+        try:
+            self.sock = socket.create_connection(self.address, timeout=10)
+        except OSError as e:
+            raise ChatError("unreachable", f"cannot connect to {self.address[0]}:"
+                                           f"{self.address[1]}: {e}") from None
+        self.sock.settimeout(None)
+        self.buf = b""
+        hello = self.read()
+        self.session = hello.get("session")
+        self.window = hello.get("resume_window", 0)
+
+    def send(self, line: dict) -> None:
+        self.sock.sendall(json.dumps(line).encode() + b"\n")
+
+    def read(self) -> dict:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("the server closed the connection")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return json.loads(line)
+
+    def ask(self, messages: list[dict], params: dict, show) -> tuple[str, str]:
+        rid = str(next(self.ids))
+        self.reopen_if_closed()
+        self.send({"id": rid, "messages": messages, **params})
+        text, cancelled = "", False
+        while True:
+            try:
+                msg = self.read()
+                if msg.get("id") != rid:
+                    continue
+                if "delta" in msg:
+                    piece = msg["delta"][len(text) - msg["offset"]:]  # never show a character twice
+                    text += piece
+                    show(piece)
+                elif msg.get("done"):
+                    return msg["text"], msg["finish_reason"]
+                elif "error" in msg:
+                    raise ChatError(msg["error"]["code"], msg["error"]["message"])
+            except KeyboardInterrupt:  # Ctrl-C: cancel, and read on until the final line
+                if not cancelled:
+                    cancelled = True
+                    self.send({"cancel": rid})
+            except OSError:
+                self.resume(rid, len(text))
+
+    def reopen_if_closed(self) -> None:
+        """Between answers the server may have closed an idle connection: open a new one."""
+        while select.select([self.sock], [], [], 0)[0]:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                return self.connect()
+            self.buf += data  # lines of earlier requests, or the idle notice: skipped by id
+
+    def resume(self, rid: str, have: int) -> None:
+        """Reconnect and resume the session: the rest of `rid` then arrives as usual."""
+        deadline = time.monotonic() + max(self.window, 1)
+        session = self.session
+        for attempt in itertools.count():
+            try:
+                self.connect()
+                self.send({"resume": session, "offsets": {rid: have}})
+                msg = self.read()
+                if "error" in msg:
+                    raise ChatError(msg["error"]["code"], msg["error"]["message"])
+                self.session = session  # the resumed session keeps its token
+                return
+            except (OSError, ChatError) as e:
+                code = e.code if isinstance(e, ChatError) else "unreachable"
+                if code != "unreachable" or time.monotonic() > deadline:
+                    raise ChatError(code, f"the connection dropped and the answer could not be "
+                                          f"resumed ({e})") from None
+                time.sleep(min(0.2 * 2 ** attempt, 2.0))  # back off before the next attempt
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class HttpChat:
+    """The OpenAI-compatible HTTP API, streamed with Server-Sent Events."""
+
+    def __init__(self, url: str, api_key: str | None):
+        parts = urllib.parse.urlsplit(url if "//" in url else "http://" + url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--http wants a URL such as http://127.0.0.1:8000, not '{url}'")
+        self.parts = parts
+        self.path = parts.path.rstrip("/") + "/v1/chat/completions"
+        self.headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+
+    def ask(self, messages: list[dict], params: dict, show) -> tuple[str, str]:
+        https = self.parts.scheme == "https"
+        conn = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(self.parts.hostname, self.parts.port, timeout=600)
+        try:
+            body = json.dumps({"messages": messages, "stream": True, **params})
+            try:
+                conn.request("POST", self.path, body, self.headers)
+                resp = conn.getresponse()
+            except OSError as e:
+                raise ChatError("unreachable", f"cannot reach {self.parts.netloc}: {e}") from None
+            if resp.status != 200:
+                raise ChatError(*self.error_of(resp))
+            return self.read_events(resp, show)
+        finally:
+            conn.close()  # after Ctrl-C this is what cancels the request on the server
+
+    def read_events(self, resp, show) -> tuple[str, str]:
+        text, reason = "", "stop"
+        try:
+            for raw in resp:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue  # blank separators and ": keep-alive" comments
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    err = chunk["error"]
+                    raise ChatError(err.get("code") or err.get("type", "error"),
+                                    err.get("message", ""))
+                for choice in chunk.get("choices", []):
+                    piece = (choice.get("delta") or {}).get("content") or ""
+                    text += piece
+                    show(piece)
+                    reason = choice.get("finish_reason") or reason
+        except KeyboardInterrupt:
+            return text, "cancelled"
+        return text, reason
+
+    @staticmethod
+    def error_of(resp) -> tuple[str, str]:
+        raw = resp.read()
+        try:
+            err = json.loads(raw)["error"]
+            return str(err.get("code") or err.get("type")), str(err.get("message"))
+        except (ValueError, KeyError, TypeError):
+            return f"http_{resp.status}", raw.decode(errors="replace")[:200]
+
+    def close(self) -> None:
+        pass
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--tcp", metavar="HOST:PORT",
+                       help="the TCP gateway (the default: 127.0.0.1:8001)")
+    where.add_argument("--http", metavar="URL", help="the HTTP gateway, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--api-key", default=None, help="Bearer key for --http")
+    parser.add_argument("--system", default=None, help="a system message opening the conversation")
+    parser.add_argument("--max-tokens", type=int, default=None, help="longest answer, in tokens")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature 0..2")
+    parser.add_argument("--model", default=None, help="which model (when the server has several)")
+
+
+def main(args: argparse.Namespace) -> int:
+    params = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
+                                ("model", args.model)) if v is not None}
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    tty = sys.stdin.isatty()
+    try:
+        chat = HttpChat(args.http, args.api_key) if args.http else \
+            TcpChat(args.tcp or "127.0.0.1:8001")
+    except ChatError as e:
+        print(f"treechat chat: {e}", file=sys.stderr)
+        return 1
+    if tty:
+        print("treechat chat: type a message; Ctrl-C cancels an answer, Ctrl-D quits, /reset "
+              "starts over", file=sys.stderr)
+    messages = list(start)
+    try:
+        return converse(chat, messages, start, params, tty)
+    finally:
+        chat.close()
+
+
+def converse(chat, messages: list[dict], start: list[dict], params: dict, tty: bool) -> int:
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    while True:
+        try:
+            line = input("you> " if tty else "")
+        except (EOFError, KeyboardInterrupt):
+            if tty:
+                print()
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            messages[:] = list(start)
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            text, reason = chat.ask(messages, params, show)
+        except KeyboardInterrupt:  # before the first line came back: nothing to keep
+            text, reason = "", "cancelled"
+        except ChatError as e:
+            messages.pop()  # a failed turn leaves no trace in the conversation
+            print(f"\n[error {e}]" if tty else f"[error {e}]", file=sys.stderr)
+            if e.code == "unreachable":
+                return 1
+            continue
+        messages.append({"role": "assistant", "content": text})
+        print(" [cancelled]" if reason == "cancelled" else "")
+        sys.stdout.flush()

@@ -1,0 +1,271 @@
+"""The TCP gateway (`treechat gateway tcp`): newline-delimited JSON for mobile apps, text for nc.
+
+Process: one Tornado `TCPServer` on `--host:--port` (default 127.0.0.1:8001) and one
+`RootClient` (a DEALER to the root's front socket) on the same event loop.
+
+Per connection, a `Connection`: greets with a hello line (session token, limits), then reads
+lines with `LineReader` and handles each (docs/protocol.md has the format):
+
+    {"id", "messages"|"text", sampling...}  -> Session.submit: deltas, then a final line
+    {"cancel": id}                          -> Stream.cancel down the tree
+    {"ping": x}                             -> {"pong": x}
+    {"resume": token, "offsets": {...}}     -> take over a dropped connection's session
+    first line TEXT, or not starting "{"    -> text mode (gateways/tcp_mobile/text.py)
+
+Limits: `--max-line` (an error line, then the rest of the line is skipped), `--max-inflight`
+requests per connection, `--max-write-buffer` bytes queued for a client that does not read (its
+requests are cancelled and it is closed), `--idle-timeout` with nothing in flight.
+SIGTERM: stop listening, refuse new requests (shutting_down), wait `--drain` seconds for running
+ones, cancel the rest, close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+from tornado.netutil import bind_sockets
+from tornado.tcpserver import TCPServer
+
+from broker.client import RootClient
+from gateways.tcp_mobile.lines import CHUNK, TOO_LONG, LineReader
+from gateways.tcp_mobile.protocol import CancelLine, Code, HelloLine, LineError, Ping, Resume, \
+    Submit, encode, error_line, parse_line
+from gateways.tcp_mobile.session import Session, Sessions
+from treechat.process import Fatal
+
+log = logging.getLogger("treechat.tcp")
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class TcpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    max_line: int = MiB
+    max_inflight: int = 16
+    max_write_buffer: int = 4 * MiB
+    idle_timeout: float = 300.0
+    resume_window: float = 30.0
+    drain: float = 30.0
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port must be 0..65535, not {self.port}")
+        for name in ("max_line", "max_inflight", "max_write_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("idle_timeout", "resume_window", "drain"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} cannot be negative")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TcpConfig":
+        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    d = TcpConfig()
+    parser.add_argument("--host", default=d.host, help="address to listen on")
+    parser.add_argument("--port", type=int, default=d.port, help="port to listen on (0: any)")
+    parser.add_argument("--max-line", type=int, default=d.max_line,
+                        help="longest line a client may send, in bytes (default 1 MiB)")
+    parser.add_argument("--max-inflight", type=int, default=d.max_inflight,
+                        help="requests one connection may have running (default 16)")
+    parser.add_argument("--max-write-buffer", type=int, default=d.max_write_buffer,
+                        help="bytes queued for a client that does not read before its requests "
+                             "are cancelled and it is closed (default 4 MiB)")
+    parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
+                        help="close a connection silent this many seconds with nothing running")
+    parser.add_argument("--resume-window", type=float, default=d.resume_window,
+                        help="seconds a dropped connection's requests wait to be resumed "
+                             "(0: cancel them at once)")
+    parser.add_argument("--drain", type=float, default=d.drain,
+                        help="seconds SIGTERM waits for running requests before cancelling them")
+
+
+def limit_kernel_buffer(stream: IOStream, max_write_buffer: int) -> None:
+    """Cap the kernel's send buffer too: Linux grows it to 4 MiB for a peer that stops reading,
+    which would hide a stalled client from `--max-write-buffer` for a long while."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                             max(64 * 1024, min(max_write_buffer, MiB)))
+
+
+class Connection:
+    """One client socket: JSON lines (or text mode), attached to one session at a time."""
+
+    def __init__(self, gateway: "Gateway", stream: IOStream, address):
+        self.gw = gateway
+        self.cfg = gateway.cfg
+        self.stream = stream
+        self.address = address
+        self.reader = LineReader(stream, self.cfg.max_line)
+        self.session: Session = gateway.sessions.create()
+        self.last_active = time.monotonic()
+        self.busy = False  # text mode: an answer is streaming
+        self.closed = False
+        stream.max_write_buffer_size = self.cfg.max_write_buffer
+        stream.set_nodelay(True)
+        limit_kernel_buffer(stream, self.cfg.max_write_buffer)
+
+    async def run(self) -> None:
+        self.session.attach(self)
+        self.send({"hello": "treechat", "session": self.session.token,
+                   "resume_window": self.cfg.resume_window, "max_line": self.cfg.max_line,
+                   "max_inflight": self.cfg.max_inflight})
+        watchdog = asyncio.get_running_loop().create_task(self.watch_idle())
+        try:
+            await self.read_lines()
+        except StreamClosedError:
+            pass
+        finally:
+            watchdog.cancel()
+            self.closed = True
+            if self.session.conn is self:
+                self.session.detach()
+
+    async def read_lines(self) -> None:
+        first = True
+        while True:
+            raw = await self.reader.read_line()
+            self.last_active = time.monotonic()
+            if raw is TOO_LONG:
+                self.send(error_line(None, Code.LINE_TOO_LONG, f"a line may hold at most "
+                                     f"{self.cfg.max_line} bytes; skipped to the next newline"))
+                continue
+            if not raw.strip():
+                continue  # an empty line is a harmless keep-alive
+            if first:
+                first = False
+                if not raw.lstrip().startswith(b"{"):
+                    from gateways.tcp_mobile.text import TextChat
+                    await TextChat(self).run(raw)
+                    return
+            self.handle(raw)
+
+    def handle(self, raw: bytes) -> None:
+        try:
+            cmd = parse_line(raw)
+            if isinstance(cmd, Submit):
+                self.session.submit(cmd)
+            elif isinstance(cmd, CancelLine):
+                self.session.cancel(cmd.id)
+            elif isinstance(cmd, Ping):
+                self.send({"pong": cmd.value})
+            elif isinstance(cmd, Resume):
+                self.resume(cmd)
+            elif isinstance(cmd, HelloLine):
+                log.debug("client %s says hello: %r", self.address, cmd.info)
+        except LineError as e:
+            self.send(e.line)
+
+    def resume(self, cmd: Resume) -> None:
+        session = self.gw.sessions.resume(self.session, cmd)
+        lines = session.catch_up(cmd.offsets)
+        old = session.conn
+        self.session = session
+        session.attach(self)
+        if old is not None and old is not self:
+            old.abort("the session was resumed on another connection")
+        self.send({"resumed": session.token, "ids": list(cmd.offsets)})
+        for line in lines:
+            self.send(line)
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def send(self, line: dict) -> None:
+        self.write(encode(line))
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.stream.write(data)
+        except StreamBufferFullError:
+            log.warning("client %s stopped reading (%d bytes queued); cancelling its requests",
+                        self.address, self.cfg.max_write_buffer)
+            if self.session.conn is self:
+                self.session.cancel_all()
+                self.gw.sessions.drop(self.session)
+            self.abort("write buffer full")
+        except StreamClosedError:
+            self.closed = True  # the reader sees the close and detaches the session
+
+    def abort(self, why: str) -> None:
+        """Close without detaching: the session now belongs elsewhere or is gone."""
+        log.info("closing %s: %s", self.address, why)
+        self.closed = True
+        if self.session.conn is self:
+            self.session.conn = None
+        self.stream.close()
+
+    async def watch_idle(self) -> None:
+        idle = self.cfg.idle_timeout
+        if idle <= 0:
+            return
+        while not self.closed:
+            if self.busy or (self.session.conn is self and self.session.running):
+                self.last_active = time.monotonic()
+            left = self.last_active + idle - time.monotonic()
+            if left <= 0:
+                self.send(error_line(None, Code.TIMEOUT, f"idle for {idle:g} s; closing"))
+                self.stream.close()
+                return
+            await asyncio.sleep(min(left, 5.0))
+
+
+class Gateway(TCPServer):
+    def __init__(self, cfg: TcpConfig, client: RootClient):
+        super().__init__(max_buffer_size=cfg.max_line + 4 * CHUNK)
+        self.cfg = cfg
+        self.client = client
+        self.sessions = Sessions(client, cfg.resume_window, cfg.max_inflight)
+        self.connections: set[Connection] = set()
+
+    async def handle_stream(self, stream: IOStream, address) -> None:
+        conn = Connection(self, stream, address)
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+
+    async def shutdown(self, drain: float) -> None:
+        self.stop()
+        self.sessions.closing = True
+        deadline = time.monotonic() + drain
+        while self.sessions.running() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions.by_token.values()):
+            session.cancel_all()
+        for conn in list(self.connections):
+            conn.send(error_line(None, Code.SHUTTING_DOWN, "the gateway is shutting down"))
+            conn.abort("shutting down")
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
+    cfg = TcpConfig.from_args(args)
+    try:
+        sockets = bind_sockets(cfg.port, cfg.host)
+    except OSError as e:
+        raise Fatal(f"the TCP gateway cannot listen on {cfg.host}:{cfg.port}: {e}") from None
+    port = sockets[0].getsockname()[1]
+    client = RootClient(args.root, name=f"tcp-gateway:{port}",
+                        heartbeat=getattr(args, "heartbeat", 1.0))  # must match the root's
+    await client.start()
+    if not await client.wait_connected(10.0):
+        log.warning("no root answers at %s yet; requests fail with root_lost until it does",
+                    args.root)
+    gateway = Gateway(cfg, client)
+    gateway.add_sockets(sockets)
+    log.info("TCP gateway on %s:%d (root %s)", cfg.host, port, args.root)
+    ready({"url": f"tcp://{cfg.host}:{port}"})
+    await stop.wait()
+    await gateway.shutdown(cfg.drain)
+    client.close()

@@ -1,0 +1,90 @@
+"""Text mode of the TCP gateway: a chat for people with `nc HOST PORT`.
+
+Entered when a connection's first line is `TEXT` (any case), or is not JSON at all (it does not
+start with "{"): that line is then the first prompt. From then on each line is a prompt in one
+conversation (the connection keeps the history, so follow-ups have context). The answer streams
+back as plain UTF-8 text and ends with an empty line. So that an empty line can only mean "end of
+answer", a blank line inside an answer is sent as a line holding one space. Errors are one line
+`[error CODE: message]`, then the empty line. Lines typed while an answer streams wait their turn.
+A dropped connection cancels the running answer at once (text mode does not resume).
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateways.tcp_mobile.lines import TOO_LONG
+from gateways.tcp_mobile.protocol import Code
+
+
+class TextChat:
+    def __init__(self, conn):
+        self.conn = conn
+        self.messages: list[dict] = []
+        self.last = "\n"  # last character written: answers start on a fresh line
+        sessions = conn.gw.sessions
+        sessions.drop(conn.session)  # text mode has no session to resume
+        conn.session.conn = None
+        self.sessions = sessions
+
+    async def run(self, first: bytes) -> None:
+        raw = None if first.strip().upper() == b"TEXT" else first
+        while True:
+            if raw is TOO_LONG:
+                self.end_with_error(Code.LINE_TOO_LONG,
+                                    f"a line may hold at most {self.conn.cfg.max_line} bytes")
+            elif raw is not None and raw.strip():
+                await self.answer(raw)
+            raw = await self.conn.reader.read_line()
+
+    async def answer(self, raw: bytes) -> None:
+        try:
+            prompt = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            return self.end_with_error(Code.INVALID_UTF8, f"the line is not UTF-8 (byte {e.start})")
+        if self.sessions.closing:
+            return self.end_with_error(Code.SHUTTING_DOWN, "the gateway is shutting down")
+        messages = self.messages + [{"role": "user", "content": prompt}]
+        stream = self.sessions.client.submit({"messages": messages})
+        parts: list[str] = []
+        self.conn.busy = True
+        try:
+            async for ev in stream:
+                if self.conn.closed or self.conn.stream.closed():
+                    break  # the finally cancels it down the tree
+                if ev.kind == "delta" and ev.text:
+                    parts.append(ev.text)
+                    self.write(ev.text)
+                elif ev.kind == "done":
+                    self.messages = messages + [{"role": "assistant", "content": "".join(parts)}]
+                    self.end()
+                elif ev.kind == "error":
+                    self.end_with_error(ev.code, ev.message)
+        finally:
+            self.conn.busy = False
+            self.conn.last_active = time.monotonic()
+            if not stream.finished:
+                stream.cancel()
+
+    def write(self, text: str) -> None:
+        if "\n" in text:  # keep blank lines inside the answer from reading as its end
+            out = []
+            for ch in text:
+                if ch == "\n" and self.last == "\n":
+                    out.append(" ")
+                out.append(ch)
+                self.last = ch
+            text = "".join(out)
+        elif text:
+            self.last = text[-1]
+        self.conn.write(text.encode("utf-8"))
+
+    def end(self) -> None:
+        self.conn.write(b"\n\n" if self.last != "\n" else b"\n")
+        self.last = "\n"
+
+    def end_with_error(self, code: str, message: str) -> None:
+        if self.last != "\n":
+            self.write("\n")
+        self.write(f"[error {code}: {message}]\n")
+        self.end()

@@ -1,0 +1,165 @@
+"""`treechat chat` driven as a user would: a subprocess fed prompts on stdin, against a whole
+treechat with the fake engine (which answers by echoing the prompt's words), over TCP and HTTP."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import REPO, Cluster, connect, free_ports, run
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("chat"))
+    yield cluster.up("--engine", "fake", "--fake-delay", "0.005", "--nodes", "1")
+    cluster.close()
+
+
+class Chat:
+    """A `treechat chat` process; its stdout collected by a thread."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "treechat.cli", "chat", *args], cwd=REPO, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1)
+        self.out = ""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while chunk := self.proc.stdout.read(1):
+            self.out += chunk
+
+    def say(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def wait_output(self, predicate, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.out):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                err = self.proc.stderr.read() if self.proc.poll() is not None else ""
+                raise AssertionError(f"output so far: {self.out!r}\nstderr: {err}")
+            time.sleep(0.02)
+        return self.out
+
+    def finish(self) -> int:
+        self.proc.stdin.close()
+        return self.proc.wait(30)
+
+
+def endpoints(up) -> list[list[str]]:
+    return [["--tcp", f"127.0.0.1:{up.tcp_port}"], ["--http", up.http]]
+
+
+def in_flight(root: str) -> int:
+    async def ask():
+        client = await connect(root)
+        try:
+            return (await client.status())["root"]["in_flight"]
+        finally:
+            client.close()
+    return run(ask())
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["tcp", "http"])
+def test_chat_streams_answers_turn_after_turn(up, kind):
+    chat = Chat(*endpoints(up)[kind])
+    chat.say("hello there")
+    chat.wait_output(lambda out: out.count("\n") >= 1)
+    chat.say("a second question")
+    chat.say("")  # blank lines are skipped
+    chat.say("/reset")
+    chat.say("third")
+    chat.wait_output(lambda out: out.count("\n") >= 3)
+    assert chat.finish() == 0
+    assert chat.out.splitlines() == ["hello there ", "a second question ", "third "]
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["tcp", "http"])
+def test_ctrl_c_cancels_the_answer_and_the_chat_goes_on(up, kind):
+    chat = Chat(*endpoints(up)[kind])
+    chat.say(" ".join(f"w{i}" for i in range(20000)))  # 20000 tokens: minutes at 5 ms each
+    chat.wait_output(lambda out: "w3 " in out)
+    chat.proc.send_signal(signal.SIGINT)
+    chat.wait_output(lambda out: "[cancelled]\n" in out)
+    deadline = time.monotonic() + 20
+    while in_flight(up.root):  # the cancel reached the tree: nothing left running
+        assert time.monotonic() < deadline, "the cancelled answer still runs"
+        time.sleep(0.1)
+    chat.say("after")
+    chat.wait_output(lambda out: out.endswith("after \n"))
+    assert chat.finish() == 0
+
+
+def test_chat_reports_an_unreachable_server():
+    (port,) = free_ports(1)
+    chat = Chat("--tcp", f"127.0.0.1:{port}")
+    assert chat.finish() == 1
+    assert "cannot connect" in chat.proc.stderr.read()
+
+
+class Proxy:
+    """A TCP relay to the gateway whose connections the test can cut, like a phone's network."""
+
+    def __init__(self, port: int):
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.target))
+            self.socks += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        for sock in self.socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        self.socks = []
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def test_chat_resumes_an_answer_after_the_connection_drops(up):
+    proxy = Proxy(up.tcp_port)
+    try:
+        chat = Chat("--tcp", f"127.0.0.1:{proxy.port}")
+        words = " ".join(f"w{i}" for i in range(600))  # 600 tokens: about 3 s at 5 ms each
+        chat.say(words)
+        chat.wait_output(lambda out: "w20 " in out)
+        proxy.cut()
+        chat.wait_output(lambda out: out.endswith("\n"))
+        assert chat.out == words + " \n"  # every word once, in order, across the drop
+        chat.say("and after")
+        chat.wait_output(lambda out: out.endswith("and after \n"))
+        assert chat.finish() == 0
+    finally:
+        proxy.close()
