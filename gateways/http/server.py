@@ -1,0 +1,152 @@
+"""The HTTP gateway: the chat page, the OpenAI-compatible API and `/arranca`, fed to the root.
+
+Process: `treechat gateway http --root HOST:PORT --host H --port P [flags]` (started by
+`treechat up`). One Tornado HTTP server on `--port`; one DEALER to the root's front socket
+(`broker.client.RootClient`: Submit, Cancel, StatusQuery, Heartbeat out; Accepted, Deltas, Done,
+Error, StatusReply, Heartbeat in). Routes:
+
+    GET  /                      the chat page (web/index.html), sets the `_xsrf` cookie
+    GET  /static/...            the files of web/
+    POST /v1/chat/completions   OpenAI chat completions, streamed (SSE) or whole  (completions.py)
+    POST /v1/completions        OpenAI text completions                          (completions.py)
+    GET  /v1/models, /v1/tree   models served, the live tree                     (info.py)
+    POST /arranca               the original JSON contract, XSRF-protected       (arranca.py)
+    GET  /healthz, /readyz, /metrics
+
+SIGTERM: stop accepting connections, refuse new requests (503 shutting_down), let open requests
+and streams finish for up to `--grace` seconds, close the rest, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import tornado.httpserver
+import tornado.web
+
+import web
+from broker.client import RootClient
+from gateways.http.arranca import ArrancaHandler
+from gateways.http.base import Gateway, GatewayConfig, NotFoundHandler
+from gateways.http.completions import ChatCompletionsHandler, CompletionsHandler
+from gateways.http.info import (HealthHandler, IndexHandler, MetricsHandler, ModelsHandler,
+                                ReadyHandler, TreeHandler)
+from gateways.http.metrics import Metrics
+from gateways.http.treeview import TreeView
+from treechat.process import Fatal
+
+log = logging.getLogger("treechat.http")
+
+DEFAULT_WEB = Path(web.__file__).resolve().parent  # web/ is a package: found installed or not
+BODY_CAP = 64  # the server reads (and drops) at most max_body * BODY_CAP bytes of a large body
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--api-key", action="append", default=[],
+                   help="require 'Authorization: Bearer KEY' on /v1 and /arranca (repeatable)")
+    p.add_argument("--api-key-file", default=None,
+                   help="a file of API keys, one per line ('#' starts a comment)")
+    p.add_argument("--max-body", type=int, default=1 << 20,
+                   help="largest request body in bytes; larger gets 413 (default 1 MiB)")
+    p.add_argument("--request-timeout", type=float, default=0.0,
+                   help="seconds a request may take before it fails with 504 (default 0: none; "
+                        "a request's own 'timeout' field wins)")
+    p.add_argument("--keepalive", type=float, default=5.0,
+                   help="seconds between ': keep-alive' comments on a quiet stream (default 5)")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds SIGTERM waits for open requests and streams (default 30)")
+    p.add_argument("--arranca-max-tokens", type=int, default=256,
+                   help="longest answer of POST /arranca, in tokens (default 256)")
+    p.add_argument("--web-dir", default=str(DEFAULT_WEB), help="the chat page's folder")
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    keys = set(args.api_key or [])
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except OSError as e:
+            raise ValueError(f"cannot read --api-key-file: {e}") from None
+        keys |= {ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")}
+    return GatewayConfig(api_keys=frozenset(keys), max_body=args.max_body,
+                         request_timeout=args.request_timeout or None, keepalive=args.keepalive,
+                         grace=args.grace, arranca_max_tokens=args.arranca_max_tokens,
+                         web_dir=args.web_dir)
+
+
+def make_app(client: RootClient, settings: GatewayConfig, metrics: Metrics | None = None,
+             tree: TreeView | None = None) -> tornado.web.Application:
+    metrics = metrics or Metrics()
+    tree = tree or TreeView(client, metrics, settings.status_every)
+    gw = Gateway(client=client, cfg=settings, metrics=metrics, tree=tree)
+    gw.idle.set()
+    a = {"gw": gw}
+    routes = [
+        (r"/", IndexHandler, a),
+        (r"/healthz", HealthHandler, a),
+        (r"/readyz", ReadyHandler, a),
+        (r"/metrics", MetricsHandler, a),
+        (r"/v1/chat/completions", ChatCompletionsHandler, a),
+        (r"/v1/completions", CompletionsHandler, a),
+        (r"/v1/models", ModelsHandler, a),
+        (r"/v1/tree", TreeHandler, a),
+        (r"/arranca", ArrancaHandler, a),
+    ]
+    web = settings.web_dir
+    if web and os.path.isdir(web):
+        routes.append((r"/static/(.*)", tornado.web.StaticFileHandler, {"path": web}))
+    app = tornado.web.Application(
+        routes, xsrf_cookies=True, xsrf_cookie_kwargs={"samesite": "Strict"},
+        cross_origin_protection=True,  # browsers' cross-site POSTs refused (Sec-Fetch-Site/Origin)
+        default_handler_class=NotFoundHandler, default_handler_args=a, gateway=gw)
+    return app
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
+    settings = config_from_args(args)
+    client = RootClient(args.root, name=f"http:{args.port}",
+                        heartbeat=getattr(args, "heartbeat", 1.0))  # --heartbeat: from the CLI
+    await client.start()
+    if not await client.wait_connected(2.0):
+        log.warning("no root answers at %s yet; serving anyway (/readyz says 503 until it does)",
+                    args.root)
+    app = make_app(client, settings)
+    gw: Gateway = app.settings["gateway"]
+    server = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_body * BODY_CAP,
+                                           idle_connection_timeout=3600)
+    try:
+        server.listen(args.port, args.host)
+    except OSError as e:
+        client.close()
+        raise Fatal(f"the HTTP gateway cannot listen on {args.host}:{args.port}: {e}") from None
+    poller = asyncio.get_running_loop().create_task(gw.tree.poll(stop))
+    url = f"http://{args.host}:{args.port}"
+    log.info("HTTP gateway on %s (root %s, %d API key(s))", url, args.root, len(settings.api_keys))
+    ready({"url": url, "root": args.root})
+    await stop.wait()
+    await shut_down(server, gw, settings.grace)
+    poller.cancel()
+    client.close()
+
+
+async def shut_down(server: tornado.httpserver.HTTPServer, gw: Gateway, grace: float) -> None:
+    gw.stopping = True
+    server.stop()
+    if gw.active:
+        log.info("SIGTERM: waiting up to %.0fs for %d open request(s)", grace, len(gw.active))
+        try:
+            await asyncio.wait_for(gw.idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("%d request(s) still open after %.0fs; closing them", len(gw.active), grace)
+            for handler in list(gw.active):
+                handler.on_connection_close()  # cancels it down the tree
+    try:
+        await asyncio.wait_for(server.close_all_connections(), 5.0)
+    except asyncio.TimeoutError:
+        pass

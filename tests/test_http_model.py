@@ -1,0 +1,43 @@
+"""The HTTP gateway in front of a real (tiny, random) model: a prompt over the context is 400
+`context_length_exceeded`, and a normal request still answers."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from http_helpers import error_of, start_up
+
+pytestmark = pytest.mark.timeout(300)  # a busy 2-core machine can take a while to load a model
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory, tiny_model):
+    cluster, up = start_up(tmp_path_factory, "http-model", "--engine", "hf", "--model", tiny_model,
+                           "--max-model-len", "64", "--device", "cpu", timeout=240)
+    yield up
+    cluster.close()
+
+
+def test_prompt_over_the_context_is_400(up):
+    r = requests.post(f"{up.http}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "tree " * 200}], "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    err = error_of(r)
+    assert err["code"] == "context_length_exceeded"
+    assert "64" in err["message"]  # vLLM's wording names the limit
+
+
+def test_short_prompt_answers_with_usage(up):
+    r = requests.post(f"{up.http}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["completion_tokens"] == 4 and usage["prompt_tokens"] > 1
+
+
+def test_streamed_prompt_over_the_context_is_400_too(up):
+    r = requests.post(f"{up.http}/v1/completions", timeout=60, json={
+        "prompt": "tree " * 200, "max_tokens": 4, "stream": True})
+    assert r.status_code == 400, r.text
+    assert error_of(r)["code"] == "context_length_exceeded"
