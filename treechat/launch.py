@@ -41,6 +41,9 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tcp-port", type=int, default=8001, help="TCP gateway port (0: none)")
     p.add_argument("--api-key", action="append", default=None,
                    help="require this Bearer key on the HTTP API (repeatable)")
+    p.add_argument("--api-key-file", default=None, help="HTTP API keys, one per line")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="HTTP: seconds before a request fails with 504 (default: none)")
     add_node_args(p, named=False)
 
 
@@ -86,7 +89,7 @@ class Launcher:
                   "--device", a.device, "--load-format", a.load_format,
                   "--node-queue", str(a.node_queue)]
         for flag in ("max_slots", "model", "max_model_len", "kv_budget", "chat_template",
-                     "model_config"):
+                     "model_config", "threads"):
             value = getattr(a, flag)
             if value is not None:
                 engine += ["--" + flag.replace("_", "-"), str(value)]
@@ -106,6 +109,13 @@ class Launcher:
                 if kind == "http":
                     for key in a.api_key or []:
                         argv += ["--api-key", key]
+                    if a.api_key_file:
+                        argv += ["--api-key-file", a.api_key_file]
+                    if a.request_timeout:
+                        argv += ["--request-timeout", str(a.request_timeout)]
+                    argv += ["--grace", str(a.grace)]
+                else:
+                    argv += ["--drain", str(a.grace)]
                 gateways.append(Child(f"{kind}-gateway", argv))
         return [[root], nodes, gateways]
 
