@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import zmq
 
 from broker import protocol as p
+from broker import security
 from broker.sockets import Channel, make_socket
 
 log = logging.getLogger("treechat.client")
@@ -97,11 +98,13 @@ class Stream:
 
 
 class RootClient:
-    def __init__(self, root: str, name: str, heartbeat: float = 1.0, misses: int = 3):
+    def __init__(self, root: str, name: str, heartbeat: float = 1.0, misses: int = 3,
+                 curve: str | None = None):
         host, _, port = root.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"the root address must be HOST:PORT, not '{root}'")
         self.endpoint = f"tcp://{host}:{port}"
+        self.curve = security.load(curve)
         self.name = name
         self.heartbeat = heartbeat
         self.misses = misses
@@ -115,8 +118,8 @@ class RootClient:
         self._beat: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.ch = Channel(make_socket(zmq.Context.instance(), zmq.DEALER), self.on_message,
-                          f"client:{self.name}")
+        self.ch = Channel(make_socket(zmq.Context.instance(), zmq.DEALER, curve=self.curve),
+                          self.on_message, f"client:{self.name}")
         self.ch.sock.connect(self.endpoint)
         self.ch.send(p.Hello(name=self.name))
         self._beat = asyncio.get_running_loop().create_task(self.heartbeat_loop())

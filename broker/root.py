@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from broker import protocol as p
+from broker import security
 from broker.inflight import InFlight, Table
 from broker.registry import Registry
 from broker.sockets import Channel, bind, make_socket
@@ -54,6 +55,7 @@ class RootConfig:
     ldap_base: str = "dc=treechat,dc=local"
     ldap_bind_dn: str | None = None
     ldap_password_file: str | None = None
+    curve: str | None = None  # a `treechat keys` folder: encrypt and authenticate every socket
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -107,9 +109,11 @@ class Root:
             from broker.ldap_store import LdapStore  # only roots that use LDAP need its client
             self.registry.store = await LdapStore.open(self.cfg)  # raises Fatal, clearly
         ctx = zmq.Context.instance()
-        self.front = Channel(make_socket(ctx, zmq.ROUTER), self.on_front, "front")
-        self.tree = Channel(make_socket(ctx, zmq.ROUTER), self.on_tree, "tree")
-        self.results = Channel(make_socket(ctx, zmq.ROUTER), self.on_results, "results")
+        curve = security.load(self.cfg.curve)
+        self.front = Channel(make_socket(ctx, zmq.ROUTER, curve=curve), self.on_front, "front")
+        self.tree = Channel(make_socket(ctx, zmq.ROUTER, curve=curve), self.on_tree, "tree")
+        self.results = Channel(make_socket(ctx, zmq.ROUTER, curve=curve), self.on_results,
+                               "results")
         for offset, ch in enumerate((self.front, self.tree, self.results)):
             bind(ch.sock, self.cfg.endpoint(offset))
         log.info("root %x listening: front %s, tree %s, nodes %s (policy %s)", self.epoch,
@@ -122,6 +126,8 @@ class Root:
         beat.cancel()
         for ch in (self.front, self.tree, self.results):
             ch.close()
+        if curve is not None:
+            curve.close()
         if self.registry.store is not None:
             await self.registry.store.close()
 

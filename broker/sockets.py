@@ -19,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import zmq
 
 from broker.protocol import Message, ProtocolError, decode
+
+if TYPE_CHECKING:
+    from broker.security import Curve
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,10 @@ HWM = 100_000  # messages; admission control bounds real traffic far below this
 DRAIN_BATCH = 512  # messages read per loop turn before yielding to other work
 
 
-def make_socket(ctx: zmq.Context, kind: int, *, identity: str | None = None) -> zmq.Socket:
+def make_socket(ctx: zmq.Context, kind: int, *, identity: str | None = None,
+                curve: "Curve | None" = None) -> zmq.Socket:
+    """A configured socket. With `curve`, ROUTERs (which listen) accept only authorized keys and
+    DEALERs (which connect) present the tree's client key: see `broker.security`."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, HWM)
@@ -45,6 +51,8 @@ def make_socket(ctx: zmq.Context, kind: int, *, identity: str | None = None) -> 
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)  # zmq's own reconnect backoff, in ms
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity.encode())
+    if curve is not None:
+        (curve.server if kind == zmq.ROUTER else curve.client)(sock)
     return sock
 
 

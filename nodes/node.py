@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import zmq
 
 from broker import protocol as p
+from broker import security
 from broker.sockets import Channel, bind, make_socket
 from nodes.engine.base import Engine, EngineError, EngineRequest, StepOutput
 from nodes.routing import POLICIES, Children, Load
@@ -49,6 +50,7 @@ class NodeConfig:
     heartbeat: float = 1.0
     misses: int = 3
     grace: float = 30.0
+    curve: str | None = None  # a `treechat keys` folder: encrypt and authenticate every socket
 
     def __post_init__(self):
         if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -96,25 +98,49 @@ class Node:
     async def run(self, stop: asyncio.Event, ready=None) -> None:
         self.ctx = zmq.Context.instance()
         self.loop = asyncio.get_running_loop()
-        self.down = Channel(make_socket(self.ctx, zmq.ROUTER), self.on_down, "down")
+        self.curve = security.load(self.cfg.curve)
+        self.down = Channel(self.socket(zmq.ROUTER), self.on_down, "down")
         self.endpoint = bind(self.down.sock, f"tcp://{self.cfg.host}:0")
         self.results = self.up = None
-        await self.register()
-        await self.connect_parent()
+        try:
+            if await self.join(stop):
+                log.info("node %s ready: children connect to %s, parent %s", self.cfg.name,
+                         self.endpoint, self.cfg.parent or "root")
+                if ready:
+                    ready({"name": self.cfg.name, "endpoint": self.endpoint})
+                beat = self.loop.create_task(self.heartbeat_loop())
+                await stop.wait()
+                await self.drain()
+                beat.cancel()
+        finally:
+            if self.engine is not None:
+                self.engine.stop()
+            for ch in (self.up, self.down, self.results):
+                if ch is not None:
+                    ch.close()
+            if self.curve is not None:
+                self.curve.close()
+
+    async def join(self, stop: asyncio.Event) -> bool:
+        """Register, reach the parent, start the engine; False when stopped before that."""
+        async def steps():
+            await self.register()
+            await self.connect_parent()
+        joining = self.loop.create_task(steps())
+        stopping = self.loop.create_task(stop.wait())
+        await asyncio.wait([joining, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not joining.done():
+            joining.cancel()
+            log.info("node %s stopped before it joined the tree", self.cfg.name)
+            return False
+        joining.result()  # a refused registration raises here
         if self.engine is not None:
             self.engine.start(self.loop, self.on_step)
-        log.info("node %s ready: children connect to %s, parent %s", self.cfg.name, self.endpoint,
-                 self.cfg.parent or "root")
-        if ready:
-            ready({"name": self.cfg.name, "endpoint": self.endpoint})
-        beat = self.loop.create_task(self.heartbeat_loop())
-        await stop.wait()
-        await self.drain()
-        beat.cancel()
-        if self.engine is not None:
-            self.engine.stop()
-        for ch in (self.up, self.down, self.results):
-            ch.close()
+        return True
+
+    def socket(self, kind: int, identity: str | None = None):
+        return make_socket(self.ctx, kind, identity=identity, curve=self.curve)
 
     async def register(self) -> None:
         """Bind our name at the root. A refused name is retried for `dead_after` (a crashed
@@ -123,7 +149,7 @@ class Node:
         while True:
             if self.results is not None:
                 self.results.close()
-            self.results = Channel(make_socket(self.ctx, zmq.DEALER), self.on_results, "results")
+            self.results = Channel(self.socket(zmq.DEALER), self.on_results, "results")
             self.results.sock.connect(self.cfg.root_endpoint(2))
             self._welcome = self.loop.create_future()
             info = {**(self.engine.describe() if self.engine else {"engine": "none"}),
@@ -164,7 +190,7 @@ class Node:
     async def attach(self, endpoint: str) -> bool:
         if self.up is not None:
             self.up.close()
-        self.up = Channel(make_socket(self.ctx, zmq.DEALER, identity=self.cfg.name), self.on_up, "up")
+        self.up = Channel(self.socket(zmq.DEALER, identity=self.cfg.name), self.on_up, "up")
         self.up.sock.connect(endpoint)
         self._parent_answered = self.loop.create_future()  # a parent answers a new child at once
         give_up = time.monotonic() + self.cfg.dead_after

@@ -50,6 +50,13 @@ def add_tree_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds SIGTERM waits for running requests before handing them back")
+    add_curve(p)
+
+
+def add_curve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve", default=None, metavar="DIR",
+                   help="encrypt and authenticate every ZeroMQ link with the keys of "
+                        "`treechat keys DIR` (give it to every process of the tree)")
 
 
 def add_node_args(p: argparse.ArgumentParser, *, named: bool = True) -> None:
@@ -69,7 +76,8 @@ def cmd_root(args) -> int:
     cfg = RootConfig(host=args.host, port=args.port, policy=args.policy, max_queue=args.max_queue,
                      heartbeat=args.heartbeat, grace=args.grace, registry=args.registry,
                      ldap_url=args.ldap_url, ldap_base=args.ldap_base,
-                     ldap_bind_dn=args.ldap_bind_dn, ldap_password_file=args.ldap_password_file)
+                     ldap_bind_dn=args.ldap_bind_dn, ldap_password_file=args.ldap_password_file,
+                     curve=args.curve)
     return serve(lambda stop, ready: Root(cfg).run(stop, ready))
 
 
@@ -78,7 +86,7 @@ def cmd_node(args) -> int:
     from nodes.node import Node, NodeConfig, RegistrationRefused
     cfg = NodeConfig(name=args.name, root=args.root, parent=args.parent, host=args.host,
                      policy=args.policy, max_queue=args.node_queue, heartbeat=args.heartbeat,
-                     grace=args.grace)
+                     grace=args.grace, curve=args.curve)
 
     async def main(stop, ready):
         engine = await asyncio.to_thread(make_engine, args)  # loading a model can take a while
@@ -88,6 +96,15 @@ def cmd_node(args) -> int:
             raise Fatal(f"node {cfg.name} was refused by the root: {e}") from None
 
     return serve(main)
+
+
+def cmd_keys(args) -> int:
+    from broker.security import create_keys
+    for path in create_keys(args.folder):
+        print(path)
+    print(f"copy {args.folder} to every machine of the tree and pass --curve {args.folder} "
+          "to every treechat process")
+    return 0
 
 
 def gateway_module(kind: str):
@@ -106,7 +123,7 @@ def cmd_gateway(args) -> int:
 
 def cmd_status(args) -> int:
     from treechat.show import render_registry, render_tree
-    tree = asyncio.run(ask_root(args.root, lambda c: c.status()))
+    tree = asyncio.run(ask_root(args.root, lambda c: c.status(), args.curve))
     if args.command == "registry":
         tree = {"nodes": tree["nodes"]}
         print(orjson.dumps(tree["nodes"], option=orjson.OPT_INDENT_2).decode() if args.json
@@ -117,9 +134,9 @@ def cmd_status(args) -> int:
     return 0
 
 
-async def ask_root(root: str, query):
+async def ask_root(root: str, query, curve: str | None = None):
     from broker.client import RootClient
-    client = RootClient(root, name="cli")
+    client = RootClient(root, name="cli", curve=curve)
     await client.start()
     try:
         if not await client.wait_connected(3.0):
@@ -155,7 +172,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, aliases=aliases, help=what)
         p.add_argument("--root", default=DEFAULT_ROOT, help="the root's HOST:PORT")
         p.add_argument("--json", action="store_true", help="print JSON")
+        add_curve(p)
         p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("keys", help="create CurveZMQ keys for an authenticated, encrypted tree")
+    p.add_argument("folder", help="where to write them (then pass --curve FOLDER everywhere)")
+    p.set_defaults(func=cmd_keys)
 
     # Gateways, chat and bench import their modules only when asked for, so a node or the root
     # never depends on them.
@@ -166,6 +188,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         g.add_argument("--root", default=DEFAULT_ROOT, help="the root's HOST:PORT")
         g.add_argument("--heartbeat", type=float, default=1.0,
                        help="seconds between heartbeats to the root (match the root's)")
+        add_curve(g)
         add_common(g)
         if command == "gateway" and kind in argv[1:2]:
             module = gateway_module(kind)

@@ -77,8 +77,9 @@ class Launcher:
     def plan(self) -> list[list[Child]]:
         a = self.args
         py = [sys.executable, "-m", "treechat.cli"]
+        curve = ["--curve", a.curve] if a.curve else []
         common = ["--heartbeat", str(a.heartbeat), "--grace", str(a.grace), "--policy", a.policy,
-                  "--log-level", a.log_level]
+                  "--log-level", a.log_level] + curve
         registry = ["--registry", a.registry]
         for flag in ("ldap_url", "ldap_base", "ldap_bind_dn", "ldap_password_file"):
             if getattr(a, flag) is not None:
@@ -105,7 +106,7 @@ class Launcher:
             if port and gateway_module(kind) is not None:
                 argv = py + ["gateway", kind, "--root", self.root, "--host", a.host,
                              "--port", str(port), "--log-level", a.log_level,
-                             "--heartbeat", str(a.heartbeat)]
+                             "--heartbeat", str(a.heartbeat)] + curve
                 if kind == "http":
                     for key in a.api_key or []:
                         argv += ["--api-key", key]

@@ -110,7 +110,7 @@ def make_app(client: RootClient, settings: GatewayConfig, metrics: Metrics | Non
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
     settings = config_from_args(args)
-    client = RootClient(args.root, name=f"http:{args.port}",
+    client = RootClient(args.root, name=f"http:{args.port}", curve=args.curve,
                         heartbeat=getattr(args, "heartbeat", 1.0))  # --heartbeat: from the CLI
     await client.start()
     if not await client.wait_connected(2.0):

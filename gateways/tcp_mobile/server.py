@@ -256,7 +256,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
     except OSError as e:
         raise Fatal(f"the TCP gateway cannot listen on {cfg.host}:{cfg.port}: {e}") from None
     port = sockets[0].getsockname()[1]
-    client = RootClient(args.root, name=f"tcp-gateway:{port}",
+    client = RootClient(args.root, name=f"tcp-gateway:{port}", curve=args.curve,
                         heartbeat=getattr(args, "heartbeat", 1.0))  # must match the root's
     await client.start()
     if not await client.wait_connected(10.0):
