@@ -26,7 +26,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="hf: context length in tokens (default: the model's own, capped at 4096 on CPU)")
     g.add_argument("--kv-budget", type=int, default=None,
-                   help="hf: tokens of KV cache for all running requests together")
+                   help="hf: tokens of KV cache for all running requests together (default: "
+                        "max-slots x max-model-len; on a GPU at most what 85%% of its total memory "
+                        "holds beside the weights)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="hf on CPU: torch threads for this node (default: one per core; give each "
+                        "node its share when several share a machine, or they slow each other down)")
     g.add_argument("--chat-template", default=None, help="hf: a Jinja chat template file")
     g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="hf: dummy = random weights of --model-config's shape (benchmarks)")

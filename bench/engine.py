@@ -1,0 +1,189 @@
+"""Offline engine benchmark, in the shape of nano-vllm's bench.py: one process, one model, one run.
+
+Seeded workload: N requests with random prompt lengths (random token ids, decoded to text so every
+mode feeds the very same ids) and a fixed output length with ignore_eos (every mode generates
+exactly N x output tokens). Each mode gets a short warm-up, then the clock runs:
+
+    generate   the original design's way: one `model.generate` per query on a thread pool
+               (the original llm.py), `--generate-workers` threads
+    batch      transformers' own continuous batching, `model.generate_batch`
+    engine     treechat's hf engine (HFEngine), all requests submitted at once
+
+Prints output tokens/s for each and the ratios, and writes JSON with `--json`.
+
+    python -m bench.engine                       # the default model on this machine
+    python -m bench.engine --num-requests 64 --output-len 128 --modes batch,engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from broker.protocol import Request  # noqa: E402
+from nodes.engine.base import EngineRequest  # noqa: E402
+from nodes.engine.hf import HFEngine, HFEngineConfig  # noqa: E402
+
+MODES = ("generate", "batch", "engine")
+
+
+def make_workload(tokenizer, n: int, min_in: int, max_in: int, seed: int) -> list[tuple[str, list[int]]]:
+    """(prompt text, its token ids) for n requests; the text re-encodes to exactly those ids."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ids = [rng.randint(100, min(10000, len(tokenizer) - 1))
+               for _ in range(rng.randint(min_in, max_in))]
+        text = tokenizer.decode(ids)
+        out.append((text, tokenizer.encode(text)))
+    return out
+
+
+def run_generate(net, work, out_len: int, workers: int) -> int:
+    def one(ids):
+        x = torch.tensor([ids], device=net.device)
+        y = net.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=out_len,
+                         min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return y.shape[1] - x.shape[1]
+
+    with torch.inference_mode(), ThreadPoolExecutor(workers) as pool:
+        return sum(pool.map(one, [ids for _, ids in work]))
+
+
+def run_batch(net, work, out_len: int) -> int:
+    from transformers import GenerationConfig
+    gc = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    # The library's own defaults: it sizes its paged cache and batch itself.
+    with torch.inference_mode():
+        out = net.generate_batch(inputs=[ids for _, ids in work], generation_config=gc)
+    return sum(len(r.generated_tokens) for r in out.values())
+
+
+def run_engine(engine: HFEngine, work, out_len: int) -> int:
+    async def main():
+        done: dict[int, int] = {}
+        finished = asyncio.Event()
+
+        def emit(step):
+            for f in step.done:
+                done[f.rid] = f.completion_tokens
+            for rid, code, msg in step.errors:
+                raise RuntimeError(f"request {rid}: {code} {msg}")
+            if len(done) == len(work):
+                finished.set()
+
+        engine.start(asyncio.get_running_loop(), emit)
+        for i, (text, _) in enumerate(work):
+            engine.submit(EngineRequest(i, Request(prompt=text, max_tokens=out_len,
+                                                   temperature=0.0, ignore_eos=True)))
+        await finished.wait()
+        engine.stop()
+        return sum(done.values())
+
+    return asyncio.run(main())
+
+
+RUNNERS = {
+    "generate": lambda e, work, n, a: run_generate(e.net, work, n, a.generate_workers),
+    "batch": lambda e, work, n, a: run_batch(e.net, work, n),
+    "engine": lambda e, work, n, a: run_engine(e, work, n),
+}
+
+
+def phases(stats: dict) -> dict:
+    """Where the engine's time went: prefill vs batched decode, and the mean decode batch."""
+    steps = max(stats["decode_steps"], 1)
+    return {"prefill_s": round(stats["prefill_s"], 2), "prefill_tokens": stats["prefill_tokens"],
+            "decode_s": round(stats["decode_s"], 2), "decode_steps": stats["decode_steps"],
+            "mean_batch": round(stats["decode_tokens"] / steps, 2),
+            "ms_per_decode_step": round(1000 * stats["decode_s"] / steps, 1)}
+
+
+def timed(fn, *args) -> tuple[int, float]:
+    t = time.perf_counter()
+    tokens = fn(*args)
+    return tokens, time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct (offline)")
+    ap.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
+    ap.add_argument("--model-config", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--min-input-len", type=int, default=32)
+    ap.add_argument("--max-input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--max-slots", type=int, default=None)
+    ap.add_argument("--generate-workers", type=int, default=4,
+                    help="threads of the one-generate-per-query baseline")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's own, one per core)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the modes this many times, alternating; keep each mode's best")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write the results here")
+    a = ap.parse_args(argv)
+    modes = list(dict.fromkeys(m for m in a.modes.split(",") if m))
+    if any(m not in MODES for m in modes):
+        ap.error(f"--modes: choose from {', '.join(MODES)}")
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    # The engine's model is also the one the other modes run: one model for all.
+    engine = HFEngine(HFEngineConfig(model=a.model, dtype=a.dtype, device=a.device,
+                                     max_slots=a.max_slots, load_format=a.load_format,
+                                     model_config=a.model_config, threads=a.threads))
+    tok = engine.tokenizer
+    work = make_workload(tok, a.num_requests, a.min_input_len, a.max_input_len, a.seed)
+    warm = make_workload(tok, 2, 16, 32, a.seed + 1)
+    info = {"model": engine.model, "device": str(engine.device), "dtype": str(engine.dtype),
+            "slots": engine.slots, "requests": a.num_requests, "output_len": a.output_len,
+            "input_len": [a.min_input_len, a.max_input_len],
+            "prompt_tokens": sum(len(ids) for _, ids in work), "torch_threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()} {os.cpu_count()} CPUs"
+                       + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_before": os.getloadavg()[0]}
+    print(json.dumps(info))
+    results: dict[str, dict] = {}
+    for mode in modes:  # warm-up: first calls pay for lazy init, allocator growth, caches
+        RUNNERS[mode](engine, warm, 4, a)
+    for _ in range(a.rounds):
+        for mode in modes:
+            engine.stats.update(dict.fromkeys(engine.stats, 0))
+            tokens, secs = timed(RUNNERS[mode], engine, work, a.output_len, a)
+            rate = tokens / secs
+            print(f"{mode:9s} {tokens:7d} tokens {secs:8.2f} s {rate:9.1f} tok/s", flush=True)
+            if mode not in results or rate > results[mode]["tok_per_s"]:
+                results[mode] = {"tokens": tokens, "seconds": round(secs, 2),
+                                 "tok_per_s": round(rate, 1)}
+                if mode == "engine":
+                    results[mode]["phases"] = phases(engine.stats)
+                    print("  engine phases:", results[mode]["phases"])
+    for x, y in (("engine", "batch"), ("engine", "generate"), ("batch", "generate")):
+        if x in results and y in results:
+            print(f"{x}/{y}: {results[x]['tok_per_s'] / results[y]['tok_per_s']:.2f}x")
+    info["load_after"] = os.getloadavg()[0]  # other work on the machine skews every number
+    print(f"load average before/after: {info['load_before']:.1f} / {info['load_after']:.1f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"info": info, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

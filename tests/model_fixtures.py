@@ -1,0 +1,98 @@
+"""Pytest fixtures for the hf engine: a tiny random Llama that speaks the real SmolLM2 tokenizer.
+
+`tiny_model` is a folder (built once per session) that `--engine hf --model PATH` loads in well
+under a second: 2 layers, hidden size 64, random weights (seeded), the SmolLM2 tokenizer with its
+chat template. `tiny_model_no_template` is the same model whose tokenizer has no chat template.
+The tokenizer comes from the default model's converted cache folder, so the first session on a
+fresh machine converts the default model once (about 30 s); every later one reuses it.
+`parrot_model` answers every prompt that ends in a newline (every chat prompt does) with exactly
+`PARROT_TEXT`, then EOS: multi-byte text and emoji split across tokens, for UTF-8 tests through
+a real node.
+`HF_HUB_OFFLINE=1` is set for the whole session: nothing here may touch the network.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    """The default model (SmolLM2-135M-Instruct), converted into the cache folder once."""
+    from nodes.engine import models
+    return models.resolve(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, default_model_dir) -> str:
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        # Wider weights than the default init: logits far apart, so float noise between a
+        # batched and a single forward never flips an argmax.
+        initializer_range=0.2)
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+PARROT_TEXT = "naïve — 東京 🚀✨ end"
+
+
+@pytest.fixture(scope="session")
+def parrot_model(tmp_path_factory, tiny_model) -> str:
+    """The tiny Llama rewired so that token i of a chain always predicts token i+1.
+
+    Attention and MLP outputs are zeroed, so the last hidden state is the current token's
+    embedding; chain tokens get one-hot embeddings and the LM head maps each one-hot to the next
+    chain token (the chain's tokens are all distinct, so the map is a function)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = LlamaForCausalLM.from_pretrained(tiny_model)
+    chain = [198] + tok.encode(PARROT_TEXT, add_special_tokens=False) + [2]  # "\n" ... EOS
+    if len(set(chain[:-1])) != len(chain) - 1:
+        raise ValueError("the parrot's chain needs distinct tokens")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for k, (cur, nxt) in enumerate(zip(chain, chain[1:])):
+            model.model.embed_tokens.weight[cur].zero_()
+            model.model.embed_tokens.weight[cur, k] = 1.0
+            model.lm_head.weight[nxt, k] = 10.0
+    folder = tmp_path_factory.mktemp("parrot")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    shutil.copy(os.path.join(tiny_model, "generation_config.json"), folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_no_template(tmp_path_factory, tiny_model) -> str:
+    folder = tmp_path_factory.mktemp("tiny-llama-no-template")
+    shutil.copytree(tiny_model, folder, dirs_exist_ok=True)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = folder / "tokenizer_config.json"
+    import json
+    data = json.loads(config.read_text())
+    data.pop("chat_template", None)
+    config.write_text(json.dumps(data))
+    return str(folder)
