@@ -185,10 +185,19 @@ class RootClient:
     def on_message(self, _ident, msg: p.Message) -> None:
         self.root_seen = time.monotonic()
         if isinstance(msg, p.Deltas):
+            for ref, request_id in msg.accepted:
+                stream = self.streams.get(ref)
+                if stream is not None:
+                    stream._put(Event("accepted", request_id=request_id))
             for ref, text, n in msg.items:
                 stream = self.streams.get(ref)
                 if stream is not None:
                     stream._put(Event("delta", text=text, tokens=n))
+            for ref, reason, prompt_tokens, completion_tokens in msg.done:
+                stream = self.streams.pop(ref, None)
+                if stream is not None:
+                    stream._put(Event("done", finish_reason=reason, prompt_tokens=prompt_tokens,
+                                      completion_tokens=completion_tokens))
         elif isinstance(msg, p.Done):
             stream = self.streams.pop(msg.id, None)
             if stream is not None:

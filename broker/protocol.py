@@ -251,14 +251,20 @@ class Acks:
 
 @message(b"t")
 class Tokens:
-    """Node -> root: one engine step. items: [rid, text_delta, [token ids]]."""
+    """Node -> root: one engine step. items: [rid, text_delta, [token ids]]; then the requests
+    that finished in it, done: [rid, finish_reason, prompt_tokens, completion_tokens]."""
     items: list
+    done: list = field(default_factory=list)
 
 
 @message(b"D")
 class Deltas:
-    """Root -> gateway: the step's deltas for this gateway's requests. items: [ref, text, n_tokens]."""
+    """Root -> gateway: everything for this gateway from one turn of the root's loop, in the order
+    a client applies it: accepted [ref, request_id], items [ref, text, n_tokens], then done
+    [ref, finish_reason, prompt_tokens, completion_tokens]."""
     items: list
+    done: list = field(default_factory=list)
+    accepted: list = field(default_factory=list)  # [ref, request_id] admitted this turn
 
 
 @message(b"f")

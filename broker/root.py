@@ -99,6 +99,7 @@ class Root:
         self.table = Table()
         self.queue: deque[InFlight] = deque()
         self.gateways: dict[bytes, Gateway] = {}
+        self._outboxes: dict[bytes, p.Deltas] = {}
         self.draining = False
         self.idle = asyncio.Event()
 
@@ -195,7 +196,7 @@ class Root:
 
     def submit(self, gw: Gateway, msg: p.Submit) -> None:
         def refuse(code, text, retry_after=None):
-            self.front.send(p.Error(id=msg.ref, code=code, message=text, retry_after=retry_after),
+            self.to_gateway(p.Error(id=msg.ref, code=code, message=text, retry_after=retry_after),
                             gw.identity)
 
         if self.draining:
@@ -216,7 +217,7 @@ class Root:
         if msg.timeout:
             req.deadline = time.monotonic() + msg.timeout
         self.table.add(req)
-        self.front.send(p.Accepted(ref=msg.ref, request_id=req.request_id), gw.identity)
+        self.outbox(gw.identity).accepted.append([msg.ref, req.request_id])
         if self.queue or not self.dispatch(req):
             self.queue.append(req)
             self.pump()
@@ -341,7 +342,6 @@ class Root:
                 req.holder, req.state, req.to, req.hop = name, state, to, hop
 
     def tokens(self, name: str, ident: bytes, msg: p.Tokens) -> None:
-        out: dict[bytes, list] = {}
         for rid, text, ids in msg.items:
             req = self.table.by_rid.get(rid)
             if req is None:
@@ -353,9 +353,35 @@ class Root:
             req.text += text
             if req.first_token_at is None:
                 req.first_token_at = time.monotonic()
-            out.setdefault(req.gateway, []).append([req.ref, text, len(ids)])
-        for gateway, items in out.items():
-            self.front.send(p.Deltas(items=items), gateway)
+            self.outbox(req.gateway).items.append([req.ref, text, len(ids)])
+        for rid, reason, prompt_tokens, completion_tokens in msg.done:
+            req = self.table.by_rid.get(rid)
+            if req is None:
+                continue  # late result of a superseded dispatch, or of a cancelled request
+            completion = max(completion_tokens, len(req.ids))
+            self.outbox(req.gateway).done.append([req.ref, reason, prompt_tokens, completion])
+            self.finish(req, None, stop_node=False)
+
+    def outbox(self, gateway: bytes) -> p.Deltas:
+        """What this loop turn has for `gateway`: sent as one message when the turn ends."""
+        box = self._outboxes.get(gateway)
+        if box is None:
+            if not self._outboxes:  # the first of this turn: send them all when it ends
+                asyncio.get_running_loop().call_soon(self.flush_outboxes)
+            box = self._outboxes[gateway] = p.Deltas(items=[])
+        return box
+
+    def flush_outboxes(self) -> None:
+        boxes, self._outboxes = self._outboxes, {}
+        for gateway, box in boxes.items():
+            self.front.send(box, gateway)
+
+    def to_gateway(self, msg: p.Message, gateway: bytes) -> None:
+        """Send at once, after what this turn already holds for the gateway (order is kept)."""
+        box = self._outboxes.pop(gateway, None)
+        if box is not None:
+            self.front.send(box, gateway)
+        self.front.send(msg, gateway)
 
     def node_result(self, ident: bytes, msg: p.Done | p.Error) -> None:
         req = self.table.by_rid.get(msg.id)
@@ -390,17 +416,15 @@ class Root:
     # --- endings --------------------------------------------------------------------------------
 
     def finish(self, req: InFlight, final: p.Done | p.Error | None, *, stop_node=True) -> None:
-        """Remove `req` everywhere and tell its gateway `final` (None: the gateway is gone).
-        `stop_node`: the node still works on it and must be told to cancel."""
+        """Remove `req` everywhere and tell its gateway `final` (None: the caller tells it, or the
+        gateway is gone). `stop_node`: the node still works on it and must be told to cancel."""
         if stop_node and req.rid is not None:
             self.cancel_at_node(req)
-        self.table.remove(req)
-        try:
+        if req.rid is None and req in self.queue:  # never dispatched: it waits at the root
             self.queue.remove(req)
-        except ValueError:
-            pass
+        self.table.remove(req)
         if final is not None:
-            self.front.send(final, req.gateway)
+            self.to_gateway(final, req.gateway)
         if not self.table.requests:
             self.idle.set()
 

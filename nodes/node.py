@@ -328,13 +328,10 @@ class Node:
 
     def on_step(self, step: StepOutput) -> None:
         self.flush_acks()  # acks go before the tokens they explain
-        if step.tokens:
-            self.results.send(p.Tokens(items=step.tokens))
-        for f in step.done:
-            if self.running.pop(f.rid, None) is not None:
-                self.results.send(p.Done(id=f.rid, finish_reason=f.reason,
-                                         prompt_tokens=f.prompt_tokens,
-                                         completion_tokens=f.completion_tokens))
+        done = [[f.rid, f.reason, f.prompt_tokens, f.completion_tokens] for f in step.done
+                if self.running.pop(f.rid, None) is not None]
+        if step.tokens or done:
+            self.results.send(p.Tokens(items=step.tokens, done=done))  # one message per step
         for rid, code, message in step.errors:
             if self.running.pop(rid, None) is not None:
                 self.results.send(p.Error(id=rid, code=code, message=message))
@@ -375,9 +372,7 @@ class Node:
         load = self.subtree_load().to_dict()
         if self.up is not None:
             self.up.send(p.Heartbeat(sender=self.cfg.name, load=load))
-        if load != self.last_load and self.results is not None:
-            self.results.send(p.Heartbeat(sender=self.cfg.name, load=self.own_load().to_dict()))
-        self.last_load = load
+        self.last_load = load  # the root hears our own load with each heartbeat (for status)
 
     def ack(self, d: p.Dispatch, state: str, to: str | None = None) -> None:
         self.acks.append([d.rid, d.hop, state, to])

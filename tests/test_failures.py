@@ -68,6 +68,7 @@ def test_stalled_node_is_replaced_and_its_late_tokens_dropped(cluster):
             if ev.kind == "delta":
                 first = ev.text
                 break
+        await wait_for(lambda: _running(client, 1))  # the root hears loads with heartbeats
         st = await client.status()
         runner = next(n["name"] for n in st["nodes"] if n["running"] == 1)
         os.kill(tree.procs[runner].proc.pid, signal.SIGSTOP)
