@@ -94,6 +94,10 @@ class Launcher:
             value = getattr(a, flag)
             if value is not None:
                 engine += ["--" + flag.replace("_", "-"), str(value)]
+        if a.engine == "hf" and a.threads is None and a.nodes > 1:
+            # Several model nodes on one machine: each gets its share of the cores, or their
+            # thread pools fight and every decode step slows down many times over.
+            engine += ["--threads", str(max(1, (os.cpu_count() or 1) // a.nodes))]
         nodes = []
         for name, parent in tree_layout(a.nodes, a.fanout):
             argv = py + ["node", "--name", name, "--root", self.root, "--host", a.host] + common + engine
