@@ -191,6 +191,7 @@ class Node:
         if self.up is not None:
             self.up.close()
         self.up = Channel(self.socket(zmq.DEALER, identity=self.cfg.name), self.on_up, "up")
+        self.link, self.received = uuid.uuid4().hex[:8], 0  # see nodes/routing.py: recv
         self.up.sock.connect(endpoint)
         self._parent_answered = self.loop.create_future()  # a parent answers a new child at once
         give_up = time.monotonic() + self.cfg.dead_after
@@ -371,7 +372,8 @@ class Node:
     def send_load(self) -> None:
         load = self.subtree_load().to_dict()
         if self.up is not None:
-            self.up.send(p.Heartbeat(sender=self.cfg.name, load=load))
+            self.up.send(p.Heartbeat(sender=self.cfg.name,
+                                     load={**load, "recv": self.received, "link": self.link}))
         self.last_load = load  # the root hears our own load with each heartbeat (for status)
 
     def ack(self, d: p.Dispatch, state: str, to: str | None = None) -> None:
@@ -398,6 +400,7 @@ class Node:
         if self._parent_answered is not None and not self._parent_answered.done():
             self._parent_answered.set_result(None)
         if isinstance(msg, p.Dispatch):
+            self.received += 1
             self.place(msg)
         elif not isinstance(msg, p.Heartbeat):
             log.warning("up: unexpected %s from the parent", type(msg).__name__)

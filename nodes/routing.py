@@ -9,8 +9,10 @@ reported for its whole subtree. Two policies choose the child a request goes to:
   the request waits in the parent's own queue (late binding), so it never sits behind a long
   request at a busy leaf while another leaf is idle.
 
-Reports arrive with every heartbeat and as soon as a child's load changes; between reports the
-parent counts what it sent (`note_sent`), so a burst does not pile onto one child.
+Reports arrive with every heartbeat and as soon as a child's load changes. A report can be older
+than the requests the parent sent since: each report says how many Dispatches the child had
+received on this link (`recv`), and the parent counts what it sent (`sent`), so the difference,
+still in flight, is taken off the reported free slots. A burst never piles onto one child.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class Child:
     identity: bytes
     load: Load = field(default_factory=Load)
     last_seen: float = field(default_factory=time.monotonic)
+    link: str = ""  # the child's connection to us; a new one restarts the counts
+    sent: int = 0  # Dispatches sent on this link
 
 
 class Children:
@@ -89,7 +93,12 @@ class Children:
         child.identity = identity
         child.last_seen = time.monotonic()
         if load is not None:
+            recv = load.get("recv", 0)
+            if load.get("link", "") != child.link:
+                child.link, child.sent = load.get("link", ""), recv
             child.load = Load.from_dict(load)
+            for _ in range(max(0, child.sent - recv)):  # sent after this report was written
+                self._count(child.load)
         return child
 
     def remove(self, name: str) -> Child | None:
@@ -131,10 +140,13 @@ class Children:
             self.next = (self.ring.index(chosen) + 1) % len(self.ring)
         return chosen
 
+    def note_sent(self, child: Child) -> None:
+        """Count a request sent to `child` until a report that includes it arrives."""
+        child.sent += 1
+        self._count(child.load)
+
     @staticmethod
-    def note_sent(child: Child) -> None:
-        """Count a request sent to `child` until its next report says otherwise."""
-        load = child.load
+    def _count(load: Load) -> None:
         if load.free > 0:
             load.free -= 1
             load.running += 1
