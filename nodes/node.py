@@ -369,12 +369,15 @@ class Node:
             self._flush_scheduled = True
             self.loop.call_soon(self.flush)
 
+    def load_report(self) -> dict:
+        """Our subtree's load, and how many Dispatches we had received when we wrote it."""
+        return {**self.subtree_load().to_dict(), "recv": self.received, "link": self.link}
+
     def send_load(self) -> None:
-        load = self.subtree_load().to_dict()
+        report = self.load_report()
         if self.up is not None:
-            self.up.send(p.Heartbeat(sender=self.cfg.name,
-                                     load={**load, "recv": self.received, "link": self.link}))
-        self.last_load = load  # the root hears our own load with each heartbeat (for status)
+            self.up.send(p.Heartbeat(sender=self.cfg.name, load=report))
+        self.last_load = report  # the root hears our own load with each heartbeat (for status)
 
     def ack(self, d: p.Dispatch, state: str, to: str | None = None) -> None:
         self.acks.append([d.rid, d.hop, state, to])
@@ -385,7 +388,7 @@ class Node:
     def flush(self) -> None:
         self._flush_scheduled = False
         self.flush_acks()
-        if self.subtree_load().to_dict() != self.last_load:
+        if self.up is not None and self.load_report() != self.last_load:
             self.send_load()
 
     def flush_acks(self) -> None:
