@@ -233,7 +233,9 @@ class Root:
         log.warning("gateway %s stopped answering; cancelling its requests", gw.name)
         del self.gateways[gw.identity]
         for req in [r for r in self.table.requests.values() if r.gateway == gw.identity]:
-            self.finish(req, None)
+            # If it is only slow, not gone, it must still hear that its requests ended.
+            self.fail(req, p.ErrorCode.ROOT_LOST,
+                      "the root lost contact with this gateway and cancelled the request")
 
     # --- down the tree --------------------------------------------------------------------------
 
