@@ -25,7 +25,8 @@ import time
 
 from bench.clients import Failure, RootTarget, TCPTarget, target_options
 from bench.http_client import HTTPTarget
-from bench.procs import Child, free_port
+from bench.procs import Child
+from broker.sockets import free_port
 
 READY_TIMEOUT = 900.0  # seconds: a first real-model start may convert the model
 RESERVED = {"port", "http-port", "tcp-port"}  # chosen here, on free ports

@@ -85,7 +85,7 @@ async def measure(name: str, target, items, warmup, concurrency: int) -> dict:
 
 async def chain(argv_node: list[str]):
     """Root and three nodes in a chain; only the deepest has an engine."""
-    from bench.procs import free_port
+    from broker.sockets import free_port
     port = free_port(3)
     root = Child.treechat("root", "root", "--port", str(port), "--log-level", "WARNING")
     await root.start()

@@ -34,7 +34,8 @@ from bench import report
 from bench.compare import Up
 from bench.http_client import HTTPTarget
 from bench.metrics import summarize
-from bench.procs import Child, free_port
+from bench.procs import Child
+from broker.sockets import free_port
 from bench.run import run
 from bench.workload import WorkloadConfig, build
 

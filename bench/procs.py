@@ -11,32 +11,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 
 import orjson
 
 from treechat.process import READY
-
-
-def free_port(span: int = 1) -> int:
-    """The first of `span` consecutive free ports on 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + span < 65535 and all(_free(base + i) for i in range(span)):
-            return base
-    raise RuntimeError("no free ports on 127.0.0.1")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 class Child:

@@ -66,10 +66,24 @@ def bind(sock: zmq.Socket, endpoint: str) -> str:
     return endpoint
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(span: int = 1, host: str = "127.0.0.1") -> int:
+    """The first of `span` consecutive free ports (the root takes three: PORT, PORT+1, PORT+2)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        if base + span < 65535 and all(_is_free(host, base + i) for i in range(span)):
+            return base
+    raise RuntimeError(f"no {span} consecutive free ports on {host}")
+
+
+def _is_free(host: str, port: int) -> bool:
     with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
 
 
 class Channel:

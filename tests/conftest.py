@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,8 +26,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-if (REPO / "tests" / "model_fixtures.py").exists():
-    from model_fixtures import *  # noqa: E402,F401,F403  (the tiny real model, for engine tests)
+from broker.sockets import free_port  # noqa: E402
+from model_fixtures import *  # noqa: E402,F401,F403  (the tiny real model, for engine tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -38,26 +37,13 @@ HB = "0.2"  # fast heartbeats keep failure tests short (dead after 3 misses = 0.
 
 
 def free_ports(n: int, span: int = 1) -> list[int]:
-    """`n` free ports, each the first of `span` consecutive free ports."""
+    """`n` free ports, each the first of `span` consecutive free ports, none overlapping."""
     ports: list[int] = []
     while len(ports) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + span >= 65535 or any(abs(base - p) < span + 1 for p in ports):
-            continue
-        if all(_free(base + i) for i in range(span)):
+        base = free_port(span)
+        if all(abs(base - p) > span for p in ports):
             ports.append(base)
     return ports
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 class Proc:
