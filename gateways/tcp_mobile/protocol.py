@@ -105,7 +105,9 @@ def decode_json(raw: bytes) -> dict:
     try:
         data = orjson.loads(text)
     except orjson.JSONDecodeError as e:
-        raise LineError(Code.INVALID_JSON, f"the line is not valid JSON: {e}") from None
+        # Our own words and the position, not the parser's message: that changes between versions.
+        raise LineError(Code.INVALID_JSON, f"the line is not valid JSON (line {e.lineno}, "
+                                           f"column {e.colno})") from None
     if not isinstance(data, dict):
         raise LineError(Code.INVALID_JSON, "each line must be one JSON object")
     return data
