@@ -6,8 +6,9 @@ thread through one FIFO inbox. The engine thread loops over plain steps:
 
     drain the inbox (new requests wait, cancels leave) -> one batched decode forward for every
     running request -> sample each row by its own settings -> detokenize, stop checks -> retire
-    finished ones at once -> admit waiting requests that fit the KV budget (each is prefilled
-    alone and gets its first token in this step) -> one StepOutput to the loop
+    finished ones at once -> a StepOutput to the loop -> admit waiting requests that fit the KV
+    budget and the step's prefill allowance, prefilled together in one packed forward -> their
+    first tokens in a second StepOutput
 
 Memory is bounded by explicit limits only: `max_slots` rows, `max_model_len` tokens per
 sequence and `kv_budget` tokens of KV cache (rows x the largest reservation, see kvcache.py).
@@ -213,7 +214,7 @@ class HFEngine(Engine):
     # --- the engine thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        stepper = Stepper(self)
+        stepper = Stepper(self, self._send)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)  # OpenMP settings can be per thread
         with torch.inference_mode():
@@ -225,15 +226,17 @@ class HFEngine(Engine):
                     stepper.step(out)
                 except Exception as exc:  # a bug must fail requests loudly, never hang them
                     log.exception("engine step failed")
-                    stepper.fail_all(out, exc)
-                if out.tokens or out.done or out.errors:
-                    try:
-                        self._loop.call_soon_threadsafe(self._emit, out)
-                    except RuntimeError:  # the node's loop is closed: nobody to report to
-                        break
+                    stepper.fail_all(stepper.out, exc)
+                    stepper.flush()
         self._running.clear()  # stopped: what ran gets no further output (see Engine.stop)
         self._waiting.clear()
         self.cache.reshape(0, 0, 0, 0)
+
+    def _send(self, out: StepOutput) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._emit, out)
+        except RuntimeError:  # the node's loop is closed: nobody to report to
+            self._stopping = True
 
     def _drain(self, out: StepOutput, block: bool) -> bool:
         """Apply every message in the inbox; False when asked to stop."""

@@ -5,6 +5,8 @@ occupy rows 0..n-1 (kept compact: a leaving sequence's row is filled by the last
 sequence stores its tokens from position 0 of its row, so a decode step writes token `pos[b]` of
 row `b` and attends over `buffer[:n, :, :max(pos)+1]` with a per-row mask. No copy of the cache is
 made per step; rows and `cap` change only when membership changes or a sequence outgrows `cap`.
+A prefill packs several new prompts into one input row and scatters each prompt's keys and values
+into its own cache row.
 
 It plugs into transformers as a `Cache` whose layers answer `update()`: the model's attention
 writes its new keys/values through us and gets back the view it must attend over. We always pass
@@ -40,12 +42,15 @@ class SlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         o = self.owner
-        if o.mode == "prefill":  # one sequence, q tokens written from `start`
-            r, s = o.row, o.start
-            e = s + key_states.shape[2]
-            self.keys[r, :, s:e] = key_states[0]
-            self.values[r, :, s:e] = value_states[0]
-            return self.keys[r:r + 1, :, :e], self.values[r:r + 1, :, :e]
+        if o.mode == "prefill":  # packed prompts, each written from position 0 of its own row
+            off = 0
+            for r, q in zip(o.prefill_rows, o.prefill_lens):
+                self.keys[r, :, :q] = key_states[0, :, off:off + q]
+                self.values[r, :, :q] = value_states[0, :, off:off + q]
+                off += q
+            # A prefill from position 0 attends over nothing but its own new keys (the packed
+            # mask keeps each prompt to itself), so they are the whole context.
+            return key_states, value_states
         n = o.n  # decode: rows 0..n-1, one token each at its own position
         self.keys[o.row_index, :, o.positions] = key_states[:, :, 0]
         self.values[o.row_index, :, o.positions] = value_states[:, :, 0]
@@ -89,7 +94,9 @@ class SlotCache(Cache):
         self.max_len = max_len
         self.max_rows = max_rows
         self.mode = "decode"
-        self.row = self.start = self.n = self.span = 0
+        self.n = self.span = 0
+        self.prefill_rows: list[int] = []
+        self.prefill_lens: list[int] = []
         self.row_index = self.positions = None
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
@@ -135,8 +142,10 @@ class SlotCache(Cache):
 
     # --- the plan of one forward -------------------------------------------------------------------
 
-    def plan_prefill(self, row: int, start: int) -> None:
-        self.mode, self.row, self.start = "prefill", row, start
+    def plan_prefill(self, rows: list[int], lengths: list[int]) -> None:
+        """The next forward is prompts packed into one row of input: `lengths[i]` tokens of
+        sequence row `rows[i]`, in that order."""
+        self.mode, self.prefill_rows, self.prefill_lens = "prefill", rows, lengths
 
     def plan_decode(self, positions: torch.Tensor, span: int) -> None:
         self.mode, self.n, self.span = "decode", positions.shape[0], span
