@@ -55,7 +55,7 @@ class CompletionsHandler(RelayHandler):
             elif ev.kind == "delta":
                 self.tracker.delta(ev.tokens)
                 if not self.client_gone:
-                    self.write(sse.event(shape.chunk(ev.text)))
+                    self.write(shape.delta_event(ev.text))
                     if self.stream.queue.empty():  # coalesce what is already queued
                         await self.send()
             elif ev.kind == "done":

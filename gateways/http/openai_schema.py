@@ -14,7 +14,7 @@ is refused. A field sent as `null` counts as absent, as in OpenAI's API.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from broker.protocol import BadRequest, Request
@@ -80,6 +80,7 @@ PASSED = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "ignore
 CHAT_FIELDS = {"messages", "max_completion_tokens", "stream", "stream_options", "timeout", *PASSED}
 COMPLETION_FIELDS = {"prompt", "stream", "stream_options", "timeout", *PASSED}
 STREAM_OPTIONS = {"include_usage", "include_obfuscation"}
+REQUEST_FIELDS = tuple(f.name for f in fields(Request))  # Request.to_dict's keys, in its order
 
 
 def parse_chat(body: Any) -> Parsed:
@@ -172,8 +173,12 @@ def _finish(body: dict, core: dict) -> Parsed:
         raise bad_request("timeout",
                           "'timeout' must be a number of seconds above 0 (at most 86400)")
     try:
-        request = Request.from_dict(core).to_dict()
+        checked = Request.from_dict(core)
     except BadRequest as e:
         raise bad_request(e.param, e.message) from None
+    # Request.to_dict without its deep copy (dataclasses.asdict): every value here was built
+    # from this body alone, and the dict is only serialized, never changed.
+    request = {name: value for name in REQUEST_FIELDS
+               if (value := getattr(checked, name)) is not None}
     return Parsed(request=request, stream=stream, include_usage=stream and include_usage,
                   timeout=timeout, model=core.get("model"))

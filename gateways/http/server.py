@@ -45,6 +45,24 @@ DEFAULT_WEB = Path(web.__file__).resolve().parent  # web/ is a package: found in
 BODY_CAP = 64  # the server reads (and drops) at most max_body * BODY_CAP bytes of a large body
 
 
+class Server(tornado.httpserver.HTTPServer):
+    """Tornado's HTTP server with Nagle's algorithm off for each connection's whole life.
+
+    Tornado turns TCP_NODELAY on when a response finishes and off again after it: two system
+    calls per request, and mid-stream SSE deltas written while Nagle is on can wait for the
+    client's ACK. Streams want every flushed delta sent at once, so it stays on.
+    """
+
+    def handle_stream(self, stream, address) -> None:
+        stream.set_nodelay(True)
+        stream.set_nodelay = _keep_nodelay  # this stream only: Tornado's toggles become no-ops
+        super().handle_stream(stream, address)
+
+
+def _keep_nodelay(_value: bool) -> None:
+    pass
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -118,8 +136,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
                     args.root)
     app = make_app(client, settings)
     gw: Gateway = app.settings["gateway"]
-    server = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_body * BODY_CAP,
-                                           idle_connection_timeout=3600)
+    server = Server(app, max_body_size=settings.max_body * BODY_CAP, idle_connection_timeout=3600)
     try:
         server.listen(args.port, args.host)
     except OSError as e:
