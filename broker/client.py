@@ -70,10 +70,14 @@ class Stream:
         return ev
 
     async def next(self, timeout: float | None) -> Event | None:
-        """The next event, or None after `timeout` seconds (for keep-alive comments)."""
+        """The next event, or None after `timeout` seconds (for keep-alive comments). An event
+        already queued is taken at once: no task and no extra loop turn per event."""
+        if not self.queue.empty() or self.finished or timeout is None:
+            return await self.__anext__()
         try:
-            return await asyncio.wait_for(self.__anext__(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):  # a cancelled Queue.get loses no event
+                return await self.__anext__()
+        except TimeoutError:
             return None
 
     async def collect(self) -> tuple[str, Event]:

@@ -142,7 +142,8 @@ class Request:
             raise BadRequest("model", "'model' must be a string")
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The set fields, shallow (no deep copy: the request is read, never mutated)."""
+        return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
 
     def last_user_text(self) -> str:
         if self.prompt is not None:

@@ -7,15 +7,11 @@ whole answer. A closed client connection cancels the request down the tree, and 
 reads the stream to its final event so the metrics stay right. SIGTERM waits for the handlers
 registered in `Gateway.active`.
 
-Events are read straight from the stream's queue (`receive`): what is already queued is taken
-without suspending, so a batch of deltas the root sent together is written in one go and flushed
-once; only an empty queue waits, under `asyncio.timeout` rather than `Stream.next`'s `wait_for`,
-which costs a task and two loop turns per event.
+Events come from `Stream.next`, which takes what is already queued without suspending, so a batch
+of deltas the root sent together is written in one go and flushed once.
 """
 
 from __future__ import annotations
-
-import asyncio
 
 from tornado.iostream import StreamClosedError
 
@@ -78,24 +74,8 @@ class RelayHandler(BodyHandler):
         return await self.receive(timeout)
 
     async def receive(self, timeout: float | None) -> Event | None:
-        """`Stream.next(timeout)` without its per-event task: None after `timeout` seconds."""
-        stream = self.stream
-        queue = stream.queue
-        if not queue.empty():
-            ev = queue.get_nowait()
-        elif stream.finished:
-            return await stream.next(timeout)  # past the final event: ends as the Stream does
-        elif timeout is None:
-            ev = await queue.get()
-        else:
-            try:
-                async with asyncio.timeout(timeout):
-                    ev = await queue.get()
-            except TimeoutError:
-                return None
-        if ev.kind == "accepted":
-            stream.request_id = ev.request_id
-        return ev
+        """The stream's next event, or None after `timeout` seconds."""
+        return await self.stream.next(timeout)
 
     def finished(self, ev: Event) -> None:
         self.tracker.done(ev.finish_reason or "stop", ev.prompt_tokens, ev.completion_tokens,
