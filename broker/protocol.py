@@ -80,8 +80,8 @@ class Request:
     messages: list[dict] | None = None
     prompt: str | None = None
     max_tokens: int | None = None  # None: until a stop condition or the model's context is full
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None  # None: the model's own default (see the hf engine)
+    top_p: float | None = None
     top_k: int = 0  # 0: no top-k filter
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -127,6 +127,8 @@ class Request:
             raise BadRequest("max_tokens", "'max_tokens' must be a positive integer")
         for name, (lo, hi) in SAMPLING_LIMITS.items():
             value = getattr(self, name)
+            if value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
                 raise BadRequest(name, f"'{name}' must be a number between {lo} and {hi}")
         if not _is_int(self.top_k) or self.top_k < 0:

@@ -110,6 +110,7 @@ class HFEngine(Engine):
         self.chat_template = Path(config.chat_template).read_text() if config.chat_template else None
         self.vocab = min(len(self.tokenizer), _vocab_size(self.net.config))
         self.eos_ids = _eos_ids(self.net, self.tokenizer)
+        self.sampling_defaults = _sampling_defaults(self.net)
         layers = self.net.config.get_text_config().num_hidden_layers
         self.cache = SlotCache(layers, self.kv_budget, self.max_model_len, self.slots)
         self._tok_lock = threading.Lock()
@@ -174,7 +175,10 @@ class HFEngine(Engine):
                 "reduce the length of the messages or completion."))
         if len(er.resume_ids) >= limit:
             raise EngineError(ErrorCode.BAD_REQUEST, "nothing left to generate")
-        params = SamplingParams(req.temperature, req.top_p, req.top_k, req.seed, self.device)
+        temperature, top_p = self.sampling_defaults
+        params = SamplingParams(temperature if req.temperature is None else req.temperature,
+                                top_p if req.top_p is None else req.top_p,
+                                req.top_k, req.seed, self.device)
         detok = Detokenizer(self.tokenizer, prompt_ids, list(req.stop), self._tok_lock)
         for t in er.resume_ids:  # rebuild the text the lost node had, without sending it again
             detok.add(t)
@@ -300,3 +304,16 @@ def _eos_ids(net, tokenizer) -> frozenset[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(v for v in value if isinstance(v, int))
     return frozenset(ids)
+
+
+# For requests that set no temperature or top_p: what the model's generation_config says, else
+# Ollama-like defaults. A small model sampled at temperature 1 with no top-p filter rambles (the
+# default SmolLM2 answered "What is the capital of France?" with half-French noise that way).
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.9
+
+
+def _sampling_defaults(net) -> tuple[float, float]:
+    gc = getattr(net, "generation_config", None)
+    chosen = gc.to_diff_dict() if gc is not None else {}  # only what the model's authors set
+    return (float(chosen.get("temperature", DEFAULT_TEMPERATURE)),
+            float(chosen.get("top_p", DEFAULT_TOP_P)))
