@@ -40,8 +40,8 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=8000, help="HTTP gateway port (0: none)")
     p.add_argument("--tcp-port", type=int, default=8001, help="TCP gateway port (0: none)")
     p.add_argument("--api-key", action="append", default=None,
-                   help="require this Bearer key on the HTTP API (repeatable)")
-    p.add_argument("--api-key-file", default=None, help="HTTP API keys, one per line")
+                   help="require this key on the HTTP API (Bearer) and the TCP gateway (repeatable)")
+    p.add_argument("--api-key-file", default=None, help="API keys, one per line")
     p.add_argument("--request-timeout", type=float, default=None,
                    help="HTTP: seconds before a request fails with 504 (default: none)")
     add_node_args(p, named=False)
@@ -111,11 +111,11 @@ class Launcher:
                 argv = py + ["gateway", kind, "--root", self.root, "--host", a.host,
                              "--port", str(port), "--log-level", a.log_level,
                              "--heartbeat", str(a.heartbeat)] + curve
+                for key in a.api_key or []:  # both gateways take the same keys
+                    argv += ["--api-key", key]
+                if a.api_key_file:
+                    argv += ["--api-key-file", a.api_key_file]
                 if kind == "http":
-                    for key in a.api_key or []:
-                        argv += ["--api-key", key]
-                    if a.api_key_file:
-                        argv += ["--api-key-file", a.api_key_file]
                     if a.request_timeout:
                         argv += ["--request-timeout", str(a.request_timeout)]
                     argv += ["--grace", str(a.grace)]

@@ -6,7 +6,9 @@ the prompt quits; `/reset` starts a new conversation. The whole conversation is 
 message, so follow-ups have context.
 
 Over TCP (docs/protocol.md) a dropped connection is resumed: the client reconnects, sends its
-session token and how many characters it has, and the answer goes on where it stopped. Over HTTP
+session token and how many characters it has, and the answer goes on where it stopped. With
+`--api-key` (or $TREECHAT_API_KEY) it sends the key in a hello line on every connection; over
+HTTP the key goes in an `Authorization: Bearer` header. Over HTTP
 it posts to `/v1/chat/completions` with `stream: true` and reads the SSE `data:` lines up to
 `data: [DONE]`; Ctrl-C closes the connection, which cancels the request on the server.
 
@@ -19,6 +21,7 @@ import argparse
 import http.client
 import itertools
 import json
+import os
 import select
 import socket
 import sys
@@ -36,11 +39,12 @@ class ChatError(Exception):
 class TcpChat:
     """The line protocol: one connection, one request at a time, resumed after a drop."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, api_key: str | None = None):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--tcp wants HOST:PORT, not '{address}'")
         self.address = (host, int(port))
+        self.api_key = api_key
         self.ids = itertools.count(1)
         self.connect()
 
@@ -57,6 +61,19 @@ class TcpChat:
         hello = self.read()
         self.session = hello.get("session")
         self.window = hello.get("resume_window", 0)
+        self.authenticate(hello)
+
+    def authenticate(self, greeting: dict) -> None:
+        """Send the key in a hello line (once per connection); its answer comes next."""
+        if not self.api_key:
+            if greeting.get("auth"):
+                raise ChatError("unauthorized", "the server wants an API key: pass --api-key or "
+                                                "set TREECHAT_API_KEY")
+            return
+        self.send({"hello": {"client": "treechat chat", "api_key": self.api_key}})
+        answer = self.read()
+        if "error" in answer:
+            raise ChatError(answer["error"]["code"], answer["error"]["message"])
 
     def send(self, line: dict) -> None:
         self.sock.sendall(json.dumps(line).encode() + b"\n")
@@ -201,7 +218,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--tcp", metavar="HOST:PORT",
                        help="the TCP gateway (the default: 127.0.0.1:8001)")
     where.add_argument("--http", metavar="URL", help="the HTTP gateway, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--api-key", default=None, help="Bearer key for --http")
+    parser.add_argument("--api-key", default=os.environ.get("TREECHAT_API_KEY") or None,
+                        help="the server's API key (default: $TREECHAT_API_KEY)")
     parser.add_argument("--system", default=None, help="a system message opening the conversation")
     parser.add_argument("--max-tokens", type=int, default=None, help="longest answer, in tokens")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature 0..2")
@@ -215,7 +233,7 @@ def main(args: argparse.Namespace) -> int:
     tty = sys.stdin.isatty()
     try:
         chat = HttpChat(args.http, args.api_key) if args.http else \
-            TcpChat(args.tcp or "127.0.0.1:8001")
+            TcpChat(args.tcp or "127.0.0.1:8001", args.api_key)
     except ChatError as e:
         print(f"treechat chat: {e}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ class Code(ErrorCode):
     DUPLICATE_ID = "duplicate_id"
     UNKNOWN_ID = "unknown_id"
     RESUME_EXPIRED = "resume_expired"
+    UNAUTHORIZED = "unauthorized"
 
 
 class LineError(Exception):

@@ -10,7 +10,13 @@ lines with `LineReader` and handles each (docs/protocol.md has the format):
     {"cancel": id}                          -> Stream.cancel down the tree
     {"ping": x}                             -> {"pong": x}
     {"resume": token, "offsets": {...}}     -> take over a dropped connection's session
-    first line TEXT, or not starting "{"    -> text mode (gateways/tcp_mobile/text.py)
+    {"hello": {"api_key": K, ...}}          -> {"authenticated": true} (or unauthorized)
+    first line TEXT [KEY], or not "{"...    -> text mode (gateways/tcp_mobile/text.py)
+
+API keys (`--api-key`, `--api-key-file`, gateways/tcp_mobile/auth.py): when set, the greeting
+says `"auth": "api_key"` and a connection must authenticate once, with a hello line carrying
+`api_key` (or a resume line carrying one), before anything else; every other line until then
+gets an `unauthorized` error, and the connection is closed after MAX_AUTH_FAILURES of them.
 
 Limits: `--max-line` (an error line, then the rest of the line is skipped), `--max-inflight`
 requests per connection, `--max-write-buffer` bytes queued for a client that does not read (its
@@ -33,15 +39,17 @@ from tornado.netutil import bind_sockets
 from tornado.tcpserver import TCPServer
 
 from broker.client import RootClient
+from gateways.tcp_mobile.auth import ApiKeys, add_key_args, load_api_keys
 from gateways.tcp_mobile.lines import CHUNK, TOO_LONG, LineReader
 from gateways.tcp_mobile.protocol import CancelLine, Code, HelloLine, LineError, Ping, Resume, \
-    Submit, encode, error_line, parse_line
+    Submit, decode_json, encode, error_line, parse_line
 from gateways.tcp_mobile.session import Session, Sessions
 from treechat.process import Fatal
 
 log = logging.getLogger("treechat.tcp")
 
 MiB = 1 << 20
+MAX_AUTH_FAILURES = 3  # unauthenticated lines a connection may send before it is closed
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class TcpConfig:
     idle_timeout: float = 300.0
     resume_window: float = 30.0
     drain: float = 30.0
+    api_keys: frozenset[str] = frozenset()
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -67,7 +76,8 @@ class TcpConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TcpConfig":
-        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
+        fields = {k: getattr(args, k) for k in cls.__dataclass_fields__ if k != "api_keys"}
+        return cls(**fields, api_keys=load_api_keys(args.api_key, args.api_key_file))
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +98,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "(0: cancel them at once)")
     parser.add_argument("--drain", type=float, default=d.drain,
                         help="seconds SIGTERM waits for running requests before cancelling them")
+    add_key_args(parser)
 
 
 def limit_kernel_buffer(stream: IOStream, max_write_buffer: int) -> None:
@@ -110,15 +121,20 @@ class Connection:
         self.last_active = time.monotonic()
         self.busy = False  # text mode: an answer is streaming
         self.closed = False
+        self.authed = not gateway.keys  # no keys configured: nothing to prove
+        self.auth_failures = 0
         stream.max_write_buffer_size = self.cfg.max_write_buffer
         stream.set_nodelay(True)
         limit_kernel_buffer(stream, self.cfg.max_write_buffer)
 
     async def run(self) -> None:
         self.session.attach(self)
-        self.send({"hello": "treechat", "session": self.session.token,
-                   "resume_window": self.cfg.resume_window, "max_line": self.cfg.max_line,
-                   "max_inflight": self.cfg.max_inflight})
+        greeting = {"hello": "treechat", "session": self.session.token,
+                    "resume_window": self.cfg.resume_window, "max_line": self.cfg.max_line,
+                    "max_inflight": self.cfg.max_inflight}
+        if self.gw.keys:
+            greeting["auth"] = "api_key"
+        self.send(greeting)
         watchdog = asyncio.get_running_loop().create_task(self.watch_idle())
         try:
             await self.read_lines()
@@ -135,6 +151,9 @@ class Connection:
         while True:
             raw = await self.reader.read_line()
             self.last_active = time.monotonic()
+            if raw is TOO_LONG and not self.authed:
+                await self.authenticate(b"")  # refused too: a stranger gets no free lines
+                continue
             if raw is TOO_LONG:
                 self.send(error_line(None, Code.LINE_TOO_LONG, f"a line may hold at most "
                                      f"{self.cfg.max_line} bytes; skipped to the next newline"))
@@ -147,7 +166,10 @@ class Connection:
                     from gateways.tcp_mobile.text import TextChat
                     await TextChat(self).run(raw)
                     return
-            self.handle(raw)
+            if self.authed:
+                self.handle(raw)
+            else:
+                await self.authenticate(raw)
 
     def handle(self, raw: bytes) -> None:
         try:
@@ -161,9 +183,60 @@ class Connection:
             elif isinstance(cmd, Resume):
                 self.resume(cmd)
             elif isinstance(cmd, HelloLine):
-                log.debug("client %s says hello: %r", self.address, cmd.info)
+                self.greet(cmd.info)
         except LineError as e:
             self.send(e.line)
+
+    # --- authentication -------------------------------------------------------------------------
+
+    async def authenticate(self, raw: bytes) -> None:
+        """A line before the client proved its key: a hello or resume with a good `api_key`
+        lets it in; anything else is refused, and too many refusals close the connection."""
+        try:
+            data = decode_json(raw)
+        except LineError:
+            data = {}
+        hello = data.get("hello")
+        key = hello.get("api_key") if isinstance(hello, dict) else \
+            data.get("api_key") if "resume" in data else None
+        if key is not None and self.gw.keys.check(key):
+            self.authed = True
+            log.info("client %s authenticated", self.address)
+            if "resume" in data:
+                self.handle(raw)  # the resume line's answer says it worked
+            else:
+                self.greet(hello)
+            return
+        rid = data.get("id") if isinstance(data.get("id"), str) else None
+        why = ("missing API key: first send {\"hello\": {\"api_key\": \"YOUR_KEY\"}}"
+               if key is None else "incorrect API key provided")
+        await self.refuse(lambda closing: encode(error_line(rid, Code.UNAUTHORIZED, why + closing)))
+
+    async def refuse(self, render) -> None:
+        """Answer an unauthenticated line with `render(closing)`; after MAX_AUTH_FAILURES of them
+        the answer says so, is flushed, and the connection closes (its fresh session with it)."""
+        self.auth_failures += 1
+        if self.auth_failures < MAX_AUTH_FAILURES:
+            self.write(render(""))
+            return
+        log.warning("closing %s: %d unauthenticated lines", self.address, self.auth_failures)
+        try:
+            await asyncio.wait_for(self.stream.write(render("; closing the connection")), 5.0)
+        except (StreamClosedError, StreamBufferFullError, asyncio.TimeoutError):
+            pass
+        self.stream.close()  # the reader's StreamClosedError ends run(), which drops the session
+
+    def greet(self, info) -> None:
+        """A client's hello: logged (without its key); one carrying `api_key` gets an answer."""
+        if not isinstance(info, dict) or "api_key" not in info:
+            log.debug("client %s says hello: %r", self.address, info)
+            return
+        log.debug("client %s says hello: %r", self.address,
+                  {k: v for k, v in info.items() if k != "api_key"})
+        if self.gw.keys.check(info["api_key"]):
+            self.send({"authenticated": True})
+        else:  # already let in on another key: say this one is wrong, keep serving
+            self.send(error_line(None, Code.UNAUTHORIZED, "incorrect API key provided"))
 
     def resume(self, cmd: Resume) -> None:
         session = self.gw.sessions.resume(self.session, cmd)
@@ -226,6 +299,7 @@ class Gateway(TCPServer):
         self.cfg = cfg
         self.client = client
         self.sessions = Sessions(client, cfg.resume_window, cfg.max_inflight)
+        self.keys = ApiKeys(cfg.api_keys)
         self.connections: set[Connection] = set()
 
     async def handle_stream(self, stream: IOStream, address) -> None:
@@ -264,7 +338,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
                     args.root)
     gateway = Gateway(cfg, client)
     gateway.add_sockets(sockets)
-    log.info("TCP gateway on %s:%d (root %s)", cfg.host, port, args.root)
+    log.info("TCP gateway on %s:%d (root %s, %d API key(s))", cfg.host, port, args.root,
+             len(cfg.api_keys))
     ready({"url": f"tcp://{cfg.host}:{port}"})
     await stop.wait()
     await gateway.shutdown(cfg.drain)

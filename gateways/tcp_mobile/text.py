@@ -7,14 +7,21 @@ back as plain UTF-8 text and ends with an empty line. So that an empty line can 
 answer", a blank line inside an answer is sent as a line holding one space. Errors are one line
 `[error CODE: message]`, then the empty line. Lines typed while an answer streams wait their turn.
 A dropped connection cancels the running answer at once (text mode does not resume).
+
+API keys: a gateway with keys wants the first line to be `TEXT KEY`. Until a line like that
+arrives, every line gets `[error unauthorized: ...]` and the empty line, and after a few the
+connection is closed (`Connection.refuse`). Without keys, `TEXT KEY` works too: the key is ignored.
 """
 
 from __future__ import annotations
 
+import re
 import time
 
 from gateways.tcp_mobile.lines import TOO_LONG
 from gateways.tcp_mobile.protocol import Code
+
+SWITCH = re.compile(rb"\s*TEXT(?:[ \t]+(\S+))?\s*", re.I)  # TEXT, or TEXT KEY
 
 
 class TextChat:
@@ -28,7 +35,7 @@ class TextChat:
         self.sessions = sessions
 
     async def run(self, first: bytes) -> None:
-        raw = None if first.strip().upper() == b"TEXT" else first
+        raw = await self.log_in(first)
         while True:
             if raw is TOO_LONG:
                 self.end_with_error(Code.LINE_TOO_LONG,
@@ -36,6 +43,28 @@ class TextChat:
             elif raw is not None and raw.strip():
                 await self.answer(raw)
             raw = await self.conn.reader.read_line()
+
+    async def log_in(self, raw) -> bytes | None:
+        """Read up to the `TEXT KEY` line the gateway's keys ask for; returns the first prompt
+        (a first line that is not `TEXT ...` on a gateway without keys), or None."""
+        while True:
+            if raw is not TOO_LONG and not raw.strip():
+                raw = await self.conn.reader.read_line()
+                continue
+            switch = SWITCH.fullmatch(raw) if raw is not TOO_LONG else None
+            key = (switch.group(1) or b"").decode("utf-8", "replace") if switch else ""
+            if switch and self.conn.gw.keys.check(key):
+                self.conn.authed = True
+                return None
+            if not self.conn.gw.keys:
+                return raw  # no keys, and not a TEXT line: it is the first prompt
+            why = ("missing API key: the first line must be TEXT YOUR_KEY"
+                   if not switch or not switch.group(1) else "incorrect API key provided")
+            await self.conn.refuse(lambda closing: self.refusal(why + closing))
+            raw = await self.conn.reader.read_line()
+
+    def refusal(self, message: str) -> bytes:
+        return f"[error {Code.UNAUTHORIZED}: {message}]\n\n".encode()
 
     async def answer(self, raw: bytes) -> None:
         try:
