@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
+import subprocess
+import sys
 
 import pytest
-import zmq
 
-from conftest import run, wait_tree
 from broker.client import RootClient
 from broker.security import create_keys
+from conftest import REPO, run, wait_tree
 
 
 @pytest.fixture
@@ -51,8 +51,6 @@ def test_an_authenticated_tree_serves_only_authorized_keys(cluster, keys):
 
 
 def test_bad_key_folder_is_a_readable_error(tmp_path):
-    import subprocess, sys
-    from conftest import REPO
     result = subprocess.run([sys.executable, "-m", "treechat.cli", "status", "--curve",
                              str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2

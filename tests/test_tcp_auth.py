@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import orjson
 import pytest
 
 from conftest import Cluster
 from test_chat_cli import Chat, Proxy
-from test_tcp_gateway import Line, Tokens, check_group, doc_blocks
+from test_tcp_gateway import Line, doc_blocks, replay
 
 FAKE = ("--engine", "fake", "--fake-delay", "0.005", "--nodes", "1")
 
@@ -35,18 +34,7 @@ def keyed(tmp_path_factory):
 @pytest.mark.parametrize("block", doc_blocks("auth-session"), ids=lambda b: b[2][2:42])
 def test_doc_auth_example(keyed, block):
     """docs/protocol.md's authentication example, replayed line by line."""
-    tokens, texts = Tokens(), defaultdict(str)
-    conn = Line(keyed.tcp_port, hello=False)
-    group: list[dict] = []
-    for line in block + ["> "]:
-        if line.startswith("<"):
-            group.append(orjson.loads(line[1:]))
-            continue
-        if group:
-            check_group(conn, group, tokens, texts)
-            group = []
-        if line.strip() != ">":
-            conn.send(tokens.apply(line[2:]).encode() + b"\n")
+    replay(keyed.tcp_port, block)
 
 
 def ask(conn: Line, rid: str, text: str) -> dict:

@@ -199,8 +199,14 @@ def check_group(conn: Line, want_lines: list[dict], tokens: Tokens, texts: dict)
 @pytest.mark.parametrize("block", doc_blocks("session"), ids=lambda b: b[1][2:42])
 def test_doc_example(tree, block):
     assert len(doc_blocks("session")) >= 6  # the doc shows them all; a broken fence loses some
+    replay(tree.tcp_port, block)
+
+
+def replay(port: int, block: list[str]) -> None:
+    """Play a doc example: `>` lines are sent, each group of `<` lines must come back, `~`
+    drops the connection and opens a new one."""
     tokens, texts = Tokens(), defaultdict(str)
-    conn = Line(tree.tcp_port, hello=False)
+    conn = Line(port, hello=False)
     group: list[dict] = []
     for line in block + ["> "]:
         if line.startswith("<"):
@@ -211,7 +217,7 @@ def test_doc_example(tree, block):
             group = []
         if line.startswith("~"):
             conn.abort()
-            conn = Line(tree.tcp_port, hello=False)
+            conn = Line(port, hello=False)
         elif line.strip() != ">":
             conn.send(tokens.apply(line[2:]).encode() + b"\n")
     conn.sock.close()
