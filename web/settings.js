@@ -27,7 +27,8 @@ export class Settings {
 
     this.menu.addEventListener("change", () => store.saveSettings({ model: this.menu.value }));
     $("set-temp").addEventListener("input", (e) => {
-      $("temp-out").textContent = Number(e.target.value).toFixed(2);
+      this.temperature = Number(e.target.value);
+      $("temp-out").textContent = this.temperature.toFixed(2);
     });
     $("close-settings").addEventListener("click", () => this.dlg.close());
     $("reset-settings").addEventListener("click", () => this.fill({ ...store.settings, ...DEFAULT_SETTINGS, model: store.settings.model, apiKey: store.settings.apiKey }));
@@ -63,8 +64,10 @@ export class Settings {
   fill(s) {
     fillModels($("set-model"), this.models.length ? this.models : [s.model].filter(Boolean), s.model);
     $("set-system").value = s.systemPrompt;
-    $("set-temp").value = String(s.temperature);
-    $("temp-out").textContent = Number(s.temperature).toFixed(2);
+    // null until the slider is moved: requests carry no temperature, the server uses the model's.
+    this.temperature = s.temperature;
+    $("set-temp").value = String(s.temperature ?? 0.7);
+    $("temp-out").textContent = s.temperature == null ? "model default" : Number(s.temperature).toFixed(2);
     $("set-max").value = String(s.maxTokens);
     $("set-key").value = s.apiKey;
   }
@@ -77,13 +80,12 @@ export class Settings {
 
   save() {
     const max = Number.parseInt($("set-max").value, 10);
-    const temp = Number.parseFloat($("set-temp").value);
     const key = $("set-key").value.trim();
     const keyChanged = key !== this.store.settings.apiKey;
     this.store.saveSettings({
       model: $("set-model").value || this.store.settings.model,
       systemPrompt: $("set-system").value,
-      temperature: Number.isFinite(temp) ? temp : DEFAULT_SETTINGS.temperature,
+      temperature: Number.isFinite(this.temperature) ? this.temperature : null,
       maxTokens: Number.isFinite(max) && max > 0 ? max : DEFAULT_SETTINGS.maxTokens,
       apiKey: key,
     });

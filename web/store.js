@@ -12,7 +12,7 @@ const CURRENT_KEY = "treechat.current.v1";
 
 export const DEFAULT_SETTINGS = Object.freeze({
   systemPrompt: "",
-  temperature: 0.7,
+  temperature: null, // null: the server's default for the model (not sent)
   maxTokens: 1024,
   model: "",
   apiKey: "",

@@ -110,7 +110,8 @@ class HFEngine(Engine):
         self.chat_template = Path(config.chat_template).read_text() if config.chat_template else None
         self.vocab = min(len(self.tokenizer), _vocab_size(self.net.config))
         self.eos_ids = _eos_ids(self.net, self.tokenizer)
-        self.sampling_defaults = _sampling_defaults(self.net)
+        self.sampling_defaults = (models.DEFAULT_SAMPLING if config.model is None
+                                  else _sampling_defaults(self.net))
         layers = self.net.config.get_text_config().num_hidden_layers
         self.cache = SlotCache(layers, self.kv_budget, self.max_model_len, self.slots)
         self._tok_lock = threading.Lock()
@@ -306,8 +307,8 @@ def _eos_ids(net, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-# For requests that set no temperature or top_p: what the model's generation_config says, else
-# Ollama-like defaults. A small model sampled at temperature 1 with no top-p filter rambles (the
+# For requests that set no temperature or top_p: what the model's generation_config says (for the
+# default model, its card's recommendation), else Ollama-like defaults. A small model sampled at temperature 1 with no top-p filter rambles (the
 # default SmolLM2 answered "What is the capital of France?" with half-French noise that way).
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.9
 

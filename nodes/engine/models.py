@@ -26,6 +26,7 @@ log = logging.getLogger("treechat.engine")
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SAMPLING = (0.2, 0.9)  # temperature, top_p: what the SmolLM2 model card recommends
 
 # Published config values (config.json on the Hub) of the shapes `--load-format dummy` builds.
 DUMMY_CONFIGS = {
