@@ -213,10 +213,6 @@ class RootClient:
             if stream is not None:
                 stream._put(Event("error", code=msg.code, message=msg.message,
                                   retry_after=msg.retry_after))
-        elif isinstance(msg, p.Accepted):
-            stream = self.streams.get(msg.ref)
-            if stream is not None:
-                stream._put(Event("accepted", request_id=msg.request_id))
         elif isinstance(msg, p.Heartbeat):
             if self.epoch and msg.epoch != self.epoch:
                 self.lose_root("the root restarted")

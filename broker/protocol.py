@@ -15,7 +15,8 @@ Who sends what (`rid` is the root's id of one dispatch; a re-dispatch gets a new
 result from a node declared dead matches nothing and is dropped; `ref` is the gateway's own id):
 
     gateway -> root (front):  Hello, Heartbeat, Submit, Cancel, StatusQuery
-    root -> gateway:          Heartbeat, Accepted, Deltas, Done, Error, StatusReply
+    root -> gateway:          Heartbeat, Deltas (admissions, deltas, finishes), Done, Error,
+                              StatusReply
     parent -> child (tree):   Heartbeat, Dispatch
     child -> parent:          Heartbeat (carrying the child's subtree Load)
     node -> root (results):   Register, Lookup, Heartbeat, Acks, Tokens, Done, Error, Bye
@@ -217,13 +218,6 @@ class Submit:
     ref: int
     request: dict
     timeout: float | None = None
-
-
-@message(b"a")
-class Accepted:
-    """Root -> gateway: the request got `request_id` (arrival order at the root)."""
-    ref: int
-    request_id: int
 
 
 @message(b"x")

@@ -2,8 +2,8 @@
 
 Process: `treechat gateway http --root HOST:PORT --host H --port P [flags]` (started by
 `treechat up`). One Tornado HTTP server on `--port`; one DEALER to the root's front socket
-(`broker.client.RootClient`: Submit, Cancel, StatusQuery, Heartbeat out; Accepted, Deltas, Done,
-Error, StatusReply, Heartbeat in). Routes:
+(`broker.client.RootClient`: Submit, Cancel, StatusQuery, Heartbeat out; Deltas, Done, Error,
+StatusReply, Heartbeat in). Routes:
 
     GET  /                      the chat page (web/index.html), sets the `_xsrf` cookie
     GET  /static/...            the files of web/
