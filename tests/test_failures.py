@@ -68,9 +68,7 @@ def test_stalled_node_is_replaced_and_its_late_tokens_dropped(cluster):
             if ev.kind == "delta":
                 first = ev.text
                 break
-        await wait_for(lambda: _running(client, 1))  # the root hears loads with heartbeats
-        st = await client.status()
-        runner = next(n["name"] for n in st["nodes"] if n["running"] == 1)
+        runner = await the_runner(client)
         os.kill(tree.procs[runner].proc.pid, signal.SIGSTOP)
         try:
             await wait_for(lambda: _is(client, runner, "dead"))
@@ -189,6 +187,13 @@ def test_overload_is_refused_at_once(cluster):
     run(scenario())
 
 
+async def the_runner(client) -> str:
+    """The one node running the one request (the root hears loads with heartbeats: wait)."""
+    await wait_for(lambda: _running(client, 1))
+    st = await client.status()
+    return next(n["name"] for n in st["nodes"] if n["running"] == 1)
+
+
 async def _running(client, n):
     st = await client.status()
     return sum(x["running"] for x in st["nodes"]) == n
@@ -251,9 +256,7 @@ def test_sigterm_hands_back_work_and_exits_zero(cluster):
         await wait_tree(client, {"a", "b"})
         prompt = words(1, 60)
         stream = client.submit({"prompt": prompt})
-        await wait_for(lambda: _running(client, 1))
-        st = await client.status()
-        runner = next(n["name"] for n in st["nodes"] if n["running"] == 1)
+        runner = await the_runner(client)
         proc = tree.procs[runner]
         proc.proc.send_signal(signal.SIGTERM)  # its grace (2 s) is shorter than the answer
         text, final = await stream.collect()
