@@ -133,14 +133,11 @@ async def study(args, c: int) -> list[dict]:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| path | open | requests/s | p50 latency (ms) | p99 latency (ms) | failed |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in runs:
-        s = r["summary"]
-        lines.append(f"| {r['label']} | {r['concurrency']} | {s['request_throughput']:.0f} "
-                     f"| {s['e2el_ms']['p50']:.2f} "
-                     f"| {s['e2el_ms']['p99']:.2f} | {s['failed']} |")
-    return "\n".join(lines)
+    return report.markdown_table(
+        ["path", "open", "requests/s", "p50 latency (ms)", "p99 latency (ms)", "failed"], "lrrrrr",
+        [[r["label"], str(r["concurrency"]), f"{s['request_throughput']:.0f}",
+          f"{s['e2el_ms']['p50']:.2f}", f"{s['e2el_ms']['p99']:.2f}", str(s["failed"])]
+         for r in runs for s in [r["summary"]]])
 
 
 def main(argv: list[str] | None = None) -> int:

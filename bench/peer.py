@@ -114,16 +114,14 @@ async def study(a) -> list[dict]:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| server | requests/s | output tokens/s | per round | p50 TTFT (ms) | p99 TTFT (ms) "
-             "| p50 TPOT (ms) | p99 E2E (ms) | failed |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for r in runs:
-        s = r["summary"]
-        rounds = ", ".join(f"{x:.0f}" for x in r["rounds"])
-        lines.append(f"| {r['label']} | {s['request_throughput']:.3f} | {s['output_throughput']:.1f} "
-                     f"| {rounds} "
-                     f"| {s['ttft_ms']['p50']:.0f} | {s['ttft_ms']['p99']:.0f} "
-                     f"| {s['tpot_ms']['p50']:.0f} | {s['e2el_ms']['p99']:.0f} | {s['failed']} |")
-    return "\n".join(lines)
+    return report.markdown_table(
+        ["server", "requests/s", "output tokens/s", "per round", "p50 TTFT (ms)", "p99 TTFT (ms)",
+         "p50 TPOT (ms)", "p99 E2E (ms)", "failed"], "lrrlrrrrr",
+        [[r["label"], f"{s['request_throughput']:.3f}", f"{s['output_throughput']:.1f}",
+          ", ".join(f"{x:.0f}" for x in r["rounds"]), f"{s['ttft_ms']['p50']:.0f}",
+          f"{s['ttft_ms']['p99']:.0f}", f"{s['tpot_ms']['p50']:.0f}", f"{s['e2el_ms']['p99']:.0f}",
+          str(s["failed"])]
+         for r in runs for s in [r["summary"]]])
 
 
 def main(argv: list[str] | None = None) -> int:

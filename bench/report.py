@@ -87,6 +87,13 @@ def format_compare(runs: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(headers: list[str], aligns: str, rows: list[list[str]]) -> str:
+    """A Markdown table for docs/benchmarks.md; `aligns` has one letter per column, l or r."""
+    rule = "|" + "|".join("---" if a == "l" else "---:" for a in aligns) + "|"
+    return "\n".join(["| " + " | ".join(headers) + " |", rule,
+                      *("| " + " | ".join(cells) + " |" for cells in rows)])
+
+
 def record_dicts(records: list[Record], t0: float) -> list[dict]:
     out = []
     for r in records:

@@ -25,14 +25,13 @@ from bench.compare import compare
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| policy | p50 TTFT (ms) | p99 TTFT (ms) | p99 E2E (ms) | requests/s | output tokens/s | failed |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in runs:
-        s = r["summary"]
-        lines.append(f"| {r['label'].removeprefix('policy=')} | {s['ttft_ms']['p50']:.0f} "
-                     f"| {s['ttft_ms']['p99']:.0f} | {s['e2el_ms']['p99']:.0f} "
-                     f"| {s['request_throughput']:.2f} | {s['output_throughput']:.1f} | {s['failed']} |")
-    return "\n".join(lines)
+    return report.markdown_table(
+        ["policy", "p50 TTFT (ms)", "p99 TTFT (ms)", "p99 E2E (ms)", "requests/s",
+         "output tokens/s", "failed"], "lrrrrrr",
+        [[r["label"].removeprefix("policy="), f"{s['ttft_ms']['p50']:.0f}",
+          f"{s['ttft_ms']['p99']:.0f}", f"{s['e2el_ms']['p99']:.0f}",
+          f"{s['request_throughput']:.2f}", f"{s['output_throughput']:.1f}", str(s["failed"])]
+         for r in runs for s in [r["summary"]]])
 
 
 def bench_args(a: argparse.Namespace) -> argparse.Namespace:

@@ -123,18 +123,18 @@ def cpu(busy: float | None) -> str:
 def table(runs: list[dict], args) -> str:
     base = next(r for r in runs if r["nodes"] == 1)
     one, one_sus = base["summary"]["output_throughput"], base["sustained"]
-    lines = ["| leaves | fan-out | depth | tokens/s (whole run) | of ideal | tokens/s (sustained) "
-             "| of ideal | p50 / p99 TTFT (ms) | CPU | failed |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for r in runs:
         s, n = r["summary"], r["nodes"]
         r["ideal"], r["ideal_sustained"] = one * n, one_sus * n
-        lines.append(f"| {n} | {r['fanout']} | {r['depth']} | {s['output_throughput']:.0f} "
-                     f"| {100 * s['output_throughput'] / (one * n):.0f}% | {r['sustained']:.0f} "
-                     f"| {100 * r['sustained'] / (one_sus * n):.0f}% "
-                     f"| {s['ttft_ms']['p50']:.0f} / {s['ttft_ms']['p99']:.0f} "
-                     f"| {cpu(r['cpu_busy'])} | {s['failed']} |")
-    return "\n".join(lines)
+        rows.append([str(n), str(r["fanout"]), str(r["depth"]), f"{s['output_throughput']:.0f}",
+                     f"{100 * s['output_throughput'] / (one * n):.0f}%", f"{r['sustained']:.0f}",
+                     f"{100 * r['sustained'] / (one_sus * n):.0f}%",
+                     f"{s['ttft_ms']['p50']:.0f} / {s['ttft_ms']['p99']:.0f}",
+                     cpu(r["cpu_busy"]), str(s["failed"])])
+    return report.markdown_table(
+        ["leaves", "fan-out", "depth", "tokens/s (whole run)", "of ideal", "tokens/s (sustained)",
+         "of ideal", "p50 / p99 TTFT (ms)", "CPU", "failed"], "r" * 10, rows)
 
 
 def plot(path: str, runs: list[dict], args) -> None:
