@@ -59,14 +59,26 @@ def delta_frame(shape) -> tuple[bytes, bytes]:
     return head, tail
 
 
-class ChatShape:
-    """chat.completion and chat.completion.chunk objects of one response."""
+class Shape:
+    """What both response shapes share: the response's id, time and model, and delta events."""
+
+    ID_PREFIX = ""
 
     def __init__(self, model: str):
-        self.id = "chatcmpl-" + new_id()
+        self.id = self.ID_PREFIX + new_id()
         self.created = int(time.time())
         self.model = model
         self._before, self._after = delta_frame(self)
+
+    def delta_event(self, text: str) -> bytes:
+        """`event(self.chunk(text))`, without building and serializing the whole chunk."""
+        return self._before + orjson.dumps(text) + self._after
+
+
+class ChatShape(Shape):
+    """chat.completion and chat.completion.chunk objects of one response."""
+
+    ID_PREFIX = "chatcmpl-"
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -82,10 +94,6 @@ class ChatShape:
                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
                              "finish_reason": finish_reason(reason)}]}
 
-    def delta_event(self, text: str) -> bytes:
-        """`event(self.chunk(text))`, without building and serializing the whole chunk."""
-        return self._before + orjson.dumps(text) + self._after
-
     def closing(self, reason: str) -> dict:
         return self.chunk({}, reason)
 
@@ -100,14 +108,10 @@ class ChatShape:
                 "usage": usage(prompt_tokens, completion_tokens)}
 
 
-class CompletionShape:
+class CompletionShape(Shape):
     """text_completion objects (streamed chunks share the object name, as in OpenAI's API)."""
 
-    def __init__(self, model: str):
-        self.id = "cmpl-" + new_id()
-        self.created = int(time.time())
-        self.model = model
-        self._before, self._after = delta_frame(self)
+    ID_PREFIX = "cmpl-"
 
     def _head(self) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,
@@ -119,10 +123,6 @@ class CompletionShape:
     def chunk(self, text: str, reason: str | None = None) -> dict:
         return {**self._head(), "choices": [{"index": 0, "text": text, "logprobs": None,
                                              "finish_reason": finish_reason(reason)}]}
-
-    def delta_event(self, text: str) -> bytes:
-        """`event(self.chunk(text))`, without building and serializing the whole chunk."""
-        return self._before + orjson.dumps(text) + self._after
 
     def closing(self, reason: str) -> dict:
         return self.chunk("", reason)
