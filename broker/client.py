@@ -42,6 +42,7 @@ class Event:
     code: str | None = None
     message: str | None = None
     retry_after: float | None = None
+    logprobs: list | None = None  # per token: [text, logprob, [[alt, logprob], ...]] (delta only)
 
     @property
     def final(self) -> bool:
@@ -193,10 +194,11 @@ class RootClient:
                 stream = self.streams.get(ref)
                 if stream is not None:
                     stream._put(Event("accepted", request_id=request_id))
-            for ref, text, n in msg.items:
-                stream = self.streams.get(ref)
+            for item in msg.items:
+                stream = self.streams.get(item[0])
                 if stream is not None:
-                    stream._put(Event("delta", text=text, tokens=n))
+                    stream._put(Event("delta", text=item[1], tokens=item[2],
+                                      logprobs=item[3] if len(item) > 3 else None))
             for ref, reason, prompt_tokens, completion_tokens in msg.done:
                 stream = self.streams.pop(ref, None)
                 if stream is not None:

@@ -68,7 +68,10 @@ class ErrorCode:
 
 # --- the request a client asks for ---------------------------------------------------------------
 
-SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0)}
+SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
+                   "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0),
+                   "repetition_penalty": (0.01, 10.0)}
+MAX_LOGPROBS = 20
 
 
 @dataclass(slots=True)
@@ -88,10 +91,24 @@ class Request:
     seed: int | None = None
     ignore_eos: bool = False
     model: str | None = None
+    # Penalties and filters, applied per row on the device (nodes/engine/sampling.py). None means
+    # "not set": the engine's own default applies (a repetition guard when no penalty is set).
+    presence_penalty: float | None = None  # OpenAI: -2..2, once per token seen in the answer
+    frequency_penalty: float | None = None  # OpenAI: -2..2, per occurrence in the answer
+    repetition_penalty: float | None = None  # vLLM/HF: > 0, divides (multiplies) seen tokens' logits
+    min_p: float | None = None  # 0..1: drop tokens below min_p x the top token's probability
+    logit_bias: dict | None = None  # {"token id": bias in -100..100}
+    logprobs: int | None = None  # None: off; k: the chosen token's logprob and the k likeliest (0..20)
+    prompt_logprobs: int | None = None  # the same for every prompt token (completions' echo)
+    response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", ...}
+    tools: list | None = None  # OpenAI tool definitions, rendered by the chat template
+    tool_choice: str | dict | None = None  # "auto" | "none" | "required" | {"type": "function", ...}
 
     FIELDS: ClassVar[frozenset[str]] = frozenset(
         ["messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
-         "ignore_eos", "model"])
+         "ignore_eos", "model", "presence_penalty", "frequency_penalty", "repetition_penalty",
+         "min_p", "logit_bias", "logprobs", "prompt_logprobs", "response_format", "tools",
+         "tool_choice"])
 
     @classmethod
     def from_dict(cls, data: dict, *, strict: bool = True) -> "Request":
@@ -143,6 +160,25 @@ class Request:
             raise BadRequest("ignore_eos", "'ignore_eos' must be true or false")
         if self.model is not None and not isinstance(self.model, str):
             raise BadRequest("model", "'model' must be a string")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise BadRequest(name, f"'{name}' must be an integer from 0 to {MAX_LOGPROBS}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > 1024:
+                raise BadRequest("logit_bias", "'logit_bias' must be an object of at most 1024 "
+                                               "token ids")
+            for key, bias in self.logit_bias.items():
+                if not (isinstance(key, str) and key.isdigit()) or isinstance(bias, bool) \
+                        or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                    raise BadRequest("logit_bias", "'logit_bias' maps token ids (as strings) to "
+                                                   "numbers between -100 and 100")
+        if self.response_format is not None and not isinstance(self.response_format, dict):
+            raise BadRequest("response_format", "'response_format' must be an object")
+        if self.tools is not None and not isinstance(self.tools, list):
+            raise BadRequest("tools", "'tools' must be a list")
+        if self.tool_choice is not None and not isinstance(self.tool_choice, (str, dict)):
+            raise BadRequest("tool_choice", "'tool_choice' must be a string or an object")
 
     def to_dict(self) -> dict:
         """The set fields, shallow (no deep copy: the request is read, never mutated)."""
@@ -248,8 +284,9 @@ class Acks:
 
 @message(b"t")
 class Tokens:
-    """Node -> root: one engine step. items: [rid, text_delta, [token ids]]; then the requests
-    that finished in it, done: [rid, finish_reason, prompt_tokens, completion_tokens]."""
+    """Node -> root: one engine step. items: [rid, text_delta, [token ids]] or, when the request
+    asked for logprobs, [rid, text_delta, [token ids], logprobs] (see `TokenLogprobs`); then the
+    requests that finished in it, done: [rid, finish_reason, prompt_tokens, completion_tokens]."""
     items: list
     done: list = field(default_factory=list)
 
@@ -257,11 +294,19 @@ class Tokens:
 @message(b"D")
 class Deltas:
     """Root -> gateway: everything for this gateway from one turn of the root's loop, in the order
-    a client applies it: accepted [ref, request_id], items [ref, text, n_tokens], then done
+    a client applies it: accepted [ref, request_id], items [ref, text, n_tokens] (plus the
+    Tokens item's logprobs as a fourth element when it had them), then done
     [ref, finish_reason, prompt_tokens, completion_tokens]."""
     items: list
     done: list = field(default_factory=list)
     accepted: list = field(default_factory=list)  # [ref, request_id] admitted this turn
+
+
+# Logprobs ride as the optional 4th element of a Tokens / Deltas item: one entry per new token,
+#     [token_text, logprob, [[alt_text, alt_logprob], ...]]
+# (the k likeliest alternatives when the request asked for logprobs=k). Token texts are the
+# tokenizer's own piece for that id, decoded alone, so a gateway needs no tokenizer.
+TokenLogprobs = list
 
 
 @message(b"f")

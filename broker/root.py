@@ -344,7 +344,8 @@ class Root:
                 req.holder, req.state, req.to, req.hop = name, state, to, hop
 
     def tokens(self, name: str, ident: bytes, msg: p.Tokens) -> None:
-        for rid, text, ids in msg.items:
+        for item in msg.items:
+            rid, text, ids = item[0], item[1], item[2]
             req = self.table.by_rid.get(rid)
             if req is None:
                 self.results.send(p.Cancel(id=rid), ident)
@@ -355,7 +356,10 @@ class Root:
             req.text += text
             if req.first_token_at is None:
                 req.first_token_at = time.monotonic()
-            self.outbox(req.gateway).items.append([req.ref, text, len(ids)])
+            out = [req.ref, text, len(ids)]
+            if len(item) > 3:
+                out.append(item[3])  # logprobs, passed through untouched
+            self.outbox(req.gateway).items.append(out)
         for rid, reason, prompt_tokens, completion_tokens in msg.done:
             req = self.table.by_rid.get(rid)
             if req is None:

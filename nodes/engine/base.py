@@ -43,8 +43,9 @@ class Finish:
 
 @dataclass(slots=True)
 class StepOutput:
-    """One engine step: tokens as (rid, text delta, new token ids); finishes; errors as
-    (rid, ErrorCode, message)."""
+    """One engine step: tokens as (rid, text delta, new token ids), with a fourth element, the
+    new tokens' logprobs (`broker.protocol.TokenLogprobs`), when the request asked for them;
+    finishes; errors as (rid, ErrorCode, message)."""
 
     tokens: list[tuple[int, str, list[int]]] = field(default_factory=list)
     done: list[Finish] = field(default_factory=list)
