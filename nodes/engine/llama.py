@@ -146,16 +146,20 @@ class LlamaModel:
         self.q_dim = shape.heads * shape.head_dim
         self.kv_dim = shape.kv_heads * shape.head_dim
         self.group = shape.heads // shape.kv_heads
+        self.scale = shape.head_dim ** -0.5
+        self.kernels = cpu_kernels(device, dtype)
+        self._rope = None
 
     # --- the step's plan ---------------------------------------------------------------------
 
     def prepare(self, batch: Batch) -> Batch:
-        """Everything the layers share: rotations, the decode mask, each chunk's mask."""
-        pos = batch.pos
-        angles = pos[:, None].double() * self.inv_freq[None, :]
-        batch.freqs = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None, :]
-        d = batch.decode
-        if d:
+        """Everything the layers share: rotations, the decode mask, each chunk's mask (the C
+        path needs only the chunks' masks)."""
+        pos, d = batch.pos, batch.decode
+        if self.kernels is None:
+            angles = pos[:, None].double() * self.inv_freq[None, :]
+            batch.freqs = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
+        if d and self.kernels is None:
             lengths = pos[:d]
             batch.span = int(lengths.max()) + 1 if batch.span == 0 else batch.span
             cols = torch.arange(batch.span, device=self.device)
@@ -171,17 +175,51 @@ class LlamaModel:
 
     def forward(self, batch: Batch, cache) -> torch.Tensor:
         """Logits [R, vocab] (float32) for the tokens at `batch.logits_at`."""
+        if self.kernels is not None:
+            return self.forward_cpu(batch, cache)
         x = self.embed_tokens(batch.ids)
         for i, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (self.shape.hidden,), layer.attn_norm, self.shape.eps)
+            h = rms_norm(x, layer.attn_norm, self.shape.eps)
             x = x + layer.o(self.attention(i, layer.qkv(h), batch, cache))
-            h = F.rms_norm(x, (self.shape.hidden,), layer.mlp_norm, self.shape.eps)
+            h = rms_norm(x, layer.mlp_norm, self.shape.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         if batch.logits_at is not None:
             x = x[batch.logits_at]
-        x = F.rms_norm(x, (self.shape.hidden,), self.norm, self.shape.eps)
+        x = rms_norm(x, self.norm, self.shape.eps)
         return self.lm_head(x).float()
+
+    def forward_cpu(self, batch: Batch, cache) -> torch.Tensor:
+        """The same forward through the C kernels (kernels/blocks.c): one call per operation,
+        the residual added inside the products, no mask (each decode row attends over its own
+        length)."""
+        k, s, eps = self.kernels, self.shape, self.shape.eps
+        x = self.embed_tokens(batch.ids).contiguous()
+        t, d = x.shape[0], batch.decode
+        h = torch.empty_like(x)
+        cos, sin = self.rope_tables(int(batch.pos.max()) + 1)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(k.rms_norm(x, layer.attn_norm, eps, h))
+            k.rope(qkv, s.heads + s.kv_heads, s.head_dim, batch.pos, cos, sin)
+            attn = torch.empty((t, self.q_dim), dtype=x.dtype)
+            if d:
+                k.decode_attention(qkv, d, s.heads, s.kv_heads, s.head_dim, cache.k[i],
+                                   cache.v[i], batch.pos, self.scale, attn)
+            if batch.chunks:
+                self.chunk_attention(i, qkv, batch, cache, attn.view(t, s.heads, s.head_dim))
+            layer.o.add_to(attn, x)
+            layer.down.add_to(k.silu_mul(layer.gate_up(k.rms_norm(x, layer.mlp_norm, eps, h))), x)
+        if batch.logits_at is not None:
+            x = x[batch.logits_at]
+        return self.lm_head(k.rms_norm(x, self.norm, eps, torch.empty_like(x))).float()
+
+    def rope_tables(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [positions, head_dim/2] for the C rope, grown by doubling."""
+        if self._rope is None or self._rope[0].shape[0] < positions:
+            n = max(positions, 2 * (0 if self._rope is None else self._rope[0].shape[0]), 512)
+            angles = torch.arange(n, dtype=torch.float64)[:, None] * self.inv_freq.cpu()[None, :]
+            self._rope = (angles.cos().float().contiguous(), angles.sin().float().contiguous())
+        return self._rope
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.embed, torch.Tensor):
@@ -189,6 +227,17 @@ class LlamaModel:
         q, d = self.embed
         rows = q[ids].to(self.dtype).unflatten(-1, (d.shape[1], -1))
         return (rows * d[ids][..., None].to(self.dtype)).flatten(-2)
+
+    def decode_attention(self, q, keys, values, visible) -> torch.Tensor:
+        """One query per row against its cached keys: [D, heads, head_dim]. Each kv head's group
+        of query heads is folded into the query axis, so keys and values are never copied; plain
+        matmul-softmax-matmul, which at one query per row is several times faster on a CPU than
+        SDPA's kernels (built for long queries)."""
+        s, d = self.shape, q.shape[0]
+        qd = q.view(d, s.kv_heads, self.group, s.head_dim)
+        scores = torch.matmul(qd, keys.transpose(-1, -2)).mul_(self.scale)
+        scores.masked_fill_(~visible, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1), values).view(d, s.heads, s.head_dim)
 
     def attention(self, layer: int, qkv: torch.Tensor, batch: Batch, cache) -> torch.Tensor:
         s, t = self.shape, qkv.shape[0]
@@ -204,12 +253,20 @@ class LlamaModel:
             dpos = batch.pos[:d]
             keys[batch.rows, :, dpos] = k[:d]
             values[batch.rows, :, dpos] = v[:d]
-            # One query per row: fold each kv head's query group into the query axis.
-            qd = q[:d].view(d, s.kv_heads, self.group, s.head_dim)
-            out[:d] = F.scaled_dot_product_attention(
-                qd, keys[:d, :, :batch.span], values[:d, :, :batch.span],
-                attn_mask=batch.decode_mask).view(d, s.heads, s.head_dim)
-        at = d
+            out[:d] = self.decode_attention(q[:d], keys[:d, :, :batch.span],
+                                            values[:d, :, :batch.span], batch.decode_mask)
+        self.chunk_attention(layer, qkv, batch, cache, out)
+        return out.view(t, self.q_dim)
+
+    def chunk_attention(self, layer: int, qkv: torch.Tensor, batch: Batch, cache, out) -> None:
+        """Each prompt chunk: its keys and values into its cache row, then its queries over
+        that row up to the chunk's end (earlier chunks included). out: [T, heads, head_dim]."""
+        s, t = self.shape, qkv.shape[0]
+        q = qkv[:, :self.q_dim].view(t, s.heads, s.head_dim)
+        k = qkv[:, self.q_dim:self.q_dim + self.kv_dim].view(t, s.kv_heads, s.head_dim)
+        v = qkv[:, self.q_dim + self.kv_dim:].view(t, s.kv_heads, s.head_dim)
+        keys, values = cache.k[layer], cache.v[layer]
+        at = batch.decode
         for c in batch.chunks:
             end = c.start + c.length
             keys[c.row, :, c.start:end] = k[at:at + c.length].transpose(0, 1)
@@ -220,7 +277,21 @@ class LlamaModel:
                 attn_mask=c.mask, is_causal=c.mask is None, enable_gqa=self.group > 1)
             out[at:at + c.length] = oc[0].transpose(0, 1)
             at += c.length
-        return out.view(t, self.q_dim)
+
+
+def cpu_kernels(device: torch.device, dtype: torch.dtype):
+    """The C kernels' module when this model can use them (float32 on a CPU that runs them)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return None
+    from nodes.engine import kernels
+    return kernels if kernels.library() is not None else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm in a few plain ops (torch's rms_norm is a slower composite on CPU)."""
+    if x.dtype != torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return x * x.square().mean(-1, keepdim=True).add_(eps).rsqrt_() * weight
 
 
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> None:

@@ -38,6 +38,10 @@ class Dense:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y += x @ W^T (+ bias): a residual, without a temporary."""
+        y += self(x)
+
 
 class Q4_1:
     """qs uint8 [N, K/2] (byte j of a block: weight j low nibble, j + 16 high), d, m [N, K/32]."""
@@ -56,9 +60,15 @@ class Q4_1:
                 .to(torch.bfloat16))
             self.qs = None
 
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.fallback is None and self.bias is None:
+            kernels.q4_1_matmul(x, self.qs, self.d, self.m, out=y)
+        else:
+            y += self(x)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.fallback is None:
-            y = kernels.q4_1_matmul(x.float(), self.qs, self.d, self.m).to(x.dtype)
+            y = kernels.q4_1_matmul(x.float().contiguous(), self.qs, self.d, self.m).to(x.dtype)
         else:
             packed, scales_zeros = self.fallback
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -78,9 +88,15 @@ class Q8_0:
             q8, scales = int8_rows(dequantize_q8_0(self.q, self.d))
             self.fallback = (q8, scales.to(torch.bfloat16))
 
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.fallback is None and self.bias is None:
+            kernels.q8_0_matmul(x, self.q, self.d, out=y)
+        else:
+            y += self(x)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.fallback is None:
-            y = kernels.q8_0_matmul(x.float(), self.q, self.d).to(x.dtype)
+            y = kernels.q8_0_matmul(x.float().contiguous(), self.q, self.d).to(x.dtype)
         else:
             q8, scales = self.fallback
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q8, scales).to(x.dtype)

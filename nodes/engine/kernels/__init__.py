@@ -1,5 +1,8 @@
 """The CPU kernels of blocks.c, compiled once on first use and called through ctypes.
 
+Every wrapper takes contiguous float32 CPU tensors (the llama runner's CPU path guarantees it)
+and passes their data pointers; outputs are new tensors or the `out` given.
+
 `library()` returns the loaded library, or None where it cannot run (not x86-64, no AVX2/FMA,
 no C compiler): the llama runner then uses torch's own int4/int8 kernels, slower but the same
 numbers up to rounding. The shared object is cached under `$TREECHAT_CACHE/kernels/`, named by
@@ -61,8 +64,13 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("could not build the CPU kernels (%s); using torch's own", e)
         return None
-    lib.q4_1_matmul.argtypes = [P, I, I, P, P, P, I, P]
-    lib.q8_0_matmul.argtypes = [P, I, I, P, P, I, P]
+    F, P_, I_ = ctypes.c_float, P, I
+    lib.q4_1_matmul.argtypes = [P_, I_, I_, P_, P_, P_, I_, P_, ctypes.c_int]
+    lib.q8_0_matmul.argtypes = [P_, I_, I_, P_, P_, I_, P_, ctypes.c_int]
+    lib.rms_norm.argtypes = [P_, P_, I_, I_, F, P_]
+    lib.rope.argtypes = [P_, I_, I_, I_, I_, P_, P_, P_]
+    lib.silu_mul.argtypes = [P_, I_, I_, P_]
+    lib.decode_attention.argtypes = [P_, I_, I_, I_, I_, I_, P_, P_, I_, P_, F, P_]
     return lib
 
 
@@ -79,19 +87,55 @@ def build(compiler: str, target: Path) -> None:
         log.info("built the CPU kernels into %s", target)
 
 
-def q4_1_matmul(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 @ Q4_1 blocks (qs uint8 [N, K/2], d, m float32 [N, K/32]) -> [M, N]."""
-    x = x.contiguous()
-    y = torch.empty((x.shape[0], qs.shape[0]), dtype=torch.float32)
-    library().q4_1_matmul(x.data_ptr(), x.shape[0], x.shape[1], qs.data_ptr(), d.data_ptr(),
-                          m.data_ptr(), qs.shape[0], y.data_ptr())
+def _check(code: int, what: str) -> None:
+    if code:
+        raise MemoryError(f"{what}: no memory for its scratch")
+
+
+def q4_1_matmul(x: torch.Tensor, qs, d, m, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 @ Q4_1 blocks (qs uint8 [N, K/2], d, m float32 [N, K/32]) -> [M, N];
+    with `out`, added into it."""
+    y = torch.empty((x.shape[0], qs.shape[0]), dtype=torch.float32) if out is None else out
+    _check(library().q4_1_matmul(x.data_ptr(), x.shape[0], x.shape[1], qs.data_ptr(),
+                                 d.data_ptr(), m.data_ptr(), qs.shape[0], y.data_ptr(),
+                                 out is not None), "q4_1_matmul")
     return y
 
 
-def q8_0_matmul(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 @ Q8_0 blocks (q int8 [N, K], d float32 [N, K/32]) -> [M, N]."""
-    x = x.contiguous()
-    y = torch.empty((x.shape[0], q.shape[0]), dtype=torch.float32)
-    library().q8_0_matmul(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(), d.data_ptr(),
-                          q.shape[0], y.data_ptr())
+def q8_0_matmul(x: torch.Tensor, q, d, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 @ Q8_0 blocks (q int8 [N, K], d float32 [N, K/32]) -> [M, N]; with
+    `out`, added into it."""
+    y = torch.empty((x.shape[0], q.shape[0]), dtype=torch.float32) if out is None else out
+    _check(library().q8_0_matmul(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(),
+                                 d.data_ptr(), q.shape[0], y.data_ptr(), out is not None),
+           "q8_0_matmul")
     return y
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    library().rms_norm(x.data_ptr(), w.data_ptr(), x.shape[0], x.shape[1], eps, out.data_ptr())
+    return out
+
+
+def rope(qkv: torch.Tensor, heads: int, head_dim: int, pos: torch.Tensor, cos: torch.Tensor,
+         sin: torch.Tensor) -> None:
+    """In place on the first `heads` heads (queries, then keys) of each row of qkv."""
+    library().rope(qkv.data_ptr(), qkv.shape[0], qkv.stride(0), heads, head_dim, pos.data_ptr(),
+                   cos.data_ptr(), sin.data_ptr())
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    inter = gate_up.shape[1] // 2
+    out = torch.empty((gate_up.shape[0], inter), dtype=torch.float32)
+    library().silu_mul(gate_up.data_ptr(), gate_up.shape[0], inter, out.data_ptr())
+    return out
+
+
+def decode_attention(qkv: torch.Tensor, rows: int, heads: int, kv_heads: int, head_dim: int,
+                     keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, scale: float,
+                     out: torch.Tensor) -> None:
+    """Rows 0..rows-1 of qkv are cache rows 0..rows-1's new tokens (see blocks.c)."""
+    _check(library().decode_attention(qkv.data_ptr(), rows, qkv.stride(0), heads, kv_heads,
+                                      head_dim, keys.data_ptr(), values.data_ptr(),
+                                      keys.shape[2], pos.data_ptr(), scale, out.data_ptr()),
+           "decode_attention")
