@@ -93,82 +93,89 @@ static int quantize16(const float *x, int64_t m_rows, int64_t k, qrows *out) {
 
 static void release(qrows *r) { free(r->q), free(r->d), free(r->s); }
 
-/* sum over 32 pairs of 16-bit products: weights w0 (0..15) and w1 (16..31), x block xb */
-static inline __m256 dot16(__m256i w0, __m256i w1, const int16_t *xb) {
-  const __m256i a = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xb));
-  const __m256i b = _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xb + 16)));
-  return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
+/* the 32 weights of block b of a row as two vectors of 16-bit integers (weights 0..15, 16..31) */
+static inline void unpack(int q4, const void *w, int64_t block, __m256i *lo, __m256i *hi) {
+  if (q4) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint8_t *)w + block * 16));
+    const __m128i low = _mm_set1_epi8(0x0F);
+    *lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
+    *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
+  } else {
+    const int8_t *p = (const int8_t *)w + block * 32;
+    *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
+  }
+}
+
+#define WR 2 /* weight rows per pass: each x block loaded once for both */
+
+/* y[M, N] (+)= x @ W^T for W in Q4_1 (q4 = 1: w = nibbles, m = minimums) or Q8_0 (q4 = 0).
+ * A tile is WR weight rows x XR rows of x; per block the integer dot of each pair is scaled by
+ * d[row, b] * dx[i, b], taken from a small table made once per 8 blocks. Q4_1's minimum term,
+ * sum_b m[row, b] * sum(x block), is a short dot product per pair at the end. */
+static inline int matmul16(int q4, const float *x, int64_t m_rows, int64_t k, const void *w,
+                           const float *d, const float *m, int64_t n, float *y, int acc_into) {
+  qrows xr;
+  if (quantize16(x, m_rows, k, &xr))
+    return -1;
+  const int64_t nb = k / QK, wbytes = q4 ? 16 : 32;
+#pragma omp parallel for schedule(static)
+  for (int64_t r0 = 0; r0 < n; r0 += WR) {
+    const int nw = n - r0 < WR ? (int)(n - r0) : WR;
+    for (int64_t i0 = 0; i0 < m_rows; i0 += XR) {
+      const int nx = m_rows - i0 < XR ? (int)(m_rows - i0) : XR;
+      __m256 acc[WR][XR];
+      for (int a = 0; a < WR; a++)
+        for (int c = 0; c < XR; c++)
+          acc[a][c] = _mm256_setzero_ps();
+      for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int g = nb - b0 < 8 ? (int)(nb - b0) : 8;
+        float scale[WR][XR][8];
+        for (int a = 0; a < nw; a++)
+          for (int c = 0; c < nx; c++)
+            for (int j = 0; j < g; j++)
+              scale[a][c][j] = d[(r0 + a) * nb + b0 + j] * xr.d[(i0 + c) * nb + b0 + j];
+        for (int j = 0; j < g; j++) {
+          const int64_t b = b0 + j;
+          __m256i lo[WR], hi[WR];
+          for (int a = 0; a < nw; a++)
+            unpack(q4, (const uint8_t *)w + (r0 + a) * nb * wbytes, b, &lo[a], &hi[a]);
+          for (int c = 0; c < nx; c++) {
+            const int16_t *xb = xr.q + ((i0 + c) * nb + b) * QK;
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)xb);
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb + 16));
+            for (int a = 0; a < nw; a++) {
+              const __m256i s32 = _mm256_add_epi32(_mm256_madd_epi16(lo[a], x0),
+                                                   _mm256_madd_epi16(hi[a], x1));
+              acc[a][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32),
+                                          _mm256_broadcast_ss(&scale[a][c][j]), acc[a][c]);
+            }
+          }
+        }
+      }
+      for (int a = 0; a < nw; a++)
+        for (int c = 0; c < nx; c++) {
+          float total = hsum(acc[a][c]);
+          if (q4)
+            for (int64_t b = 0; b < nb; b++)
+              total += m[(r0 + a) * nb + b] * xr.s[(i0 + c) * nb + b];
+          float *out = y + (i0 + c) * n + r0 + a;
+          *out = (acc_into ? *out : 0.0f) + total;
+        }
+    }
+  }
+  release(&xr);
+  return 0;
 }
 
 int q4_1_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *qs, const float *d,
                 const float *m, int64_t n, float *y, int acc_into) {
-  qrows xr;
-  if (quantize16(x, m_rows, k, &xr))
-    return -1;
-  const int64_t nb = k / QK;
-  const __m128i low = _mm_set1_epi8(0x0F);
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < n; row++) {
-    const uint8_t *wq = qs + row * nb * (QK / 2);
-    const float *wd = d + row * nb, *wm = m + row * nb;
-    for (int64_t i0 = 0; i0 < m_rows; i0 += XR) {
-      const int rows = m_rows - i0 < XR ? (int)(m_rows - i0) : XR;
-      __m256 acc[XR] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                        _mm256_setzero_ps()};
-      float offset[XR] = {0};
-      for (int64_t b = 0; b < nb; b++) {
-        const __m128i raw = _mm_loadu_si128((const __m128i *)(wq + b * (QK / 2)));
-        const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
-        const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
-        for (int r = 0; r < rows; r++) {
-          const int64_t xb = (i0 + r) * nb + b;
-          acc[r] = _mm256_fmadd_ps(dot16(w0, w1, xr.q + xb * QK),
-                                   _mm256_set1_ps(wd[b] * xr.d[xb]), acc[r]);
-          offset[r] += wm[b] * xr.s[xb];
-        }
-      }
-      for (int r = 0; r < rows; r++) {
-        float *out = y + (i0 + r) * n + row;
-        *out = (acc_into ? *out : 0.0f) + hsum(acc[r]) + offset[r];
-      }
-    }
-  }
-  release(&xr);
-  return 0;
+  return matmul16(1, x, m_rows, k, qs, d, m, n, y, acc_into);
 }
 
 int q8_0_matmul(const float *x, int64_t m_rows, int64_t k, const int8_t *q, const float *d,
                 int64_t n, float *y, int acc_into) {
-  qrows xr;
-  if (quantize16(x, m_rows, k, &xr))
-    return -1;
-  const int64_t nb = k / QK;
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < n; row++) {
-    const int8_t *wq = q + row * k;
-    const float *wd = d + row * nb;
-    for (int64_t i0 = 0; i0 < m_rows; i0 += XR) {
-      const int rows = m_rows - i0 < XR ? (int)(m_rows - i0) : XR;
-      __m256 acc[XR] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                        _mm256_setzero_ps()};
-      for (int64_t b = 0; b < nb; b++) {
-        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wq + b * QK)));
-        const __m256i w1 =
-            _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wq + b * QK + 16)));
-        for (int r = 0; r < rows; r++) {
-          const int64_t xb = (i0 + r) * nb + b;
-          acc[r] = _mm256_fmadd_ps(dot16(w0, w1, xr.q + xb * QK),
-                                   _mm256_set1_ps(wd[b] * xr.d[xb]), acc[r]);
-        }
-      }
-      for (int r = 0; r < rows; r++) {
-        float *out = y + (i0 + r) * n + row;
-        *out = (acc_into ? *out : 0.0f) + hsum(acc[r]);
-      }
-    }
-  }
-  release(&xr);
-  return 0;
+  return matmul16(0, x, m_rows, k, q, d, NULL, n, y, acc_into);
 }
 
 /* --- the rest of a layer -------------------------------------------------------------------- */
