@@ -286,7 +286,8 @@ class Acks:
 class Tokens:
     """Node -> root: one engine step. items: [rid, text_delta, [token ids]] or, when the request
     asked for logprobs, [rid, text_delta, [token ids], logprobs] (see `TokenLogprobs`); then the
-    requests that finished in it, done: [rid, finish_reason, prompt_tokens, completion_tokens]."""
+    requests that finished in it, done: [rid, finish_reason, prompt_tokens, completion_tokens,
+    cached_tokens] (the last: prompt tokens reused from the engine's prefix cache; optional)."""
     items: list
     done: list = field(default_factory=list)
 
@@ -296,7 +297,7 @@ class Deltas:
     """Root -> gateway: everything for this gateway from one turn of the root's loop, in the order
     a client applies it: accepted [ref, request_id], items [ref, text, n_tokens] (plus the
     Tokens item's logprobs as a fourth element when it had them), then done
-    [ref, finish_reason, prompt_tokens, completion_tokens]."""
+    [ref, finish_reason, prompt_tokens, completion_tokens, cached_tokens]."""
     items: list
     done: list = field(default_factory=list)
     accepted: list = field(default_factory=list)  # [ref, request_id] admitted this turn

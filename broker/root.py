@@ -360,12 +360,13 @@ class Root:
             if len(item) > 3:
                 out.append(item[3])  # logprobs, passed through untouched
             self.outbox(req.gateway).items.append(out)
-        for rid, reason, prompt_tokens, completion_tokens in msg.done:
+        for rid, reason, prompt_tokens, completion_tokens, *cached in msg.done:
             req = self.table.by_rid.get(rid)
             if req is None:
                 continue  # late result of a superseded dispatch, or of a cancelled request
             completion = max(completion_tokens, len(req.ids))
-            self.outbox(req.gateway).done.append([req.ref, reason, prompt_tokens, completion])
+            self.outbox(req.gateway).done.append([req.ref, reason, prompt_tokens, completion,
+                                                  *cached])
             self.finish(req, None, stop_node=False)
 
     def outbox(self, gateway: bytes) -> p.Deltas:

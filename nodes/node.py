@@ -329,8 +329,8 @@ class Node:
 
     def on_step(self, step: StepOutput) -> None:
         self.flush_acks()  # acks go before the tokens they explain
-        done = [[f.rid, f.reason, f.prompt_tokens, f.completion_tokens] for f in step.done
-                if self.running.pop(f.rid, None) is not None]
+        done = [[f.rid, f.reason, f.prompt_tokens, f.completion_tokens, f.cached_tokens]
+                for f in step.done if self.running.pop(f.rid, None) is not None]
         if step.tokens or done:
             self.results.send(p.Tokens(items=step.tokens, done=done))  # one message per step
         for rid, code, message in step.errors:

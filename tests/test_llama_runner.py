@@ -2,7 +2,7 @@
 
 - logits of tiny random Llama (tied and untied embeddings) and Qwen2 (q/k/v biases) models equal
   transformers' own forward, for a prompt prefilled in two chunks and a decode step, on both the
-  C-kernel CPU path and the plain-torch path (the one GPUs run);
+  C-kernel CPU path (float16 KV cache) and the plain-torch path (the one GPUs run);
 - the block kernels equal the float32 product with the dequantized weights, residual included,
   and torch's fallback kernels agree within their bfloat16 precision;
 - the default GGUF model's 4-bit blocks are kept exactly as the file has them, and the quantized
@@ -48,7 +48,7 @@ def build_pair(tmp_path, kind: str, tied: bool, c_kernels: bool):
     if not c_kernels:
         model.kernels = None  # the plain-torch path, as on a GPU
     s = model.shape
-    cache = RowCache(s.layers, s.kv_heads, s.head_dim, torch.float32, torch.device("cpu"),
+    cache = RowCache(s.layers, s.kv_heads, s.head_dim, model.cache_dtype, torch.device("cpu"),
                      4096, 256, 4)
     cache.reshape(2, 64, 64, 0)
     return net, model, cache
@@ -80,9 +80,10 @@ def test_logits_equal_transformers_forward(tmp_path, kind, tied, c_kernels):
         # one decode token per row, both rows at once
         b = Batch(ids=nxt, pos=torch.tensor([20, 20]), decode=2)
         decoded = model.forward(model.prepare(b), cache)
-    assert rel(first[0], ref[0, 19]) < 1e-5 and rel(first[1], ref[1, 11]) < 1e-5
-    assert rel(second, ref[1, 12:]) < 1e-5
-    assert rel(decoded, ref_next) < 1e-5
+    tol = 2e-3 if c_kernels else 1e-5  # the C path keeps keys and values in float16
+    assert rel(first[0], ref[0, 19]) < tol and rel(first[1], ref[1, 11]) < tol
+    assert rel(second, ref[1, 12:]) < tol
+    assert rel(decoded, ref_next) < tol
 
 
 @pytest.mark.skipif(kernels.library() is None, reason="the C kernels cannot run on this machine")
@@ -302,3 +303,46 @@ def test_logprobs_are_the_models_log_softmax():
     assert [a for a, _ in alts] == [1, 2]  # the model's own ranking, before the penalty
     assert all(math.isclose(v, ref[a].item(), rel_tol=1e-6) for a, v in alts)
     assert sum(math.exp(v) for _, v in alts) < 1.0
+
+
+@pytest.mark.timeout(120)
+def test_prefix_reuse_copies_exact_keys_and_values(tiny_model):
+    """A shared start is copied, not computed again: from a running row (two identical prompts
+    sent together: the second waits one step, then copies), from the store (the same prompt
+    later; a chat's next turn), and the answers are what they are without it."""
+    import asyncio
+    from test_engine_hf import CHAT, Run, greedy_reference, make, prompt_req
+    from broker.protocol import Request
+    from nodes.engine.base import EngineRequest
+    engine = make(tiny_model, max_slots=4)
+    prompt = "Tell me everything about the rivers and the mountains of the valley, please."
+    p = len(engine.tokenizer.encode(prompt))
+    turn = Request(messages=CHAT, temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    async def main():
+        run = Run(engine)
+        engine.submit(EngineRequest(1, prompt_req(prompt, max_tokens=8, ignore_eos=True)))
+        engine.submit(EngineRequest(2, prompt_req(prompt, max_tokens=8, ignore_eos=True)))
+        await run.finish([1, 2])
+        engine.submit(EngineRequest(3, prompt_req(prompt, max_tokens=8, ignore_eos=True)))
+        engine.submit(EngineRequest(4, turn))
+        await run.finish([3, 4])
+        answer = run.text(4)
+        history = CHAT + [{"role": "assistant", "content": answer},
+                          {"role": "user", "content": "And then?"}]
+        engine.submit(EngineRequest(5, Request(messages=history, temperature=0.0, max_tokens=6,
+                                               ignore_eos=True)))
+        await run.finish([5])
+        engine.stop()
+        return run, history
+
+    run, history = asyncio.run(main())
+    ref = greedy_reference(engine, engine.tokenizer.encode(prompt), 8)
+    assert run.ids[1] == run.ids[2] == run.ids[3] == ref
+    assert run.done[1].cached_tokens == 0
+    assert run.done[2].cached_tokens == run.done[3].cached_tokens == p - 1
+    second = engine.tokenize(Request(messages=history))
+    assert run.ids[5] == greedy_reference(engine, second, 6)
+    first_turn = engine.tokenize(turn) + run.ids[4][:-1]  # what row 4 held when it finished
+    shared = next(i for i, (a, b) in enumerate(zip(second + [None], first_turn + [-1])) if a != b)
+    assert run.done[5].cached_tokens == shared > len(engine.tokenize(turn))

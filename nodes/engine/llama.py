@@ -150,16 +150,26 @@ class LlamaModel:
         self.kernels = cpu_kernels(device, dtype)
         self._rope = None
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's: float16 on the C path (half the bytes every step reads), else ours."""
+        return torch.float16 if self.kernels is not None else self.dtype
+
     # --- the step's plan ---------------------------------------------------------------------
 
     def prepare(self, batch: Batch) -> Batch:
-        """Everything the layers share: rotations, the decode mask, each chunk's mask (the C
-        path needs only the chunks' masks)."""
+        """Everything the layers share: rotations, the decode mask, each chunk's mask; for the
+        C path only each token's cache row."""
         pos, d = batch.pos, batch.decode
-        if self.kernels is None:
-            angles = pos[:, None].double() * self.inv_freq[None, :]
-            batch.freqs = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
-        if d and self.kernels is None:
+        if self.kernels is not None:
+            rows = list(range(d))
+            for c in batch.chunks:
+                rows += [c.row] * c.length
+            batch.rows = torch.tensor(rows, dtype=torch.long)
+            return batch
+        angles = pos[:, None].double() * self.inv_freq[None, :]
+        batch.freqs = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
+        if d:
             lengths = pos[:d]
             batch.span = int(lengths.max()) + 1 if batch.span == 0 else batch.span
             cols = torch.arange(batch.span, device=self.device)
@@ -191,22 +201,19 @@ class LlamaModel:
 
     def forward_cpu(self, batch: Batch, cache) -> torch.Tensor:
         """The same forward through the C kernels (kernels/blocks.c): one call per operation,
-        the residual added inside the products, no mask (each decode row attends over its own
-        length)."""
+        the residual added inside the products, a float16 KV cache, no masks (each token attends
+        over its own row up to its own position)."""
         k, s, eps = self.kernels, self.shape, self.shape.eps
         x = self.embed_tokens(batch.ids).contiguous()
-        t, d = x.shape[0], batch.decode
+        t = x.shape[0]
         h = torch.empty_like(x)
         cos, sin = self.rope_tables(int(batch.pos.max()) + 1)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(k.rms_norm(x, layer.attn_norm, eps, h))
             k.rope(qkv, s.heads + s.kv_heads, s.head_dim, batch.pos, cos, sin)
             attn = torch.empty((t, self.q_dim), dtype=x.dtype)
-            if d:
-                k.decode_attention(qkv, d, s.heads, s.kv_heads, s.head_dim, cache.k[i],
-                                   cache.v[i], batch.pos, self.scale, attn)
-            if batch.chunks:
-                self.chunk_attention(i, qkv, batch, cache, attn.view(t, s.heads, s.head_dim))
+            k.attention(qkv, s.heads, s.kv_heads, s.head_dim, cache.k[i], cache.v[i],
+                        batch.rows, batch.pos, self.scale, attn)
             layer.o.add_to(attn, x)
             layer.down.add_to(k.silu_mul(layer.gate_up(k.rms_norm(x, layer.mlp_norm, eps, h))), x)
         if batch.logits_at is not None:

@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger("treechat.engine")
 
 SOURCE = Path(__file__).with_name("blocks.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 P = ctypes.c_void_p
 I = ctypes.c_int64
 
@@ -43,7 +43,7 @@ def cpu_ok() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
 
 
 @cache
@@ -70,7 +70,7 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm.argtypes = [P_, P_, I_, I_, F, P_]
     lib.rope.argtypes = [P_, I_, I_, I_, I_, P_, P_, P_]
     lib.silu_mul.argtypes = [P_, I_, I_, P_]
-    lib.decode_attention.argtypes = [P_, I_, I_, I_, I_, I_, P_, P_, I_, P_, F, P_]
+    lib.attention.argtypes = [P_, I_, I_, I_, I_, I_, P_, P_, I_, P_, P_, F, P_]
     return lib
 
 
@@ -131,11 +131,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def decode_attention(qkv: torch.Tensor, rows: int, heads: int, kv_heads: int, head_dim: int,
-                     keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, scale: float,
-                     out: torch.Tensor) -> None:
-    """Rows 0..rows-1 of qkv are cache rows 0..rows-1's new tokens (see blocks.c)."""
-    _check(library().decode_attention(qkv.data_ptr(), rows, qkv.stride(0), heads, kv_heads,
-                                      head_dim, keys.data_ptr(), values.data_ptr(),
-                                      keys.shape[2], pos.data_ptr(), scale, out.data_ptr()),
-           "decode_attention")
+def attention(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, keys: torch.Tensor,
+              values: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, scale: float,
+              out: torch.Tensor) -> None:
+    """Every token of qkv at (cache row rows[t], position pos[t]): its key and value into the
+    float16 cache, then its queries over that row's positions 0..pos[t] (see blocks.c)."""
+    _check(library().attention(qkv.data_ptr(), qkv.shape[0], qkv.stride(0), heads, kv_heads,
+                               head_dim, keys.data_ptr(), values.data_ptr(), keys.shape[2],
+                               rows.data_ptr(), pos.data_ptr(), scale, out.data_ptr()),
+           "attention")

@@ -16,12 +16,12 @@
  * so a block is unpacked once per four rows; `acc` adds the product to y (a residual).
  *
  * The rest of a layer: rms_norm, rope (interleaved pairs, cos/sin from a table), silu_mul, and
- * decode_attention (one query per cache row: writes the row's new key and value into the cache,
- * then attends over positions 0..pos of that row only).
+ * attention (every token of the forward writes its key and value into its cache row, float16,
+ * then attends over positions 0..pos of that row only: decode rows and prompt chunks alike).
  *
  * Threads: OpenMP. The library is linked against libgomp by soname, so in a process where torch
  * already loaded its libgomp both share one thread pool (torch.set_num_threads applies here).
- * Built at run time by kernels/__init__.py (cc -O3 -mavx2 -mfma -fopenmp). Scratch is malloc'd
+ * Built at run time by kernels/__init__.py (cc -O3 -mavx2 -mfma -mf16c -fopenmp). Scratch is malloc'd
  * per call (activations, attention scores: small); a failed malloc returns -1.
  */
 #include <immintrin.h>
@@ -268,18 +268,23 @@ static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
+/* 8 cached values (float16) as floats */
+static inline __m256 load_half(const uint16_t *p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
 /* The g query heads of one kv head over its n cached positions: o_i = softmax(q_i . k_j *
- * scale) . v_j, each key and value read once for all g (head_dim a multiple of 8, g <= 8).
- * q: g rows of head_dim; o: g rows; sc: scratch for g * n scores. */
-static void attend(const float *q, int64_t g, const float *keys, const float *vals, int64_t n,
-                   int64_t head_dim, float scale, float *sc, float *o) {
+ * scale) . v_j, each key and value (float16) read once for all g (head_dim a multiple of 8,
+ * g <= 8). q: g rows of head_dim; o: g rows (row stride o_stride); sc: scratch, g * n floats. */
+static void attend(const float *q, int64_t g, const uint16_t *keys, const uint16_t *vals,
+                   int64_t n, int64_t head_dim, float scale, float *sc, float *o) {
   for (int64_t j = 0; j < n; j++) {
-    const float *k = keys + j * head_dim;
+    const uint16_t *k = keys + j * head_dim;
     __m256 a[8];
     for (int i = 0; i < g; i++)
       a[i] = _mm256_setzero_ps();
     for (int64_t e = 0; e < head_dim; e += 8) {
-      const __m256 kv = _mm256_loadu_ps(k + e);
+      const __m256 kv = load_half(k + e);
       for (int i = 0; i < g; i++)
         a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * head_dim + e), kv, a[i]);
     }
@@ -307,9 +312,9 @@ static void attend(const float *q, int64_t g, const float *keys, const float *va
   }
   memset(o, 0, sizeof(float) * (size_t)(g * head_dim));
   for (int64_t j = 0; j < n; j++) { /* o_i += p_ij v_j, each value row read once */
-    const float *v = vals + j * head_dim;
+    const uint16_t *v = vals + j * head_dim;
     for (int64_t e = 0; e < head_dim; e += 8) {
-      const __m256 vv = _mm256_loadu_ps(v + e);
+      const __m256 vv = load_half(v + e);
       for (int i = 0; i < g; i++) {
         float *oi = o + i * head_dim + e;
         _mm256_storeu_ps(oi, _mm256_fmadd_ps(_mm256_set1_ps(sc[i * n + j]), vv,
@@ -319,36 +324,41 @@ static void attend(const float *q, int64_t g, const float *keys, const float *va
   }
 }
 
-/* D decode rows. Row b's token (its q, k, v inside qkv, a row of `stride` floats) is at position
- * pos[b] of cache row b: its key and value are written there, then each query head attends over
- * positions 0..pos[b] of its kv head (query head h uses kv head h / (heads / kv_heads)). Cache
- * layout of one layer: [rows, kv_heads, cap, head_dim]. out: [D, heads * head_dim]. */
-int decode_attention(const float *qkv, int64_t n_rows, int64_t stride, int64_t heads,
-                     int64_t kv_heads, int64_t head_dim, float *kc, float *vc, int64_t cap,
-                     const int64_t *pos, float scale, float *out) {
+/* Attention for T tokens of one forward. Token t (its q, k, v inside qkv, a row of `stride`
+ * floats) sits at position pos[t] of cache row rows[t]: first every token's key and value are
+ * written there (as float16), then each query head attends over positions 0..pos[t] of that row
+ * (query head h uses kv head h / (heads / kv_heads)), which covers a decode row's history and a
+ * prompt chunk's causal mask alike. Cache of one layer: [cache rows, kv_heads, cap, head_dim]
+ * float16. out: [T, heads * head_dim]. */
+int attention(const float *qkv, int64_t t_rows, int64_t stride, int64_t heads, int64_t kv_heads,
+              int64_t head_dim, uint16_t *kc, uint16_t *vc, int64_t cap, const int64_t *rows,
+              const int64_t *pos, float scale, float *out) {
   const int64_t group = heads / kv_heads, row_size = kv_heads * cap * head_dim;
   const float *kbase = qkv + heads * head_dim, *vbase = kbase + kv_heads * head_dim;
   int64_t longest = 0;
-  for (int64_t b = 0; b < n_rows; b++) {
+  for (int64_t t = 0; t < t_rows; t++) {
     for (int64_t h = 0; h < kv_heads; h++) {
-      const int64_t at = b * row_size + h * cap * head_dim + pos[b] * head_dim;
-      memcpy(kc + at, kbase + b * stride + h * head_dim, sizeof(float) * (size_t)head_dim);
-      memcpy(vc + at, vbase + b * stride + h * head_dim, sizeof(float) * (size_t)head_dim);
+      const int64_t at = rows[t] * row_size + h * cap * head_dim + pos[t] * head_dim;
+      const float *k = kbase + t * stride + h * head_dim, *v = vbase + t * stride + h * head_dim;
+      for (int64_t e = 0; e < head_dim; e += 8) {
+        _mm_storeu_si128((__m128i *)(kc + at + e), _mm256_cvtps_ph(_mm256_loadu_ps(k + e), 0));
+        _mm_storeu_si128((__m128i *)(vc + at + e), _mm256_cvtps_ph(_mm256_loadu_ps(v + e), 0));
+      }
     }
-    longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
+    longest = pos[t] + 1 > longest ? pos[t] + 1 : longest;
   }
-  float *scores = malloc(sizeof(float) * (size_t)(n_rows * heads * longest));
+  float *scores = malloc(sizeof(float) * (size_t)(t_rows * heads * longest));
   if (!scores)
     return -1;
 #pragma omp parallel for schedule(dynamic, 1) collapse(2)
-  for (int64_t b = 0; b < n_rows; b++)
+  for (int64_t t = 0; t < t_rows; t++)
     for (int64_t h = 0; h < kv_heads; h++) {
-      const int64_t kv = b * row_size + h * cap * head_dim, first = h * group;
+      const int64_t kv = rows[t] * row_size + h * cap * head_dim, first = h * group;
       for (int64_t i0 = 0; i0 < group; i0 += 8) { /* query heads in groups of at most 8 */
         const int64_t g = group - i0 < 8 ? group - i0 : 8, qh = first + i0;
-        attend(qkv + b * stride + qh * head_dim, g, kc + kv, vc + kv, pos[b] + 1, head_dim,
-               scale, scores + (b * heads + qh) * longest,
-               out + b * heads * head_dim + qh * head_dim);
+        attend(qkv + t * stride + qh * head_dim, g, kc + kv, vc + kv, pos[t] + 1, head_dim,
+               scale, scores + (t * heads + qh) * longest,
+               out + t * heads * head_dim + qh * head_dim);
       }
     }
   free(scores);
