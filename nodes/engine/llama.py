@@ -233,7 +233,7 @@ class LlamaModel:
             return self.embed[ids]
         q, d = self.embed
         rows = q[ids].to(self.dtype).unflatten(-1, (d.shape[1], -1))
-        return (rows * d[ids][..., None].to(self.dtype)).flatten(-2)
+        return (rows * d[ids][..., None].to(self.dtype)).flatten(-2).contiguous()
 
     def decode_attention(self, q, keys, values, visible) -> torch.Tensor:
         """One query per row against its cached keys: [D, heads, head_dim]. Each kv head's group

@@ -93,7 +93,7 @@ def _check(code: int, what: str) -> None:
 
 
 def q4_1_matmul(x: torch.Tensor, qs, d, m, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] float32 @ Q4_1 blocks (qs uint8 [N, K/2], d, m float32 [N, K/32]) -> [M, N];
+    """x [M, K] float32 @ Q4_1 blocks (qs uint8 [N, K/2], d, m float16 [N, K/32]) -> [M, N];
     with `out`, added into it."""
     y = torch.empty((x.shape[0], qs.shape[0]), dtype=torch.float32) if out is None else out
     _check(library().q4_1_matmul(x.data_ptr(), x.shape[0], x.shape[1], qs.data_ptr(),
@@ -103,7 +103,7 @@ def q4_1_matmul(x: torch.Tensor, qs, d, m, out: torch.Tensor | None = None) -> t
 
 
 def q8_0_matmul(x: torch.Tensor, q, d, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] float32 @ Q8_0 blocks (q int8 [N, K], d float32 [N, K/32]) -> [M, N]; with
+    """x [M, K] float32 @ Q8_0 blocks (q int8 [N, K], d float16 [N, K/32]) -> [M, N]; with
     `out`, added into it."""
     y = torch.empty((x.shape[0], q.shape[0]), dtype=torch.float32) if out is None else out
     _check(library().q8_0_matmul(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(),

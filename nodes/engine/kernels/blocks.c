@@ -6,6 +6,7 @@
  *   Q4_1: value = d * q + m, q in 0..15, 16 bytes of nibbles per block (byte j holds weight j in
  *         its low nibble and weight j + 16 in its high nibble: llama.cpp's layout)
  *   Q8_0: value = d * q, q in -127..127, 32 bytes per block
+ * with d and m in float16 (what a GGUF file holds: 20 and 34 bytes per block in all).
  * The activations are quantized per row and block of 32 to 16-bit integers (step: max|x| /
  * 32767, so the product is the float32 product to ~1e-5), and a block's dot product is integer
  * arithmetic (AVX2 madd_epi16: 16 multiply-adds per instruction), scaled once:
@@ -46,6 +47,11 @@ static inline float hmax(__m256 v) {
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+/* 8 float16 values as floats */
+static inline __m256 load_half(const uint16_t *p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
 /* --- activations as 16-bit blocks ---------------------------------------------------------- */
@@ -109,12 +115,14 @@ static inline void unpack(int q4, const void *w, int64_t block, __m256i *lo, __m
 
 #define WR 2 /* weight rows per pass: each x block loaded once for both */
 
-/* y[M, N] (+)= x @ W^T for W in Q4_1 (q4 = 1: w = nibbles, m = minimums) or Q8_0 (q4 = 0).
- * A tile is WR weight rows x XR rows of x; per block the integer dot of each pair is scaled by
- * d[row, b] * dx[i, b], taken from a small table made once per 8 blocks. Q4_1's minimum term,
- * sum_b m[row, b] * sum(x block), is a short dot product per pair at the end. */
+/* y[M, N] (+)= x @ W^T for W in Q4_1 (q4 = 1: w = nibbles, m = minimums) or Q8_0 (q4 = 0);
+ * the blocks' scales and minimums are float16, as in the file. A tile is WR weight rows x XR
+ * rows of x; per block the integer dot of each pair is scaled by d[row, b] * dx[i, b], taken
+ * from a small table made once per 8 blocks. Q4_1's minimum term, sum_b m[row, b] * sum(x
+ * block), is a short dot product per pair at the end. */
 static inline int matmul16(int q4, const float *x, int64_t m_rows, int64_t k, const void *w,
-                           const float *d, const float *m, int64_t n, float *y, int acc_into) {
+                           const uint16_t *d, const uint16_t *m, int64_t n, float *y,
+                           int acc_into) {
   qrows xr;
   if (quantize16(x, m_rows, k, &xr))
     return -1;
@@ -131,10 +139,17 @@ static inline int matmul16(int q4, const float *x, int64_t m_rows, int64_t k, co
       for (int64_t b0 = 0; b0 < nb; b0 += 8) {
         const int g = nb - b0 < 8 ? (int)(nb - b0) : 8;
         float scale[WR][XR][8];
-        for (int a = 0; a < nw; a++)
-          for (int c = 0; c < nx; c++)
-            for (int j = 0; j < g; j++)
-              scale[a][c][j] = d[(r0 + a) * nb + b0 + j] * xr.d[(i0 + c) * nb + b0 + j];
+        for (int a = 0; a < nw; a++) {
+          const uint16_t *wd = d + (r0 + a) * nb + b0;
+          for (int c = 0; c < nx; c++) {
+            const float *xd = xr.d + (i0 + c) * nb + b0;
+            if (g == 8)
+              _mm256_storeu_ps(scale[a][c], _mm256_mul_ps(load_half(wd), _mm256_loadu_ps(xd)));
+            else
+              for (int j = 0; j < g; j++)
+                scale[a][c][j] = _cvtsh_ss(wd[j]) * xd[j];
+          }
+        }
         for (int j = 0; j < g; j++) {
           const int64_t b = b0 + j;
           __m256i lo[WR], hi[WR];
@@ -158,7 +173,7 @@ static inline int matmul16(int q4, const float *x, int64_t m_rows, int64_t k, co
           float total = hsum(acc[a][c]);
           if (q4)
             for (int64_t b = 0; b < nb; b++)
-              total += m[(r0 + a) * nb + b] * xr.s[(i0 + c) * nb + b];
+              total += _cvtsh_ss(m[(r0 + a) * nb + b]) * xr.s[(i0 + c) * nb + b];
           float *out = y + (i0 + c) * n + r0 + a;
           *out = (acc_into ? *out : 0.0f) + total;
         }
@@ -168,12 +183,12 @@ static inline int matmul16(int q4, const float *x, int64_t m_rows, int64_t k, co
   return 0;
 }
 
-int q4_1_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *qs, const float *d,
-                const float *m, int64_t n, float *y, int acc_into) {
+int q4_1_matmul(const float *x, int64_t m_rows, int64_t k, const uint8_t *qs, const uint16_t *d,
+                const uint16_t *m, int64_t n, float *y, int acc_into) {
   return matmul16(1, x, m_rows, k, qs, d, m, n, y, acc_into);
 }
 
-int q8_0_matmul(const float *x, int64_t m_rows, int64_t k, const int8_t *q, const float *d,
+int q8_0_matmul(const float *x, int64_t m_rows, int64_t k, const int8_t *q, const uint16_t *d,
                 int64_t n, float *y, int acc_into) {
   return matmul16(0, x, m_rows, k, q, d, NULL, n, y, acc_into);
 }
@@ -266,11 +281,6 @@ void silu_mul(const float *gu, int64_t t_rows, int64_t inter, float *out) {
 static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-}
-
-/* 8 cached values (float16) as floats */
-static inline __m256 load_half(const uint16_t *p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
 /* The g query heads of one kv head over its n cached positions: o_i = softmax(q_i . k_j *
