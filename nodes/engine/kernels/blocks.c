@@ -100,7 +100,9 @@ static int quantize16(const float *x, int64_t m_rows, int64_t k, qrows *out) {
 static void release(qrows *r) { free(r->q), free(r->d), free(r->s); }
 
 /* the 32 weights of block b of a row as two vectors of 16-bit integers (weights 0..15, 16..31) */
-static inline void unpack(int q4, const void *w, int64_t block, __m256i *lo, __m256i *hi) {
+static inline __attribute__((always_inline)) void unpack(const int q4, const void *w,
+                                                          int64_t block, __m256i *lo,
+                                                          __m256i *hi) {
   if (q4) {
     const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint8_t *)w + block * 16));
     const __m128i low = _mm_set1_epi8(0x0F);
@@ -113,64 +115,82 @@ static inline void unpack(int q4, const void *w, int64_t block, __m256i *lo, __m
   }
 }
 
-#define WR 2 /* weight rows per pass: each x block loaded once for both */
+#define WR 2 /* weight rows per tile: each x block loaded once for both */
+
+/* One tile: weight rows w0, w1 (w1 may repeat w0 past the last row) against NX rows of x (a
+ * compile-time constant, so the accumulators live in registers), into sums[WR][NX]. Per block
+ * the integer dot of each pair is scaled by d[row, b] * dx[i, b], from a table made once per 8
+ * blocks. */
+static inline __attribute__((always_inline)) void tile(
+    const int q4, const int NX, const void *w0, const void *w1, const uint16_t *d0,
+    const uint16_t *d1, const qrows *xr, int64_t i0, int64_t nb, float sums[WR][XR]) {
+  const void *w[WR] = {w0, w1};
+  const uint16_t *d[WR] = {d0, d1};
+  __m256 acc[WR][XR];
+  for (int a = 0; a < WR; a++)
+    for (int c = 0; c < NX; c++)
+      acc[a][c] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    const int g = nb - b0 < 8 ? (int)(nb - b0) : 8;
+    float scale[WR][XR][8];
+    for (int a = 0; a < WR; a++)
+      for (int c = 0; c < NX; c++) {
+        const float *xd = xr->d + (i0 + c) * nb + b0;
+        if (g == 8)
+          _mm256_storeu_ps(scale[a][c], _mm256_mul_ps(load_half(d[a] + b0), _mm256_loadu_ps(xd)));
+        else
+          for (int j = 0; j < g; j++)
+            scale[a][c][j] = _cvtsh_ss(d[a][b0 + j]) * xd[j];
+      }
+    for (int j = 0; j < g; j++) {
+      const int64_t b = b0 + j;
+      __m256i lo[WR], hi[WR];
+      for (int a = 0; a < WR; a++)
+        unpack(q4, w[a], b, &lo[a], &hi[a]);
+      for (int c = 0; c < NX; c++) {
+        const int16_t *xb = xr->q + ((i0 + c) * nb + b) * QK;
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)xb);
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb + 16));
+        for (int a = 0; a < WR; a++) {
+          const __m256i s32 = _mm256_add_epi32(_mm256_madd_epi16(lo[a], x0),
+                                               _mm256_madd_epi16(hi[a], x1));
+          acc[a][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32),
+                                      _mm256_broadcast_ss(&scale[a][c][j]), acc[a][c]);
+        }
+      }
+    }
+  }
+  for (int a = 0; a < WR; a++)
+    for (int c = 0; c < NX; c++)
+      sums[a][c] = hsum(acc[a][c]);
+}
 
 /* y[M, N] (+)= x @ W^T for W in Q4_1 (q4 = 1: w = nibbles, m = minimums) or Q8_0 (q4 = 0);
- * the blocks' scales and minimums are float16, as in the file. A tile is WR weight rows x XR
- * rows of x; per block the integer dot of each pair is scaled by d[row, b] * dx[i, b], taken
- * from a small table made once per 8 blocks. Q4_1's minimum term, sum_b m[row, b] * sum(x
- * block), is a short dot product per pair at the end. */
-static inline int matmul16(int q4, const float *x, int64_t m_rows, int64_t k, const void *w,
-                           const uint16_t *d, const uint16_t *m, int64_t n, float *y,
-                           int acc_into) {
+ * the blocks' scales and minimums are float16, as in the file. Q4_1's minimum term,
+ * sum_b m[row, b] * sum(x block), is a short dot product per pair at the end. */
+static inline __attribute__((always_inline)) int matmul16(
+    const int q4, const float *x, int64_t m_rows, int64_t k, const void *w, const uint16_t *d,
+    const uint16_t *m, int64_t n, float *y, int acc_into) {
   qrows xr;
   if (quantize16(x, m_rows, k, &xr))
     return -1;
-  const int64_t nb = k / QK, wbytes = q4 ? 16 : 32;
+  const int64_t nb = k / QK, wbytes = (q4 ? 16 : 32) * nb;
 #pragma omp parallel for schedule(static)
   for (int64_t r0 = 0; r0 < n; r0 += WR) {
-    const int nw = n - r0 < WR ? (int)(n - r0) : WR;
+    const int64_t r1 = r0 + 1 < n ? r0 + 1 : r0; /* an odd last row: computed twice, kept once */
+    const void *w0 = (const uint8_t *)w + r0 * wbytes, *w1 = (const uint8_t *)w + r1 * wbytes;
     for (int64_t i0 = 0; i0 < m_rows; i0 += XR) {
       const int nx = m_rows - i0 < XR ? (int)(m_rows - i0) : XR;
-      __m256 acc[WR][XR];
-      for (int a = 0; a < WR; a++)
-        for (int c = 0; c < XR; c++)
-          acc[a][c] = _mm256_setzero_ps();
-      for (int64_t b0 = 0; b0 < nb; b0 += 8) {
-        const int g = nb - b0 < 8 ? (int)(nb - b0) : 8;
-        float scale[WR][XR][8];
-        for (int a = 0; a < nw; a++) {
-          const uint16_t *wd = d + (r0 + a) * nb + b0;
-          for (int c = 0; c < nx; c++) {
-            const float *xd = xr.d + (i0 + c) * nb + b0;
-            if (g == 8)
-              _mm256_storeu_ps(scale[a][c], _mm256_mul_ps(load_half(wd), _mm256_loadu_ps(xd)));
-            else
-              for (int j = 0; j < g; j++)
-                scale[a][c][j] = _cvtsh_ss(wd[j]) * xd[j];
-          }
-        }
-        for (int j = 0; j < g; j++) {
-          const int64_t b = b0 + j;
-          __m256i lo[WR], hi[WR];
-          for (int a = 0; a < nw; a++)
-            unpack(q4, (const uint8_t *)w + (r0 + a) * nb * wbytes, b, &lo[a], &hi[a]);
-          for (int c = 0; c < nx; c++) {
-            const int16_t *xb = xr.q + ((i0 + c) * nb + b) * QK;
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)xb);
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb + 16));
-            for (int a = 0; a < nw; a++) {
-              const __m256i s32 = _mm256_add_epi32(_mm256_madd_epi16(lo[a], x0),
-                                                   _mm256_madd_epi16(hi[a], x1));
-              acc[a][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32),
-                                          _mm256_broadcast_ss(&scale[a][c][j]), acc[a][c]);
-            }
-          }
-        }
+      float sums[WR][XR];
+      switch (nx) { /* the tile's row count as a constant: its accumulators stay in registers */
+      case 1: tile(q4, 1, w0, w1, d + r0 * nb, d + r1 * nb, &xr, i0, nb, sums); break;
+      case 2: tile(q4, 2, w0, w1, d + r0 * nb, d + r1 * nb, &xr, i0, nb, sums); break;
+      case 3: tile(q4, 3, w0, w1, d + r0 * nb, d + r1 * nb, &xr, i0, nb, sums); break;
+      default: tile(q4, 4, w0, w1, d + r0 * nb, d + r1 * nb, &xr, i0, nb, sums);
       }
-      for (int a = 0; a < nw; a++)
+      for (int a = 0; a < (r1 > r0 ? WR : 1); a++)
         for (int c = 0; c < nx; c++) {
-          float total = hsum(acc[a][c]);
+          float total = sums[a][c];
           if (q4)
             for (int64_t b = 0; b < nb; b++)
               total += _cvtsh_ss(m[(r0 + a) * nb + b]) * xr.s[(i0 + c) * nb + b];
