@@ -346,3 +346,34 @@ def test_prefix_reuse_copies_exact_keys_and_values(tiny_model):
     first_turn = engine.tokenize(turn) + run.ids[4][:-1]  # what row 4 held when it finished
     shared = next(i for i, (a, b) in enumerate(zip(second + [None], first_turn + [-1])) if a != b)
     assert run.done[5].cached_tokens == shared > len(engine.tokenize(turn))
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="the C kernels cannot run on this machine")
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_layer_stack_in_one_call_equals_the_op_by_op_path(tmp_path, kind, mode):
+    """With blocked weights the CPU forward runs every layer in one C call; it computes what
+    the op-by-op path computes, to the bit, for decode rows and prompt chunks alike."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    config = tiny_config(kind, True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    outs = []
+    for whole in (True, False):
+        model = weights.build(config, weights.SafetensorsSource(tmp_path), mode=mode,
+                              device=torch.device("cpu"), dtype=torch.float32)
+        assert model.stack is not None
+        if not whole:
+            model.stack = None
+        s = model.shape
+        cache = RowCache(s.layers, s.kv_heads, s.head_dim, model.cache_dtype,
+                         torch.device("cpu"), 4096, 256, 4)
+        cache.reshape(2, 64, 64, 0)
+        ids = torch.arange(30) * 7 % 512
+        with torch.no_grad():
+            b = Batch(ids=ids[:20], pos=torch.arange(20), decode=0, chunks=[Chunk(0, 0, 20)])
+            outs.append(model.forward(model.prepare(b), cache))
+            b = Batch(ids=ids[20:23], pos=torch.tensor([20, 0, 1]), decode=1,
+                      chunks=[Chunk(1, 0, 2)])
+            outs.append(model.forward(model.prepare(b), cache))
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])

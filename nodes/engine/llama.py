@@ -148,6 +148,7 @@ class LlamaModel:
         self.group = shape.heads // shape.kv_heads
         self.scale = shape.head_dim ** -0.5
         self.kernels = cpu_kernels(device, dtype)
+        self.stack = self.kernels.stack(self) if self.kernels is not None else None
         self._rope = None
 
     @property
@@ -208,7 +209,13 @@ class LlamaModel:
         t = x.shape[0]
         h = torch.empty_like(x)
         cos, sin = self.rope_tables(int(batch.pos.max()) + 1)
-        for i, layer in enumerate(self.layers):
+        if self.stack is not None:  # every layer in one call: no trip back to Python between ops
+            self.stack.cos, self.stack.sin = cos.data_ptr(), sin.data_ptr()
+            k.layers_forward(self.stack, x, batch.rows, batch.pos, cache.k, cache.v)
+            layers = ()
+        else:
+            layers = self.layers
+        for i, layer in enumerate(layers):
             qkv = layer.qkv(k.rms_norm(x, layer.attn_norm, eps, h))
             k.rope(qkv, s.heads + s.kv_heads, s.head_dim, batch.pos, cos, sin)
             attn = torch.empty((t, self.q_dim), dtype=x.dtype)

@@ -71,6 +71,7 @@ def library() -> ctypes.CDLL | None:
     lib.rope.argtypes = [P_, I_, I_, I_, I_, P_, P_, P_]
     lib.silu_mul.argtypes = [P_, I_, I_, P_]
     lib.attention.argtypes = [P_, I_, I_, I_, I_, I_, P_, P_, I_, P_, P_, F, P_]
+    lib.layers_forward.argtypes = [ctypes.POINTER(Stack), P_, I_, P_, P_, P_, P_, I_, I_]
     return lib
 
 
@@ -85,6 +86,61 @@ def build(compiler: str, target: Path) -> None:
                        capture_output=True)
         tmp.rename(target)
         log.info("built the CPU kernels into %s", target)
+
+
+# --- a whole stack of layers in one call (blocks.c: layers_forward) -----------------------------
+
+
+class Linear(ctypes.Structure):
+    _fields_ = [("w", P), ("d", P), ("m", P), ("bias", P), ("n", I), ("k", I), ("q4", I)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", P), ("mlp_norm", P), ("qkv", Linear), ("o", Linear),
+                ("gate_up", Linear), ("down", Linear)]
+
+
+class Stack(ctypes.Structure):
+    _fields_ = [("layers", I), ("hidden", I), ("heads", I), ("kv_heads", I), ("head_dim", I),
+                ("inter", I), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("layer", ctypes.POINTER(Layer)), ("cos", P), ("sin", P)]
+
+
+def stack(model):
+    """The C view of a LlamaModel's layers, or None when one of its linear layers is not in
+    blocks the kernels read (dense float32 weights, or torch's fallback kernels). The model
+    keeps the tensors alive; the view only points at them."""
+    from nodes.engine.quant import Q4_1, Q8_0
+
+    def linear(lin) -> Linear | None:
+        if not isinstance(lin, (Q4_1, Q8_0)) or lin.fallback is not None:
+            return None
+        q4 = isinstance(lin, Q4_1)
+        w = lin.qs if q4 else lin.q
+        return Linear(w.data_ptr(), lin.d.data_ptr(), lin.m.data_ptr() if q4 else None,
+                      None if lin.bias is None else lin.bias.data_ptr(), w.shape[0],
+                      w.shape[1] * (2 if q4 else 1), int(q4))
+
+    s = model.shape
+    layers = (Layer * s.layers)()
+    for i, layer in enumerate(model.layers):
+        parts = [linear(getattr(layer, name)) for name in ("qkv", "o", "gate_up", "down")]
+        if any(p is None for p in parts) or (parts[1].bias or parts[3].bias or parts[2].bias):
+            return None
+        layers[i] = Layer(layer.attn_norm.data_ptr(), layer.mlp_norm.data_ptr(), *parts)
+    view = Stack(s.layers, s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.eps,
+                 s.head_dim ** -0.5, layers, None, None)
+    view.keep = layers  # the array must live as long as the view
+    return view
+
+
+def layers_forward(view: Stack, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                   keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Every layer over x [T, hidden] in place (see blocks.c); keys/values: the whole cache."""
+    _check(library().layers_forward(ctypes.byref(view), x.data_ptr(), x.shape[0],
+                                    rows.data_ptr(), pos.data_ptr(), keys.data_ptr(),
+                                    values.data_ptr(), keys.shape[1], keys.shape[3]),
+           "layers_forward")
 
 
 def _check(code: int, what: str) -> None:

@@ -395,6 +395,72 @@ int attention(const float *qkv, int64_t t_rows, int64_t stride, int64_t heads, i
   return 0;
 }
 
+/* --- a whole stack of layers in one call ------------------------------------------------------ */
+
+typedef struct {
+  const void *w;      /* Q4_1 nibbles or Q8_0 values, [n, k] in blocks */
+  const uint16_t *d;  /* [n, k/32] float16 scales */
+  const uint16_t *m;  /* [n, k/32] float16 minimums (Q4_1) or NULL */
+  const float *bias;  /* [n] or NULL */
+  int64_t n, k;
+  int64_t q4;
+} linear_t;
+
+typedef struct {
+  const float *attn_norm, *mlp_norm;
+  linear_t qkv, o, gate_up, down;
+} layer_t;
+
+typedef struct {
+  int64_t layers, hidden, heads, kv_heads, head_dim, inter;
+  float eps, scale;
+  const layer_t *layer;
+  const float *cos, *sin; /* rope tables [positions, head_dim / 2] */
+} stack_t;
+
+/* y (+)= x @ W^T (+ bias, when not accumulating) */
+static int apply(const linear_t *l, const float *x, int64_t t_rows, float *y, int acc_into) {
+  const int r = l->q4 ? matmul16(1, x, t_rows, l->k, l->w, l->d, l->m, l->n, y, acc_into)
+                      : matmul16(0, x, t_rows, l->k, l->w, l->d, NULL, l->n, y, acc_into);
+  if (r == 0 && l->bias)
+    for (int64_t t = 0; t < t_rows; t++)
+      for (int64_t j = 0; j < l->n; j++)
+        y[t * l->n + j] += l->bias[j];
+  return r;
+}
+
+/* Every layer of the model over T tokens: x [T, hidden] in, the residual stream out (in place).
+ * Token t is at position pos[t] of cache row rows[t]. kc, vc: the cache, [layers, cache_rows,
+ * kv_heads, cap, head_dim] float16. The same operations as the Python path, with no trip back
+ * to Python between them. */
+int layers_forward(const stack_t *s, float *x, int64_t t_rows, const int64_t *rows,
+                   const int64_t *pos, uint16_t *kc, uint16_t *vc, int64_t cache_rows,
+                   int64_t cap) {
+  const int64_t h = s->hidden, qkv_n = (s->heads + 2 * s->kv_heads) * s->head_dim;
+  const int64_t layer_size = cache_rows * s->kv_heads * cap * s->head_dim;
+  float *norm = malloc(sizeof(float) * (size_t)(t_rows * h));
+  float *qkv = malloc(sizeof(float) * (size_t)(t_rows * qkv_n));
+  float *attn = malloc(sizeof(float) * (size_t)(t_rows * s->heads * s->head_dim));
+  float *gu = malloc(sizeof(float) * (size_t)(t_rows * 2 * s->inter));
+  float *act = malloc(sizeof(float) * (size_t)(t_rows * s->inter));
+  int r = (norm && qkv && attn && gu && act) ? 0 : -1;
+  for (int64_t i = 0; i < s->layers && r == 0; i++) {
+    const layer_t *l = s->layer + i;
+    rms_norm(x, l->attn_norm, t_rows, h, s->eps, norm);
+    r |= apply(&l->qkv, norm, t_rows, qkv, 0);
+    rope(qkv, t_rows, qkv_n, s->heads + s->kv_heads, s->head_dim, pos, s->cos, s->sin);
+    r |= attention(qkv, t_rows, qkv_n, s->heads, s->kv_heads, s->head_dim, kc + i * layer_size,
+                   vc + i * layer_size, cap, rows, pos, s->scale, attn);
+    r |= apply(&l->o, attn, t_rows, x, 1);
+    rms_norm(x, l->mlp_norm, t_rows, h, s->eps, norm);
+    r |= apply(&l->gate_up, norm, t_rows, gu, 0);
+    silu_mul(gu, t_rows, s->inter, act);
+    r |= apply(&l->down, act, t_rows, x, 1);
+  }
+  free(norm), free(qkv), free(attn), free(gu), free(act);
+  return r;
+}
+
 /* for the loader's check that this library and torch share one OpenMP runtime */
 int threads(void) {
   int t = 1;
