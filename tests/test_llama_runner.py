@@ -88,7 +88,7 @@ def test_logits_equal_transformers_forward(tmp_path, kind, tied, c_kernels):
 
 @pytest.mark.skipif(kernels.library() is None, reason="the C kernels cannot run on this machine")
 @pytest.mark.parametrize("n,k", [(96, 64), (577, 1536)])
-@pytest.mark.parametrize("m", [1, 3, 9])
+@pytest.mark.parametrize("m", [1, 3, 9, 40])  # 40: the float32 GEMM path
 def test_block_kernels_equal_the_dequantized_product(n, k, m):
     torch.manual_seed(n + k + m)
     w = torch.randn(n, k) * 0.05

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from nodes.engine.quant import DENSE_FROM
+
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 
 
@@ -209,7 +211,8 @@ class LlamaModel:
         t = x.shape[0]
         h = torch.empty_like(x)
         cos, sin = self.rope_tables(int(batch.pos.max()) + 1)
-        if self.stack is not None:  # every layer in one call: no trip back to Python between ops
+        if self.stack is not None and t < DENSE_FROM:  # every layer in one call: no trip back
+            # to Python between ops (a longer step runs torch's float32 GEMM in its products)
             self.stack.cos, self.stack.sin = cos.data_ptr(), sin.data_ptr()
             k.layers_forward(self.stack, x, batch.rows, batch.pos, cache.k, cache.v)
             layers = ()

@@ -9,7 +9,9 @@ never asks which one it holds:
     Q8_0    blocks of 32 weights, value = d * q with q in -127..127 (GGUF's Q8_0; d float16)
 
 The blocked kinds run on our AVX2 kernels (kernels/blocks.c: the activations are quantized per
-block of 32 too and the dot products are integer, as in llama.cpp). Where those cannot run, on
+row and block of 32 to 16 bits and the dot products are integer); a product of DENSE_FROM rows
+or more (a long prompt chunk) dequantizes the weights into a reused float32 buffer and runs
+torch's GEMM instead. Where those cannot run, on
 torch's own: `_weight_int4pack_mm_for_cpu` for Q4_1 (the same blocks; bfloat16 activations) and
 `_weight_int8pack_mm` for Q8_0 (re-quantized to one scale per row). docs/benchmarks.md
 ("Kernels") has what each costs and why the default is ours: torch's int4 kernel dequantizes
@@ -27,6 +29,10 @@ from nodes.engine import kernels
 
 GROUP = 32  # weights per block
 MODES = ("none", "int8", "int4")
+# Rows of x from which a product dequantizes the weights to float32 and calls torch's GEMM:
+# above ~20 rows the integer kernels are compute-bound and MKL's float32 GEMM is faster (2x at
+# 256 rows on a 2-core AVX2 CPU, docs/benchmarks.md); below, reading 4-bit weights wins.
+DENSE_FROM = 32
 
 
 class Dense:
@@ -61,13 +67,16 @@ class Q4_1:
             self.qs = None
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.fallback is None and self.bias is None:
+        if self.fallback is None and self.bias is None and x.shape[0] < DENSE_FROM:
             kernels.q4_1_matmul(x, self.qs, self.d, self.m, out=y)
         else:
             y += self(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fallback is None:
+        if self.fallback is None and x.shape[0] >= DENSE_FROM:
+            y = F.linear(x.float(), kernels.dequantize(self.qs, self.d, self.m, True,
+                                                       2 * self.qs.shape[1])).to(x.dtype)
+        elif self.fallback is None:
             y = kernels.q4_1_matmul(x.float().contiguous(), self.qs, self.d, self.m).to(x.dtype)
         else:
             packed, scales_zeros = self.fallback
@@ -89,13 +98,16 @@ class Q8_0:
             self.fallback = (q8, scales.to(torch.bfloat16))
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.fallback is None and self.bias is None:
+        if self.fallback is None and self.bias is None and x.shape[0] < DENSE_FROM:
             kernels.q8_0_matmul(x, self.q, self.d, out=y)
         else:
             y += self(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fallback is None:
+        if self.fallback is None and x.shape[0] >= DENSE_FROM:
+            y = F.linear(x.float(), kernels.dequantize(self.q, self.d, None, False,
+                                                       self.q.shape[1])).to(x.dtype)
+        elif self.fallback is None:
             y = kernels.q8_0_matmul(x.float().contiguous(), self.q, self.d).to(x.dtype)
         else:
             q8, scales = self.fallback

@@ -71,6 +71,7 @@ def library() -> ctypes.CDLL | None:
     lib.rope.argtypes = [P_, I_, I_, I_, I_, P_, P_, P_]
     lib.silu_mul.argtypes = [P_, I_, I_, P_]
     lib.attention.argtypes = [P_, I_, I_, I_, I_, I_, P_, P_, I_, P_, P_, F, P_]
+    lib.dequantize.argtypes = [P_, P_, P_, I_, I_, I_, P_]
     lib.layers_forward.argtypes = [ctypes.POINTER(Stack), P_, I_, P_, P_, P_, P_, I_, I_]
     return lib
 
@@ -166,6 +167,23 @@ def q8_0_matmul(x: torch.Tensor, q, d, out: torch.Tensor | None = None) -> torch
                                  d.data_ptr(), q.shape[0], y.data_ptr(), out is not None),
            "q8_0_matmul")
     return y
+
+
+_scratch: dict[str, torch.Tensor] = {}
+
+
+def dequantize(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, q4: bool,
+               k: int) -> torch.Tensor:
+    """The float32 matrix of blocked weights, into a buffer reused from call to call (only the
+    engine thread calls it; the result is valid until the next call)."""
+    n = w.shape[0]
+    buf = _scratch.get("dense")
+    if buf is None or buf.numel() < n * k:
+        buf = _scratch["dense"] = torch.empty(n * k, dtype=torch.float32)
+    out = buf[:n * k].view(n, k)
+    library().dequantize(w.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(),
+                         int(q4), n, k, out.data_ptr())
+    return out
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:

@@ -213,6 +213,30 @@ int q8_0_matmul(const float *x, int64_t m_rows, int64_t k, const int8_t *q, cons
   return matmul16(0, x, m_rows, k, q, d, NULL, n, y, acc_into);
 }
 
+/* W [n, k] in blocks (q4: Q4_1, else Q8_0) -> float32 [n, k], for products with many rows of
+ * x, which a float32 GEMM (torch's, MKL) does faster than the 16-bit integer path */
+void dequantize(const void *w, const uint16_t *d, const uint16_t *m, int64_t q4, int64_t n,
+                int64_t k, float *out) {
+  const int64_t nb = k / QK, wbytes = (q4 ? 16 : 32) * nb;
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < n; row++) {
+    const uint8_t *wr = (const uint8_t *)w + row * wbytes;
+    for (int64_t b = 0; b < nb; b++) {
+      __m256i lo, hi;
+      unpack((int)q4, wr, b, &lo, &hi);
+      const __m256 scale = _mm256_set1_ps(_cvtsh_ss(d[row * nb + b]));
+      const __m256 min = _mm256_set1_ps(q4 ? _cvtsh_ss(m[row * nb + b]) : 0.0f);
+      const __m256i parts[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo)),
+                                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo, 1)),
+                                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi)),
+                                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi, 1))};
+      float *dst = out + row * k + b * QK;
+      for (int j = 0; j < 4; j++)
+        _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(parts[j]), scale, min));
+    }
+  }
+}
+
 /* --- the rest of a layer -------------------------------------------------------------------- */
 
 /* out[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * w, for T rows of width h */
