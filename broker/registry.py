@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from broker.protocol import Register
-from nodes.routing import Load
+from broker.routing import Load
 
 
 @dataclass(slots=True)

@@ -34,7 +34,7 @@ from broker import security
 from broker.inflight import InFlight, Table
 from broker.registry import Registry
 from broker.sockets import Channel, bind, make_socket
-from nodes.routing import POLICIES, Children
+from broker.routing import POLICIES, Children
 
 log = logging.getLogger("treechat.root")
 

@@ -30,7 +30,7 @@ from broker import protocol as p
 from broker import security
 from broker.sockets import Channel, bind, make_socket
 from nodes.engine.base import Engine, EngineError, EngineRequest, StepOutput
-from nodes.routing import POLICIES, Children, Load
+from broker.routing import POLICIES, Children, Load
 
 log = logging.getLogger("treechat.node")
 
@@ -191,7 +191,7 @@ class Node:
         if self.up is not None:
             self.up.close()
         self.up = Channel(self.socket(zmq.DEALER, identity=self.cfg.name), self.on_up, "up")
-        self.link, self.received = uuid.uuid4().hex[:8], 0  # see nodes/routing.py: recv
+        self.link, self.received = uuid.uuid4().hex[:8], 0  # see broker/routing.py: recv
         self.up.sock.connect(endpoint)
         self._parent_answered = self.loop.create_future()  # a parent answers a new child at once
         give_up = time.monotonic() + self.cfg.dead_after

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from conftest import connect, run, wait_for, wait_tree
-from nodes.routing import Children, Load
+from broker.routing import Children, Load
 
 FOREVER = {"ignore_eos": True}  # the fake engine's answer never ends: the request holds its slot
 

@@ -37,7 +37,7 @@ from gateways.http.info import (HealthHandler, IndexHandler, MetricsHandler, Mod
                                 ReadyHandler, TreeHandler)
 from gateways.http.metrics import Metrics
 from gateways.http.treeview import TreeView
-from treechat.process import Fatal
+from broker.errors import Fatal
 
 log = logging.getLogger("treechat.http")
 

@@ -44,7 +44,7 @@ from gateways.tcp_mobile.lines import CHUNK, TOO_LONG, LineReader
 from gateways.tcp_mobile.protocol import CancelLine, Code, HelloLine, LineError, Ping, Resume, \
     Submit, decode_json, encode, error_line, parse_line
 from gateways.tcp_mobile.session import Session, Sessions
-from treechat.process import Fatal
+from broker.errors import Fatal
 
 log = logging.getLogger("treechat.tcp")
 

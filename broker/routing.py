@@ -1,4 +1,4 @@
-"""Children and the routing policies, shared by the root and every node.
+"""Children and the routing policies, shared by the root and every node (both import it from here).
 
 A parent keeps its children in a ring (the original design's ring buffer) with the load each last
 reported for its whole subtree. Two policies choose the child a request goes to:
