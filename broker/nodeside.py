@@ -44,9 +44,12 @@ class NodeSide:
         child = self.children.find(ident)
         if child is None:
             entry = self.registry.entries.get(msg.sender)
+            if entry is not None and entry.parent is None and msg.incarnation \
+                    and entry.incarnation != msg.incarnation:
+                return log.debug("tree: ignored an old incarnation of %s", msg.sender)
             if entry is None or entry.state == "dead" or entry.parent is not None \
                     or not msg.incarnation or entry.incarnation != msg.incarnation:
-                return self.quiet.warning("unregistered tree connections", ident,
+                return self.quiet.info("unregistered tree connections", ident,
                                           "tree: ignored '%s': not a registered top-level node "
                                           "(or an old incarnation of one)", msg.sender[:64])
             child = self.children.adopt(msg.sender, ident, msg.incarnation, msg.load)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 INTERVAL = 10.0  # seconds
 MAX_PEERS = 64
@@ -19,14 +18,20 @@ MAX_PEERS = 64
 
 class Quiet:
     def __init__(self, logger: logging.Logger, interval: float = INTERVAL,
-                 max_peers: int = MAX_PEERS, level: int = logging.WARNING):
+                 max_peers: int = MAX_PEERS):
         self.log = logger
         self.interval = interval
         self.max_peers = max_peers
-        self.level = level
-        self._windows: dict[tuple[str, object], list] = {}  # key -> [started, suppressed]
+        self._windows: dict[tuple[str, object], list] = {}  # key -> [level, suppressed]
 
     def warning(self, kind: str, peer, message: str, *args) -> None:
+        self._note(logging.WARNING, kind, peer, message, *args)
+
+    def info(self, kind: str, peer, message: str, *args) -> None:
+        """The same, at INFO: what also happens without an attacker (a restart's old links)."""
+        self._note(logging.INFO, kind, peer, message, *args)
+
+    def _note(self, level: int, kind: str, peer, message: str, *args) -> None:
         key = (kind, peer)
         if key not in self._windows and len(self._windows) >= self.max_peers:
             key = (kind, "*")  # too many peers at once: they share one count
@@ -34,18 +39,18 @@ class Quiet:
         if window is not None:
             window[1] += 1
             return
-        self._windows[key] = [time.monotonic(), 0]
-        self.log.log(self.level, message, *args)
+        self._windows[key] = [level, 0]
+        self.log.log(level, message, *args)
         try:
             asyncio.get_running_loop().call_later(self.interval, self._close, key)
         except RuntimeError:  # no loop (a tool or a test): nothing is suppressed
             del self._windows[key]
 
     def _close(self, key) -> None:
-        _, suppressed = self._windows.pop(key)
+        level, suppressed = self._windows.pop(key)
         if suppressed:
             kind, peer = key
-            self.log.log(self.level, "%d more %s from %s in the last %.0f s", suppressed, kind,
+            self.log.log(level, "%d more %s from %s in the last %.0f s", suppressed, kind,
                          _show(peer), self.interval)
 
 

@@ -356,7 +356,9 @@ class Node(Links):
         child = self.children.find(ident)
         if child is None:
             if not msg.incarnation or self.vouched.get(msg.sender) != msg.incarnation:
-                return self.quiet.warning("unregistered child connections", ident,
+                if msg.sender in self.vouched or self.children.get(msg.sender):
+                    return log.debug("down: ignored an old incarnation of child %s", msg.sender)
+                return self.quiet.info("unregistered child connections", ident,
                                           "down: ignored '%s': the root registered no such "
                                           "child of %s", msg.sender[:64], self.cfg.name)
             child = self.children.adopt(msg.sender, ident, msg.incarnation, msg.load)
