@@ -15,7 +15,7 @@ import orjson
 import pytest
 import requests
 
-from conftest import HB, free_ports
+from conftest import HB, connect, free_ports, run, wait_for
 from http_helpers import RawStream, chat, error_of, poll
 
 SAY = {"messages": [{"role": "user", "content": "never ending story"}], "ignore_eos": True,
@@ -227,3 +227,36 @@ def test_503s_are_counted_not_logged(cluster):
     metrics = requests.get(f"{url}/metrics", timeout=10).text
     assert 'treechat:http_responses_total{status="503"} 30.0' in metrics
     assert " 503 POST" not in proc.log.read_text()
+
+
+def test_a_dead_gateway_is_noticed_at_once_and_its_work_cancelled(cluster):
+    """kill -9 of a gateway with an endless answer running: the root sees the connection close
+    and cancels the request, long before its heartbeats (every 2 s here) could have told it."""
+    root, _ = cluster.root("--heartbeat", "2")
+    cluster.node(root, "node-1", None, "--heartbeat", "2", "--fake-delay", "0.05")
+    port = free_ports(1)[0]
+    proc = cluster.start("http", "gateway", "http", "--root", root, "--port", str(port),
+                         "--heartbeat", "2")
+    proc.wait_ready()
+    raw = RawStream(port, "/v1/chat/completions", SAY)
+    next(ln for ln in raw.lines() if '"content":"never' in ln)
+
+    async def scenario():
+        client = await connect(root)
+        await wait_for(lambda: _running(client, 1))
+        proc.kill()
+        await wait_for(lambda: _in_flight(client, 0), timeout=3)  # before a heartbeat could miss
+        await wait_for(lambda: _running(client, 0))  # and the node let it go
+        client.close()
+
+    run(scenario())
+    raw.close()
+
+
+async def _running(client, n):
+    st = await client.status()
+    return sum(x["running"] for x in st["nodes"]) == n
+
+
+async def _in_flight(client, n):
+    return (await client.status())["root"]["in_flight"] == n
