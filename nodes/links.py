@@ -51,6 +51,11 @@ class Links:
                        on_event=lambda ev, value: self.on_link_event(name, ev, value))
 
     def on_link_event(self, link: str, event: int, value: int) -> None:
+        if link == "down":  # our listening socket: a stranger's failed handshake is not ours
+            if event == zmq.EVENT_DISCONNECTED and not self._probing:
+                self._probing = True
+                self.loop.call_soon(self.probe_children)
+            return
         why = refusal(event, value)
         if why is not None and event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             self._no_detail[link] = self._no_detail.get(link, 0) + 1
@@ -227,14 +232,10 @@ class Links:
 
     def beat(self) -> None:
         now = time.monotonic()
-        hb = p.Heartbeat(sender=self.cfg.name)
         for child in self.children.expired(now - self.cfg.dead_after):
             log.info("child %s stopped answering; removing it from the ring", child.name)
             self.children.remove(child.name)
-        for child in list(self.children):
-            if not self.down.reaches(hb, child.identity):
-                log.info("child %s closed its connection; removing it from the ring", child.name)
-                self.children.remove(child.name)
+        self.probe_children()
         self.report_load(force=True)
         self.flush_acks()  # the root reads `held` after every ack sent before it
         self.results.send(p.Heartbeat(sender=self.cfg.name, load=self.own_load().to_dict(),
@@ -247,6 +248,15 @@ class Links:
         if now - self.parent_seen > self.cfg.dead_after and not self.repairing():
             log.warning("parent %s stopped answering; reconnecting", self.cfg.parent or "root")
             self.repair("parent", self.connect_parent)
+
+    def probe_children(self) -> None:
+        """Heartbeat every child; one whose connection is gone leaves the ring at once."""
+        self._probing = False
+        hb = p.Heartbeat(sender=self.cfg.name)
+        for child in list(self.children):
+            if not self.down.reaches(hb, child.identity):
+                log.info("child %s closed its connection; removing it from the ring", child.name)
+                self.children.remove(child.name)
 
     def held(self) -> list[int]:
         return [rid for rid in self.running if rid not in self.fenced] + \

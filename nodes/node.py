@@ -110,6 +110,7 @@ class Node(Links):
         self._parent_answered: asyncio.Future | None = None
         self._repairs: dict[str, asyncio.Task] = {}
         self._no_detail: dict[str, int] = {}
+        self._probing = False
         self.failure: asyncio.Future | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------

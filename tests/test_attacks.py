@@ -32,20 +32,26 @@ def up(tmp_path_factory):
     cluster = Cluster(where)
     up = cluster.up("--engine", "fake", "--nodes", "3", "--max-slots", "2", "--fake-delay", "0.01")
     up.keys = security.running_tree(up.root)
+    up.pids = run(_pids(up))  # no attack may kill a node (`up` would restart it unnoticed)
     up.stranger = where / "stranger"
     security.create_keys(up.stranger)  # valid keys, authorized by nobody in this tree
     yield up
     cluster.close()
 
 
-def raw(endpoint: str, keys=None, member: str = security.CLIENT, identity: bytes | None = None):
-    """A bare DEALER, as an attacker would write it."""
+def raw(endpoint: str, keys=None, member: str = security.CLIENT, identity: bytes | None = None,
+        tree_keys=None):
+    """A bare DEALER, as an attacker would write it, with `keys`'s client key (and the server
+    key of `tree_keys`, default the same folder)."""
+    tree_keys = tree_keys or keys
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
     if keys is not None:
         security.Curve(keys, member).client(sock)
+        # server.key is public (every member has it): a stranger may well know the tree's.
+        sock.curve_serverkey = security.Curve(tree_keys, None).server_public
     sock.connect(endpoint)
     return sock
 
@@ -73,15 +79,23 @@ async def legit_answers(up, n: int = 20, during=None) -> None:
         await asyncio.sleep(0.02)
     for prompt, (text, final) in zip(prompts, await collected):
         assert (text, final.finish_reason) == (prompt + " ", "stop")
-    st = await client.status()
-    assert NODES <= {n["name"] for n in st["nodes"] if n["state"] == "alive"}
+    assert await _pids(up, client) == up.pids
     client.close()
+
+
+async def _pids(up, client=None) -> dict:
+    own = client is None
+    client = client or await connect(up.root)
+    st = await wait_tree(client, NODES)
+    if own:
+        client.close()
+    return {n["name"]: n["info"]["pid"] for n in st["nodes"] if n["name"] in NODES}
 
 
 @pytest.mark.parametrize("who", ["no-keys", "stranger-keys"])
 def test_a_raw_submit_on_the_front_port_gets_nothing(up, who):
     keys = up.stranger if who == "stranger-keys" else None
-    sock = raw(port(up.root, 0), keys)
+    sock = raw(port(up.root, 0), keys, tree_keys=up.keys)
     submit = p.Submit(ref=1, request={"prompt": "let me in"})
     for msg in (p.Hello(name="intruder"), submit, p.StatusQuery(ref=1), p.Lookup(name=None)):
         try:
@@ -96,7 +110,11 @@ def test_a_raw_submit_on_the_front_port_gets_nothing(up, who):
 @pytest.mark.parametrize("who", ["no-keys", "stranger-keys"])
 def test_a_ghost_child_and_an_identity_takeover_get_no_work(up, who):
     keys = up.stranger if who == "stranger-keys" else None
-    socks = [raw(port(up.root, 1), keys), raw(port(up.root, 1), keys, identity=b"node-1")]
+    node1 = run(_endpoint(up, "node-1"))
+    socks = [raw(port(up.root, 1), keys, tree_keys=up.keys),
+             raw(port(up.root, 1), keys, identity=b"node-1", tree_keys=up.keys),
+             raw(node1, keys, tree_keys=up.keys),
+             raw(node1, keys, identity=b"node-3", tree_keys=up.keys)]
     ghost = p.Heartbeat(sender="node-1", incarnation=secrets.randbits(63),
                         load={"slots": 99, "free": 99, "room": 99, "link": 10**9})
 
@@ -110,6 +128,13 @@ def test_a_ghost_child_and_an_identity_takeover_get_no_work(up, who):
     for sock in socks:
         assert received(sock) == []
         sock.close()
+
+
+async def _endpoint(up, name: str) -> str:
+    client = await connect(up.root)
+    st = await wait_tree(client, NODES)
+    client.close()
+    return next(n["endpoint"] for n in st["nodes"] if n["name"] == name)
 
 
 def test_an_insider_cannot_pose_as_a_child(up):
