@@ -66,7 +66,7 @@ class Child:
     load: Load = field(default_factory=Load)
     last_seen: float = field(default_factory=time.monotonic)
     incarnation: int = 0  # the child's registration (see broker/registry.py)
-    link: int = 0  # the child's connection to us, counted up by the child; a new one restarts counts
+    link: int = 0  # the child's connection to us, numbered by the child; a new one restarts counts
     sent: int = 0  # Dispatches sent on this link
 
 
@@ -93,7 +93,8 @@ class Children:
         """The child on this connection, or None: a stranger, or a link no longer adopted."""
         return next((c for c in self.ring if c.identity == identity), None)
 
-    def adopt(self, name: str, identity: bytes, incarnation: int, load: dict | None) -> Child | None:
+    def adopt(self, name: str, identity: bytes, incarnation: int,
+              load: dict | None) -> Child | None:
         """Take a new connection as child `name` of `incarnation` (registered: the caller checked),
         replacing whatever connection held that name; None when it is an older link of the
         incarnation already adopted."""

@@ -94,8 +94,8 @@ class Curve:
                 self.client_public, self.client_secret = zmq.auth.load_certificate(
                     self.folder / f"{member}.key_secret")
         except (OSError, ValueError) as e:
-            raise ValueError(f"--curve {folder}: cannot read the keys of '{member}' ({e}); "
-                             "create them with `treechat keys DIR` (--add NAME for a member)") from None
+            raise ValueError(f"--curve {folder}: cannot read the keys of '{member}' ({e}); create "
+                             "them with `treechat keys DIR` (--add NAME for a member)") from None
         self.authorized = self.folder / "authorized"
         self._auth: ThreadAuthenticator | None = None
         self._server_secret: bytes | None = None

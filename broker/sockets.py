@@ -28,7 +28,6 @@ import socket
 from typing import TYPE_CHECKING, Callable
 
 import zmq
-
 from zmq.utils.monitor import parse_monitor_message
 
 from broker.protocol import Message, ProtocolError, decode
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
     from broker.security import Curve
 
 log = logging.getLogger(__name__)
-quiet = Quiet(log)  # bad frames from strangers: one line per kind and peer per interval
 
 HWM = 100_000  # messages; admission control bounds real traffic far below this
 DRAIN_BATCH = 512  # messages read per loop turn before yielding to other work
@@ -109,6 +107,7 @@ class Channel:
         self._drain_scheduled = False
         self.loop.add_reader(self._fd, self._drain)
         self._schedule_drain()  # messages may already be waiting
+        self.quiet = Quiet(log)  # bad frames from strangers: one line per kind and peer and 10 s
         self.monitor = None
         if on_event is not None:
             self.monitor = Monitor(sock, lambda ev, value: (self._drain(), on_event(ev, value)))
@@ -174,15 +173,15 @@ class Channel:
         identity = None
         if self.router:
             if len(frames) < 2:
-                quiet.warning("frames with no identity", self.name,
+                self.quiet.warning("frames with no identity", self.name,
                               "%s: dropped a frame with no identity", self.name)
                 return
             identity, frames = frames[0], frames[1:]
         try:
             msg = decode(frames)
         except ProtocolError as e:
-            quiet.warning(f"undecodable messages on {self.name}", identity,
-                          "%s: dropped an undecodable message from %r: %s", self.name, identity, e)
+            self.quiet.warning(f"undecodable messages on {self.name}", identity, "%s: dropped an "
+                               "undecodable message from %r: %s", self.name, identity, e)
             return
         try:
             self.on_message(identity, msg)

@@ -263,7 +263,7 @@ class Node(Links):
             self.engine.cancel(rid)
 
     def send_result(self, msg: p.Message) -> None:
-        """A Done or Error for a rid, after the acks still waiting (the root reads them in order)."""
+        """A Done or Error for a rid, after the acks still waiting (the root reads in order)."""
         self.flush_acks()
         self.results.send(msg)
 

@@ -124,8 +124,8 @@ def cmd_keys(args) -> int:
     if args.revoke:
         for name in args.revoke:
             security.revoke_member(folder, name)
-            print(f"revoked {name}: no listening socket of the tree lets its key in again "
-                  "(a connection it holds now lasts until it drops; restart that process to cut it)")
+            print(f"revoked {name}: no listening socket of the tree lets its key in again (a "
+                  "connection it holds now lasts until it drops; restart that process to cut it)")
         return 0
     if args.add:
         for name in args.add:

@@ -52,7 +52,6 @@ from broker.errors import Fatal
 
 log = logging.getLogger("treechat.http")
 access_log = logging.getLogger("tornado.access")
-quiet_access = Quiet(access_log)
 
 DEFAULT_WEB = Path(web.__file__).resolve().parent  # web/ is a package: found installed or not
 BODY_CAP = 64  # the server reads (and drops) at most max_body * BODY_CAP bytes of a large body
@@ -73,6 +72,7 @@ class Server(tornado.httpserver.HTTPServer):
         self.max_connections = max_connections
         self.metrics = metrics
         self.open = 0
+        self.quiet = Quiet(access_log)
 
     def handle_stream(self, stream, address) -> None:
         if self.max_connections and self.open >= self.max_connections:
@@ -90,7 +90,7 @@ class Server(tornado.httpserver.HTTPServer):
         """Full: a short 503 and close, without reading the request (it costs us nothing)."""
         if self.metrics is not None:
             self.metrics.refused_connections.inc()
-        quiet_access.warning("refused connections", address[0], "refused a connection from %s: "
+        self.quiet.warning("refused connections", address[0], "refused a connection from %s: "
                              "%d connections open (--max-connections)", address[0], self.open)
         stream.write(FULL).add_done_callback(lambda _f: stream.close())
 
@@ -110,16 +110,19 @@ FULL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n
 def log_request(metrics: Metrics):
     """The access log (Tornado's `log_function`): every response counted by status, successes at
     INFO, refusals rate-limited, 503/504 (overload, shutting down, deadlines) only counted."""
+    quiet = Quiet(access_log)
+
     def log(handler: tornado.web.RequestHandler) -> None:
         status = handler.get_status()
         metrics.responses.labels(status=str(status)).inc()
         summary = handler._request_summary()
         if status < 400:
-            access_log.info("%d %s %.2fms", status, summary, 1000.0 * handler.request.request_time())
+            ms = 1000.0 * handler.request.request_time()
+            access_log.info("%d %s %.2fms", status, summary, ms)
         elif status in (503, 504):
             access_log.debug("%d %s", status, summary)
         elif status < 500:
-            quiet_access.warning(f"{status} responses", handler.request.remote_ip, "%d %s",
+            quiet.warning(f"{status} responses", handler.request.remote_ip, "%d %s",
                                  status, summary)
         else:
             access_log.error("%d %s", status, summary)

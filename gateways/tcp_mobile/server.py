@@ -53,7 +53,6 @@ from gateways.tcp_mobile.protocol import CancelLine, Code, HelloLine, LineError,
 from gateways.tcp_mobile.session import Session, Sessions
 
 log = logging.getLogger("treechat.tcp")
-quiet = Quiet(log)
 
 MiB = 1 << 20
 MAX_AUTH_FAILURES = 3  # unauthenticated lines a connection may send before it is closed
@@ -240,7 +239,7 @@ class Connection:
         if self.auth_failures < MAX_AUTH_FAILURES:
             self.write(render(""))
             return
-        quiet.warning("closed unauthenticated connections", self.address[0],
+        self.gw.quiet.warning("closed unauthenticated connections", self.address[0],
                       "closing %s: %d unauthenticated lines", self.address, self.auth_failures)
         try:
             await asyncio.wait_for(self.stream.write(render("; closing the connection")), 5.0)
@@ -314,7 +313,7 @@ class Connection:
             if not self.authed and auth > 0:
                 left = self.opened + auth - time.monotonic()
                 if left <= 0:
-                    quiet.warning("connections that never authenticated", self.address[0],
+                    self.gw.quiet.warning("connections that never authenticated", self.address[0],
                                   "closing %s: not authenticated within %g s", self.address, auth)
                     self.send(error_line(None, Code.UNAUTHORIZED,
                                          f"not authenticated within {auth:g} s; closing"))
@@ -341,6 +340,7 @@ class Gateway(TCPServer):
         self.client = client
         self.sessions = Sessions(client, cfg.resume_window, cfg.max_inflight)
         self.keys = ApiKeys(cfg.api_keys)
+        self.quiet = Quiet(log)  # what strangers can repeat: one line per kind and address
         self.connections: set[Connection] = set()
 
     async def handle_stream(self, stream: IOStream, address) -> None:
