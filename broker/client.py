@@ -318,9 +318,15 @@ class RootClient:
                     stream._put(Event("error", code=p.ErrorCode.TIMEOUT,
                                       message="the request passed its deadline"))
                     continue
+            # A new ref: whatever the old submission still sends (a root that only stalled may
+            # still hold it) matches no stream and is dropped, and it is cancelled there.
+            self.ch.send(p.Cancel(id=ref))
+            del self.streams[ref]
+            stream.ref = next(self.refs)
+            self.streams[stream.ref] = stream
             text = "".join(stream.parts)
             stream.parts = [text]
-            self.ch.send(p.Submit(ref=ref, request=stream.request, timeout=timeout,
+            self.ch.send(p.Submit(ref=stream.ref, request=stream.request, timeout=timeout,
                                   resume_ids=stream.ids, resume_text=text,
                                   resubmit=stream.accepted))
         if self.streams:

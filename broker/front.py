@@ -84,9 +84,6 @@ class Front:
             if not self.has_room() and len(self.queue) >= self.cfg.max_queue:
                 return refuse(p.ErrorCode.OVERLOADED, "every node is busy and the queue is full; "
                               "try again shortly", 1.0)
-        old = self.table.by_ref.get((gw.identity, msg.ref))
-        if old is not None:  # a resubmit of a request we still hold: the gateway's copy wins
-            self.finish(old, None)
         self.next_request_id += 1
         req = InFlight(self.next_request_id, gw.identity, msg.ref, msg.request,
                        ids=list(msg.resume_ids), text=msg.resume_text)

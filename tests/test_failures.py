@@ -358,3 +358,31 @@ def _root_pid(up) -> int:
         if " root " in open(f"/proc/{pid}/cmdline").read().replace("\0", " "):
             return int(pid)
     raise RuntimeError("no root process under treechat up")
+
+
+def test_a_stalled_root_loses_no_answer(cluster):
+    """SIGSTOP of the root past its gateways' patience: the client takes it for lost, the root
+    (woken) for a lost gateway; the client resubmits what it has under new refs, late deltas of
+    the old submissions are dropped, and every answer arrives whole, nothing twice."""
+    root, root_proc = cluster.root()
+    cluster.node(root, "a", None, "--max-slots", "4", "--fake-delay", "0.02")
+
+    async def scenario():
+        client = await connect(root)
+        await wait_tree(client, {"a"})
+        prompts = [words(i, 40 + i) for i in range(6)]
+        streams = [client.submit({"prompt": q}) for q in prompts]
+        collected = [asyncio.ensure_future(s.collect()) for s in streams]
+        await wait_for(lambda: all(s.parts for s in streams[:4]))
+        os.kill(root_proc.proc.pid, signal.SIGSTOP)
+        try:
+            await wait_for(lambda: client.lost_at is not None)
+            await asyncio.sleep(1)  # the stall itself is the scenario
+        finally:
+            os.kill(root_proc.proc.pid, signal.SIGCONT)
+        for prompt, (text, final) in zip(prompts, await asyncio.gather(*collected)):
+            assert (final.kind, final.finish_reason) == ("done", "stop"), final
+            assert text == prompt + " "
+        client.close()
+
+    run(scenario())
