@@ -50,8 +50,8 @@ class NodeSide:
             if entry is None or entry.state == "dead" or entry.parent is not None \
                     or not msg.incarnation or entry.incarnation != msg.incarnation:
                 return self.quiet.info("unregistered tree connections", ident,
-                                          "tree: ignored '%s': not a registered top-level node "
-                                          "(or an old incarnation of one)", msg.sender[:64])
+                                       "tree: ignored '%s': not a registered top-level node",
+                                       msg.sender[:64])
             child = self.children.adopt(msg.sender, ident, msg.incarnation, msg.load)
             if child is None:
                 return  # an older connection of the incarnation we adopted: drop it

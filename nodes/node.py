@@ -360,8 +360,8 @@ class Node(Links):
                 if msg.sender in self.vouched or self.children.get(msg.sender):
                     return log.debug("down: ignored an old incarnation of child %s", msg.sender)
                 return self.quiet.info("unregistered child connections", ident,
-                                          "down: ignored '%s': the root registered no such "
-                                          "child of %s", msg.sender[:64], self.cfg.name)
+                                       "down: ignored '%s': the root registered no such child "
+                                       "of %s", msg.sender[:64], self.cfg.name)
             child = self.children.adopt(msg.sender, ident, msg.incarnation, msg.load)
             if child is None:
                 return  # an older link of the incarnation we adopted
