@@ -51,6 +51,7 @@ class Event:
     message: str | None = None
     retry_after: float | None = None
     logprobs: list | None = None  # per token: [text, logprob, [[alt, logprob], ...]] (delta only)
+    cached_tokens: int = 0  # prompt tokens the engine reused from its prefix cache (done only)
 
     @property
     def final(self) -> bool:
@@ -232,11 +233,12 @@ class RootClient:
                     stream.parts.append(item[1])
                     stream._put(Event("delta", text=item[1], tokens=item[2],
                                       logprobs=item[3] if len(item) > 3 else None))
-            for ref, reason, prompt_tokens, completion_tokens in msg.done:
+            for ref, reason, prompt_tokens, completion_tokens, *cached in msg.done:
                 stream = streams.pop(ref, None)
                 if stream is not None:
                     stream._put(Event("done", finish_reason=reason, prompt_tokens=prompt_tokens,
-                                      completion_tokens=completion_tokens))
+                                      completion_tokens=completion_tokens,
+                                      cached_tokens=cached[0] if cached else 0))
         elif isinstance(msg, p.Done):
             stream = self.streams.pop(msg.id, None)
             if stream is not None:

@@ -167,12 +167,13 @@ class NodeSide:
                 req.first_token_at = time.monotonic()
             self.outbox(req.gateway).items.append(
                 [req.ref, text, len(ids), item[3] if len(item) > 3 else None, ids])
-        for rid, reason, prompt_tokens, completion_tokens in msg.done:
+        for rid, reason, prompt_tokens, completion_tokens, *cached in msg.done:
             req = by_rid.get(rid)
             if req is None or req.holder != name:
                 continue  # a superseded dispatch, a cancelled request, or not this node's
             completion = max(completion_tokens, len(req.ids))
-            self.outbox(req.gateway).done.append([req.ref, reason, prompt_tokens, completion])
+            self.outbox(req.gateway).done.append([req.ref, reason, prompt_tokens, completion,
+                                                  *cached])
             self.finish(req, None, stop_node=False)
 
     def node_result(self, entry: Entry, msg: p.Done | p.Error) -> None:

@@ -302,7 +302,8 @@ class Acks:
 class Tokens:
     """Node -> root: one engine step. items: [rid, text_delta, [token ids]] or, when the request
     asked for logprobs, [rid, text_delta, [token ids], logprobs] (see `TokenLogprobs`); then the
-    requests that finished in it, done: [rid, finish_reason, prompt_tokens, completion_tokens]."""
+    requests that finished in it, done: [rid, finish_reason, prompt_tokens, completion_tokens,
+    cached_tokens] (the last: prompt tokens reused from the engine's prefix cache; optional)."""
     items: list
     done: list = field(default_factory=list)
 
@@ -312,7 +313,8 @@ class Deltas:
     """Root -> gateway: everything for this gateway from one turn of the root's loop, in the order
     a client applies it: accepted [ref, request_id], items [ref, text, n_tokens, logprobs,
     token ids] (logprobs null unless the Tokens item had them; the ids let a gateway resubmit
-    after a root restart), then done [ref, finish_reason, prompt_tokens, completion_tokens]."""
+    after a root restart), then done [ref, finish_reason, prompt_tokens, completion_tokens,
+    cached_tokens]."""
     items: list
     done: list = field(default_factory=list)
     accepted: list = field(default_factory=list)  # [ref, request_id] admitted this turn

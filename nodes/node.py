@@ -271,8 +271,8 @@ class Node(Links):
 
     def on_step(self, step: StepOutput) -> None:
         self.flush_acks()  # acks go before the tokens they explain
-        done = [[f.rid, f.reason, f.prompt_tokens, f.completion_tokens] for f in step.done
-                if self.running.pop(f.rid, None) is not None]
+        done = [[f.rid, f.reason, f.prompt_tokens, f.completion_tokens, f.cached_tokens]
+                for f in step.done if self.running.pop(f.rid, None) is not None]
         tokens, errors = step.tokens, step.errors
         if self.fenced:  # an old incarnation's requests leave the engine: nothing of them is sent
             fenced = self.fenced
