@@ -108,7 +108,9 @@ async def study(args, c: int) -> list[dict]:
     async with Child("bare tornado", [sys.executable, "-m", "bench.bare", "tornado"]) as bare:
         runs.append(await measure("bare tornado SSE", HTTPTarget(bare.info["url"], ignore_eos=True),
                                   items, warmup, c))
-    async with Up(["--engine", "fake", "--nodes", "1", "--grace", "2", *fake], via="http") as up:
+    insecure = ["--insecure"] if args.insecure else []
+    async with Up(["--engine", "fake", "--nodes", "1", "--grace", "2", *fake, *insecure],
+                  via="http") as up:
         runs.append(await measure("http gateway+root+node", HTTPTarget(up.base_url, ignore_eos=True),
                                   items, warmup, c))
         runs.append(await measure("root+node (RootClient)", RootTarget(up.root, ignore_eos=True),
@@ -146,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,16",
                    help="requests open at once; a comma list runs the whole study for each")
     p.add_argument("--output-len", type=int, default=8, help="tokens per answer (ignore_eos)")
+    p.add_argument("--insecure", action="store_true",
+                   help="`treechat up --insecure`: no CurveZMQ on the tree's links (up's default "
+                        "encrypts them), to measure the tree's own cost without the encryption's")
     p.add_argument("--save-result", default=None, metavar="FILE.json")
     args = p.parse_args(argv)
     try:

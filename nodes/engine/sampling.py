@@ -98,16 +98,34 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], list | Non
         tokens[drawn] = picked
         # One read of the device for the ids and for rows whose filters reach past their
         # candidates (rare); those are drawn again over their whole row.
-        both = torch.cat([tokens, short.long()]).tolist()
+        both = to_host(torch.cat([tokens, short.long()]))
         ids, wider = both[:len(rows)], [drawn[j] for j, s in enumerate(both[len(rows):]) if s]
     else:
-        ids = tokens.tolist()
+        ids = to_host(tokens)
     if wider:
         again = draw_sorted(logits[wider], [rows[i] for i in wider])
         tokens[wider] = again
         for i, t in zip(wider, again.tolist()):
             ids[i] = t
     return ids, logprobs(raw, rows, tokens)
+
+
+_pinned: dict[torch.device, torch.Tensor] = {}
+
+
+def to_host(t: torch.Tensor) -> list[int]:
+    """A small int64 tensor's values on the host: on a GPU through a reused pinned buffer (one
+    asynchronous copy, then one wait), elsewhere directly."""
+    if t.device.type != "cuda":
+        return t.tolist()
+    buf = _pinned.get(t.device)
+    if buf is None or buf.numel() < t.numel():
+        buf = _pinned[t.device] = torch.empty(max(1024, t.numel()), dtype=torch.long,
+                                              pin_memory=True)
+    host = buf[:t.numel()]
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return host.tolist()
 
 
 def penalize(logits: torch.Tensor, rows: list[Row]) -> None:
