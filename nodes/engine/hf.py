@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from broker.protocol import ErrorCode, FinishReason
-from nodes.engine import models
+from nodes.engine import grammar, models, prompt
 from nodes.engine.base import Engine, EngineError, EngineRequest, Finish, StepOutput
 from nodes.engine.detok import Detokenizer
 from nodes.engine.kvcache import SlotCache, per_token_bytes
@@ -176,10 +176,7 @@ class HFEngine(Engine):
                 "reduce the length of the messages or completion."))
         if len(er.resume_ids) >= limit:
             raise EngineError(ErrorCode.BAD_REQUEST, "nothing left to generate")
-        temperature, top_p = self.sampling_defaults
-        params = SamplingParams(temperature if req.temperature is None else req.temperature,
-                                top_p if req.top_p is None else req.top_p,
-                                req.top_k, req.seed, self.device)
+        params = self.sampling_params(er, prompt_ids)
         detok = Detokenizer(self.tokenizer, prompt_ids, list(req.stop), self._tok_lock)
         for t in er.resume_ids:  # rebuild the text the lost node had, without sending it again
             detok.add(t)
@@ -203,18 +200,59 @@ class HFEngine(Engine):
                 "kv_budget": self.kv_budget}
 
     def tokenize(self, req) -> list[int]:
-        """Prompt token ids: the chat template applied to `messages`, or the plain `prompt`."""
+        """Prompt token ids: the chat template applied to `messages` (tools included, see
+        prompt.py), the plain `prompt`, or the prompt's own token ids."""
+        if isinstance(req.prompt, list):
+            if max(req.prompt) >= self.vocab:
+                raise EngineError(ErrorCode.BAD_REQUEST, (
+                    f"the prompt holds token id {max(req.prompt)}, but this model's vocabulary "
+                    f"has {self.vocab} tokens (ids 0 to {self.vocab - 1})"))
+            return list(req.prompt)
         with self._tok_lock:
             if req.prompt is not None:
-                return self.tokenizer.encode(req.prompt)
+                ids = self.tokenizer.encode(req.prompt)
+                # An empty prompt still needs a token to predict from: BOS (else EOS), as vLLM
+                # and llama.cpp do; an empty tensor would crash the forward.
+                return ids or [self._start_token()]
             template = self.chat_template or self.tokenizer.chat_template
             if not template:
                 raise EngineError(ErrorCode.BAD_REQUEST, (
                     f"the model {self.model} has no chat template: send a plain 'prompt', or start "
                     "the node with --chat-template FILE"))
-            text = self.tokenizer.apply_chat_template(
-                req.messages, chat_template=template, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer.encode(text, add_special_tokens=False)
+            try:
+                text = prompt.render(self.tokenizer, template, req.messages, req.tools_offered())
+            except prompt.TemplateError as e:
+                raise EngineError(ErrorCode.BAD_REQUEST, str(e)) from None
+            return self.tokenizer.encode(text, add_special_tokens=False) or [self._start_token()]
+
+    def _start_token(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else min(self.eos_ids, default=0)
+
+    def sampling_params(self, er: EngineRequest, prompt_ids: list[int]) -> SamplingParams:
+        """The request's sampling settings, its grammar (if any), and the resumed tokens replayed
+        through both, so a resumed answer goes on exactly where the lost node left it."""
+        req = er.request
+        bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
+        if bias and max(bias) >= self.vocab:
+            raise EngineError(ErrorCode.BAD_REQUEST, (
+                f"logit_bias names token id {max(bias)}, but this model's vocabulary has "
+                f"{self.vocab} tokens"))
+        matcher = grammar.compile_for(req, self.tokenizer, self.vocab)
+        temperature, top_p = self.sampling_defaults
+        params = SamplingParams(
+            temperature if req.temperature is None else req.temperature,
+            top_p if req.top_p is None else req.top_p, req.top_k, req.seed, self.device,
+            min_p=req.min_p, presence=req.presence_penalty, frequency=req.frequency_penalty,
+            repetition=req.repetition_penalty, bias=bias, logprobs=req.logprobs,
+            prompt_logprobs=req.prompt_logprobs, matcher=matcher, prompt_ids=prompt_ids,
+            vocab=self.vocab)
+        for t in er.resume_ids:
+            params.observe(t)
+            if matcher is not None and not matcher.accept(t):
+                raise EngineError(ErrorCode.BAD_REQUEST, "the resumed answer does not match its "
+                                                         "grammar")
+        return params
 
     # --- the engine thread ---------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ class Stepper:
         self.prefill_tokens = PREFILL_TOKENS.get(engine.device.type, PREFILL_TOKENS_DEFAULT)
         # Where the time goes (bench/engine.py prints it): seconds and tokens per phase.
         self.stats = engine.stats
+        self.pieces: dict[int, str] = {}  # token id -> its text alone, for logprobs
 
     def step(self, out: StepOutput) -> None:
         """`out` holds what the inbox brought (cancels); it leaves with the decode's tokens."""
@@ -89,11 +90,11 @@ class Stepper:
         self.cache.plan_decode(pos, span)
         logits = self.e.net(input_ids=ids, position_ids=pos[:, None], attention_mask=mask,
                             cache=self.cache, use_cache=True).logits[:, -1, :self.e.vocab]
-        tokens = sample(logits.float(), [s.params for s in running])
+        tokens, logprobs = sample(logits.float(), [s.params for s in running])
         finished = []
-        for seq, tok in zip(running, tokens):
+        for seq, tok, lp in zip(running, tokens, logprobs):
             seq.length += 1
-            reason = self.accept(seq, tok, out)
+            reason = self.accept(seq, tok, out, lp)
             if reason is not None:
                 finished.append((seq, reason))
         for seq, reason in finished:
@@ -129,9 +130,12 @@ class Stepper:
                     self.e.retire(seq, FinishReason.ERROR, None)
                 out.errors.append((seq.rid, ErrorCode.ENGINE, f"prefill failed: {exc}"))
             return
-        tokens = sample(logits.float(), [seq.params for seq in batch])
-        finished = [(seq, reason) for seq, tok in zip(batch, tokens)
-                    if (reason := self.accept(seq, tok, out)) is not None]
+        for seq in batch:
+            if seq.params.prompt_logprobs is not None and len(seq.tokens) == 0:
+                out.tokens.append((seq.rid, "", [], self.prompt_logprobs(seq)))
+        tokens, logprobs = sample(logits.float(), [seq.params for seq in batch])
+        finished = [(seq, reason) for seq, tok, lp in zip(batch, tokens, logprobs)
+                    if (reason := self.accept(seq, tok, out, lp)) is not None]
         for seq, reason in finished:
             self.e.retire(seq, reason, out)
 
@@ -164,21 +168,68 @@ class Stepper:
 
     # --- one new token -------------------------------------------------------------------------------
 
-    def accept(self, seq, tok: int, out: StepOutput) -> FinishReason | None:
-        """Record `tok` for `seq`, report its text, and say whether `seq` is finished."""
+    def accept(self, seq, tok: int, out: StepOutput, lp=None) -> FinishReason | None:
+        """Record `tok` for `seq`, report its text (and logprobs `lp`, see sampling.sample), and
+        say whether `seq` is finished."""
         seq.tokens.append(tok)
+        seq.params.observe(tok)
         d = seq.detok
         reason = None
         if tok in self.e.eos_ids and not seq.ignore_eos:
             reason = FinishReason.STOP
+            lp = None  # the end of the answer is no part of it
         else:
             d.add(tok)
             if d.find_stop():
                 reason = FinishReason.STOP
+            matcher = seq.params.matcher
+            if matcher is not None and reason is None:
+                if not matcher.accept(tok):  # the mask allowed it: a grammar bug, never hang
+                    log.error("request %d: token %d broke its grammar: %s", seq.rid, tok,
+                              matcher.error())
+                    reason = FinishReason.STOP
+                elif matcher.is_terminated():  # the JSON is complete
+                    reason = FinishReason.STOP
         if reason is None and len(seq.tokens) >= seq.limit:
             reason = FinishReason.LENGTH
-        out.tokens.append((seq.rid, d.take(final=reason is not None), [tok]))
+        text = d.take(final=reason is not None)
+        if lp is None:
+            out.tokens.append((seq.rid, text, [tok]))
+        else:
+            out.tokens.append((seq.rid, text, [tok], [self.logprob_entry(tok, *lp)]))
         return reason
+
+    # --- logprobs ------------------------------------------------------------------------------------
+
+    def piece(self, tok: int) -> str:
+        """A token's text decoded alone (what logprobs show; the gateway has no tokenizer)."""
+        text = self.pieces.get(tok)
+        if text is None:
+            with self.e._tok_lock:
+                text = self.pieces[tok] = self.e.tokenizer.decode([tok])
+        return text
+
+    def logprob_entry(self, tok: int, logprob: float | None, top: list) -> list:
+        """[text, logprob, [[alt text, alt logprob], ...]]: broker.protocol.TokenLogprobs."""
+        return [self.piece(tok), logprob, [[self.piece(t), v] for t, v in top]]
+
+    def prompt_logprobs(self, seq) -> list:
+        """Every prompt token's entry (the first has no logprob: nothing comes before it), from
+        one extra forward over the prompt alone: only completions' echo with logprobs asks."""
+        ids = seq.feed[:seq.prompt_tokens]
+        logits = self.e.net(input_ids=torch.tensor([ids], device=self.device),
+                            use_cache=False).logits[0, :-1, :self.e.vocab].float()
+        lp = torch.log_softmax(logits, dim=-1)
+        k = seq.params.prompt_logprobs
+        chosen = lp.gather(1, torch.tensor(ids[1:], device=self.device)[:, None])[:, 0].tolist()
+        if k:
+            top_v, top_i = (t.tolist() for t in torch.topk(lp, k, dim=-1))
+        else:
+            top_v = top_i = [[] for _ in chosen]
+        entries = [self.logprob_entry(ids[0], None, [])]
+        for j, tok in enumerate(ids[1:]):
+            entries.append(self.logprob_entry(tok, chosen[j], list(zip(top_i[j], top_v[j]))))
+        return entries
 
     def fail_all(self, out: StepOutput, exc: Exception) -> None:
         """Every running request leaves with an error (waiting ones stay: they may still run)."""
