@@ -275,3 +275,18 @@ def test_a_refusal_keeps_the_connection_usable(up):
     sock.close()
     assert [a[0] for a in answers] == [403, 415, 200]
     assert b"still here" in answers[2][1]
+
+
+def test_arranca_takes_the_same_options(up):
+    s = requests.Session()
+    s.get(f"{up.http}/", timeout=10)
+    headers = {"X-XSRFToken": s.cookies["_xsrf"]}
+    r = s.post(f"{up.http}/arranca", headers=headers, timeout=30,
+               json={"text": "one two three", "timestamp": 5, "stop": "thr"})
+    assert r.status_code == 200 and r.json()["text"] == "one two " and r.json()["timestamp"] == 5
+    r = s.post(f"{up.http}/arranca", headers=headers, timeout=30,
+               json={"text": CALL, "tools": [WEATHER]})
+    assert r.json()["tool_calls"][0]["function"]["name"] == "get_weather"
+    r = s.post(f"{up.http}/arranca", headers=headers, timeout=30,
+               json={"text": "x", "temperature": 9})
+    assert r.status_code == 400 and error_of(r)["param"] == "temperature"
