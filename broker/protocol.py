@@ -172,7 +172,9 @@ class Deltas:
 # Logprobs ride as the optional 4th element of a Tokens / Deltas item: one entry per new token,
 #     [token_text, logprob, [[alt_text, alt_logprob], ...]]
 # (the k likeliest alternatives when the request asked for logprobs=k). Token texts are the
-# tokenizer's own piece for that id, decoded alone, so a gateway needs no tokenizer.
+# tokenizer's own piece for that id, decoded alone, so a gateway needs no tokenizer. A request
+# with prompt_logprobs gets, before its first token, one item with no text and no ids whose
+# entries are the prompt's tokens (the first one's logprob null): [rid, "", [], entries].
 TokenLogprobs = list
 
 
