@@ -203,6 +203,15 @@ def test_echo_and_the_empty_prompt(up, client):
                 assert r.json()["usage"]["prompt_tokens"] == 1
 
 
+def test_the_end_of_the_answer_sends_no_empty_delta(up):
+    """EOS (forced here by logit_bias) brings no text: nothing but the finish goes out for it."""
+    r = requests.post(f"{up.http}/v1/chat/completions", timeout=60, json={
+        "messages": ASK, "stream": True, "max_tokens": 5, "logit_bias": {"2": 100}})
+    chunks = events(r.text)[:-1]
+    assert [c["choices"][0]["delta"] for c in chunks] == [{"role": "assistant", "content": ""}, {}]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 # --- fuzz ----------------------------------------------------------------------------------------
 
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 30), st.floats(-3, 3),

@@ -170,7 +170,7 @@ def test_fields_that_change_nothing_are_accepted(up, fields):
      "tool_choice", "invalid_value"),
     ({"response_format": {"type": "xml"}}, "response_format", "invalid_value"),
     ({"top_logprobs": 3}, "top_logprobs", "invalid_value"),
-    ({"logprobs": True, "top_logprobs": 21}, "logprobs", "invalid_value"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
     ({"n": 17}, "n", "invalid_value"),
 ])
 def test_fields_that_would_change_the_answer_are_refused(up, body, param, code):

@@ -114,7 +114,10 @@ def parse_chat(body: Any) -> Parsed:
     if top is not None:
         if not wants:
             raise bad_request("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-        core["logprobs"] = top  # Request checks the range
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS:
+            raise bad_request("top_logprobs", f"'top_logprobs' must be an integer from 0 to "
+                                              f"{MAX_LOGPROBS}")
+        core["logprobs"] = top
     elif wants:
         core["logprobs"] = 0
     n = _choices(body)

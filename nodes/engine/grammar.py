@@ -28,6 +28,7 @@ node sees the same schema many times. A schema llguidance cannot use is
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections import OrderedDict
@@ -37,6 +38,8 @@ import torch
 
 from broker.protocol import ErrorCode, Request
 from nodes.engine.base import EngineError
+
+log = logging.getLogger("treechat.engine")
 
 CACHED_SCHEMAS = 256  # pristine matchers kept per tokenizer
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -130,11 +133,32 @@ def compile_for(request: Request, tokenizer, vocab_size: int) -> Matcher | None:
     constraint = constraint_of(request)
     if constraint is None:
         return None
-    with _compilers_lock:  # one llguidance tokenizer per HF tokenizer (building one takes ~0.5 s)
+    try:
+        compiler = _compiler(tokenizer, vocab_size)
+    except ValueError as e:  # llguidance takes only fast (Rust) tokenizers
+        raise EngineError(ErrorCode.BAD_REQUEST, f"{constraint[0]} cannot be enforced for this "
+                                                 f"model: {e}") from None
+    return compiler.matcher(*constraint)
+
+
+def prepare(tokenizer, vocab_size: int) -> None:
+    """Build llguidance's view of `tokenizer` (~0.5 s) in a thread, so the first constrained
+    request does not stall the node's event loop (and its heartbeats) while it is built."""
+    def build():
+        try:
+            _compiler(tokenizer, vocab_size)
+        except ValueError as e:
+            log.info("no grammar-constrained decoding for this model: %s", e)
+
+    threading.Thread(target=build, name="grammar-prepare", daemon=True).start()
+
+
+def _compiler(tokenizer, vocab_size: int) -> _Compiler:
+    with _compilers_lock:  # one llguidance tokenizer per HF tokenizer
         compiler = _compilers.get(tokenizer)
         if compiler is None:
             compiler = _compilers[tokenizer] = _Compiler(tokenizer, vocab_size)
-    return compiler.matcher(*constraint)
+        return compiler
 
 
 def new_bitmask(batch: int, vocab_size: int) -> torch.Tensor:

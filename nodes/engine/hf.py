@@ -155,6 +155,7 @@ class HFEngine(Engine):
         self._inbox = queue.SimpleQueue()  # a restart must not see the last run's "stop"
         self._thread = threading.Thread(target=self._run, name="hf-engine", daemon=True)
         self._thread.start()
+        grammar.prepare(self.tokenizer, self.vocab)  # in the background: submit must not wait
 
     def submit(self, er: EngineRequest) -> None:
         req = er.request
