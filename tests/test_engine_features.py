@@ -37,7 +37,10 @@ TIME = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return HFEngine(HFEngineConfig(model=tiny_model, device="cpu", dtype="float32"))
+    eng = HFEngine(HFEngineConfig(model=tiny_model, device="cpu", dtype="float32"))
+    from transformers import AutoModelForCausalLM
+    eng.reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    return eng  # `reference`: transformers' own forward of the same weights
 
 
 def run(engine: HFEngine, *reqs: Request | EngineRequest) -> dict[int, dict]:
@@ -78,7 +81,7 @@ def greedy(**kw) -> Request:
 def logits_after(engine: HFEngine, ids: list[int]) -> torch.Tensor:
     """The model's next-token logits after `ids` (a plain forward, no engine involved)."""
     with torch.inference_mode():
-        return engine.net(input_ids=torch.tensor([ids])).logits[0, -1, :engine.vocab].float()
+        return engine.reference(input_ids=torch.tensor([ids])).logits[0, -1, :engine.vocab].float()
 
 
 def reference(engine: HFEngine, prompt_ids: list[int], n: int, adjust) -> list[int]:
@@ -161,7 +164,7 @@ def test_repetition_penalty_equals_transformers(engine):
     loop = dict(prompt=prompt, max_tokens=20, ignore_eos=True, logit_bias={str(first): 5.0})
     got = run(engine, greedy(repetition_penalty=1.8, **loop))[1]["ids"]
     t = torch.tensor([ids])
-    ref = engine.net.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=20,
+    ref = engine.reference.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=20,
                               min_new_tokens=0, do_sample=False, repetition_penalty=1.8,
                               sequence_bias={(first,): 5.0},  # applied first, as ours is
                               eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
@@ -284,7 +287,7 @@ def test_compiled_grammars_are_cached_per_schema(engine):
 
 def test_apply_bitmask_keeps_exactly_the_allowed_tokens():
     logits = torch.zeros(3, 70)
-    bitmask = grammar.new_bitmask(3, 70)
+    bitmask = grammar.allocate_bitmask(3, 70)
     bitmask[1, 0] = 1 << 5
     bitmask[1, 2] = 1 << 3  # token 67
     grammar.apply_bitmask(logits, bitmask, [1])

@@ -142,15 +142,12 @@ def compile_for(request: Request, tokenizer, vocab_size: int) -> Matcher | None:
 
 
 def prepare(tokenizer, vocab_size: int) -> None:
-    """Build llguidance's view of `tokenizer` (~0.5 s) in a thread, so the first constrained
-    request does not stall the node's event loop (and its heartbeats) while it is built."""
-    def build():
-        try:
-            _compiler(tokenizer, vocab_size)
-        except ValueError as e:
-            log.info("no grammar-constrained decoding for this model: %s", e)
-
-    threading.Thread(target=build, name="grammar-prepare", daemon=True).start()
+    """Build llguidance's view of `tokenizer` now (~0.5 s, holding the GIL all along: a thread
+    would not help), so the first constrained request does not stall the node's event loop."""
+    try:
+        _compiler(tokenizer, vocab_size)
+    except ValueError as e:
+        log.info("no grammar-constrained decoding for this model: %s", e)
 
 
 def _compiler(tokenizer, vocab_size: int) -> _Compiler:
@@ -161,7 +158,7 @@ def _compiler(tokenizer, vocab_size: int) -> _Compiler:
         return compiler
 
 
-def new_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
+def allocate_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
     """A zeroed bitmask for `batch` rows (int32 on the CPU, where llguidance writes it)."""
     return torch.zeros((batch, (vocab_size + 31) // 32), dtype=torch.int32)
 
