@@ -158,9 +158,6 @@ class HFEngine(Engine):
         self._inbox = queue.SimpleQueue()  # a restart must not see the last run's "stop"
         self._thread = threading.Thread(target=self._run, name="hf-engine", daemon=True)
         self._thread.start()
-        # llguidance's view of the tokenizer holds the GIL ~0.5 s while it is built: now,
-        # before the node registers, rather than stalling its heartbeats at the first JSON request.
-        grammar.prepare(self.tokenizer, self.vocab)
 
     def submit(self, er: EngineRequest) -> None:
         req = er.request
