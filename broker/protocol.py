@@ -40,6 +40,9 @@ from typing import Any, ClassVar
 
 import orjson
 
+# The request a client asks for lives in broker/request.py; re-exported for every reader.
+from broker.request import MAX_LOGPROBS, SAMPLING_LIMITS, BadRequest, Request, _is_int  # noqa: F401
+
 
 class ProtocolError(ValueError):
     """A frame that does not decode as the message its command names."""
@@ -70,142 +73,6 @@ class ErrorCode:
     HANDED_BACK = "handed_back"  # node -> root only: "I could not finish it, place it elsewhere"
     UNKNOWN_MODEL = "unknown_model"
     ENGINE = "engine_error"
-
-
-# --- the request a client asks for ---------------------------------------------------------------
-
-SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
-                   "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0),
-                   "repetition_penalty": (0.01, 10.0)}
-MAX_LOGPROBS = 20
-
-
-@dataclass(slots=True)
-class Request:
-    """What to generate: a chat (`messages`) or a plain `prompt`, and how to sample it.
-
-    Validated once, at the gateway, by `Request.from_dict`; nodes trust what the root forwards.
-    """
-
-    messages: list[dict] | None = None
-    prompt: str | None = None
-    max_tokens: int | None = None  # None: until a stop condition or the model's context is full
-    temperature: float | None = None  # None: the model's own default (see the hf engine)
-    top_p: float | None = None
-    top_k: int = 0  # 0: no top-k filter
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False
-    model: str | None = None
-    # Penalties and filters, applied per row on the device (nodes/engine/sampling.py). None means
-    # "not set": the engine's own default applies (a repetition guard when no penalty is set).
-    presence_penalty: float | None = None  # OpenAI: -2..2, once per token seen in the answer
-    frequency_penalty: float | None = None  # OpenAI: -2..2, per occurrence in the answer
-    repetition_penalty: float | None = None  # vLLM/HF: > 0, divides (multiplies) seen tokens' logits
-    min_p: float | None = None  # 0..1: drop tokens below min_p x the top token's probability
-    logit_bias: dict | None = None  # {"token id": bias in -100..100}
-    logprobs: int | None = None  # None: off; k: the chosen token's logprob and the k likeliest (0..20)
-    prompt_logprobs: int | None = None  # the same for every prompt token (completions' echo)
-    response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", ...}
-    tools: list | None = None  # OpenAI tool definitions, rendered by the chat template
-    tool_choice: str | dict | None = None  # "auto" | "none" | "required" | {"type": "function", ...}
-
-    FIELDS: ClassVar[frozenset[str]] = frozenset(
-        ["messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
-         "ignore_eos", "model", "presence_penalty", "frequency_penalty", "repetition_penalty",
-         "min_p", "logit_bias", "logprobs", "prompt_logprobs", "response_format", "tools",
-         "tool_choice"])
-
-    @classmethod
-    def from_dict(cls, data: dict, *, strict: bool = True) -> "Request":
-        """Build and validate a request; raise `BadRequest(param, message)` naming the field."""
-        if not isinstance(data, dict):
-            raise BadRequest(None, "the request must be a JSON object")
-        if strict:
-            unknown = sorted(set(data) - cls.FIELDS)
-            if unknown:
-                raise BadRequest(unknown[0], f"unknown field '{unknown[0]}'")
-        values = {k: v for k, v in data.items() if k in cls.FIELDS and v is not None}
-        if isinstance(values.get("stop"), str):
-            values["stop"] = [values["stop"]]
-        req = cls(**values)
-        req.validate()
-        return req
-
-    def validate(self) -> None:
-        if (self.messages is None) == (self.prompt is None):
-            raise BadRequest("messages", "give exactly one of 'messages' or 'prompt'")
-        if self.messages is not None:
-            if not isinstance(self.messages, list) or not self.messages:
-                raise BadRequest("messages", "'messages' must be a non-empty list")
-            for i, m in enumerate(self.messages):
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                        or not isinstance(m.get("content"), str):
-                    raise BadRequest(f"messages[{i}]",
-                                     "each message needs a string 'role' and a string 'content'")
-                if m["role"] not in ("system", "user", "assistant", "developer", "tool"):
-                    raise BadRequest(f"messages[{i}].role", f"unknown role '{m['role']}'")
-        if self.prompt is not None and not isinstance(self.prompt, str):
-            raise BadRequest("prompt", "'prompt' must be a string")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise BadRequest("max_tokens", "'max_tokens' must be a positive integer")
-        for name, (lo, hi) in SAMPLING_LIMITS.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-                raise BadRequest(name, f"'{name}' must be a number between {lo} and {hi}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise BadRequest("top_k", "'top_k' must be a non-negative integer (0 turns it off)")
-        if not isinstance(self.stop, list) or len(self.stop) > 16 or \
-                not all(isinstance(s, str) and s for s in self.stop):
-            raise BadRequest("stop", "'stop' must be a non-empty string or a list of up to 16 of them")
-        if self.seed is not None and not _is_int(self.seed):
-            raise BadRequest("seed", "'seed' must be an integer")
-        if not isinstance(self.ignore_eos, bool):
-            raise BadRequest("ignore_eos", "'ignore_eos' must be true or false")
-        if self.model is not None and not isinstance(self.model, str):
-            raise BadRequest("model", "'model' must be a string")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
-                raise BadRequest(name, f"'{name}' must be an integer from 0 to {MAX_LOGPROBS}")
-        if self.logit_bias is not None:
-            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > 1024:
-                raise BadRequest("logit_bias", "'logit_bias' must be an object of at most 1024 "
-                                               "token ids")
-            for key, bias in self.logit_bias.items():
-                if not (isinstance(key, str) and key.isdigit()) or isinstance(bias, bool) \
-                        or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
-                    raise BadRequest("logit_bias", "'logit_bias' maps token ids (as strings) to "
-                                                   "numbers between -100 and 100")
-        if self.response_format is not None and not isinstance(self.response_format, dict):
-            raise BadRequest("response_format", "'response_format' must be an object")
-        if self.tools is not None and not isinstance(self.tools, list):
-            raise BadRequest("tools", "'tools' must be a list")
-        if self.tool_choice is not None and not isinstance(self.tool_choice, (str, dict)):
-            raise BadRequest("tool_choice", "'tool_choice' must be a string or an object")
-
-    def to_dict(self) -> dict:
-        """The set fields, shallow (no deep copy: the request is read, never mutated)."""
-        return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
-
-    def last_user_text(self) -> str:
-        if self.prompt is not None:
-            return self.prompt
-        users = [m["content"] for m in self.messages if m["role"] == "user"]
-        return users[-1] if users else self.messages[-1]["content"]
-
-
-class BadRequest(ValueError):
-    def __init__(self, param: str | None, message: str):
-        super().__init__(message)
-        self.param = param
-        self.message = message
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --- messages ------------------------------------------------------------------------------------
@@ -323,7 +190,9 @@ class Deltas:
 # Logprobs ride as the 4th element of a Tokens item (optional) or a Deltas item (null when none):
 #     [token_text, logprob, [[alt_text, alt_logprob], ...]]
 # (the k likeliest alternatives when the request asked for logprobs=k). Token texts are the
-# tokenizer's own piece for that id, decoded alone, so a gateway needs no tokenizer.
+# tokenizer's own piece for that id, decoded alone, so a gateway needs no tokenizer. A request
+# with prompt_logprobs gets, before its first token, one item with no text and no ids whose
+# entries are the prompt's tokens (the first one's logprob null): [rid, "", [], entries].
 TokenLogprobs = list
 
 

@@ -379,6 +379,23 @@ def test_markdown_renders_and_model_output_cannot_run_script(desk):
     assert [e for e in desk.errors if "pageerror" in e] == []
 
 
+def test_json_answers_and_tool_calls_are_shown_readably(desk):
+    desk.send('{"city": "Paris", "days": [1, 2]}')
+    desk.wait_done()
+    block = desk.last_answer().locator(".content .code-block")
+    assert block.locator(".code-lang").inner_text() == "json"
+    assert block.locator("code").inner_text().strip() == '{\n  "city": "Paris",\n  "days": [\n    1,\n    2\n  ]\n}'
+    desk.send('Checking. <tool_call> {"name": "get_weather", "arguments": {"city": "Oslo"}} '
+              '</tool_call>')
+    desk.wait_done()
+    content = desk.last_answer().locator(".content")
+    assert "Checking." in content.inner_text() and "<tool_call>" not in content.inner_text()
+    assert content.locator("strong").inner_text() == "Tool call"
+    assert content.locator("p code").inner_text() == "get_weather"
+    assert content.locator(".code-block code").inner_text().strip() == '{\n  "city": "Oslo"\n}'
+    assert [e for e in desk.errors if "pageerror" in e] == []
+
+
 # ------------------------------------------------------------------ tree panel
 
 def test_tree_panel_shows_nodes_live(desk):

@@ -50,6 +50,10 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", default=None, help="API keys, one per line")
     p.add_argument("--request-timeout", type=float, default=None,
                    help="HTTP: seconds before a request fails with 504 (default: none)")
+    p.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                   help="HTTP: another name the default model answers to (repeatable)")
+    p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
+                   help="HTTP: let pages of ORIGIN call the API (CORS; repeatable)")
     add_node_args(p, named=False)
 
 
@@ -131,6 +135,9 @@ class Launcher:
                 if kind == "http":
                     if a.request_timeout:
                         argv += ["--request-timeout", str(a.request_timeout)]
+                    for flag in ("served_model_name", "allowed_origin"):
+                        for value in getattr(a, flag) or []:
+                            argv += ["--" + flag.replace("_", "-"), value]
                     argv += ["--grace", str(a.grace)]
                 else:
                     argv += ["--drain", str(a.grace)]

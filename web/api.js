@@ -166,6 +166,7 @@ export async function streamChat(req, handlers, signal) {
 
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
   const parser = new SSEParser();
+  let openCall = false; // a streamed tool call whose text form is not closed yet
   const handle = (payload) => {
     if (payload === "[DONE]") return true;
     let chunk;
@@ -185,6 +186,19 @@ export async function streamChat(req, handlers, signal) {
     }
     const choice = chunk.choices?.[0];
     if (choice?.delta?.content) handlers.onDelta?.(choice.delta.content);
+    for (const call of choice?.delta?.tool_calls ?? []) {
+      // Shown as the text form of a call (render.js draws it): the name first, then the
+      // arguments as they stream; the block closes when the answer finishes.
+      if (call.function?.name) {
+        handlers.onDelta?.(`${openCall ? "}</tool_call>" : ""}\n<tool_call>{"name": ${JSON.stringify(call.function.name)}, "arguments": `);
+        openCall = true;
+      }
+      if (call.function?.arguments) handlers.onDelta?.(call.function.arguments);
+    }
+    if (choice?.finish_reason && openCall) {
+      handlers.onDelta?.("}</tool_call>");
+      openCall = false;
+    }
     if (choice?.finish_reason) handlers.onFinish?.(choice.finish_reason);
     if (chunk.usage) handlers.onUsage?.(chunk.usage);
     return false;

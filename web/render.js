@@ -26,6 +26,41 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
+const TOOL_CALL = /<tool_call>\s*([\s\S]*?)\s*(?:<\/tool_call>|$)/g;
+
+function pretty(text) {
+  try {
+    return JSON.stringify(JSON.parse(text), null, 2);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Makes structured answers readable before Markdown: a whole answer that is JSON (a JSON mode
+ * answer) becomes a highlighted JSON block, and each <tool_call>{"name", "arguments"}</tool_call>
+ * (how tool calls come back, see docs/http-api.md) a titled block of its arguments. Text still
+ * streaming in is shown the same way, pretty-printed once it parses.
+ */
+export function readable(text) {
+  const trimmed = text.trim();
+  if (/^[[{]/.test(trimmed) && !trimmed.includes("<tool_call>")) {
+    return "```json\n" + (pretty(trimmed) ?? trimmed) + "\n```";
+  }
+  return text.replace(TOOL_CALL, (_, body) => {
+    let name = "";
+    let args = body;
+    try {
+      const call = JSON.parse(body);
+      name = String(call.name ?? "");
+      args = JSON.stringify(call.arguments ?? call.parameters ?? {}, null, 2);
+    } catch {
+      name = /"name"\s*:\s*"([^"]*)"/.exec(body)?.[1] ?? "";
+    }
+    return `\n\n**Tool call** \`${name.replace(/`/g, "") || "…"}\`\n\n\`\`\`json\n${args}\n\`\`\`\n`;
+  });
+}
+
 /** Markdown to sanitized HTML (a string safe for innerHTML). */
 export function toSafeHTML(markdown) {
   let html;
@@ -121,6 +156,6 @@ function decorateCode(root, highlight) {
  * text is long (the final render always highlights).
  */
 export function renderMarkdown(el, markdown, { streaming = false } = {}) {
-  el.innerHTML = toSafeHTML(markdown);
+  el.innerHTML = toSafeHTML(readable(markdown));
   decorateCode(el, !streaming || markdown.length < 6000);
 }

@@ -3,9 +3,12 @@
 `Gateway` is the per-process state handed to every handler (`initialize(gw=...)`): the root
 client, the tree view, the metrics, the config, and the set of requests in progress (SIGTERM waits
 for them). `BaseHandler` renders every error, Tornado's own included, as OpenAI's
-`{"error": {...}}`; `ApiHandler` adds Bearer keys; `BodyHandler` the body size limit, checked as
-the body streams in (`stream_request_body`): a body over the limit is read and dropped, never
-stored, then answered with a clear 413 instead of a dropped connection.
+`{"error": {...}}`, gives every response an `X-Request-Id` (the client's own, or a new one) and,
+for origins the operator allows (`--allowed-origin`), CORS headers and preflight answers;
+`ApiHandler` adds Bearer keys; `BodyHandler` the body size limit, checked as the body streams in
+(`stream_request_body`): a body over the limit is read and dropped, never stored, then answered
+with a clear 413 instead of a dropped connection. Every refusal of a body handler (XSRF, a foreign
+origin, a bad key, 413, 415) waits until the body is read, so the connection stays usable.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 from dataclasses import dataclass, field
 
 import orjson
@@ -22,9 +26,15 @@ from broker.client import RootClient
 from broker.nesting import MAX_DEPTH, too_deep
 from gateways.http.errors import ApiError, not_found, status_code_name
 from gateways.http.metrics import Metrics
+from gateways.http.sse import new_id
 from gateways.http.treeview import TreeView
 
 log = logging.getLogger("treechat.http")
+
+REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to echo
+ORIGIN = re.compile(r"^https?://[^/\s]+$")
+CORS_METHODS = "GET, POST, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-XSRFToken"
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,12 @@ class GatewayConfig:
     arranca_max_tokens: int = 256
     web_dir: str | None = None
     status_every: float = 2.0
+    served_names: tuple[str, ...] = ()  # more names the tree's default model answers to
+    allowed_origins: frozenset[str] = frozenset()  # CORS: origins (or "*") whose pages may call
+
+    def allows(self, origin: str | None) -> bool:
+        return origin is not None and ("*" in self.allowed_origins
+                                       or origin in self.allowed_origins)
 
     def __post_init__(self):
         if self.max_body < 1024:
@@ -51,6 +67,12 @@ class GatewayConfig:
             raise ValueError("--arranca-max-tokens must be at least 1")
         if any(not k or any(c.isspace() for c in k) for k in self.api_keys):
             raise ValueError("an API key cannot be empty or contain spaces")
+        for origin in self.allowed_origins:
+            if origin != "*" and not ORIGIN.match(origin):
+                raise ValueError(f"--allowed-origin {origin}: give scheme://host[:port] "
+                                 "(no path), or *")
+        if any(not name.strip() for name in self.served_names):
+            raise ValueError("--served-model-name cannot be empty")
 
 
 @dataclass
@@ -74,8 +96,43 @@ class Gateway:
 
 
 class BaseHandler(tornado.web.RequestHandler):
+    request_id: str | None = None
+
+    gw: Gateway | None = None
+
     def initialize(self, gw: Gateway) -> None:
         self.gw = gw
+        self.set_default_headers()  # Tornado's first call came before `gw` was known
+
+    def set_default_headers(self) -> None:
+        # Called again when an error clears the headers: the id and CORS stay on errors too.
+        if self.gw is None:
+            return
+        if self.request_id is None:
+            given = self.request.headers.get("X-Request-Id", "")
+            self.request_id = given if REQUEST_ID.match(given) else new_id()
+        self.set_header("X-Request-Id", self.request_id)
+        origin = self.request.headers.get("Origin")
+        if self.gw.cfg.allows(origin):
+            self.set_header("Access-Control-Allow-Origin",
+                            "*" if "*" in self.gw.cfg.allowed_origins else origin)
+            self.set_header("Access-Control-Expose-Headers", "X-Request-Id, Retry-After")
+            self.set_header("Vary", "Origin")
+
+    def check_trusted_origin(self, origin: str) -> bool:
+        return self.gw.cfg.allows(origin)  # Tornado's cross-origin protection asks this
+
+    def options(self, *_args) -> None:
+        """A CORS preflight (or a plain OPTIONS): 204 with what may be sent."""
+        self.set_status(204)
+        self.set_header("Allow", CORS_METHODS)
+        if self.gw.cfg.allows(self.request.headers.get("Origin")):
+            self.set_header("Access-Control-Allow-Methods", CORS_METHODS)
+            self.set_header("Access-Control-Allow-Headers",
+                            self.request.headers.get("Access-Control-Request-Headers")
+                            or CORS_HEADERS)
+            self.set_header("Access-Control-Max-Age", "600")
+        self.finish()
 
     def write_json(self, obj, status: int = 200) -> None:
         self.set_status(status)
@@ -118,7 +175,8 @@ class ApiHandler(BaseHandler):
         super().check_xsrf_cookie()
 
     def prepare(self) -> None:
-        self.check_api_key()
+        if self.request.method != "OPTIONS":  # a CORS preflight carries no key
+            self.check_api_key()
 
     def check_api_key(self) -> None:
         keys = self.gw.cfg.api_keys
@@ -138,12 +196,20 @@ class BodyHandler(ApiHandler):
     """A POST endpoint taking a JSON body no larger than `--max-body` bytes."""
 
     refusal: tornado.web.HTTPError | None = None
+    json_only = True  # False: any Content-Type (/arranca, whose old clients send forms' type)
 
     def check_xsrf_cookie(self) -> None:
         try:
             super().check_xsrf_cookie()
         except tornado.web.HTTPError as e:
             self.refusal = e  # answered once the body is read, as below
+
+    def check_trusted_origin(self, origin: str) -> bool:
+        if not super().check_trusted_origin(origin) and self.refusal is None:
+            self.refusal = ApiError(403, f"cross-origin request from {origin} refused (the "
+                                         "operator allows origins with --allowed-origin)",
+                                    code="forbidden")
+        return True  # refused once the body is read, as above
 
     def prepare(self) -> None:
         self.body = bytearray()
@@ -175,6 +241,10 @@ class BodyHandler(ApiHandler):
         if self.too_large:
             raise ApiError(413, f"the request body is larger than {self.gw.cfg.max_body} bytes",
                            code="request_too_large")
+        kind = self.request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        if self.json_only and kind and kind != "application/json" and not kind.endswith("+json"):
+            raise ApiError(415, f"the request body must be JSON (Content-Type: application/json),"
+                                f" not {kind}", code="unsupported_media_type")
         if not self.body.strip():
             raise ApiError(400, "the request body is empty; send a JSON object",
                            code="invalid_json")

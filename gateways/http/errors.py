@@ -94,4 +94,4 @@ def not_found(path: str) -> ApiError:
 def status_code_name(status: int) -> str:
     """A code for bare Tornado HTTPErrors (403 XSRF, 405 method, ...) that carry none."""
     return {400: "bad_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-            413: "request_too_large"}.get(status, "http_error")
+            413: "request_too_large", 415: "unsupported_media_type"}.get(status, "http_error")

@@ -4,7 +4,8 @@
     GET /healthz   200 while the process runs                               (public)
     GET /readyz    200 when the root answers and an alive node has an engine (public)
     GET /metrics   Prometheus text format                                  (public)
-    GET /v1/models the models the tree's nodes serve                        (API key)
+    GET /v1/models the models the tree's nodes serve, and --served-model-name's (API key)
+    GET /v1/models/ID  one of them, or 404 model_not_found                  (API key)
     GET /v1/tree   the root's live status: root queue, every node's load     (API key)
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateways.http.base import ApiHandler, BaseHandler
-from gateways.http.errors import root_unreachable
+from gateways.http.errors import ApiError, root_unreachable
 from gateways.http.treeview import is_ready, models_of, serving_nodes
 
 STARTED = int(time.time())
@@ -64,6 +65,9 @@ class MetricsHandler(BaseHandler):
 
 class ModelsHandler(ApiHandler):
     async def get(self) -> None:
+        self.write_json({"object": "list", "data": await self.models()})
+
+    async def models(self) -> list[dict]:
         status = await self.gw.tree.recent(max_age=1.0)
         if status is None:
             raise root_unreachable()
@@ -71,9 +75,20 @@ class ModelsHandler(ApiHandler):
         for node in serving_nodes(status):
             n = (node.get("info") or {}).get("max_model_len")
             lens.setdefault(node.get("model") or node.get("engine"), n)
-        self.write_json({"object": "list", "data": [
-            {"id": m, "object": "model", "created": STARTED, "owned_by": "treechat",
-             "max_model_len": lens.get(m)} for m in models_of(status)]})
+        models = models_of(status)
+        aliases = [(n, models[0]) for n in self.gw.cfg.served_names if models and n not in models]
+        return [{"id": m, "object": "model", "created": STARTED, "owned_by": "treechat",
+                 "root": root, "max_model_len": lens.get(root)}
+                for m, root in [(m, m) for m in models] + aliases]
+
+
+class ModelHandler(ModelsHandler):
+    async def get(self, model: str) -> None:
+        for entry in await self.models():
+            if entry["id"] == model:
+                return self.write_json(entry)
+        raise ApiError(404, f"the model '{model}' does not exist here (see GET /v1/models)",
+                       code="model_not_found", param="model")
 
 
 class TreeHandler(ApiHandler):

@@ -1,91 +1,95 @@
-"""Reading OpenAI request bodies into the tree's `Request` (no I/O; used by the API handlers).
+"""Reading OpenAI request bodies into the tree's requests (no I/O; used by the API handlers).
 
-`parse_chat(body)` and `parse_completion(body)` return a `Parsed`: the core request dict (already
-validated by `broker.protocol.Request`, so a bad request never reaches the tree), whether to
-stream, whether to add a usage chunk, and the per-request deadline. They raise `ApiError(400)`
+`parse_chat(body)` and `parse_completion(body)` return a `Parsed`: one core request dict per
+choice (validated by `broker.request.Request`, so a bad request never reaches the tree), and how
+to answer (stream, usage chunk, deadline, echo, logprobs, tool calls). They raise `ApiError(400)`
 naming the offending field.
 
-Field policy (docs/http-api.md): the fields we implement are used; treechat's extensions are
-`top_k`, `ignore_eos` and `timeout` (seconds); documented OpenAI fields we do not implement are
-accepted only at their neutral value (`n: 1`, `logprobs: false`, `presence_penalty: 0`, `user`,
-`metadata`, ...) so the official clients work unchanged, and refused otherwise; any other field
-is refused. A field sent as `null` counts as absent, as in OpenAI's API.
+`n` choices (and each prompt of a completions batch) are separate requests in the tree, each its
+own sample: with a `seed`, choice i gets seed + i, so the whole response repeats.
+
+The field policy (the table in docs/http-api.md): a field we implement is used; a documented
+OpenAI field that changes nothing here (`user`, `store`, `metadata`, `service_tier`, ...) is
+accepted and ignored; a documented field that would change the answer in a way we do not
+implement (audio output, `suffix`, `best_of` above `n`, ...) is a 400 naming it; any other field
+is a 400 `unknown_field` — at every level, a message's own fields included. A field sent as
+`null` counts as absent, as in OpenAI's API.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-from broker.protocol import BadRequest, Request
+from broker.request import MAX_LOGPROBS, SEED_RANGE, BadRequest, Request
 from gateways.http.errors import bad_request
+
+MAX_CHOICES = 16  # n
+MAX_REQUESTS = 64  # n x prompts in one body: each is a request in the tree
 
 
 @dataclass(slots=True)
 class Parsed:
-    request: dict  # the core request: messages | prompt, max_tokens, temperature, ...
+    requests: list[dict]  # one core request per choice, in choice order
     stream: bool
     include_usage: bool
     timeout: float | None
     model: str | None
+    n: int = 1  # choices per prompt (prompt i's choices are requests[i * n:(i + 1) * n])
+    echo: list[str | None] = field(default_factory=list)  # per choice: the prompt text to echo
+    logprobs: bool = False  # the answer carries logprobs
 
 
 def _always(_v: Any) -> bool:
     return True
 
 
-def _is(value) -> Callable[[Any], bool]:
-    return lambda v: v == value and type(v) is type(value)
+def _is(*values) -> Callable[[Any], bool]:
+    return lambda v: any(v == value and type(v) is type(value) for value in values)
 
 
-def _zero(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+def _string(v: Any) -> bool:
+    return isinstance(v, str)
 
 
-# documented OpenAI fields we do not implement -> (is the value neutral?, what we accept)
-NEUTRAL_COMMON: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (_is(1), "1"),
-    "frequency_penalty": (_zero, "0"),
-    "presence_penalty": (_zero, "0"),
-    "logit_bias": (_is({}), "{}"),
-    "user": (lambda v: isinstance(v, str), "any string (ignored)"),
+# Documented OpenAI fields that change nothing here -> (is the value harmless?, what we accept)
+IGNORED_COMMON: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "user": (_string, "any string (ignored)"),
 }
-NEUTRAL_CHAT = {
-    **NEUTRAL_COMMON,
-    "logprobs": (_is(False), "false"),
-    "top_logprobs": (_zero, "0"),
-    "store": (_is(False), "false"),
+IGNORED_CHAT = {
+    **IGNORED_COMMON,
+    "store": (_always, "any value (nothing is stored)"),
     "metadata": (lambda v: isinstance(v, dict), "any object (ignored)"),
-    "parallel_tool_calls": (lambda v: isinstance(v, bool), "true or false (no tools here)"),
-    "tools": (_is([]), "[]"),
-    "tool_choice": (lambda v: v in ("none", "auto"), "'none' or 'auto'"),
-    "functions": (_is([]), "[]"),
-    "function_call": (lambda v: v in ("none", "auto"), "'none' or 'auto'"),
-    "response_format": (_is({"type": "text"}), '{"type": "text"}'),
+    "service_tier": (_string, "any string (one tier here)"),
+    "safety_identifier": (_string, "any string (ignored)"),
+    "prompt_cache_key": (_string, "any string (ignored)"),
+    "reasoning_effort": (_string, "any string (no reasoning model here)"),
+    "verbosity": (_string, "any string (ignored)"),
     "modalities": (_is(["text"]), '["text"]'),
-    "service_tier": (lambda v: v in ("auto", "default"), "'auto' or 'default'"),
-    "safety_identifier": (lambda v: isinstance(v, str), "any string (ignored)"),
-    "prompt_cache_key": (lambda v: isinstance(v, str), "any string (ignored)"),
+    "prediction": (lambda v: isinstance(v, dict), "any object (a latency hint; ignored)"),
+    "functions": (_is([]), "[] (use 'tools')"),
+    "function_call": (_is("none", "auto"), "'none' or 'auto' (use 'tool_choice')"),
 }
-NEUTRAL_COMPLETION = {
-    **NEUTRAL_COMMON,
-    "best_of": (_is(1), "1"),
-    "echo": (_is(False), "false"),
-    "logprobs": (_zero, "0"),
-    "suffix": (_is(""), '""'),
-}
+IGNORED_COMPLETION = {**IGNORED_COMMON}
 
-# OpenAI fields used as they are, plus treechat's extensions (top_k, ignore_eos)
-PASSED = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "ignore_eos", "model")
-CHAT_FIELDS = {"messages", "max_completion_tokens", "stream", "stream_options", "timeout", *PASSED}
-COMPLETION_FIELDS = {"prompt", "stream", "stream_options", "timeout", *PASSED}
-STREAM_OPTIONS = {"include_usage", "include_obfuscation"}
+# OpenAI fields used as they are, plus treechat's extensions (top_k, min_p, ignore_eos,
+# repetition_penalty; `timeout` is the gateway's own)
+PASSED = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed", "ignore_eos",
+          "model", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+          "response_format")
+COMMON_FIELDS = {"stream", "stream_options", "timeout", "n", *PASSED}
+CHAT_FIELDS = {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
+               "tool_choice", "parallel_tool_calls", *COMMON_FIELDS}
+COMPLETION_FIELDS = {"prompt", "echo", "logprobs", "best_of", "suffix", *COMMON_FIELDS}
+STREAM_OPTIONS = {"include_usage", "include_obfuscation", "continuous_usage_stats"}
 REQUEST_FIELDS = tuple(f.name for f in fields(Request))  # Request.to_dict's keys, in its order
 
 
 def parse_chat(body: Any) -> Parsed:
     body = _object(body)
-    _check_fields(body, CHAT_FIELDS, NEUTRAL_CHAT)
+    if "audio" in body and body.get("modalities", ["text"]) == ["text"]:
+        body.pop("audio")  # audio settings without audio output change nothing
+    _check_fields(body, CHAT_FIELDS, IGNORED_CHAT)
     core = {k: body[k] for k in PASSED if k in body}
     core["messages"] = _messages(body.get("messages"))
     limit = body.get("max_completion_tokens")
@@ -97,20 +101,73 @@ def parse_chat(body: Any) -> Parsed:
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise bad_request("max_completion_tokens",
                               "'max_completion_tokens' must be a positive integer")
-    return _finish(body, core)
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        if name in body:
+            core[name] = body[name]
+    wants = body.get("logprobs", False)
+    if not isinstance(wants, bool):
+        raise bad_request("logprobs", "'logprobs' must be true or false (and 'top_logprobs' "
+                                      "the number of alternatives)")
+    top = body.get("top_logprobs")
+    if top == 0 and not wants and type(top) is int:
+        top = None  # what some clients send by default: no logprobs asked
+    if top is not None:
+        if not wants:
+            raise bad_request("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS:
+            raise bad_request("top_logprobs", f"'top_logprobs' must be an integer from 0 to "
+                                              f"{MAX_LOGPROBS}")
+        core["logprobs"] = top
+    elif wants:
+        core["logprobs"] = 0
+    n = _choices(body)
+    return _finish(body, [core], n, [None], wants)
 
 
 def parse_completion(body: Any) -> Parsed:
     body = _object(body)
-    _check_fields(body, COMPLETION_FIELDS, NEUTRAL_COMPLETION)
-    core = {k: body[k] for k in PASSED if k in body}
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # a batch of one, as some clients send it
-    if not isinstance(prompt, str):
-        raise bad_request("prompt", "'prompt' must be a string (or a list holding one string)")
-    core["prompt"] = prompt
-    return _finish(body, core)
+    _check_fields(body, COMPLETION_FIELDS, IGNORED_COMPLETION)
+    if body.get("suffix", "") != "":
+        raise bad_request("suffix", "'suffix' (insertion) is not supported by this server")
+    n = _choices(body)
+    best_of = body.get("best_of", n)
+    if best_of != n:
+        raise bad_request("best_of", "'best_of' must equal 'n' here (each choice is its own "
+                                     "sample; none is discarded)")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise bad_request("echo", "'echo' must be true or false")
+    base = {k: body[k] for k in PASSED if k in body}
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) \
+                or not 0 <= logprobs <= MAX_LOGPROBS:
+            raise bad_request("logprobs", f"'logprobs' must be an integer from 0 to "
+                                          f"{MAX_LOGPROBS} (alternatives per token)")
+        base["logprobs"] = logprobs
+    cores, texts = [], []
+    for prompt in _prompts(body.get("prompt")):
+        core = {**base, "prompt": prompt}
+        if echo and (logprobs is not None or not isinstance(prompt, str)):
+            core["prompt_logprobs"] = logprobs or 0  # the prompt's tokens come back with text
+        cores.append(core)
+        texts.append(prompt if echo and isinstance(prompt, str) else ("" if echo else None))
+    return _finish(body, cores, n, texts, logprobs is not None)
+
+
+def _prompts(prompt: Any) -> list:
+    """OpenAI's four prompt forms: a string, a list of strings, token ids, lists of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, list) and p for p in prompt):
+            return list(prompt)
+    raise bad_request("prompt", "'prompt' must be a string, a list of strings, a list of token "
+                                "ids or a list of such lists")
 
 
 def _object(body: Any) -> dict:
@@ -119,19 +176,26 @@ def _object(body: Any) -> dict:
     return {k: v for k, v in body.items() if v is not None}  # null means absent
 
 
-def _check_fields(body: dict, known: set[str], neutral: dict) -> None:
-    if "n" in body and body["n"] != 1:
-        raise bad_request("n", "only n=1 is supported")
+def _check_fields(body: dict, known: set[str], ignored: dict) -> None:
     for name in sorted(body):
         if name in known:
             continue
-        if name in neutral:
-            ok, accepted = neutral[name]
+        if name in ignored:
+            ok, accepted = ignored[name]
             if not ok(body[name]):
                 raise bad_request(name, f"'{name}' is not supported by this server; "
                                         f"it accepts only {accepted} here")
             continue
+        if name == "audio":
+            raise bad_request(name, "audio output is not supported by this server")
         raise bad_request(name, f"unknown field '{name}'", code="unknown_field")
+
+
+def _choices(body: dict) -> int:
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise bad_request("n", f"'n' must be an integer from 1 to {MAX_CHOICES}")
+    return n
 
 
 def _messages(messages: Any) -> Any:
@@ -143,8 +207,10 @@ def _messages(messages: Any) -> Any:
         if isinstance(m, dict) and isinstance(m.get("content"), list):
             texts = []
             for j, part in enumerate(m["content"]):
-                if not isinstance(part, dict) or part.get("type") != "text" \
-                        or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "refusal" and m.get("role") == "assistant":
+                    continue  # a replayed refusal changes nothing
+                if kind != "text" or not isinstance(part.get("text"), str):
                     raise bad_request(f"messages[{i}].content[{j}]",
                                       "only text content parts are supported")
                 texts.append(part["text"])
@@ -153,11 +219,14 @@ def _messages(messages: Any) -> Any:
     return out
 
 
-def _finish(body: dict, core: dict) -> Parsed:
+def _finish(body: dict, cores: list[dict], n: int, echo: list, logprobs: bool) -> Parsed:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_request("stream", "'stream' must be true or false")
-    options = body.get("stream_options", {})
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise bad_request("stream_options", "'stream_options' is only allowed with 'stream': true")
+    options = options or {}
     if not isinstance(options, dict):
         raise bad_request("stream_options", "'stream_options' must be an object")
     for key in options:
@@ -172,13 +241,33 @@ def _finish(body: dict, core: dict) -> Parsed:
                                 or not 0 < timeout <= 86400):
         raise bad_request("timeout",
                           "'timeout' must be a number of seconds above 0 (at most 86400)")
+    if len(cores) * n > MAX_REQUESTS:
+        raise bad_request("n", f"at most {MAX_REQUESTS} choices in all (prompts x n) per request")
+    requests, texts = [], []
+    for core, text in zip(cores, echo):
+        checked = _checked(core)
+        for i in range(n):
+            request = dict(checked)
+            if n > 1 and "seed" in request:
+                request["seed"] = _derived_seed(request["seed"], i)
+            requests.append(request)
+            texts.append(text)
+    return Parsed(requests=requests, stream=stream, include_usage=stream and include_usage,
+                  timeout=timeout, model=cores[0].get("model"), n=n, echo=texts,
+                  logprobs=logprobs)
+
+
+def _checked(core: dict) -> dict:
     try:
         checked = Request.from_dict(core)
     except BadRequest as e:
-        raise bad_request(e.param, e.message) from None
+        raise bad_request(e.param, e.message, code=e.kind) from None
     # Request.to_dict without its deep copy (dataclasses.asdict): every value here was built
     # from this body alone, and the dict is only serialized, never changed.
-    request = {name: value for name in REQUEST_FIELDS
-               if (value := getattr(checked, name)) is not None}
-    return Parsed(request=request, stream=stream, include_usage=stream and include_usage,
-                  timeout=timeout, model=core.get("model"))
+    return {name: value for name in REQUEST_FIELDS if (value := getattr(checked, name)) is not None}
+
+
+def _derived_seed(seed: int, i: int) -> int:
+    """Choice i's seed: seed + i, wrapped into OpenAI's signed 64-bit range."""
+    lo, hi = SEED_RANGE
+    return (seed + i - lo) % (hi - lo + 1) + lo

@@ -1,17 +1,21 @@
-"""`RelayHandler`: one HTTP request relayed to the tree as one request, and its events back.
+"""`RelayHandler`: one HTTP request relayed to the tree as one request per choice, events back.
 
-The handler owns one `broker.client.Stream` (the per-request queue the root client's reader fills)
-and consumes it: `open_stream` submits and waits for the root's answer (accepted, or a refusal
-such as `overloaded` that becomes an HTTP error before any byte is sent); `collect` gathers a
-whole answer. A closed client connection cancels the request down the tree, and the handler still
-reads the stream to its final event so the metrics stay right. SIGTERM waits for the handlers
-registered in `Gateway.active`.
+The handler owns its `broker.client.Stream`s (the per-request queues the root client's reader
+fills), one per choice (`n`, and each prompt of a completions batch). `open_streams` submits them
+all and waits for the root's answer to each (accepted, or a refusal such as `overloaded` that
+becomes an HTTP error before any byte is sent, the others cancelled); `next_event` yields
+(choice index, event) until every stream ended. A closed client connection cancels every request
+down the tree, and the handler still reads the streams to their final events so the metrics stay
+right. SIGTERM waits for the handlers registered in `Gateway.active`.
 
-Events come from `Stream.next`, which takes what is already queued without suspending, so a batch
-of deltas the root sent together is written in one go and flushed once.
+One stream (the usual case) is read directly with `Stream.next`, which takes what is already
+queued without suspending, so a batch of deltas the root sent together is written in one go and
+flushed once. Several streams are merged through one queue, a small task per stream.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from tornado.iostream import StreamClosedError
 
@@ -25,64 +29,86 @@ DRAIN_WAIT = 10.0  # seconds to wait for a cancelled request's final event
 
 
 class RelayHandler(BodyHandler):
-    stream: Stream | None = None
-    tracker: Tracker | None = None
+    streams: list[Stream] = []
+    trackers: list[Tracker] = []
+    merged: asyncio.Queue | None = None
+    open = 0  # streams that have not ended yet
     client_gone = False
 
-    async def open_stream(self, request: dict, timeout: float | None) -> Stream:
-        """Submit `request`; return its stream once the root accepted it, or raise ApiError."""
+    @property
+    def stream(self) -> Stream | None:
+        return self.streams[0] if self.streams else None
+
+    async def open_streams(self, requests: list[dict], timeout: float | None) -> None:
+        """Submit every request; return once the root accepted them all, or raise ApiError."""
         client = self.gw.client
         if not client.connected:
             raise root_unreachable()
-        self.tracker = self.gw.metrics.track()
-        self.stream = client.submit(request, timeout=timeout or self.gw.cfg.request_timeout)
+        deadline = timeout or self.gw.cfg.request_timeout
+        self.trackers = [self.gw.metrics.track() for _ in requests]
+        self.streams = [client.submit(r, timeout=deadline) for r in requests]
+        self.open = len(self.streams)
         self.gw.enter(self)
-        first = await self.receive(ACCEPT_WAIT)
-        if first is None:
-            self.stream.cancel()
-            self.tracker.error("root_lost")
-            raise root_unreachable()
-        if first.kind == "error":
-            raise self.failed(first)
-        return self.stream
+        firsts = await asyncio.gather(*(s.next(ACCEPT_WAIT) for s in self.streams))
+        failure = None
+        for i, first in enumerate(firsts):
+            if first is None:
+                self.streams[i].cancel()
+                self.trackers[i].error("root_lost")
+                failure = failure or root_unreachable()
+            elif first.kind == "error":
+                self.open -= 1
+                failure = failure or self.failed(first, i)
+        if failure is not None:
+            self.cancel_all()
+            raise failure
+        if len(self.streams) > 1:
+            self.merged = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            self.pumps = [loop.create_task(self._pump(i, s)) for i, s in enumerate(self.streams)]
 
-    def failed(self, ev: Event) -> ApiError:
-        self.tracker.error(ev.code or "error")
+    async def _pump(self, index: int, stream: Stream) -> None:
+        async for ev in stream:
+            self.merged.put_nowait((index, ev))
+
+    def failed(self, ev: Event, index: int = 0) -> ApiError:
+        self.trackers[index].error(ev.code or "error")
         return from_core(ev.code, ev.message, ev.retry_after)
 
-    async def collect(self) -> tuple[str, Event]:
-        """The whole answer and its final "done" event; an "error" event raises ApiError."""
-        parts = []
-        while True:
-            ev = await self.next_event(None)
-            if ev.kind == "delta":
-                parts.append(ev.text)
-                self.tracker.delta(ev.tokens)
-            elif ev.kind == "done":
-                self.finished(ev)
-                return "".join(parts), ev
-            elif ev.kind == "error":
-                raise self.failed(ev)
-
-    async def next_event(self, timeout: float | None) -> Event | None:
-        """The next event; after the client left, at most DRAIN_WAIT for the cancelled final."""
+    async def next_event(self, timeout: float | None) -> tuple[int, Event] | None:
+        """The next (choice, event); None after `timeout` seconds of quiet. After the client
+        left, at most DRAIN_WAIT for the cancelled finals."""
         if self.client_gone:
-            ev = await self.receive(DRAIN_WAIT)
-            if ev is None:  # the root never confirmed the cancel; stop waiting on it
-                return Event("error", code="client_gone", message="the client went away")
-            return ev
-        return await self.receive(timeout)
+            got = await self.receive(DRAIN_WAIT)
+            if got is None:  # the root never confirmed the cancel; stop waiting on it
+                return -1, Event("error", code="client_gone", message="the client went away")
+        else:
+            got = await self.receive(timeout)
+        if got is not None and got[1].final:
+            self.open -= 1
+        return got
 
-    async def receive(self, timeout: float | None) -> Event | None:
-        """The stream's next event, or None after `timeout` seconds."""
-        return await self.stream.next(timeout)
+    async def receive(self, timeout: float | None) -> tuple[int, Event] | None:
+        if self.merged is None:
+            ev = await self.streams[0].next(timeout)
+            return None if ev is None else (0, ev)
+        if not self.merged.empty() or timeout is None:
+            return await self.merged.get()
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.merged.get()
+        except TimeoutError:
+            return None
 
-    def finished(self, ev: Event) -> None:
-        self.tracker.done(ev.finish_reason or "stop", ev.prompt_tokens, ev.completion_tokens,
-                          self.client_gone)
+    def delta(self, index: int, ev: Event) -> None:
+        self.trackers[index].delta(ev.tokens)
+
+    def finished(self, index: int, ev: Event) -> None:
+        self.trackers[index].done(ev.finish_reason or "stop", ev.prompt_tokens,
+                                  ev.completion_tokens, self.client_gone)
 
     async def send(self) -> bool:
-        """Flush what was written; False (and the request cancelled) when the client is gone."""
+        """Flush what was written; False (and the requests cancelled) when the client is gone."""
         if self.client_gone:
             return False
         try:
@@ -92,17 +118,20 @@ class RelayHandler(BodyHandler):
             self.on_connection_close()
             return False
 
+    def cancel_all(self) -> None:
+        for stream in self.streams:
+            if not stream.finished:
+                stream.cancel()
+
     def on_connection_close(self) -> None:
         self.client_gone = True
-        if self.stream is not None and not self.stream.finished:
-            self.stream.cancel()
+        self.cancel_all()
 
     def on_finish(self) -> None:
         self.release()
 
     def release(self) -> None:
-        if self.stream is not None and not self.stream.finished:
-            self.stream.cancel()  # e.g. an unexpected error mid-way: never leave work in the tree
-        if self.tracker is not None:
-            self.tracker.error("unfinished")  # no-op when the request already ended
+        self.cancel_all()  # e.g. an unexpected error mid-way: never leave work in the tree
+        for tracker in self.trackers:
+            tracker.error("unfinished")  # no-op when the request already ended
         self.gw.leave(self)

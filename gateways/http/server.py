@@ -9,9 +9,9 @@ StatusReply, Heartbeat in). Routes:
     GET  /static/...            the files of web/
     POST /v1/chat/completions   OpenAI chat completions, streamed (SSE) or whole  (completions.py)
     POST /v1/completions        OpenAI text completions                          (completions.py)
-    GET  /v1/models, /v1/tree   models served, the live tree                     (info.py)
+    GET  /v1/models[/ID], /v1/tree   models served, one model, the live tree     (info.py)
     POST /arranca               the original JSON contract, XSRF-protected       (arranca.py)
-    GET  /healthz, /readyz, /metrics
+    GET  /healthz (/health), /readyz, /metrics
 
 SIGTERM: stop accepting connections, refuse new requests (503 shutting_down), let open requests
 and streams finish for up to `--grace` seconds, close the rest, exit 0.
@@ -44,8 +44,8 @@ from broker.quiet import Quiet
 from gateways.http.arranca import ArrancaHandler
 from gateways.http.base import Gateway, GatewayConfig, NotFoundHandler
 from gateways.http.completions import ChatCompletionsHandler, CompletionsHandler
-from gateways.http.info import (HealthHandler, IndexHandler, MetricsHandler, ModelsHandler,
-                                ReadyHandler, TreeHandler)
+from gateways.http.info import (HealthHandler, IndexHandler, MetricsHandler, ModelHandler,
+                                ModelsHandler, ReadyHandler, TreeHandler)
 from gateways.http.metrics import Metrics
 from gateways.http.treeview import TreeView
 from broker.errors import Fatal
@@ -148,6 +148,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arranca-max-tokens", type=int, default=256,
                    help="longest answer of POST /arranca, in tokens (default 256)")
     p.add_argument("--web-dir", default=str(DEFAULT_WEB), help="the chat page's folder")
+    p.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
+                   help="another name the tree's default model answers to (repeatable); "
+                        "other unknown names stay 404")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let pages of ORIGIN (https://host[:port], or *) call the API: CORS "
+                        "(repeatable; default none)")
     g = p.add_argument_group("connections")
     g.add_argument("--header-timeout", type=float, default=30.0,
                    help="seconds a connection may take to send a request's head; also how long "
@@ -178,7 +184,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(api_keys=frozenset(keys), max_body=args.max_body,
                          request_timeout=args.request_timeout or None, keepalive=args.keepalive,
                          grace=args.grace, arranca_max_tokens=args.arranca_max_tokens,
-                         web_dir=args.web_dir)
+                         web_dir=args.web_dir,
+                         served_names=tuple(dict.fromkeys(args.served_model_name or [])),
+                         allowed_origins=frozenset(args.allowed_origin or []))
 
 
 def make_app(client: RootClient, settings: GatewayConfig, metrics: Metrics | None = None,
@@ -191,11 +199,13 @@ def make_app(client: RootClient, settings: GatewayConfig, metrics: Metrics | Non
     routes = [
         (r"/", IndexHandler, a),
         (r"/healthz", HealthHandler, a),
+        (r"/health", HealthHandler, a),  # vLLM's name
         (r"/readyz", ReadyHandler, a),
         (r"/metrics", MetricsHandler, a),
         (r"/v1/chat/completions", ChatCompletionsHandler, a),
         (r"/v1/completions", CompletionsHandler, a),
         (r"/v1/models", ModelsHandler, a),
+        (r"/v1/models/(.+)", ModelHandler, a),
         (r"/v1/tree", TreeHandler, a),
         (r"/arranca", ArrancaHandler, a),
     ]

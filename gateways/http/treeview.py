@@ -75,24 +75,30 @@ def is_ready(status: dict | None) -> bool:
     return bool(serving_nodes(status)) and bool(status.get("root", {}).get("children"))
 
 
-async def resolve_model(tree: TreeView, model: str | None) -> str:
-    """The model a request will run on, checked against what the tree serves right now.
+async def resolve_model(tree: TreeView, model: str | None,
+                        served: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """(the name the response shows, the tree model the request must run on or None for any).
 
-    Raises 503 when the root or every node is unreachable, 404 `model_not_found` for a model no
-    node serves. A miss on the cached status asks the root again: a node may have just joined."""
+    Checked against what the tree serves right now, plus the names `--served-model-name` gives
+    the tree's default model. Raises 503 when the root or every node is unreachable, 404
+    `model_not_found` for any other name. A miss on the cached status asks the root again: a
+    node may have just joined."""
     status = await tree.recent(max_age=tree.every * 1.5)
     if status is None:
         raise root_unreachable()
     models = models_of(status)
-    if not models or (model is not None and model not in models):
+    if not models or (model is not None and model not in models and model not in served):
         status = await tree.refresh() or status
         models = models_of(status)
     if not models:
         raise no_node()
     if model is None:
-        return models[0]
-    if model not in models:
-        raise ApiError(404, f"the model '{model}' does not exist here; this server serves: "
-                            f"{', '.join(models)} (see GET /v1/models)",
-                       code="model_not_found", param="model")
-    return model
+        return models[0], None
+    if model in models:
+        return model, model
+    if model in served:
+        return model, models[0]
+    names = models + [n for n in served if n not in models]
+    raise ApiError(404, f"the model '{model}' does not exist here; this server serves: "
+                        f"{', '.join(names)} (see GET /v1/models)",
+                   code="model_not_found", param="model")

@@ -20,6 +20,7 @@ import logging
 import secrets
 
 from broker.client import RootClient, Stream
+from gateways import tools
 from gateways.tcp_mobile.protocol import Code, LineError, Resume, Submit, delta_line, done_line, \
     error_line
 
@@ -31,12 +32,13 @@ FINISHED_KEPT = 32  # finished requests a session keeps: a final lost in flight 
 class Tracked:
     """One request of a session: where its answer stands."""
 
-    __slots__ = ("id", "stream", "resumable", "parts", "length", "final", "task")
+    __slots__ = ("id", "stream", "resumable", "parts", "length", "final", "task", "tools")
 
-    def __init__(self, rid: str, stream: Stream, resumable: bool):
+    def __init__(self, rid: str, stream: Stream, resumable: bool, request: dict | None = None):
         self.id = rid
         self.stream = stream
         self.resumable = resumable
+        self.tools = tools.mode_of(request or {})  # (mode, function): how to read tool calls
         self.parts: list[str] = []
         self.length = 0  # characters (code points) produced so far
         self.final: dict | None = None
@@ -78,7 +80,7 @@ class Session:
                             cmd.id)
         self.requests.pop(cmd.id, None)  # a finished request's id may be used again
         t = Tracked(cmd.id, self.sessions.client.submit(cmd.request, timeout=cmd.timeout),
-                    cmd.resumable)
+                    cmd.resumable, cmd.request)
         self.requests[cmd.id] = t
         t.task = asyncio.get_running_loop().create_task(self.pump(t))
 
@@ -90,14 +92,26 @@ class Session:
 
     async def pump(self, t: Tracked) -> None:
         async for ev in t.stream:
-            if ev.kind == "delta" and ev.text:
+            if ev.kind == "delta" and ev.tokens == 0 and ev.logprobs is not None:
+                self.deliver(t, {"id": t.id, "prompt_logprobs": ev.logprobs})
+            elif ev.kind == "delta" and (ev.text or ev.logprobs):
                 offset = t.length
                 t.parts.append(ev.text)
                 t.length += len(ev.text)
-                self.deliver(t, delta_line(t.id, ev.text, offset))
+                line = delta_line(t.id, ev.text, offset)
+                if ev.logprobs:
+                    line["logprobs"] = ev.logprobs
+                self.deliver(t, line)
             elif ev.kind == "done":
-                self.finish(t, done_line(t.id, ev.finish_reason, "".join(t.parts),
-                                         ev.prompt_tokens, ev.completion_tokens))
+                text = "".join(t.parts)
+                line = done_line(t.id, ev.finish_reason, text, ev.prompt_tokens,
+                                 ev.completion_tokens)
+                mode, name = t.tools
+                if mode is not None:
+                    line["tool_calls"] = tools.parse(mode, name, text)[1]
+                    if line["tool_calls"] and ev.finish_reason == "stop":
+                        line["finish_reason"] = "tool_calls"
+                self.finish(t, line)
             elif ev.kind == "error":
                 self.finish(t, error_line(t.id, ev.code, ev.message, ev.retry_after))
 

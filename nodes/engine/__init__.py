@@ -55,4 +55,6 @@ def make_engine(args: argparse.Namespace) -> Engine | None:
         from nodes.engine.fake import FakeEngine
         return FakeEngine(slots=args.max_slots or 4, delay=args.fake_delay)
     from nodes.engine.hf import HFEngine  # imports torch: only for nodes that run a model
-    return HFEngine.from_args(args)
+    engine = HFEngine.from_args(args)
+    engine.warm()
+    return engine

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from broker.protocol import ErrorCode, FinishReason
-from nodes.engine import models
+from nodes.engine import grammar, models, prompt
 from nodes.engine.base import Engine, EngineError, EngineRequest, Finish, StepOutput
 from nodes.engine.detok import Detokenizer
 from nodes.engine.quant import MODES
@@ -79,10 +79,10 @@ class Seq:
     """One request inside the engine."""
 
     __slots__ = ("rid", "feed", "prompt_tokens", "limit", "reserve", "tokens", "sampling",
-                 "ignore_eos", "detok", "row", "length", "matcher", "cached")
+                 "ignore_eos", "detok", "row", "length", "matcher", "cached", "prompt_logprobs")
 
     def __init__(self, rid, prompt_ids, resume_ids, limit, params, ignore_eos, detok,
-                 matcher=None):
+                 matcher=None, prompt_logprobs=None):
         self.rid = rid
         self.feed = prompt_ids + resume_ids  # what the prefill writes into the cache
         self.prompt_tokens = len(prompt_ids)
@@ -96,6 +96,7 @@ class Seq:
         self.length = 0  # tokens written in the cache
         self.matcher = matcher
         self.cached = 0  # prompt tokens copied from a cached prefix (prefix.py)
+        self.prompt_logprobs = prompt_logprobs  # k: the prompt's own logprobs first (echo)
 
 
 class HFEngine(Engine):
@@ -152,6 +153,12 @@ class HFEngine(Engine):
 
     # --- the event loop's side ---------------------------------------------------------------------
 
+    def warm(self) -> None:
+        """Work a node does once before it serves, off its event loop: llguidance's view of the
+        tokenizer (~0.5 s holding the GIL, which at the first constrained request would stall
+        the node's heartbeats)."""
+        grammar.prepare(self.tokenizer, self.vocab)
+
     def start(self, loop, emit) -> None:
         self._loop, self._emit = loop, emit
         self._stopping = False
@@ -184,12 +191,27 @@ class HFEngine(Engine):
             detok.add(t)
         detok.find_stop()
         detok.sent = min(len(er.resume_text), len(detok.text))
+        matcher = self.matcher(er)
         self._inbox.put(("submit", Seq(er.rid, prompt_ids, list(er.resume_ids), limit,
-                                       self.sampling_params(req), req.ignore_eos, detok)))
+                                       self.sampling_params(req), req.ignore_eos, detok,
+                                       matcher, req.prompt_logprobs)))
+
+    def matcher(self, er: EngineRequest) -> grammar.Matcher | None:
+        """The request's grammar (JSON answers, forced tool calls), with the resumed tokens
+        replayed through it, so a resumed answer goes on exactly where the lost node left it."""
+        matcher = grammar.compile_for(er.request, self.tokenizer, self.vocab)
+        if matcher is not None and not all(matcher.accept(t) for t in er.resume_ids):
+            raise EngineError(ErrorCode.BAD_REQUEST, "the resumed answer does not match its "
+                                                     "grammar")
+        return matcher
 
     def sampling_params(self, req) -> SamplingParams:
         temperature, top_p = self.sampling_defaults
         bias = {int(t): float(b) for t, b in (req.logit_bias or {}).items()}
+        if bias and max(bias) >= self.vocab:
+            raise EngineError(ErrorCode.BAD_REQUEST, (
+                f"logit_bias names token id {max(bias)}, but this model's vocabulary has "
+                f"{self.vocab} tokens"))
         return SamplingParams(
             temperature if req.temperature is None else req.temperature,
             top_p if req.top_p is None else req.top_p, req.top_k, req.seed,
@@ -213,8 +235,15 @@ class HFEngine(Engine):
                 "quantization": self.quantization, "kv_budget": self.kv_budget}
 
     def tokenize(self, req) -> list[int]:
-        """Prompt token ids: the chat template applied to `messages`, or the plain `prompt`.
-        An empty prompt is the start-of-text token alone (there must be something to continue)."""
+        """Prompt token ids: the chat template applied to `messages` (tools included, see
+        prompt.py), the plain `prompt`, or the prompt's own token ids. An empty prompt is the
+        start-of-text token alone (there must be something to continue)."""
+        if isinstance(req.prompt, list):
+            if max(req.prompt) >= self.vocab:
+                raise EngineError(ErrorCode.BAD_REQUEST, (
+                    f"the prompt holds token id {max(req.prompt)}, but this model's vocabulary "
+                    f"has {self.vocab} tokens (ids 0 to {self.vocab - 1})"))
+            return list(req.prompt)
         with self._tok_lock:
             if req.prompt is not None:
                 ids = self.tokenizer.encode(req.prompt)
@@ -224,9 +253,11 @@ class HFEngine(Engine):
                     raise EngineError(ErrorCode.BAD_REQUEST, (
                         f"the model {self.model} has no chat template: send a plain 'prompt', or "
                         "start the node with --chat-template FILE"))
-                text = self.tokenizer.apply_chat_template(
-                    req.messages, chat_template=template, add_generation_prompt=True,
-                    tokenize=False)
+                try:
+                    text = prompt.render(self.tokenizer, template, req.messages,
+                                         req.tools_offered())
+                except prompt.TemplateError as e:
+                    raise EngineError(ErrorCode.BAD_REQUEST, str(e)) from None
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
         if not ids:
             start = self.tokenizer.bos_token_id

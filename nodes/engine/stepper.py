@@ -27,6 +27,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from broker.protocol import ErrorCode, FinishReason
 from nodes.engine.base import Finish, StepOutput
 from nodes.engine.prefix import MIN_REUSE, PrefixStore, cached_tokens, common_prefix
@@ -163,6 +165,9 @@ class Stepper:
         for seq, st, n in chunks:
             seq.length = st + n
         self.decoding += len(done)  # they are rows D.. in order: they join the decode run
+        for seq in done:
+            if seq.prompt_logprobs is not None and not seq.tokens:  # echo: the prompt's own
+                out.tokens.append((seq.rid, "", [], self.prompt_logprobs(seq)))
         drawn = decode + done
         if not drawn:
             return
@@ -184,6 +189,7 @@ class Stepper:
             reason = FinishReason.STOP  # the structure is complete (or could not continue)
         if tok in self.e.eos_ids and not seq.ignore_eos:
             reason = FinishReason.STOP
+            lp = None  # the end of the answer is no part of it: no logprob, no empty delta
         else:
             d.add(tok)
             if d.find_stop():
@@ -195,6 +201,30 @@ class Stepper:
             item += ([self.e.token_logprobs(tok, lp)],)
         out.tokens.append(item)
         return reason
+
+    def prompt_logprobs(self, seq) -> list:
+        """Every prompt token's logprobs entry (the first has none: nothing comes before it),
+        from one more forward over the whole prompt, which rewrites the row's keys and values
+        with the same numbers. Only completions' echo with logprobs asks for it."""
+        ids = seq.feed[:seq.prompt_tokens]
+        dev, runner = self.e.device, self.runner
+        if hasattr(runner, "net"):  # the transformers fallback: a plain forward, no cache
+            logits = runner.net(input_ids=torch.tensor([ids], device=dev), use_cache=False).logits[0]
+        else:
+            from nodes.engine.llama import Batch, Chunk
+            batch = Batch(ids=torch.tensor(ids, dtype=torch.long, device=dev),
+                          pos=torch.arange(len(ids), device=dev), decode=0,
+                          chunks=[Chunk(seq.row, 0, len(ids))])
+            logits = runner.model.forward(runner.model.prepare(batch), self.cache)
+        lp = torch.log_softmax(logits[:-1, :self.e.vocab].float(), dim=-1)
+        k = seq.prompt_logprobs
+        chosen = lp.gather(1, torch.tensor(ids[1:], device=dev)[:, None])[:, 0].tolist()
+        top_v, top_i = (t.tolist() for t in lp.topk(k, dim=-1)) if k else ([], [])
+        entries = [self.e.token_logprobs(ids[0], (None, []))]
+        for j, tok in enumerate(ids[1:]):
+            alts = list(zip(top_i[j], top_v[j])) if k else []
+            entries.append(self.e.token_logprobs(tok, (chosen[j], alts)))
+        return entries
 
     # --- leaving ---------------------------------------------------------------------------------
 
