@@ -377,3 +377,34 @@ def test_layer_stack_in_one_call_equals_the_op_by_op_path(tmp_path, kind, mode):
                       chunks=[Chunk(1, 0, 2)])
             outs.append(model.forward(model.prepare(b), cache))
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+
+
+@pytest.mark.timeout(120)
+def test_fallback_runner_serves_a_tiny_gpt2_like_generate(tmp_path, tiny_model):
+    """An architecture our model does not cover runs on transformers' own forward through the
+    same stepper: concurrent greedy requests equal generate()."""
+    import asyncio
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from test_engine_hf import Run, greedy_reference, make, prompt_req
+    from nodes.engine.base import EngineRequest
+    from nodes.engine.runner import HFRunner
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(5)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2,
+                               n_head=4, initializer_range=0.2)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    engine = make(str(tmp_path), max_slots=3)
+    assert isinstance(engine.runner, HFRunner) and engine.quantization == "none"
+    prompts = ["Hello there", "A somewhat longer prompt about rivers", "Three"]
+
+    async def main():
+        run = Run(engine)
+        for i, p in enumerate(prompts):
+            engine.submit(EngineRequest(i, prompt_req(p, max_tokens=9, ignore_eos=True)))
+        await run.finish(range(3))
+        engine.stop()
+        return run
+
+    run = asyncio.run(main())
+    for i, p in enumerate(prompts):
+        assert run.ids[i] == greedy_reference(str(tmp_path), tok.encode(p), 9), p

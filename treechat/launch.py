@@ -101,7 +101,9 @@ class Launcher:
                                    "--deadline", str(a.deadline)] + registry + common)
         engine = ["--engine", a.engine, "--fake-delay", str(a.fake_delay), "--dtype", a.dtype,
                   "--device", a.device, "--load-format", a.load_format,
-                  "--node-queue", str(a.node_queue), "--quantization", a.quantization]
+                  "--node-queue", str(a.node_queue), "--quantization", a.quantization,
+                  "--repeat-penalty", str(a.repeat_penalty), "--repeat-last-n",
+                  str(a.repeat_last_n)]
         if a.enforce_eager:
             engine.append("--enforce-eager")
         for flag in ("max_slots", "model", "max_model_len", "kv_budget", "chat_template",

@@ -9,6 +9,7 @@ import argparse
 from nodes.engine.base import Engine
 
 ENGINES = ("fake", "hf", "none")
+REPEAT_PENALTY, REPEAT_LAST_N = 1.1, 64  # Ollama's defaults, until measured (bench.quality)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +27,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
                    help="hf on CPU, Llama-family models: weights in 4- or 8-bit blocks (auto: the "
                         "file's own precision, e.g. the default model's Q4_1; none: float)")
+    g.add_argument("--repeat-penalty", type=float, default=REPEAT_PENALTY,
+                   help="hf: the repetition guard for requests that set no penalty of their own: "
+                        f"a repetition penalty over the last --repeat-last-n tokens (default "
+                        f"{REPEAT_PENALTY}; 1 turns it off; docs/benchmarks.md, 'Answer quality')")
+    g.add_argument("--repeat-last-n", type=int, default=REPEAT_LAST_N,
+                   help=f"hf: the guard's window in tokens, prompt included (default {REPEAT_LAST_N})")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="hf: tokens one engine step may compute, decode rows and prompt chunks "
                         "together (default: 256 on CPU, 2048 on GPU)")

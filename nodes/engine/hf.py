@@ -53,6 +53,10 @@ class HFEngineConfig:
     quantization: str = "auto"
     step_tokens: int | None = None  # tokens one step may compute (None: per device)
     cuda_graphs: bool = True
+    # The repetition guard for requests that set no penalty: a repetition penalty over the last
+    # `repeat_last_n` tokens (1.0: none). The command line's default is REPEAT_PENALTY.
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
 
     def __post_init__(self):
         for name in ("max_slots", "max_model_len", "kv_budget", "threads", "step_tokens"):
@@ -61,6 +65,9 @@ class HFEngineConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype {self.dtype}: use auto, float32, bfloat16 or float16")
+        if not 0.5 <= self.repeat_penalty <= 2.0 or self.repeat_last_n < 1:
+            raise ValueError("--repeat-penalty must be between 0.5 and 2 (1: no guard) and "
+                             "--repeat-last-n at least 1")
         if self.quantization not in ("auto", *MODES):
             raise ValueError(f"--quantization {self.quantization}: use auto, "
                              + ", ".join(MODES))
@@ -149,7 +156,9 @@ class HFEngine(Engine):
             model_config=args.model_config, threads=getattr(args, "threads", None),
             quantization=getattr(args, "quantization", "auto"),
             step_tokens=getattr(args, "max_num_batched_tokens", None),
-            cuda_graphs=not getattr(args, "enforce_eager", False)))
+            cuda_graphs=not getattr(args, "enforce_eager", False),
+            repeat_penalty=getattr(args, "repeat_penalty", 1.0),
+            repeat_last_n=getattr(args, "repeat_last_n", 64)))
 
     # --- the event loop's side ---------------------------------------------------------------------
 
@@ -212,12 +221,15 @@ class HFEngine(Engine):
             raise EngineError(ErrorCode.BAD_REQUEST, (
                 f"logit_bias names token id {max(bias)}, but this model's vocabulary has "
                 f"{self.vocab} tokens"))
+        penalties = (req.presence_penalty, req.frequency_penalty, req.repetition_penalty)
+        guard = all(p is None for p in penalties)  # none set: the server's repetition guard
         return SamplingParams(
             temperature if req.temperature is None else req.temperature,
             top_p if req.top_p is None else req.top_p, req.top_k, req.seed,
             min_p=req.min_p or 0.0, presence=req.presence_penalty or 0.0,
             frequency=req.frequency_penalty or 0.0,
-            repetition=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition=self.config.repeat_penalty if guard else (req.repetition_penalty or 1.0),
+            window=self.config.repeat_last_n if guard else None,
             bias=bias, logprobs=req.logprobs)
 
     def cancel(self, rid: int) -> None:
