@@ -174,9 +174,11 @@ def test_penalties_and_logit_bias_change_the_answer(client, tiny_model):
         return resp.choices[0].logprobs.tokens
 
     # A bias on the first token makes the greedy answer repeat it; each penalty must fight that.
+    # repetition_penalty 1 turns the server's repetition guard off for that request.
     loop = {str(first): 5.0}
-    plain = tokens(logit_bias=loop).count(piece)
+    plain = tokens(logit_bias=loop, extra={"repetition_penalty": 1.0}).count(piece)
     assert plain > 5
+    assert tokens(logit_bias=loop).count(piece) < plain  # the guard: on when no penalty is set
     assert tokens(logit_bias=loop, frequency_penalty=1.0).count(piece) < plain // 2
     assert tokens(logit_bias=loop, presence_penalty=2.0).count(piece) < plain // 2
     assert tokens(logit_bias=loop, extra={"repetition_penalty": 1.8}).count(piece) < plain // 2
