@@ -1,9 +1,10 @@
 """`treechat up`: a whole treechat on one machine, in one command.
 
 Starts the root, then `--nodes N` nodes in a tree of fan-out `--fanout K` (node-1..node-K under the
-root, the next K under node-1, and so on), then the gateways that exist, each as its own named
-child process. Each child prints one READY line when it serves (see `treechat.process`); `up`
-waits for it before starting what depends on it, then prints where everything listens.
+root, the next K under node-1, and so on) and beside them the gateways that exist, each as its own
+named child process. Each child prints one READY line when it serves (see `treechat.process`);
+`up` waits for the root's before starting the rest, and for everyone's before it prints where
+everything listens.
 
 Before starting anything `up` checks its ports: a busy one is one line naming it and, where
 /proc tells, the earlier treechat holding it (`treechat.ports`), and `up` exits 1.
@@ -117,9 +118,9 @@ class Launcher:
                 argv += ["--parent", parent]
             nodes.append(Child(name, argv))
         gateways = []
-        from treechat.cli import gateway_module
+        from treechat.cli import gateway_installed
         for kind, port in (("http", a.http_port), ("tcp", a.tcp_port)):
-            if port and gateway_module(kind) is not None:
+            if port and gateway_installed(kind):
                 argv = py + ["gateway", kind, "--root", self.root, "--host", a.host,
                              "--port", str(port), "--log-level", a.log_level,
                              "--heartbeat", str(a.heartbeat)] + curve
@@ -143,10 +144,12 @@ class Launcher:
             loop.add_signal_handler(sig, stop.set)
         self.check_ports()
         stages = self.plan()
+        root, nodes, gateways = stages
         try:
-            for stage in stages:
-                if stage:
-                    await self.start_all(stage, stop)
+            # The gateways need only the root, so they start beside the nodes (a model node takes
+            # seconds to load); the stop still goes stage by stage.
+            for group in (root, nodes + gateways):
+                await self.start_all(group, stop)
                 if stop.is_set():
                     break
             else:
@@ -163,12 +166,12 @@ class Launcher:
 
     def check_ports(self) -> None:
         """Fail before starting anything when a port `up` needs is taken."""
-        from treechat.cli import gateway_module
+        from treechat.cli import gateway_installed
         a = self.args
         wanted = [(a.port + i, "--port") for i in range(3)]
         wanted += [(port, flag) for kind, port, flag in (("http", a.http_port, "--http-port"),
                                                           ("tcp", a.tcp_port, "--tcp-port"))
-                   if port and gateway_module(kind) is not None]
+                   if port and gateway_installed(kind)]
         message = busy_message(a.host, wanted)
         if message:
             raise Fatal(message)
