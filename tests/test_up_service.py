@@ -110,3 +110,18 @@ def test_a_port_held_by_something_else_is_named():
     assert result.returncode == 1
     assert result.stderr.startswith(f"treechat: port {port} (--http-port) already in use")
     assert f"(pid {os.getpid()})" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_child_whose_launcher_vanished_stops_quietly():
+    """What a child of a killed `up` sees: its stdout pipe and its watchdog pipe both closed."""
+    read_end, write_end = os.pipe()
+    (port,) = free_ports(1, span=3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "treechat.cli", "root", "--port", str(port)], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        pass_fds=(read_end,), env={**os.environ, "TREECHAT_WATCHDOG": f"{read_end}:10"})
+    os.close(read_end)
+    proc.stdout.close()
+    os.close(write_end)
+    assert proc.wait(30) == 0
+    assert "Traceback" not in proc.stderr.read()

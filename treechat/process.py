@@ -45,8 +45,11 @@ def setup_logging(level: str = "INFO", name: str = "") -> None:
 
 
 def ready(info: dict) -> None:
-    sys.stdout.write(READY + orjson.dumps(info).decode() + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(READY + orjson.dumps(info).decode() + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the launcher is gone (its watchdog pipe stops us): write nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def serve(main: Main) -> int:
