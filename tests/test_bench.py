@@ -216,3 +216,16 @@ def test_bad_flags_get_a_clear_error():
     assert r.returncode == 2 and "not a valid command line" in r.stderr
     r = bench("--num-requests", "3")
     assert r.returncode == 2 and "give exactly one target" in r.stderr
+
+
+def test_startup_bench_stamps_every_milestone_in_order(tmp_path):
+    out = tmp_path / "startup.json"
+    result = subprocess.run([sys.executable, "-m", "bench.startup", "--runs", "1", "--up-args",
+                             "--engine fake", "--json", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-500:]
+    run = orjson.loads(out.read_bytes())["runs"][0]
+    order = ["root listening", "node registered", "banner", "first token", "answer done"]
+    assert [run[name] for name in order] == sorted(run[name] for name in order)
+    assert {"tcp gateway listening", "http gateway listening"} <= set(run)
+    assert "| banner |" in result.stdout
