@@ -103,7 +103,7 @@ class Launcher:
                   "--device", a.device, "--load-format", a.load_format,
                   "--node-queue", str(a.node_queue)]
         for flag in ("max_slots", "model", "max_model_len", "kv_budget", "chat_template",
-                     "model_config", "threads"):
+                     "model_config", "threads", "max_tokens_default"):
             value = getattr(a, flag)
             if value is not None:
                 engine += ["--" + flag.replace("_", "-"), str(value)]

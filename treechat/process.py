@@ -33,6 +33,7 @@ from typing import Awaitable, Callable
 import orjson
 
 READY = "TREECHAT-READY "
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # each one a clean stop
 
 Main = Callable[[asyncio.Event, Callable[[dict], None]], Awaitable[None]]
 
@@ -74,9 +75,6 @@ def serve(main: Main) -> int:
         print(f"treechat: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 def follow_launcher(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:

@@ -67,13 +67,14 @@ class ModelsHandler(ApiHandler):
         status = await self.gw.tree.recent(max_age=1.0)
         if status is None:
             raise root_unreachable()
-        lens = {}
+        infos = {}
         for node in serving_nodes(status):
-            n = (node.get("info") or {}).get("max_model_len")
-            lens.setdefault(node.get("model") or node.get("engine"), n)
+            infos.setdefault(node.get("model") or node.get("engine"), node.get("info") or {})
         self.write_json({"object": "list", "data": [
             {"id": m, "object": "model", "created": STARTED, "owned_by": "treechat",
-             "max_model_len": lens.get(m)} for m in models_of(status)]})
+             "max_model_len": infos.get(m, {}).get("max_model_len"),
+             "max_tokens_default": infos.get(m, {}).get("max_tokens_default")}
+            for m in models_of(status)]})
 
 
 class TreeHandler(ApiHandler):

@@ -116,10 +116,10 @@ class TcpChat:
     def stream(self, rid: str, show) -> tuple[str, str]:
         text, cancel_sent = "", False
         while True:
-            if self.stop_asked and not cancel_sent:  # Ctrl-C: cancel, and read on to the final line
-                cancel_sent = True
-                self.send({"cancel": rid})
             try:
+                if self.stop_asked and not cancel_sent:  # Ctrl-C: cancel, read on to the end
+                    cancel_sent = True
+                    self.send({"cancel": rid})
                 msg = self.read(wake=True)
             except OSError:
                 self.resume(rid, len(text))

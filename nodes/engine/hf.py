@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from broker.protocol import ErrorCode, FinishReason
-from nodes.engine import models
+from nodes.engine import DEFAULT_MAX_TOKENS, models
 from nodes.engine.base import Engine, EngineError, EngineRequest, Finish, StepOutput
 from nodes.engine.detok import Detokenizer
 from nodes.engine.kvcache import SlotCache, per_token_bytes
@@ -51,8 +51,11 @@ class HFEngineConfig:
     load_format: str = "auto"
     model_config: str | None = None
     threads: int | None = None  # torch CPU threads; None: torch's default (one per core)
+    max_tokens_default: int = DEFAULT_MAX_TOKENS  # the cap without max_tokens; 0: the context
 
     def __post_init__(self):
+        if self.max_tokens_default < 0:
+            raise ValueError("--max-tokens-default cannot be negative")
         for name in ("max_slots", "max_model_len", "kv_budget", "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -141,11 +144,13 @@ class HFEngine(Engine):
 
     @classmethod
     def from_args(cls, args) -> "HFEngine":
+        cap = getattr(args, "max_tokens_default", None)
         return cls(HFEngineConfig(
             model=args.model, dtype=args.dtype, device=args.device, max_slots=args.max_slots,
             max_model_len=args.max_model_len, kv_budget=args.kv_budget,
             chat_template=args.chat_template, load_format=args.load_format,
-            model_config=args.model_config, threads=getattr(args, "threads", None)))
+            model_config=args.model_config, threads=getattr(args, "threads", None),
+            max_tokens_default=DEFAULT_MAX_TOKENS if cap is None else cap))
 
     # --- the event loop's side ---------------------------------------------------------------------
 
@@ -167,8 +172,11 @@ class HFEngine(Engine):
                 f"This model's maximum context length is {n} tokens. However, you requested "
                 f"{p + c} tokens ({p} in the messages, {c} in the completion). Please reduce the "
                 "length of the messages or completion."))
-        # With no max_tokens: until the context, or what the KV budget can hold, is full.
-        limit = req.max_tokens if req.max_tokens is not None else min(n, self.kv_budget) - p
+        # With no max_tokens: the server's default cap, but never past the context or what the
+        # KV budget can hold.
+        room = min(n, self.kv_budget) - p
+        limit = req.max_tokens if req.max_tokens is not None else \
+            min(room, self.config.max_tokens_default or room)
         if limit < 1 or p + limit > self.kv_budget:
             raise EngineError(ErrorCode.TOO_LONG, (
                 f"This request needs {p + c} tokens of KV cache ({p} in the messages, {c} in the "
@@ -200,7 +208,8 @@ class HFEngine(Engine):
     def describe(self) -> dict:
         return {**super().describe(), "max_model_len": self.max_model_len,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "kv_budget": self.kv_budget}
+                "kv_budget": self.kv_budget,
+                "max_tokens_default": self.config.max_tokens_default or None}
 
     def tokenize(self, req) -> list[int]:
         """Prompt token ids: the chat template applied to `messages`, or the plain `prompt`."""
