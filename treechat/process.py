@@ -32,6 +32,8 @@ from typing import Awaitable, Callable
 
 import orjson
 
+from broker.errors import Fatal  # noqa: F401  (re-exported: the CLI and launcher raise it)
+
 READY = "TREECHAT-READY "
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # each one a clean stop
 
@@ -100,10 +102,6 @@ def follow_launcher(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Non
         os._exit(1)
 
     threading.Thread(target=watch, name="watchdog", daemon=True).start()
-
-
-class Fatal(Exception):
-    """A condition the process cannot serve through (a refused name, a port in use)."""
 
 
 def env_flag(name: str) -> bool:
