@@ -1,10 +1,9 @@
 """`treechat up`: a whole treechat on one machine, in one command.
 
 Starts the root, then `--nodes N` nodes in a tree of fan-out `--fanout K` (node-1..node-K under the
-root, the next K under node-1, and so on) and beside them the gateways that exist, each as its own
-named child process. Each child prints one READY line when it serves (see `treechat.process`);
-`up` waits for the root's before starting the rest, and for everyone's before it prints where
-everything listens.
+root, the next K under node-1, and so on), then the gateways that exist, each as its own named
+child process. Each child prints one READY line when it serves (see `treechat.process`); `up`
+waits for it before starting what depends on it, then prints where everything listens.
 
 Before starting anything `up` checks its ports: a busy one is one line naming it and, where
 /proc tells, the earlier treechat holding it (`treechat.ports`), and `up` exits 1.
@@ -175,12 +174,11 @@ class Launcher:
             loop.add_signal_handler(sig, stop.set)
         self.check_ports()
         stages = self.plan()
-        root, nodes, gateways = stages
         try:
-            # The gateways need only the root, so they start beside the nodes (a model node takes
-            # seconds to load); the stop still goes stage by stage.
-            for group in (root, nodes + gateways):
-                await self.start_all(group, stop)
+            # Gateways last: one started beside the nodes serves a view of the tree without them
+            # for its first second (an empty /v1/models right after the banner).
+            for stage in stages:
+                await self.start_all(stage, stop)
                 if stop.is_set():
                     break
             else:
