@@ -4,6 +4,9 @@
 #   ./dev.sh test [pytest args]       install the test tools too (first run), then run every test
 # Anything else is passed to the treechat command inside .venv: ./dev.sh status, ./dev.sh chat ...
 set -euo pipefail
+# How the user runs us, for the commands treechat prints (the banner's `status` line); not for the
+# tests, which run treechat themselves.
+case "$0" in */*) me=$0 ;; *) me=./$0 ;; esac
 cd "$(dirname "$0")"
 venv=.venv
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -26,7 +29,7 @@ case "${1:-}" in
   up)
     install ""
     shift
-    exec "$venv/bin/treechat" up "$@" ;;
+    TREECHAT_COMMAND=$me exec "$venv/bin/treechat" up "$@" ;;
   test)
     install test
     if ! command -v chromium >/dev/null; then
@@ -38,5 +41,5 @@ case "${1:-}" in
     sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
     install ""
-    exec "$venv/bin/treechat" "$@" ;;
+    TREECHAT_COMMAND=$me exec "$venv/bin/treechat" "$@" ;;
 esac

@@ -232,3 +232,16 @@ def test_plot_without_matplotlib_fails_before_the_run(tmp_path):
                        timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "--plot needs matplotlib" in r.stderr and "Failed requests" not in r.stdout
+
+
+def test_startup_bench_stamps_every_milestone_in_order(tmp_path):
+    out = tmp_path / "startup.json"
+    result = subprocess.run([sys.executable, "-m", "bench.startup", "--runs", "1", "--up-args",
+                             "--engine fake", "--json", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-500:]
+    run = orjson.loads(out.read_bytes())["runs"][0]
+    order = ["root listening", "node registered", "banner", "first token", "answer done"]
+    assert [run[name] for name in order] == sorted(run[name] for name in order)
+    assert {"tcp gateway listening", "http gateway listening"} <= set(run)
+    assert "| banner |" in result.stdout

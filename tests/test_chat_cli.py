@@ -3,9 +3,13 @@ treechat with the fake engine (which answers by echoing the prompt's words), ove
 
 from __future__ import annotations
 
+import fcntl
+import os
+import select
 import signal
 import socket
 import subprocess
+import termios
 import sys
 import threading
 import time
@@ -23,12 +27,15 @@ def up(tmp_path_factory):
 
 
 class Chat:
-    """A `treechat chat` process; its stdout collected by a thread."""
+    """A `treechat chat` process; its stdout collected by a thread. With `sigint_ignored` it
+    starts as a background job of a shell without job control does: SIGINT ignored."""
 
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "treechat.cli", "chat", *args], cwd=REPO, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1)
+    def __init__(self, *args: str, sigint_ignored: bool = False):
+        argv = [sys.executable, "-m", "treechat.cli", "chat", *args]
+        if sigint_ignored:
+            argv = ["/bin/sh", "-c", 'trap "" INT; exec "$@"', "sh", *argv]
+        self.proc = subprocess.Popen(argv, cwd=REPO, text=True, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1)
         self.out = ""
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -44,14 +51,33 @@ class Chat:
         deadline = time.monotonic() + timeout
         while not predicate(self.out):
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                err = self.proc.stderr.read() if self.proc.poll() is not None else ""
-                raise AssertionError(f"output so far: {self.out!r}\nstderr: {err}")
+                err = self.proc.stderr.read()[-300:] if self.proc.poll() is not None else ""
+                raise AssertionError(f"output ends {self.out[-200:]!r} "
+                                     f"({len(self.out)} chars); stderr ends {err!r}")
             time.sleep(0.02)
         return self.out
 
     def finish(self) -> int:
         self.proc.stdin.close()
         return self.proc.wait(30)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def chat():
+    """Start `treechat chat` processes; whatever happens in the test, none outlives it."""
+    started: list[Chat] = []
+
+    def start(*args: str, **kwargs) -> Chat:
+        started.append(Chat(*args, **kwargs))
+        return started[-1]
+    yield start
+    for c in started:
+        c.kill()
 
 
 def endpoints(up) -> list[list[str]]:
@@ -69,8 +95,8 @@ def in_flight(root: str) -> int:
 
 
 @pytest.mark.parametrize("kind", [0, 1], ids=["tcp", "http"])
-def test_chat_streams_answers_turn_after_turn(up, kind):
-    chat = Chat(*endpoints(up)[kind])
+def test_chat_streams_answers_turn_after_turn(up, chat, kind):
+    chat = chat(*endpoints(up)[kind])
     chat.say("hello there")
     chat.wait_output(lambda out: out.count("\n") >= 1)
     chat.say("a second question")
@@ -80,11 +106,15 @@ def test_chat_streams_answers_turn_after_turn(up, kind):
     chat.wait_output(lambda out: out.count("\n") >= 3)
     assert chat.finish() == 0
     assert chat.out.splitlines() == ["hello there ", "a second question ", "third "]
+    assert "[new conversation]" in chat.proc.stderr.read()  # /reset says it did
 
 
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["sigint-default", "sigint-ignored"])
 @pytest.mark.parametrize("kind", [0, 1], ids=["tcp", "http"])
-def test_ctrl_c_cancels_the_answer_and_the_chat_goes_on(up, kind):
-    chat = Chat(*endpoints(up)[kind])
+def test_ctrl_c_cancels_the_answer_and_the_chat_goes_on(up, chat, kind, sigint_ignored):
+    # sigint-ignored: started as a background job of a script is (the cause of this test's old
+    # failures when the suite ran in the background): Ctrl-C must still cancel.
+    chat = chat(*endpoints(up)[kind], sigint_ignored=sigint_ignored)
     chat.say(" ".join(f"w{i}" for i in range(20000)))  # 20000 tokens: minutes at 5 ms each
     chat.wait_output(lambda out: "w3 " in out)
     chat.proc.send_signal(signal.SIGINT)
@@ -98,9 +128,49 @@ def test_ctrl_c_cancels_the_answer_and_the_chat_goes_on(up, kind):
     assert chat.finish() == 0
 
 
-def test_chat_reports_an_unreachable_server():
+def test_a_line_typed_while_an_answer_streams_survives_ctrl_c(up):
+    """In a real terminal: type the next question while the answer streams, then Ctrl-C. The
+    terminal driver would discard the typed-ahead line; the chat keeps it and asks it next."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "treechat.cli", "chat", "--tcp", f"127.0.0.1:{up.tcp_port}"],
+        cwd=REPO, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # the pty is its terminal
+    os.close(slave)
+    out = bytearray()
+
+    def wait_for(what: bytes, after: int = 0) -> int:
+        deadline = time.monotonic() + 30
+        while (at := out.find(what, after)) < 0:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise AssertionError(f"no {what!r} (exit {proc.poll()}); output ends "
+                                     f"{bytes(out[-200:])!r}")
+            if select.select([master], [], [], 0.1)[0]:
+                out.extend(os.read(master, 65536))
+        return at + len(what)
+
+    try:
+        prompt = wait_for(b"you> ")
+        # 2000 tokens, about 10 s at 5 ms each; a terminal line holds at most 4095 characters.
+        os.write(master, b"a " * 2000 + b"\r")
+        echoed = wait_for(b"\r\n", prompt)
+        wait_for(b"a a a ", echoed)  # the answer streams
+        os.write(master, b"typed ahead\r")  # into the terminal's input queue
+        os.write(master, b"\x03")  # Ctrl-C: the terminal sends SIGINT
+        cancelled = wait_for(b"[cancelled]")
+        wait_for(b"you> typed ahead \r\n", cancelled)  # asked next, answered by the echo engine
+        os.write(master, b"\x04")  # Ctrl-D quits
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        os.close(master)
+
+
+def test_chat_reports_an_unreachable_server(chat):
     (port,) = free_ports(1)
-    chat = Chat("--tcp", f"127.0.0.1:{port}")
+    chat = chat("--tcp", f"127.0.0.1:{port}")
     assert chat.finish() == 1
     assert "cannot connect" in chat.proc.stderr.read()
 
@@ -148,10 +218,10 @@ class Proxy:
         self.listener.close()
 
 
-def test_chat_resumes_an_answer_after_the_connection_drops(up):
+def test_chat_resumes_an_answer_after_the_connection_drops(up, chat):
     proxy = Proxy(up.tcp_port)
     try:
-        chat = Chat("--tcp", f"127.0.0.1:{proxy.port}")
+        chat = chat("--tcp", f"127.0.0.1:{proxy.port}")
         words = " ".join(f"w{i}" for i in range(600))  # 600 tokens: about 3 s at 5 ms each
         chat.say(words)
         chat.wait_output(lambda out: "w20 " in out)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 
 from conftest import REPO, connect, free_ports, run, wait_for, wait_tree
-from treechat.launch import tree_layout
+from treechat.launch import command_name, tree_layout
 
 
 def treechat(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -40,6 +41,16 @@ def test_up_starts_a_tree_answers_and_stops_cleanly(cluster):
     assert run(ask()) == ("hi up ", "stop")
     assert up.proc.terminate(timeout=30) == 0
     assert not any("Traceback" in line for line in up.proc.lines)
+
+
+def test_the_banner_names_a_status_command_that_works(cluster, monkeypatch):
+    up = cluster.up("--engine", "fake")
+    banner = next(line for line in up.proc.lines if line.strip().startswith("status:"))
+    status = subprocess.run(shlex.split(banner.split(":", 1)[1]), cwd=REPO, capture_output=True,
+                            text=True, timeout=30)
+    assert status.returncode == 0 and "node-1" in status.stdout, banner
+    monkeypatch.setenv("TREECHAT_COMMAND", "./dev.sh")  # what dev.sh sets for the commands it runs
+    assert command_name() == "./dev.sh"
 
 
 def test_up_restarts_a_node_that_dies(cluster):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import sys
 
 import orjson
@@ -143,14 +144,25 @@ def cmd_keys(args) -> int:
     return 0
 
 
+GATEWAYS = {"http": "gateways.http.server", "tcp": "gateways.tcp_mobile.server"}
+
+
 def gateway_module(kind: str):
-    name = {"http": "gateways.http.server", "tcp": "gateways.tcp_mobile.server"}[kind]
+    name = GATEWAYS[kind]
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith(name.rsplit(".", 1)[0]):
             return None
         raise
+
+
+def gateway_installed(kind: str) -> bool:
+    """Whether the gateway exists, without importing it (`up` only starts it)."""
+    try:
+        return importlib.util.find_spec(GATEWAYS[kind]) is not None
+    except ModuleNotFoundError:  # its package is missing
+        return False
 
 
 def cmd_gateway(args) -> int:

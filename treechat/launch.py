@@ -5,9 +5,14 @@ root, the next K under node-1, and so on), then the gateways that exist, each as
 child process. Each child prints one READY line when it serves (see `treechat.process`); `up`
 waits for it before starting what depends on it, then prints where everything listens.
 
+Before starting anything `up` checks its ports: a busy one is one line naming it and, where
+/proc tells, the earlier treechat holding it (`treechat.ports`), and `up` exits 1.
+
 A child that dies on its own is started again (a restarted node takes its name back; the root
-re-dispatches what it held). Ctrl-C or SIGTERM stops gateways, then nodes, then the root, each with
-SIGTERM so they finish or hand back their work, and `up` exits 0.
+re-dispatches what it held). Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops gateways, then
+nodes, then the root, each with SIGTERM so they finish or hand back their work, all within one
+deadline (`--grace` + 5 s, then SIGKILL), and `up` exits 0. If `up` itself dies, even by
+SIGKILL, its children notice through their watchdog pipe and stop (`treechat.process`).
 
 Keys: without `--curve` or `--insecure`, `up` makes fresh CurveZMQ keys for its own tree on every
 start (one per node and gateway, readable by this user only: `broker.security.create_tree_keys`)
@@ -21,6 +26,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -29,12 +35,17 @@ from pathlib import Path
 
 import orjson
 
-from treechat.process import READY, Fatal, setup_logging
+from treechat.ports import busy_message
+from treechat.process import READY, STOP_SIGNALS, Fatal, setup_logging
 
 log = logging.getLogger("treechat.up")
 
 READY_TIMEOUT = 900.0  # seconds: a first start may convert the default model
 MAX_RESTARTS = 5  # per child per minute, then `up` gives up
+STOP_MARGIN = 5.0  # seconds past --grace before a child that has not stopped is killed
+# What every child gets in its environment: unbuffered stdout (the READY line), and no download or
+# loading progress bars from transformers / huggingface_hub in a service's log.
+CHILD_ENV = {"PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def add_up_args(p: argparse.ArgumentParser) -> None:
@@ -70,6 +81,7 @@ class Child:
     proc: asyncio.subprocess.Process | None = None
     info: dict = field(default_factory=dict)
     starts: list[float] = field(default_factory=list)
+    watchdog: int | None = None  # the write end of its watchdog pipe, held only by `up`
 
 
 class Launcher:
@@ -107,7 +119,8 @@ class Launcher:
         if a.enforce_eager:
             engine.append("--enforce-eager")
         for flag in ("max_slots", "model", "max_model_len", "kv_budget", "chat_template",
-                     "model_config", "threads", "max_num_batched_tokens"):
+                     "model_config", "threads", "max_num_batched_tokens",
+                     "max_tokens_default"):
             value = getattr(a, flag)
             if value is not None:
                 engine += ["--" + flag.replace("_", "-"), str(value)]
@@ -123,9 +136,9 @@ class Launcher:
                 argv += ["--parent", parent]
             nodes.append(Child(name, argv))
         gateways = []
-        from treechat.cli import gateway_module
+        from treechat.cli import gateway_installed
         for kind, port in (("http", a.http_port), ("tcp", a.tcp_port)):
-            if port and gateway_module(kind) is not None:
+            if port and gateway_installed(kind):
                 argv = py + ["gateway", kind, "--root", self.root, "--host", a.host,
                              "--port", str(port), "--log-level", a.log_level,
                              "--heartbeat", str(a.heartbeat)] + curve
@@ -166,13 +179,15 @@ class Launcher:
     async def run(self) -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, stop.set)
+        self.check_ports()
         stages = self.plan()
         try:
+            # Gateways last: one started beside the nodes serves a view of the tree without them
+            # for its first second (an empty /v1/models right after the banner).
             for stage in stages:
-                if stage:
-                    await self.start_all(stage, stop)
+                await self.start_all(stage, stop)
                 if stop.is_set():
                     break
             else:
@@ -182,34 +197,60 @@ class Launcher:
                                    return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.stopping = True
+            deadline = time.monotonic() + self.args.grace + STOP_MARGIN
             for stage in reversed(stages):
-                await self.stop_all(stage)
+                await self.stop_all(stage, deadline)
         return 1 if self.failed.is_set() else 0
 
+    def check_ports(self) -> None:
+        """Fail before starting anything when a port `up` needs is taken."""
+        from treechat.cli import gateway_installed
+        a = self.args
+        wanted = [(a.port + i, "--port") for i in range(3)]
+        wanted += [(port, flag) for kind, port, flag in (("http", a.http_port, "--http-port"),
+                                                          ("tcp", a.tcp_port, "--tcp-port"))
+                   if port and gateway_installed(kind)]
+        message = busy_message(a.host, wanted)
+        if message:
+            raise Fatal(message)
+
     async def start_all(self, stage: list[Child], stop: asyncio.Event) -> None:
-        waits = [asyncio.create_task(self.start(c)) for c in stage]
+        """Start a stage's children together; return when all are ready or `stop` is set, raise
+        the first failure. Starts still waiting are cancelled, so no failure goes unreported."""
+        pending = {asyncio.create_task(self.start(c)) for c in stage}
         stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([asyncio.gather(*waits), stopper],
-                                     return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        for task in waits:
-            if task.done() and task.exception():
-                raise task.exception()
+        try:
+            while pending and not stop.is_set():
+                done, pending = await asyncio.wait(pending | {stopper},
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(stopper)
+                errors = [t.exception() for t in done - {stopper}]  # every one retrieved
+                if any(errors):
+                    raise next(e for e in errors if e)
+        finally:
+            for task in pending | {stopper}:
+                task.cancel()
 
     async def start(self, child: Child) -> None:
         self.children.append(child) if child not in self.children else None
         child.starts = [t for t in child.starts if t > time.monotonic() - 60] + [time.monotonic()]
-        child.proc = await asyncio.create_subprocess_exec(
-            *child.argv, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        read_end, child.watchdog = os.pipe()
+        limit = self.args.grace + STOP_MARGIN
+        try:
+            child.proc = await asyncio.create_subprocess_exec(
+                *child.argv, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+                env={**os.environ, **CHILD_ENV, "TREECHAT_WATCHDOG": f"{read_end}:{limit}"},
+                pass_fds=(read_end,), start_new_session=True)
+        finally:
+            os.close(read_end)
         ready = asyncio.get_running_loop().create_future()
-        asyncio.create_task(self.watch(child, child.proc, ready))
+        asyncio.create_task(self.watch(child, child.proc, child.watchdog, ready))
         try:
             child.info = await asyncio.wait_for(ready, READY_TIMEOUT)
         except asyncio.TimeoutError:
             raise Fatal(f"{child.name} did not become ready in {READY_TIMEOUT:.0f}s") from None
 
-    async def watch(self, child: Child, proc, ready: asyncio.Future) -> None:
+    async def watch(self, child: Child, proc, watchdog: int, ready: asyncio.Future) -> None:
         """Relay the child's stdout, catch its READY line, and restart it if it dies."""
         async for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
@@ -218,6 +259,7 @@ class Launcher:
             else:
                 print(line, flush=True)
         code = await proc.wait()
+        os.close(watchdog)
         if not ready.done():
             ready.set_exception(Fatal(f"{child.name} exited with code {code} before it was ready"))
             return
@@ -235,16 +277,18 @@ class Launcher:
             log.error("%s", e)
             self.failed.set()
 
-    async def stop_all(self, stage: list[Child]) -> None:
+    async def stop_all(self, stage: list[Child], deadline: float) -> None:
         procs = [c.proc for c in stage if c.proc is not None and c.proc.returncode is None]
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         if procs:
-            _, pending = await asyncio.wait([asyncio.create_task(p.wait()) for p in procs],
-                                            timeout=self.args.grace + 5)
+            await asyncio.wait([asyncio.create_task(p.wait()) for p in procs],
+                               timeout=max(0.0, deadline - time.monotonic()))
             for proc in procs:
                 if proc.returncode is None:
+                    log.warning("a child (pid %d) did not stop in time; killing it", proc.pid)
                     proc.kill()
+                    await proc.wait()
 
     def announce(self) -> None:
         a = self.args
@@ -253,9 +297,24 @@ class Launcher:
         for c in self.children:
             if c.name.endswith("gateway"):
                 lines.append(f"  {c.name:<13} {c.info.get('url', '')}")
-        lines.append(f"  status:       treechat status --root {self.root}")
+        curve = f" --curve {a.curve}" if a.curve else ""
+        lines.append(f"  status:       {command_name()} status --root {self.root}{curve}")
         lines.append("  stop:         Ctrl-C")
         print("\n".join(lines), flush=True)
+
+
+def command_name() -> str:
+    """How the user can run treechat again: `./dev.sh` when started through it (it says so in
+    $TREECHAT_COMMAND), `treechat` when that is on PATH, else this very program."""
+    if os.environ.get("TREECHAT_COMMAND"):
+        return os.environ["TREECHAT_COMMAND"]
+    argv0 = os.path.abspath(sys.argv[0])
+    on_path = shutil.which("treechat")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(argv0):
+        return "treechat"
+    if os.path.basename(argv0) == "treechat":
+        return sys.argv[0]
+    return f"{sys.executable} -m treechat.cli"
 
 
 def cmd_up(args: argparse.Namespace) -> int:

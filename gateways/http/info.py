@@ -71,14 +71,14 @@ class ModelsHandler(ApiHandler):
         status = await self.gw.tree.recent(max_age=1.0)
         if status is None:
             raise root_unreachable()
-        lens = {}
+        infos = {}
         for node in serving_nodes(status):
-            n = (node.get("info") or {}).get("max_model_len")
-            lens.setdefault(node.get("model") or node.get("engine"), n)
+            infos.setdefault(node.get("model") or node.get("engine"), node.get("info") or {})
         models = models_of(status)
         aliases = [(n, models[0]) for n in self.gw.cfg.served_names if models and n not in models]
         return [{"id": m, "object": "model", "created": STARTED, "owned_by": "treechat",
-                 "root": root, "max_model_len": lens.get(root)}
+                 "root": root, "max_model_len": infos.get(root, {}).get("max_model_len"),
+                 "max_tokens_default": infos.get(root, {}).get("max_tokens_default")}
                 for m, root in [(m, m) for m in models] + aliases]
 
 

@@ -12,7 +12,13 @@ HTTP the key goes in an `Authorization: Bearer` header. Over HTTP
 it posts to `/v1/chat/completions` with `stream: true` and reads the SSE `data:` lines up to
 `data: [DONE]`; Ctrl-C closes the connection, which cancels the request on the server.
 
-Plain blocking sockets: Ctrl-C arrives as KeyboardInterrupt wherever the main thread waits.
+Plain blocking sockets. Ctrl-C is handled explicitly (`CtrlC`), so it works even when the chat
+was started with SIGINT ignored (anything launched from a background job of a shell without job
+control). At the prompt it quits; while an answer streams the handler never raises into the
+reader (an exception between `recv` and storing its bytes would lose them): it wakes the TCP
+reader through a pipe, which then sends the cancel, or shuts the HTTP socket, which ends the
+stream. In a terminal, Ctrl-C keeps what was typed ahead (NOFLSH): a line typed while an answer
+streams becomes the next question.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import itertools
 import json
 import os
 import select
+import signal
 import socket
 import sys
 import time
 import urllib.parse
+from contextlib import contextmanager
 
 class ChatError(Exception):
     """The server answered with an error (code, message) or could not be reached."""
@@ -46,6 +54,10 @@ class TcpChat:
         self.address = (host, int(port))
         self.api_key = api_key
         self.ids = itertools.count(1)
+        self.asking: str | None = None  # the id of the answer streaming now
+        self.stop_asked = False  # Ctrl-C came while it streamed
+        self.wake_r, self.wake_w = socket.socketpair()  # how Ctrl-C wakes the reader
+        self.wake_w.setblocking(False)
         self.connect()
 
     def connect(self) -> None:
@@ -78,8 +90,12 @@ class TcpChat:
     def send(self, line: dict) -> None:
         self.sock.sendall(json.dumps(line).encode() + b"\n")
 
-    def read(self) -> dict:
+    def read(self, wake: bool = False) -> dict | None:
+        """The next line; with `wake`, None as soon as Ctrl-C asks for a cancel."""
         while b"\n" not in self.buf:
+            if wake and self.wake_r in select.select([self.sock, self.wake_r], [], [])[0]:
+                self.wake_r.recv(64)
+                return None
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise ConnectionResetError("the server closed the connection")
@@ -91,26 +107,48 @@ class TcpChat:
         rid = str(next(self.ids))
         self.reopen_if_closed()
         self.send({"id": rid, "messages": messages, **params})
-        text, cancelled = "", False
+        self.asking, self.stop_asked = rid, False
+        try:
+            return self.stream(rid, show)
+        finally:
+            self.asking = None
+
+    def stream(self, rid: str, show) -> tuple[str, str]:
+        text, cancel_sent = "", False
         while True:
             try:
-                msg = self.read()
-                if msg.get("id") != rid:
-                    continue
-                if "delta" in msg:
-                    piece = msg["delta"][len(text) - msg["offset"]:]  # never show a character twice
-                    text += piece
-                    show(piece)
-                elif msg.get("done"):
-                    return msg["text"], msg["finish_reason"]
-                elif "error" in msg:
-                    raise ChatError(msg["error"]["code"], msg["error"]["message"])
-            except KeyboardInterrupt:  # Ctrl-C: cancel, and read on until the final line
-                if not cancelled:
-                    cancelled = True
+                if self.stop_asked and not cancel_sent:  # Ctrl-C: cancel, read on to the end
+                    cancel_sent = True
                     self.send({"cancel": rid})
+                msg = self.read(wake=True)
             except OSError:
                 self.resume(rid, len(text))
+                cancel_sent = False  # the cancel may not have reached the server: send it again
+                continue
+            if msg is None or msg.get("id") != rid:
+                continue
+            if "delta" in msg:
+                piece = msg["delta"][len(text) - msg["offset"]:]  # never show a character twice
+                text += piece
+                show(piece)
+            elif msg.get("done"):
+                return msg["text"], msg["finish_reason"]
+            elif "error" in msg:
+                if self.stop_asked and msg["error"]["code"] == "unknown_id":
+                    return text, "cancelled"  # it ended before a repeated cancel arrived
+                raise ChatError(msg["error"]["code"], msg["error"]["message"])
+
+    def cancel(self) -> bool:
+        """Ctrl-C (called by the SIGINT handler): wake the reader, which sends the cancel.
+        False when no answer streams."""
+        if self.asking is None:
+            return False
+        self.stop_asked = True
+        try:
+            self.wake_w.send(b"!")
+        except BlockingIOError:  # wake-ups already pending: one is enough
+            pass
+        return True
 
     def reopen_if_closed(self) -> None:
         """Between answers the server may have closed an idle connection: open a new one."""
@@ -144,7 +182,8 @@ class TcpChat:
                 time.sleep(min(0.2 * 2 ** attempt, 2.0))  # back off before the next attempt
 
     def close(self) -> None:
-        self.sock.close()
+        for sock in (self.sock, self.wake_r, self.wake_w):
+            sock.close()
 
 
 class HttpChat:
@@ -162,19 +201,41 @@ class HttpChat:
 
     def ask(self, messages: list[dict], params: dict, show) -> tuple[str, str]:
         https = self.parts.scheme == "https"
-        conn = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(self.parts.hostname, self.parts.port, timeout=600)
+        conn = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(
+            self.parts.hostname, self.parts.port, timeout=600)
+        self.streaming, self.stop_asked, self.sock = True, False, None
         try:
             body = json.dumps({"messages": messages, "stream": True, **params})
             try:
+                conn.connect()
+                self.sock = conn.sock
+                if self.stop_asked:
+                    return "", "cancelled"
                 conn.request("POST", self.path, body, self.headers)
                 resp = conn.getresponse()
             except OSError as e:
+                if self.stop_asked:
+                    return "", "cancelled"
                 raise ChatError("unreachable", f"cannot reach {self.parts.netloc}: {e}") from None
             if resp.status != 200:
                 raise ChatError(*self.error_of(resp))
             return self.read_events(resp, show)
         finally:
+            self.streaming, self.sock = False, None
             conn.close()  # after Ctrl-C this is what cancels the request on the server
+
+    def cancel(self) -> bool:
+        """Ctrl-C (called by the SIGINT handler): shut the socket, which ends the stream here
+        and cancels the request on the server. False when no answer streams."""
+        if not self.streaming:
+            return False
+        self.stop_asked = True
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return True
 
     def read_events(self, resp, show) -> tuple[str, str]:
         text, reason = "", "stop"
@@ -185,7 +246,7 @@ class HttpChat:
                     continue  # blank separators and ": keep-alive" comments
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    break
+                    return text, reason
                 chunk = json.loads(data)
                 if "error" in chunk:
                     err = chunk["error"]
@@ -196,9 +257,10 @@ class HttpChat:
                     text += piece
                     show(piece)
                     reason = choice.get("finish_reason") or reason
-        except KeyboardInterrupt:
-            return text, "cancelled"
-        return text, reason
+        except (OSError, http.client.HTTPException):
+            if not self.stop_asked:
+                raise ChatError("disconnected", "the connection dropped mid-answer") from None
+        return text, "cancelled" if self.stop_asked else reason
 
     @staticmethod
     def error_of(resp) -> tuple[str, str]:
@@ -231,20 +293,57 @@ def main(args: argparse.Namespace) -> int:
                                 ("model", args.model)) if v is not None}
     start = [{"role": "system", "content": args.system}] if args.system else []
     tty = sys.stdin.isatty()
+    ctrl_c = CtrlC()  # before connecting: a Ctrl-C then quits
     try:
         chat = HttpChat(args.http, args.api_key) if args.http else \
             TcpChat(args.tcp or "127.0.0.1:8001", args.api_key)
     except ChatError as e:
         print(f"treechat chat: {e}", file=sys.stderr)
         return 1
+    ctrl_c.chat = chat
     if tty:
         print("treechat chat: type a message; Ctrl-C cancels an answer, Ctrl-D quits, /reset "
               "starts over", file=sys.stderr)
     messages = list(start)
     try:
-        return converse(chat, messages, start, params, tty)
+        with typeahead_kept(tty):
+            return converse(chat, messages, start, params, tty)
     finally:
         chat.close()
+
+
+class CtrlC:
+    """The SIGINT handler, installed explicitly: a process started with SIGINT ignored never gets
+    Python's own. With no answer streaming it raises KeyboardInterrupt (quit at the prompt);
+    while one streams it asks the chat to cancel it."""
+
+    def __init__(self):
+        self.chat: TcpChat | HttpChat | None = None
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        if self.chat is None or not self.chat.cancel():
+            raise KeyboardInterrupt
+
+
+@contextmanager
+def typeahead_kept(tty: bool):
+    """In a terminal, Ctrl-C discards what was typed ahead; with NOFLSH it stays, so a line typed
+    while an answer streams is asked once the answer is cancelled."""
+    try:
+        import termios
+    except ImportError:  # Windows
+        termios = None
+    if not tty or termios is None:
+        yield
+        return
+    fd = sys.stdin.fileno()
+    before = termios.tcgetattr(fd)
+    termios.tcsetattr(fd, termios.TCSANOW, before[:3] + [before[3] | termios.NOFLSH] + before[4:])
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, before)
 
 
 def converse(chat, messages: list[dict], start: list[dict], params: dict, tty: bool) -> int:
@@ -263,6 +362,7 @@ def converse(chat, messages: list[dict], start: list[dict], params: dict, tty: b
             continue
         if line.strip() == "/reset":
             messages[:] = list(start)
+            print("[new conversation]", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
         try:

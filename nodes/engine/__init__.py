@@ -10,6 +10,8 @@ from nodes.engine.base import Engine
 
 ENGINES = ("fake", "hf", "none")
 REPEAT_PENALTY, REPEAT_LAST_N = 1.1, 64  # Ollama's defaults, until measured (bench.quality)
+# hf: the answer cap of a request without max_tokens (docs/http-api.md says why this number).
+DEFAULT_MAX_TOKENS = 1024
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -18,6 +20,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="what answers requests on this node (default: hf, a real model)")
     g.add_argument("--max-slots", type=int, default=None,
                    help="requests running at once on one engine (fake: 4; hf: 8 on CPU, 64 on GPU)")
+    g.add_argument("--max-tokens-default", type=int, default=None, metavar="N",
+                   help="longest answer of a request that sets no max_tokens (hf: "
+                        f"{DEFAULT_MAX_TOKENS}; fake: none, its answers may be endless; 0: until "
+                        "the context is full); a request's own max_tokens wins, up to the context")
     g.add_argument("--fake-delay", type=float, default=0.02,
                    help="fake engine: seconds per step (one token for every running request)")
     g.add_argument("--model", default=None,
@@ -60,7 +66,8 @@ def make_engine(args: argparse.Namespace) -> Engine | None:
         return None
     if args.engine == "fake":
         from nodes.engine.fake import FakeEngine
-        return FakeEngine(slots=args.max_slots or 4, delay=args.fake_delay)
+        return FakeEngine(slots=args.max_slots or 4, delay=args.fake_delay,
+                          max_tokens_default=args.max_tokens_default or 0)
     from nodes.engine.hf import HFEngine  # imports torch: only for nodes that run a model
     engine = HFEngine.from_args(args)
     engine.warm()

@@ -104,13 +104,13 @@ class _Seq:
     __slots__ = ("rid", "words", "pos", "limit", "prompt_tokens", "ignore_eos", "cancelled",
                  "stop", "text", "sent", "logprobs", "request")
 
-    def __init__(self, er: EngineRequest):
+    def __init__(self, er: EngineRequest, default_limit: int):
         req = er.request
         self.rid = er.rid
         self.request = req
         self.words = fake_words(req)
         self.pos = len(er.resume_ids)
-        self.limit = req.max_tokens if req.max_tokens is not None else FAKE_MAX_MODEL_LEN
+        self.limit = req.max_tokens if req.max_tokens is not None else default_limit
         self.prompt_tokens = fake_prompt_tokens(req)
         self.ignore_eos = req.ignore_eos
         self.cancelled = False
@@ -142,11 +142,15 @@ def _held(text: str, stops: list[str]) -> int:
 class FakeEngine(Engine):
     kind = "fake"
 
-    def __init__(self, slots: int = 4, delay: float = 0.0, model: str = "fake"):
+    def __init__(self, slots: int = 4, delay: float = 0.0, model: str = "fake",
+                 max_tokens_default: int = 0):
         if slots < 1:
             raise ValueError("the fake engine needs at least one slot")
         if delay < 0:
             raise ValueError("the fake engine's delay cannot be negative")
+        if max_tokens_default < 0:
+            raise ValueError("--max-tokens-default cannot be negative")
+        self.max_tokens_default = max_tokens_default  # 0: no cap
         self.slots = slots
         self.delay = delay
         self.model = model
@@ -163,7 +167,7 @@ class FakeEngine(Engine):
             raise EngineError(ErrorCode.BAD_REQUEST, "nothing left to generate")
         if "__engine_error__" in er.request.last_user_text():  # lets tests reach the error path
             raise EngineError(ErrorCode.ENGINE, "the fake engine was asked to fail")
-        seq = self._running[er.rid] = _Seq(er)
+        seq = self._running[er.rid] = _Seq(er, self.max_tokens_default or FAKE_MAX_MODEL_LEN)
         if er.request.prompt_logprobs is not None and not er.resume_ids:
             seq.pos = -1  # the first step reports the prompt's entries
         self._wake.set()
@@ -179,7 +183,8 @@ class FakeEngine(Engine):
             self._task.cancel()
 
     def describe(self) -> dict:
-        return {**super().describe(), "delay": self.delay, "max_model_len": FAKE_MAX_MODEL_LEN}
+        return {**super().describe(), "delay": self.delay, "max_model_len": FAKE_MAX_MODEL_LEN,
+                "max_tokens_default": self.max_tokens_default or None}
 
     async def _loop(self) -> None:
         while True:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from broker.protocol import ErrorCode, FinishReason
-from nodes.engine import grammar, models, prompt
+from nodes.engine import DEFAULT_MAX_TOKENS, grammar, models, prompt
 from nodes.engine.base import Engine, EngineError, EngineRequest, Finish, StepOutput
 from nodes.engine.detok import Detokenizer
 from nodes.engine.quant import MODES
@@ -57,8 +57,11 @@ class HFEngineConfig:
     # `repeat_last_n` tokens (1.0: none). The command line's default is REPEAT_PENALTY.
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
+    max_tokens_default: int = DEFAULT_MAX_TOKENS  # the cap without max_tokens; 0: the context
 
     def __post_init__(self):
+        if self.max_tokens_default < 0:
+            raise ValueError("--max-tokens-default cannot be negative")
         for name in ("max_slots", "max_model_len", "kv_budget", "threads", "step_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -149,6 +152,7 @@ class HFEngine(Engine):
 
     @classmethod
     def from_args(cls, args) -> "HFEngine":
+        cap = getattr(args, "max_tokens_default", None)
         return cls(HFEngineConfig(
             model=args.model, dtype=args.dtype, device=args.device, max_slots=args.max_slots,
             max_model_len=args.max_model_len, kv_budget=args.kv_budget,
@@ -158,7 +162,8 @@ class HFEngine(Engine):
             step_tokens=getattr(args, "max_num_batched_tokens", None),
             cuda_graphs=not getattr(args, "enforce_eager", False),
             repeat_penalty=getattr(args, "repeat_penalty", 1.0),
-            repeat_last_n=getattr(args, "repeat_last_n", 64)))
+            repeat_last_n=getattr(args, "repeat_last_n", 64),
+            max_tokens_default=DEFAULT_MAX_TOKENS if cap is None else cap))
 
     # --- the event loop's side ---------------------------------------------------------------------
 
@@ -186,8 +191,11 @@ class HFEngine(Engine):
                 f"This model's maximum context length is {n} tokens. However, you requested "
                 f"{p + c} tokens ({p} in the messages, {c} in the completion). Please reduce the "
                 "length of the messages or completion."))
-        # With no max_tokens: until the context, or what the KV budget can hold, is full.
-        limit = req.max_tokens if req.max_tokens is not None else min(n, self.kv_budget) - p
+        # With no max_tokens: the server's default cap, but never past the context or what the
+        # KV budget can hold.
+        room = min(n, self.kv_budget) - p
+        limit = req.max_tokens if req.max_tokens is not None else \
+            min(room, self.config.max_tokens_default or room)
         if limit < 1 or p + limit > self.kv_budget:
             raise EngineError(ErrorCode.TOO_LONG, (
                 f"This request needs {p + c} tokens of KV cache ({p} in the messages, {c} in the "
@@ -244,7 +252,8 @@ class HFEngine(Engine):
     def describe(self) -> dict:
         return {**super().describe(), "max_model_len": self.max_model_len,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "quantization": self.quantization, "kv_budget": self.kv_budget}
+                "quantization": self.quantization, "kv_budget": self.kv_budget,
+                "max_tokens_default": self.config.max_tokens_default or None}
 
     def tokenize(self, req) -> list[int]:
         """Prompt token ids: the chat template applied to `messages` (tools included, see
