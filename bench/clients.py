@@ -9,19 +9,22 @@ Runs in the bench process on its asyncio loop. Three targets:
     RootTarget  the root directly, through `broker.client.RootClient` (the tree without a gateway)
 
 Connections are pooled per target and reused, so a closed-loop run measures requests, not TCP
-handshakes. A request never raises: whatever goes wrong becomes `record.error` (a short type such
+(or TLS) handshakes. TLS: an https:// --base-url, or --tcp with --tls; the server's certificate is
+verified against the system's CAs or --tls-ca FILE (--tls-no-verify: not at all). A request never raises: whatever goes wrong becomes `record.error` (a short type such
 as `connect`, `http_503 overloaded`, `disconnected`, `timeout`) and `record.error_message`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 
 import orjson
 
 from bench.metrics import Record
 from bench.workload import Item
+from treechat import tls as tlsopt
 
 MAX_LINE = 1 << 20  # bytes: longer header or SSE lines are a broken server, not a slow one
 
@@ -86,10 +89,10 @@ class Target:
 
 
 class Pool:
-    """Idle keep-alive connections to one host:port."""
+    """Idle keep-alive connections to one host:port (TLS ones with `tls`)."""
 
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None):
+        self.host, self.port, self.tls = host, port, tls
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def get(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
@@ -97,7 +100,11 @@ class Pool:
             reader, writer = self.idle.pop()
             if not writer.is_closing() and not reader.at_eof():
                 return reader, writer, True
-        reader, writer = await asyncio.open_connection(self.host, self.port, limit=MAX_LINE)
+        try:
+            reader, writer = await asyncio.open_connection(self.host, self.port, limit=MAX_LINE,
+                                                           ssl=self.tls)
+        except ssl.SSLError as e:  # a refused certificate: say so, not "connect"
+            raise Failure("tls", tlsopt.describe(e)) from None
         return reader, writer, False
 
     def put(self, reader, writer) -> None:
@@ -112,12 +119,12 @@ class Pool:
 class TCPTarget(Target):
     name = "tcp"
 
-    def __init__(self, address: str, **kw):
+    def __init__(self, address: str, tls: ssl.SSLContext | None = None, **kw):
         super().__init__(**kw)
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--tcp takes HOST:PORT, not '{address}'")
-        self.pool = Pool(host, int(port))
+        self.pool = Pool(host, int(port), tls)
         self.ids = 0
 
     async def close(self) -> None:
@@ -221,9 +228,12 @@ def make_target(args) -> Target:
     chosen = [x for x in (args.base_url, args.tcp, args.root) if x]
     if len(chosen) != 1:
         raise ValueError("give exactly one target: --base-url URL, --tcp HOST:PORT or --root HOST:PORT")
+    context = tlsopt.client_context_of(args) if tlsopt.wants_tls(args) else None
     if args.base_url:
         from bench.http_client import HTTPTarget  # it builds on this module's Target and Pool
-        return HTTPTarget(args.base_url, args.endpoint, args.model, args.api_key, **kw)
+        return HTTPTarget(args.base_url, args.endpoint, args.model, args.api_key, tls=context, **kw)
+    if args.root and context is not None:
+        raise ValueError("--root speaks ZeroMQ (CurveZMQ encrypts it), not TLS: drop the --tls flags")
     if args.tcp:
-        return TCPTarget(args.tcp, **kw)
+        return TCPTarget(args.tcp, tls=context, **kw)
     return RootTarget(args.root, **kw)

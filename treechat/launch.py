@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from treechat.process import READY, Fatal, setup_logging
+from treechat.tls import add_server_args, server_context
 
 log = logging.getLogger("treechat.up")
 
@@ -44,6 +45,7 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", default=None, help="API keys, one per line")
     p.add_argument("--request-timeout", type=float, default=None,
                    help="HTTP: seconds before a request fails with 504 (default: none)")
+    add_server_args(p)  # both gateways serve TLS with the same certificate
     add_node_args(p, named=False)
 
 
@@ -68,6 +70,7 @@ class Launcher:
             raise ValueError("--nodes must be at least 1")
         if args.fanout < 1:
             raise ValueError("--fanout must be at least 1")
+        server_context(args.tls_cert, args.tls_key)  # unreadable files fail before anything starts
         self.args = args
         self.stopping = False
         self.root = f"{args.host}:{args.port}"
@@ -115,6 +118,8 @@ class Launcher:
                     argv += ["--api-key", key]
                 if a.api_key_file:
                     argv += ["--api-key-file", a.api_key_file]
+                if a.tls_cert:
+                    argv += ["--tls-cert", a.tls_cert, "--tls-key", a.tls_key]
                 if kind == "http":
                     if a.request_timeout:
                         argv += ["--request-timeout", str(a.request_timeout)]
@@ -213,7 +218,8 @@ class Launcher:
                  f"engine {a.engine}"]
         for c in self.children:
             if c.name.endswith("gateway"):
-                lines.append(f"  {c.name:<13} {c.info.get('url', '')}")
+                tls = " (TLS)" if c.info.get("tls") else ""
+                lines.append(f"  {c.name:<13} {c.info.get('url', '')}{tls}")
         lines.append(f"  status:       treechat status --root {self.root}")
         lines.append("  stop:         Ctrl-C")
         print("\n".join(lines), flush=True)

@@ -1,7 +1,8 @@
 """The TCP gateway (`treechat gateway tcp`): newline-delimited JSON for mobile apps, text for nc.
 
-Process: one Tornado `TCPServer` on `--host:--port` (default 127.0.0.1:8001) and one
-`RootClient` (a DEALER to the root's front socket) on the same event loop.
+Process: one Tornado `TCPServer` on `--host:--port` (default 127.0.0.1:8001; TLS with
+`--tls-cert`/`--tls-key`, `treechat.tls`) and one `RootClient` (a DEALER to the root's front
+socket) on the same event loop.
 
 Per connection, a `Connection`: greets with a hello line (session token, limits), then reads
 lines with `LineReader` and handles each (docs/protocol.md has the format):
@@ -31,6 +32,7 @@ import argparse
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -45,6 +47,7 @@ from gateways.tcp_mobile.protocol import CancelLine, Code, HelloLine, LineError,
     Submit, decode_json, encode, error_line, parse_line
 from gateways.tcp_mobile.session import Session, Sessions
 from treechat.process import Fatal
+from treechat.tls import add_server_args, server_context
 
 log = logging.getLogger("treechat.tcp")
 
@@ -99,6 +102,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain", type=float, default=d.drain,
                         help="seconds SIGTERM waits for running requests before cancelling them")
     add_key_args(parser)
+    add_server_args(parser)
 
 
 def limit_kernel_buffer(stream: IOStream, max_write_buffer: int) -> None:
@@ -294,8 +298,8 @@ class Connection:
 
 
 class Gateway(TCPServer):
-    def __init__(self, cfg: TcpConfig, client: RootClient):
-        super().__init__(max_buffer_size=cfg.max_line + 4 * CHUNK)
+    def __init__(self, cfg: TcpConfig, client: RootClient, tls: ssl.SSLContext | None = None):
+        super().__init__(max_buffer_size=cfg.max_line + 4 * CHUNK, ssl_options=tls)
         self.cfg = cfg
         self.client = client
         self.sessions = Sessions(client, cfg.resume_window, cfg.max_inflight)
@@ -325,22 +329,23 @@ class Gateway(TCPServer):
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
     cfg = TcpConfig.from_args(args)
+    tls = server_context(args.tls_cert, args.tls_key)  # bad files fail here, before anything runs
     try:
         sockets = bind_sockets(cfg.port, cfg.host)
     except OSError as e:
         raise Fatal(f"the TCP gateway cannot listen on {cfg.host}:{cfg.port}: {e}") from None
     port = sockets[0].getsockname()[1]
-    client = RootClient(args.root, name=f"tcp-gateway:{port}", curve=args.curve,
+    client = RootClient(args.root, name=f"tcp:{cfg.host}:{port}", curve=args.curve,
                         heartbeat=getattr(args, "heartbeat", 1.0))  # must match the root's
     await client.start()
     if not await client.wait_connected(10.0):
         log.warning("no root answers at %s yet; requests fail with root_lost until it does",
                     args.root)
-    gateway = Gateway(cfg, client)
+    gateway = Gateway(cfg, client, tls)
     gateway.add_sockets(sockets)
-    log.info("TCP gateway on %s:%d (root %s, %d API key(s))", cfg.host, port, args.root,
-             len(cfg.api_keys))
-    ready({"url": f"tcp://{cfg.host}:{port}"})
+    log.info("TCP gateway on %s:%d%s (root %s, %d API key(s))", cfg.host, port,
+             " with TLS" if tls else "", args.root, len(cfg.api_keys))
+    ready({"url": f"tcp://{cfg.host}:{port}", "tls": tls is not None})
     await stop.wait()
     await gateway.shutdown(cfg.drain)
     client.close()
