@@ -36,18 +36,23 @@ def make_ca(where, name: str) -> None:
             "-subj", f"/CN=treechat test {name}", cwd=where)
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    """ca.pem signs server.pem (for IP 127.0.0.1 and localhost); other-ca.pem signs nothing."""
-    where = tmp_path_factory.mktemp("tls")
+def make_certs(where, ips: tuple[str, ...] = ("127.0.0.1",)) -> None:
+    """ca.pem signs server.pem (for `ips` and localhost); other-ca.pem signs nothing."""
     make_ca(where, "ca")
     make_ca(where, "other-ca")
-    (where / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+    names = ",".join([f"IP:{ip}" for ip in ips] + ["DNS:localhost"])
+    (where / "ext.cnf").write_text(f"subjectAltName={names}\n"
                                    "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
             "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=where)
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf", cwd=where)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    where = tmp_path_factory.mktemp("tls")
+    make_certs(where)
     return where
 
 

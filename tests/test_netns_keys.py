@@ -1,0 +1,118 @@
+"""Keys on every link, across hosts (`tests/netns.py`): the tree's ZeroMQ links carry CurveZMQ,
+the gateways serve TLS, and a capture of every frame on the LAN finds none of a user's words;
+a node without the tree's keys never joins."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+
+import pytest
+
+from netns import TREE, echo, hosts, wait_until  # noqa: F401  (hosts is the fixture)
+from test_tls import make_certs
+
+from bench.clients import TCPTarget
+
+ETH_P_ALL = 0x0003
+SECRET = "zebra-violet-7319"  # in every prompt and every answer
+
+
+class Capture:
+    """Every frame that crosses the switch namespace (all ports of the bridge), kept in memory."""
+
+    def __init__(self, net):
+        self.net = net
+        self.frames = bytearray()
+        self.count = 0
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=lambda: net.bed.call_in(None, self.listen, timeout=600),
+                                       daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10), "the capture did not start"
+
+    def listen(self) -> None:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        sock.settimeout(0.1)
+        self.ready.set()
+        with sock:
+            while not self.stop.is_set() and len(self.frames) < 64 << 20:
+                try:
+                    frame = sock.recv(1 << 17)
+                except socket.timeout:
+                    continue
+                self.frames += frame
+                self.count += 1
+
+    def finish(self) -> bytes:
+        self.stop.set()
+        self.thread.join(10)
+        return bytes(self.frames)
+
+
+def send_plain(net, text: str) -> None:
+    """One UDP datagram from the client host to the root host, in clear, and received there (so
+    it crossed the switch before this returns): the capture's control."""
+    bound, got = threading.Event(), []
+
+    def receive():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((net.bed.addr("root"), 9999))
+            s.settimeout(20)
+            bound.set()
+            got.append(s.recv(4096))
+    receiver = threading.Thread(target=lambda: net.bed.call_in("root", receive, timeout=30))
+    receiver.start()
+    assert bound.wait(10)
+
+    def send():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(text.encode(), (net.bed.addr("root"), 9999))
+    net.on_client(send)
+    receiver.join(30)
+    assert got == [text.encode()]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificate")
+@pytest.mark.timeout(150)
+def test_no_user_word_crosses_any_link_in_clear(hosts, tmp_path):
+    net = hosts(start=False)
+    make_certs(tmp_path, ips=(net.bed.addr("gateway"),))
+    net.use_tls(tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "ca.pem")
+    net.start_tree()
+    capture = Capture(net)
+    work = [f"please repeat {SECRET} number {i}" for i in range(12)]
+    records = net.streams(work, concurrency=6)  # HTTPS to the gateway host, then the tree
+    tcp = TCPTarget(net.tcp, tls=net.tls, timeout=60)
+    records += net.streams(work[:6], concurrency=3, target=tcp)  # TLS on the TCP gateway
+    send_plain(net, f"control {SECRET[::-1]}")
+    seen = capture.finish()
+    assert [r.text for r in records] == [echo(p) for p in work + work[:6]], \
+        [r.error_message for r in records if not r.ok][:3]
+    assert capture.count > 100  # the tree's traffic was there to read
+    assert seen.count(SECRET[::-1].encode()) >= 1  # and it does see what travels in clear
+    assert seen.count(SECRET.encode()) == 0  # (counts: a failure message without 1 MB of frames)
+
+
+@pytest.mark.timeout(120)
+def test_a_node_without_the_trees_keys_never_joins(hosts, tmp_path):
+    net = hosts()
+    strangers = tmp_path / "stranger-keys"
+    net.treechat_here("keys", str(strangers))
+    common = ["--root", net.root, "--host", net.bed.addr("rogue"), "--engine", "fake",
+              "--heartbeat", str(net.heartbeat)]
+    wrong = net.start("rogue", "rogue-wrong-keys", "node", "--name", "rogue-1", *common,
+                      "--curve", str(strangers))
+    none = net.start("rogue", "rogue-no-keys", "node", "--name", "rogue-2", *common)
+    # A keyed node started at the same moment on the same host joins: the rogues had their chance.
+    good = net.start("rogue", "late-good", "node", "--name", "late-good", *common,
+                     *net.security())
+    good.wait_ready()
+    names = lambda: {n["name"] for n in net.tree()["nodes"]}  # noqa: E731
+    wait_until(lambda: "late-good" in names(), 30, "the keyed node never showed up")
+    for _ in range(10):  # a few more heartbeats: still nobody else
+        assert names() == {n for n, _ in TREE} | {"late-good"}
+    assert wrong.info is None and none.info is None  # never ready: never registered
+    assert wrong.alive and none.alive  # still knocking, and still outside
