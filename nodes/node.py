@@ -75,9 +75,10 @@ class NodeConfig:
 
 
 class Node:
-    def __init__(self, cfg: NodeConfig, engine: Engine | None):
+    def __init__(self, cfg: NodeConfig, engine: Engine | None, metrics=None):
         self.cfg = cfg
         self.engine = engine
+        self.metrics = metrics  # nodes.metrics.NodeMetrics (--metrics-port) or None
         self.instance = uuid.uuid4().hex
         self.children = Children(cfg.policy)
         self.queue: deque[p.Dispatch] = deque()
@@ -150,10 +151,12 @@ class Node:
             if self.results is not None:
                 self.results.close()
             self.results = Channel(self.socket(zmq.DEALER), self.on_results, "results")
+            if self.metrics:
+                self.metrics.watch(self.results)
             self.results.sock.connect(self.cfg.root_endpoint(2))
             self._welcome = self.loop.create_future()
             info = {**(self.engine.describe() if self.engine else {"engine": "none"}),
-                    "pid": os.getpid()}
+                    "pid": os.getpid(), **(self.metrics.describe() if self.metrics else {})}
             msg = p.Register(name=self.cfg.name, instance=self.instance, parent=self.cfg.parent,
                              endpoint=self.endpoint, slots=self.engine.slots if self.engine else 0,
                              model=info.get("model"), engine=info.get("engine", "none"), info=info)
@@ -191,6 +194,8 @@ class Node:
         if self.up is not None:
             self.up.close()
         self.up = Channel(self.socket(zmq.DEALER, identity=self.cfg.name), self.on_up, "up")
+        if self.metrics:
+            self.metrics.watch(self.up)
         self.link, self.received = uuid.uuid4().hex[:8], 0  # see nodes/routing.py: recv
         self.up.sock.connect(endpoint)
         self._parent_answered = self.loop.create_future()  # a parent answers a new child at once

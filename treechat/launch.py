@@ -46,6 +46,9 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=None,
                    help="HTTP: seconds before a request fails with 504 (default: none)")
     add_server_args(p)  # both gateways serve TLS with the same certificate
+    p.add_argument("--metrics-port", type=int, default=0, metavar="BASE",
+                   help="Prometheus metrics: the TCP gateway on BASE, node-N on BASE+N (default 0: "
+                        "off; the HTTP gateway always has /metrics)")
     add_node_args(p, named=False)
 
 
@@ -102,8 +105,10 @@ class Launcher:
             # thread pools fight and every decode step slows down many times over.
             engine += ["--threads", str(max(1, (os.cpu_count() or 1) // a.nodes))]
         nodes = []
-        for name, parent in tree_layout(a.nodes, a.fanout):
+        for i, (name, parent) in enumerate(tree_layout(a.nodes, a.fanout), 1):
             argv = py + ["node", "--name", name, "--root", self.root, "--host", a.host] + common + engine
+            if a.metrics_port:
+                argv += ["--metrics-port", str(a.metrics_port + i)]
             if parent:
                 argv += ["--parent", parent]
             nodes.append(Child(name, argv))
@@ -126,6 +131,8 @@ class Launcher:
                     argv += ["--grace", str(a.grace)]
                 else:
                     argv += ["--drain", str(a.grace)]
+                    if a.metrics_port:
+                        argv += ["--metrics-port", str(a.metrics_port)]
                 gateways.append(Child(f"{kind}-gateway", argv))
         return [[root], nodes, gateways]
 

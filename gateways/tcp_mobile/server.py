@@ -22,6 +22,7 @@ gets an `unauthorized` error, and the connection is closed after MAX_AUTH_FAILUR
 Limits: `--max-line` (an error line, then the rest of the line is skipped), `--max-inflight`
 requests per connection, `--max-write-buffer` bytes queued for a client that does not read (its
 requests are cancelled and it is closed), `--idle-timeout` with nothing in flight.
+Metrics: `--metrics-port P` serves Prometheus metrics on http://HOST:P/metrics (metrics.py).
 SIGTERM: stop listening, refuse new requests (shutting_down), wait `--drain` seconds for running
 ones, cancel the rest, close.
 """
@@ -43,9 +44,11 @@ from tornado.tcpserver import TCPServer
 from broker.client import RootClient
 from gateways.tcp_mobile.auth import ApiKeys, add_key_args, load_api_keys
 from gateways.tcp_mobile.lines import CHUNK, TOO_LONG, LineReader
+from gateways.tcp_mobile.metrics import MeteredClient, TcpMetrics
 from gateways.tcp_mobile.protocol import CancelLine, Code, HelloLine, LineError, Ping, Resume, \
     Submit, decode_json, encode, error_line, parse_line
 from gateways.tcp_mobile.session import Session, Sessions
+from treechat.metrics import add_metrics_arg
 from treechat.process import Fatal
 from treechat.tls import add_server_args, server_context
 
@@ -103,6 +106,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="seconds SIGTERM waits for running requests before cancelling them")
     add_key_args(parser)
     add_server_args(parser)
+    add_metrics_arg(parser)
 
 
 def limit_kernel_buffer(stream: IOStream, max_write_buffer: int) -> None:
@@ -298,11 +302,13 @@ class Connection:
 
 
 class Gateway(TCPServer):
-    def __init__(self, cfg: TcpConfig, client: RootClient, tls: ssl.SSLContext | None = None):
+    def __init__(self, cfg: TcpConfig, client: RootClient, tls: ssl.SSLContext | None = None,
+                 metrics: TcpMetrics | None = None):
         super().__init__(max_buffer_size=cfg.max_line + 4 * CHUNK, ssl_options=tls)
         self.cfg = cfg
         self.client = client
-        self.sessions = Sessions(client, cfg.resume_window, cfg.max_inflight)
+        submitter = MeteredClient(client, metrics) if metrics else client
+        self.sessions = Sessions(submitter, cfg.resume_window, cfg.max_inflight)
         self.keys = ApiKeys(cfg.api_keys)
         self.connections: set[Connection] = set()
 
@@ -337,15 +343,20 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
     port = sockets[0].getsockname()[1]
     client = RootClient(args.root, name=f"tcp:{cfg.host}:{port}", curve=args.curve,
                         heartbeat=getattr(args, "heartbeat", 1.0))  # must match the root's
+    metrics = TcpMetrics() if args.metrics_port else None
+    gateway = Gateway(cfg, client, tls, metrics)
+    if metrics:
+        metrics.start(gateway, client, cfg.host, args.metrics_port)  # a taken port fails here
     await client.start()
     if not await client.wait_connected(10.0):
         log.warning("no root answers at %s yet; requests fail with root_lost until it does",
                     args.root)
-    gateway = Gateway(cfg, client, tls)
     gateway.add_sockets(sockets)
     log.info("TCP gateway on %s:%d%s (root %s, %d API key(s))", cfg.host, port,
              " with TLS" if tls else "", args.root, len(cfg.api_keys))
     ready({"url": f"tcp://{cfg.host}:{port}", "tls": tls is not None})
     await stop.wait()
     await gateway.shutdown(cfg.drain)
+    if metrics:
+        metrics.close()
     client.close()
