@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 READY = "TREECHAT-READY "
 ROOT_PORT = 5550
 HTTP_PORT, TCP_PORT = 8000, 8001
+METRICS_PORT = 9100  # on every node host and the gateway host (TCP gateway)
 TREE = [("node-1", None), ("node-2", None), ("node-3", "node-1")]  # node-3 hangs under node-1
 
 
@@ -145,11 +146,13 @@ class Net:
         for name, parent in TREE:
             self.start(name, name, "node", "--name", name, "--root", self.root,
                        "--host", self.bed.addr(name), *(["--parent", parent] if parent else []),
-                       "--engine", "fake", *engine, *hb, *self.security())
+                       "--engine", "fake", "--metrics-port", str(METRICS_PORT), *engine, *hb,
+                       *self.security())
         for kind in gateways:
             port = HTTP_PORT if kind == "http" else TCP_PORT
+            metrics = ["--metrics-port", str(METRICS_PORT)] if kind == "tcp" else []
             self.start("gateway", f"{kind}-gateway", "gateway", kind, "--root", self.root,
-                       "--host", self.bed.addr("gateway"), "--port", str(port),
+                       "--host", self.bed.addr("gateway"), "--port", str(port), *metrics,
                        "--heartbeat", str(self.heartbeat), *self.gateway_args, *self.security())
         for proc in self.procs.values():
             proc.wait_ready()
@@ -165,20 +168,34 @@ class Net:
     def on_client(self, fn, *args, timeout: float = 120.0):
         return self.bed.call_in("client", fn, *args, timeout=timeout)
 
-    def get(self, path: str) -> tuple[int, dict]:
+    def get(self, path: str, base: str | None = None) -> tuple[int, bytes]:
+        """GET base+path from the client host (base: the HTTP gateway): (status, body)."""
         async def ask():
-            target = HTTPTarget(self.http, tls=self.tls)
+            target = HTTPTarget(base or self.http, tls=None if base else self.tls)
             try:
-                status, body = await asyncio.wait_for(target.get(path), 5)
+                return await asyncio.wait_for(target.get(path), 5)
             finally:
                 await target.close()
-            return status, orjson.loads(body)
         return self.on_client(lambda: asyncio.run(ask()))
+
+    def metrics(self, host: str) -> str:
+        """The Prometheus page of the node (or TCP gateway) on `host`, scraped from the client."""
+        status, body = self.get("/metrics", f"http://{self.bed.addr(host)}:{METRICS_PORT}")
+        assert status == 200, body
+        return body.decode()
+
+    def cli(self, *args: str) -> str:
+        """`treechat ARGS --root ROOT` run on the client host, as an operator would."""
+        argv = [sys.executable, "-m", "treechat.cli", *args, "--root", self.root, *self.security()]
+        r = subprocess.run(self.bed.command("client", argv), cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
 
     def tree(self) -> dict:
         status, body = self.get("/v1/tree")
         assert status == 200, body
-        return body
+        return orjson.loads(body)
 
     def wait_tree(self, timeout: float = 30.0) -> dict:
         """Until the gateway is ready and every node is alive, and in the tree (top-level nodes

@@ -15,11 +15,14 @@ from conftest import HB, free_ports
 from test_tcp_gateway import Line
 
 
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of http://127.0.0.1:port/metrics."""
-    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of a Prometheus text page."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    return samples(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
 
 
 def value(metrics: dict, name: str, **labels) -> float:
@@ -103,8 +106,8 @@ def test_a_silent_root_shows_as_missed_heartbeats_and_a_link_down(tree):
         root.send_signal(signal.SIGCONT)
     node = poll(lambda: (m := scrape(tree["ports"]["node-1"]))
                 and value(m, "treechat:node_link_up", peer="root") == 1 and m)
-    assert value(node, "treechat:node_heartbeats_missed_total", peer="root") >= 2
-    assert value(scrape(tree["ports"]["tcp"]), "treechat:root_heartbeats_missed_total") >= 2
+    assert value(node, "treechat:node_heartbeats_missed_total", peer="root") >= 1
+    assert value(scrape(tree["ports"]["tcp"]), "treechat:root_heartbeats_missed_total") >= 1
     poll(lambda: value(scrape(tree["ports"]["tcp"]), "treechat:root_link_up") == 1)
 
 

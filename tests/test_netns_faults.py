@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from netns import TREE, echo, hosts, wait_until  # noqa: F401  (hosts is the fixture)
+from test_metrics_ports import samples, value
 
 from bench.clients import TCPTarget
 
@@ -54,9 +55,23 @@ def test_200_streams_through_the_gateway_host_while_a_node_host_is_cut_off(hosts
     assert answers(result["records"]) == clean  # 200/200, each identical to the fault-free run
     assert node_of(net.tree(), "node-1")["state"] == "dead"
     assert net.procs["root"].logged("node node-1 missed its heartbeats; re-dispatching")
+    # What an operator sees from another machine: each host's address and its links' health.
+    status = {line.split("── ")[1].split()[0]: line for line in net.cli("status").splitlines()
+              if "── " in line}
+    assert f"{net.bed.addr('node-1')} " in status["node-1"] and "link lost" in status["node-1"]
+    assert f"{net.bed.addr('node-3')} " in status["node-3"] and "link parent lost" in status["node-3"]
+    assert "link ok" in status["node-2"]
+    orphan = lambda: samples(net.metrics("node-3"))  # noqa: E731  (node-3's own view)
+    wait_until(lambda: value(orphan(), "treechat:node_link_up", peer="parent") == 0, 30,
+               "node-3 never noticed its parent was gone")
+    assert value(orphan(), "treechat:node_link_up", peer="root") == 1
 
     net.bed.heal("node-1")  # the cable back: node-1 registers again by itself, node-3 reattaches
     net.wait_tree()
+    wait_until(lambda: value(orphan(), "treechat:node_link_up", peer="parent") == 1, 30,
+               "node-3 never reattached")
+    assert value(orphan(), "treechat:node_heartbeats_missed_total", peer="parent") >= 2
+    assert "link lost" not in net.cli("status")
     assert all(p.alive for p in net.procs.values())
     assert answers(net.streams(work[:24], concurrency=24)) == clean[:24]
 

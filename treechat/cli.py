@@ -140,7 +140,7 @@ def cmd_status(args) -> int:
               else render_registry(tree["nodes"]))
     else:
         print(orjson.dumps(tree, option=orjson.OPT_INDENT_2).decode() if args.json
-              else render_tree(tree))
+              else render_tree(tree, args.root))
     return 0
 
 
