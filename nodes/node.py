@@ -69,6 +69,14 @@ class NodeConfig:
         host, _, port = self.root.rpartition(":")
         return f"tcp://{host}:{int(port) + offset}"
 
+    def reachable(self, endpoint: str) -> str:
+        """A root listening on every address (`--host 0.0.0.0`) advertises that wildcard: reach
+        its port at the address --root gave instead."""
+        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+        if host.strip("[]") in ("0.0.0.0", "::", "*"):
+            return f"tcp://{self.root.rpartition(':')[0]}:{port}"
+        return endpoint
+
     @property
     def dead_after(self) -> float:
         return self.heartbeat * self.misses
@@ -172,7 +180,7 @@ class Node:
                 await asyncio.sleep(self.cfg.heartbeat)
                 continue
             self.epoch = welcome.epoch
-            self.tree_endpoint = welcome.tree
+            self.tree_endpoint = self.cfg.reachable(welcome.tree)
             self.root_seen = time.monotonic()
             return
 

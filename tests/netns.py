@@ -139,9 +139,10 @@ class Net:
         return proc
 
     def start_tree(self, engine: tuple[str, ...] = ("--fake-delay", "0.02", "--max-slots", "4"),
-                   gateways: tuple[str, ...] = ("http", "tcp")) -> None:
+                   gateways: tuple[str, ...] = ("http", "tcp"), root_host: str | None = None) -> None:
+        """The tree; the root listens on its host's address (or `root_host`, e.g. 0.0.0.0)."""
         hb = ["--heartbeat", str(self.heartbeat), "--grace", "2"]
-        self.start("root", "root", "root", "--host", self.bed.addr("root"), "--port",
+        self.start("root", "root", "root", "--host", root_host or self.bed.addr("root"), "--port",
                    str(ROOT_PORT), *hb, *self.security()).wait_ready()
         for name, parent in TREE:
             self.start(name, name, "node", "--name", name, "--root", self.root,

@@ -76,6 +76,14 @@ def test_200_streams_through_the_gateway_host_while_a_node_host_is_cut_off(hosts
     assert answers(net.streams(work[:24], concurrency=24)) == clean[:24]
 
 
+@pytest.mark.timeout(90)
+def test_a_root_listening_on_every_address_is_reached_at_the_one_nodes_were_given(hosts):
+    """The README's `treechat root --host 0.0.0.0`: its nodes and gateways on other hosts join."""
+    net = hosts(root_host="0.0.0.0")
+    work = prompts(6, 5)
+    assert answers(net.streams(work, concurrency=6)) == [echo(p) for p in work]
+
+
 @pytest.mark.timeout(150)
 def test_a_cut_root_link_heals_without_restarting_anything(hosts):
     net = hosts()
