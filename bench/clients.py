@@ -174,9 +174,10 @@ class RootTarget(Target):
 
     name = "root"
 
-    def __init__(self, root: str, **kw):
+    def __init__(self, root: str, curve: str | None = None, **kw):
         super().__init__(**kw)
         self.root = root
+        self.curve = curve  # a `treechat keys` folder, for a tree with keys
         self.client = None
 
     async def start(self) -> None:
@@ -184,7 +185,8 @@ class RootTarget(Target):
         # Beat often (a root started with a short --heartbeat drops a gateway that beats slower,
         # and its requests with it) but give up on the root only after 3 s of silence (a root
         # with the default 1 s heartbeat beats that seldom).
-        self.client = RootClient(self.root, name="bench", heartbeat=0.2, misses=15)
+        self.client = RootClient(self.root, name="bench", heartbeat=0.2, misses=15,
+                                 curve=self.curve)
         await self.client.start()
         await self.client.wait_connected(5.0)  # if not, each request fails with root_lost
 
