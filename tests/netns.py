@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import ssl
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import orjson
 import pytest
+
+from conftest import Proc
+from http_helpers import poll
 
 from bench.clients import Target
 from bench.http_client import HTTPTarget
@@ -39,43 +40,26 @@ from bench.workload import Item
 from treechat.tls import client_context
 
 REPO = Path(__file__).resolve().parent.parent
-READY = "TREECHAT-READY "
 ROOT_PORT = 5550
 HTTP_PORT, TCP_PORT = 8000, 8001
 METRICS_PORT = 9100  # on every node host and the gateway host (TCP gateway)
 TREE = [("node-1", None), ("node-2", None), ("node-3", "node-1")]  # node-3 hangs under node-1
 
 
-class HostProc:
-    """A treechat process inside one host; a thread reads its stdout for the READY line."""
+class HostProc(Proc):
+    """conftest's Proc (READY line, log file, terminate/kill), run inside a host: `argv` is the
+    whole command line (`ip netns exec NS python -m treechat.cli ...`, which execs python, so
+    signals reach treechat itself)."""
 
     def __init__(self, name: str, argv: list[str], log: Path):
-        self.name, self.log = name, log
+        self.name, self.args, self.log = name, argv, log
         self.info: dict | None = None
+        self.lines: list[str] = []
         self._ready = threading.Event()
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True,
                                      stderr=open(log, "ab"), stdin=subprocess.DEVNULL,
-                                     start_new_session=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            if line.startswith(READY) and self.info is None:
-                self.info = orjson.loads(line[len(READY):])
-                self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self, timeout: float = 60.0) -> dict:
-        if not self._ready.wait(timeout) or self.info is None:
-            raise RuntimeError(f"{self.name} not ready (exit {self.proc.poll()}):\n{self.tail()}")
-        return self.info
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
 
     def logged(self, text: str) -> bool:
         try:
@@ -88,13 +72,10 @@ class HostProc:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.alive:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        try:
+            self.terminate(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
 
 
 class Net:
@@ -203,7 +184,7 @@ class Net:
         attached to the root's tree socket)."""
         names = {n for n, _ in TREE}
         tops = {n for n, p in TREE if p is None}
-        return wait_until(lambda: self._whole(names, tops), timeout, "the tree never became whole")
+        return poll(lambda: self._whole(names, tops), timeout)
 
     def _whole(self, names: set[str], tops: set[str]) -> dict | None:
         try:
@@ -237,17 +218,6 @@ class Net:
             finally:
                 await t.close()
         return self.on_client(lambda: asyncio.run(load()), timeout=timeout)
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(interval)
 
 
 def echo(prompt: str) -> str:

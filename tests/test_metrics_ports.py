@@ -4,7 +4,6 @@ from a real tree (fake engine) while it serves, loses its root for a moment, and
 from __future__ import annotations
 
 import signal
-import time
 from collections import defaultdict
 
 import pytest
@@ -12,6 +11,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import HB, free_ports
+from http_helpers import poll
 from test_tcp_gateway import Line
 
 
@@ -27,14 +27,6 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 def value(metrics: dict, name: str, **labels) -> float:
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def poll(predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-    return result
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from netns import TREE, echo, hosts, wait_until  # noqa: F401  (hosts is the fixture)
+from http_helpers import poll
+from netns import TREE, echo, hosts  # noqa: F401  (hosts is the fixture)
 from test_tls import make_certs
 
 from bench.clients import TCPTarget
@@ -111,7 +112,7 @@ def test_a_node_without_the_trees_keys_never_joins(hosts, tmp_path):
                      *net.security())
     good.wait_ready()
     names = lambda: {n["name"] for n in net.tree()["nodes"]}  # noqa: E731
-    wait_until(lambda: "late-good" in names(), 30, "the keyed node never showed up")
+    poll(lambda: "late-good" in names(), 30)
     for _ in range(10):  # a few more heartbeats: still nobody else
         assert names() == {n for n, _ in TREE} | {"late-good"}
     assert wrong.info is None and none.info is None  # never ready: never registered
