@@ -119,12 +119,15 @@ class Pool:
 class TCPTarget(Target):
     name = "tcp"
 
-    def __init__(self, address: str, tls: ssl.SSLContext | None = None, **kw):
+    def __init__(self, address: str, tls: ssl.SSLContext | None = None,
+                 api_key: str | None = None, **kw):
         super().__init__(**kw)
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--tcp takes HOST:PORT, not '{address}'")
         self.pool = Pool(host, int(port), tls)
+        self.hello = orjson.dumps({"hello": {"client": "treechat bench", "api_key": api_key}}) \
+            + b"\n" if api_key else b""  # once per connection, before its first request
         self.ids = 0
 
     async def close(self) -> None:
@@ -140,9 +143,9 @@ class TCPTarget(Target):
             line["text"] = item.prompt
         if self.ignore_eos:
             line["ignore_eos"] = True
-        reader, writer, _ = await self.pool.get()
+        reader, writer, reused = await self.pool.get()
         try:
-            writer.write(orjson.dumps(line) + b"\n")
+            writer.write((b"" if reused else self.hello) + orjson.dumps(line) + b"\n")
             await writer.drain()
             last = [0.0]
             while True:
@@ -237,5 +240,5 @@ def make_target(args) -> Target:
     if args.root and context is not None:
         raise ValueError("--root speaks ZeroMQ (CurveZMQ encrypts it), not TLS: drop the --tls flags")
     if args.tcp:
-        return TCPTarget(args.tcp, tls=context, **kw)
+        return TCPTarget(args.tcp, tls=context, api_key=args.api_key, **kw)
     return RootTarget(args.root, **kw)

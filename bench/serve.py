@@ -38,7 +38,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    choices=("/v1/chat/completions", "/v1/completions"))
     t.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     t.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                   help="Bearer key for the HTTP target (default: $OPENAI_API_KEY)")
+                   help="the server's API key: a Bearer key over HTTP, a hello line over TCP "
+                        "(default: $OPENAI_API_KEY)")
     t.add_argument("--tcp", default=None, metavar="HOST:PORT", help="treechat's TCP gateway")
     t.add_argument("--root", default=None, metavar="HOST:PORT", help="a treechat root, directly")
     t.add_argument("--request-timeout", type=float, default=300.0,

@@ -1,7 +1,8 @@
 """TLS at the edges, over real sockets: `treechat up --tls-cert --tls-key` (fake engine) serves
 HTTPS and TLS on the TCP gateway with a certificate this module makes (a CA and a server
-certificate for 127.0.0.1, by the `openssl` command); `treechat chat` and `treechat bench` speak
-TLS to both and refuse a certificate they cannot verify."""
+certificate for 127.0.0.1, by the `openssl` command), with an API key, as at a real edge;
+`treechat chat` and `treechat bench` speak TLS to both and refuse a certificate they cannot
+verify."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="the openssl command makes the test certificates")
 
 FAKE = ("--engine", "fake", "--fake-delay", "0.002", "--nodes", "1")
+KEY = "sk-edge-key"  # TLS and API keys together, as at a real edge
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def openssl(*args: str, cwd) -> None:
@@ -60,7 +63,7 @@ def certs(tmp_path_factory):
 def up(certs, tmp_path_factory):
     cluster = Cluster(tmp_path_factory.mktemp("tls-up"))
     try:
-        up = cluster.up(*FAKE, "--tls-cert", str(certs / "server.pem"),
+        up = cluster.up(*FAKE, "--api-key", KEY, "--tls-cert", str(certs / "server.pem"),
                         "--tls-key", str(certs / "server.key"))
         up.https = f"https://127.0.0.1:{up.http_port}"
         yield up
@@ -83,7 +86,7 @@ def test_up_announces_https_and_tls(up):
 
 def test_https_answers_with_a_verified_certificate(up, certs):
     resp = requests.post(f"{up.https}/v1/chat/completions", verify=str(certs / "ca.pem"),
-                         json={"messages": [{"role": "user", "content": "over tls please"}]},
+                         headers=AUTH, json={"messages": [{"role": "user", "content": "over tls please"}]},
                          timeout=30)
     assert resp.status_code == 200, resp.text
     assert resp.json()["choices"][0]["message"]["content"] == "over tls please "
@@ -105,6 +108,8 @@ def test_tcp_line_protocol_over_tls(up, certs):
     sock, lines = tls_line_client(up.tcp_port, certs / "ca.pem")
     try:
         assert json.loads(lines.readline())["hello"] == "treechat"
+        sock.sendall(json.dumps({"hello": {"api_key": KEY}}).encode() + b"\n")
+        assert json.loads(lines.readline()) == {"authenticated": True}
         sock.sendall(b'{"id": "t1", "text": "one two three"}\n')
         while not (msg := json.loads(lines.readline())).get("done"):
             assert "error" not in msg, msg
@@ -129,7 +134,7 @@ def test_a_plain_client_on_the_tls_tcp_port_does_not_stop_the_gateway(up, certs)
 @pytest.mark.parametrize("kind", ["tcp", "http"])
 def test_chat_speaks_tls_to_both_gateways(up, certs, kind):
     where = ["--tcp", f"127.0.0.1:{up.tcp_port}", "--tls"] if kind == "tcp" else ["--http", up.https]
-    chat = Chat(*where, "--tls-ca", str(certs / "ca.pem"))
+    chat = Chat(*where, "--tls-ca", str(certs / "ca.pem"), "--api-key", KEY)
     chat.say("secret words")
     chat.wait_output(lambda out: out.endswith("\n"))
     assert chat.finish() == 0
@@ -139,7 +144,7 @@ def test_chat_speaks_tls_to_both_gateways(up, certs, kind):
 @pytest.mark.parametrize("kind", ["tcp", "http"])
 def test_chat_refuses_a_certificate_it_cannot_verify(up, certs, kind):
     where = ["--tcp", f"127.0.0.1:{up.tcp_port}", "--tls"] if kind == "tcp" else ["--http", up.https]
-    chat = Chat(*where, "--tls-ca", str(certs / "other-ca.pem"))
+    chat = Chat(*where, "--tls-ca", str(certs / "other-ca.pem"), "--api-key", KEY)
     try:
         chat.say("hello")  # over TCP the handshake fails first, and the chat may be gone already
     except BrokenPipeError:
@@ -150,7 +155,7 @@ def test_chat_refuses_a_certificate_it_cannot_verify(up, certs, kind):
 
 
 def test_chat_tls_no_verify_is_for_self_signed_testing(up):
-    chat = Chat("--tcp", f"127.0.0.1:{up.tcp_port}", "--tls-no-verify")
+    chat = Chat("--tcp", f"127.0.0.1:{up.tcp_port}", "--tls-no-verify", "--api-key", KEY)
     chat.say("unchecked")
     chat.wait_output(lambda out: out.endswith("\n"))
     assert chat.finish() == 0
@@ -158,16 +163,24 @@ def test_chat_tls_no_verify_is_for_self_signed_testing(up):
 
 
 @pytest.mark.parametrize("kind", ["http", "tcp"])
-def test_bench_over_tls(up, certs, tmp_path, kind):
+def test_bench_over_tls_with_an_api_key(up, certs, tmp_path, kind):
     target = ["--base-url", up.https] if kind == "http" else \
         ["--tcp", f"127.0.0.1:{up.tcp_port}", "--tls"]
     out = tmp_path / "b.json"
-    r = bench(*target, "--tls-ca", str(certs / "ca.pem"), "--num-requests", "12",
+    r = bench(*target, "--tls-ca", str(certs / "ca.pem"), "--api-key", KEY, "--num-requests", "12",
               "--max-concurrency", "4", "--random-output-len", "5", "--ignore-eos",
               "--save-result", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     s = orjson.loads(out.read_bytes())["summary"]
     assert (s["completed"], s["failed"], s["total_output_tokens"]) == (12, 0, 60)
+
+
+def test_bench_over_tcp_without_the_key_is_refused(up, certs, tmp_path):
+    out = tmp_path / "nokey.json"
+    r = bench("--tcp", f"127.0.0.1:{up.tcp_port}", "--tls-ca", str(certs / "ca.pem"), "--api-key",
+              "sk-wrong", "--num-requests", "3", "--warmup", "0", "--save-result", str(out))
+    assert r.returncode == 1
+    assert orjson.loads(out.read_bytes())["summary"]["errors"] == {"unauthorized": 3}
 
 
 def test_bench_names_a_certificate_failure(up, certs, tmp_path):
