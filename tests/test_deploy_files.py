@@ -163,15 +163,19 @@ def test_the_manifest_hangs_together():
         pod_labels = w["spec"]["template"]["metadata"]["labels"]
         assert w["spec"]["selector"]["matchLabels"].items() <= pod_labels.items(), name
         labels.append(pod_labels)
-        secrets = [v["secret"] for v in spec["volumes"] if "secret" in v]
-        assert [s["secretName"] for s in secrets] == ["treechat-keys"], name
-        paths = {i["path"] for i in secrets[0]["items"]}
+        secrets = {v["secret"]["secretName"]: v["secret"] for v in spec["volumes"] if "secret" in v}
+        assert "treechat-keys" in secrets, name
+        paths = {i["path"] for i in secrets["treechat-keys"]["items"]}
         assert {"server.key_secret", "client.key_secret", "authorized/client.key"} <= paths
         (c,) = spec["containers"]
         mount = next(m for m in c["volumeMounts"] if m["name"] == "keys")["mountPath"]
         assert c["args"][c["args"].index("--curve") + 1] == mount
         if c["args"][0] != "root":
             assert c["args"][c["args"].index("--root") + 1] == "treechat-root:5550"
+        if c["args"][0] == "gateway":  # clients need a key: the gateways are reachable from outside
+            assert "treechat-api-keys" in secrets
+            api = next(m for m in c["volumeMounts"] if m["name"] == "api-keys")["mountPath"]
+            assert c["args"][c["args"].index("--api-key-file") + 1].startswith(api + "/")
     for svc in (m for m in manifests() if m["kind"] == "Service"):
         assert any(svc["spec"]["selector"].items() <= lab.items() for lab in labels), \
             f"Service {svc['metadata']['name']} selects no pods"
