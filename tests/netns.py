@@ -2,15 +2,16 @@
 
     def test_x(hosts):
         net = hosts(delay=0.02, loss=0.02)            # root, node-1..3, gateway, client hosts
-        net.answers(["hello there", ...])            # streamed through the gateway host
+        records = net.streams(["hello there", ...], concurrency=8)   # through the gateway host
         net.bed.cut("node-1"); net.bed.heal("node-1")
 
 Each process is started inside its host with the README's commands for several machines, bound
 to its host's address: `treechat root --host A`, `treechat node --name N --root A:5550 --host B
 [--parent P]`, `treechat gateway http|tcp --root A:5550 --host G`. Every process gets the same
 link security (`Net.security`, today `treechat keys DIR` + `--curve DIR`), so the tree runs with
-keys on every link. The test itself talks to the hosts from a client host (`Net.on_client`:
-a thread inside that namespace), never from the machine's own network.
+keys on every link, and the gateways want an API key. The test itself talks to the hosts from a
+client host (`Net.on_client`: a thread inside that namespace), never from the machine's own
+network.
 
 Teardown, also after a failure: every process SIGTERM then SIGKILL, then the namespaces and the
 wire. Skips with the reason where namespaces cannot be made.
@@ -32,7 +33,7 @@ import pytest
 from conftest import Proc
 from http_helpers import poll
 
-from bench.clients import Target
+from bench.clients import Target, TCPTarget
 from bench.http_client import HTTPTarget
 from bench.metrics import Record
 from bench.netns import Bed, unavailable
@@ -43,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 ROOT_PORT = 5550
 HTTP_PORT, TCP_PORT = 8000, 8001
 METRICS_PORT = 9100  # on every node host and the gateway host (TCP gateway)
+API_KEY = "sk-netns-edge"  # the gateways listen beyond loopback: clients show a key
 TREE = [("node-1", None), ("node-2", None), ("node-3", "node-1")]  # node-3 hangs under node-1
 
 
@@ -135,7 +137,8 @@ class Net:
             metrics = ["--metrics-port", str(METRICS_PORT)] if kind == "tcp" else []
             self.start("gateway", f"{kind}-gateway", "gateway", kind, "--root", self.root,
                        "--host", self.bed.addr("gateway"), "--port", str(port), *metrics,
-                       "--heartbeat", str(self.heartbeat), *self.gateway_args, *self.security())
+                       "--heartbeat", str(self.heartbeat), "--api-key", API_KEY,
+                       *self.gateway_args, *self.security())
         for proc in self.procs.values():
             proc.wait_ready()
         self.wait_tree()
@@ -153,12 +156,16 @@ class Net:
     def get(self, path: str, base: str | None = None) -> tuple[int, bytes]:
         """GET base+path from the client host (base: the HTTP gateway): (status, body)."""
         async def ask():
-            target = HTTPTarget(base or self.http, tls=None if base else self.tls)
+            target = HTTPTarget(base or self.http, tls=None if base else self.tls, api_key=API_KEY)
             try:
                 return await asyncio.wait_for(target.get(path), 5)
             finally:
                 await target.close()
         return self.on_client(lambda: asyncio.run(ask()))
+
+    def tcp_target(self) -> TCPTarget:
+        """A bench client of the TCP gateway host (TLS when the gateways serve it)."""
+        return TCPTarget(self.tcp, tls=self.tls, api_key=API_KEY, timeout=60)
 
     def metrics(self, host: str) -> str:
         """The Prometheus page of the node (or TCP gateway) on `host`, scraped from the client."""
@@ -202,7 +209,7 @@ class Net:
         """Every prompt as one streamed request from the client host, `concurrency` at a time;
         the records in prompt order. `progress` gets each finished index as it finishes."""
         async def load():
-            t = target or HTTPTarget(self.http, tls=self.tls, timeout=60)
+            t = target or HTTPTarget(self.http, tls=self.tls, api_key=API_KEY, timeout=60)
             gate = asyncio.Semaphore(concurrency)
 
             async def one(i: int, text: str) -> Record:

@@ -12,7 +12,6 @@ from http_helpers import poll
 from netns import TREE, echo, hosts  # noqa: F401  (hosts is the fixture)
 from test_metrics_ports import samples, value
 
-from bench.clients import TCPTarget
 
 WORDS = "the quick brown fox jumps over the lazy dog while seven wise owls count stars".split()
 
@@ -111,6 +110,6 @@ def test_every_request_completes_over_slow_lossy_links(hosts):
     net = hosts(delay=0.02, loss=0.02, heartbeat=0.5)
     work = prompts(60, 10)
     assert answers(net.streams(work, concurrency=20)) == [echo(p) for p in work]
-    tcp = TCPTarget(net.tcp, timeout=60)
+    tcp = net.tcp_target()
     assert answers(net.streams(work[:30], concurrency=10, target=tcp)) == \
         [echo(p) for p in work[:30]]

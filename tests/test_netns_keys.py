@@ -14,7 +14,6 @@ from http_helpers import poll
 from netns import TREE, echo, hosts  # noqa: F401  (hosts is the fixture)
 from test_tls import make_certs
 
-from bench.clients import TCPTarget
 
 ETH_P_ALL = 0x0003
 SECRET = "zebra-violet-7319"  # in every prompt and every answer
@@ -86,7 +85,7 @@ def test_no_user_word_crosses_any_link_in_clear(hosts, tmp_path):
     capture = Capture(net)
     work = [f"please repeat {SECRET} number {i}" for i in range(12)]
     records = net.streams(work, concurrency=6)  # HTTPS to the gateway host, then the tree
-    tcp = TCPTarget(net.tcp, tls=net.tls, timeout=60)
+    tcp = net.tcp_target()
     records += net.streams(work[:6], concurrency=3, target=tcp)  # TLS on the TCP gateway
     send_plain(net, f"control {SECRET[::-1]}")
     seen = capture.finish()
