@@ -95,19 +95,46 @@ def run_engine(engine: HFEngine, work, out_len: int) -> int:
 
 
 RUNNERS = {
-    "generate": lambda e, work, n, a: run_generate(e.net, work, n, a.generate_workers),
-    "batch": lambda e, work, n, a: run_batch(e.net, work, n),
+    "generate": lambda e, work, n, a: run_generate(transformers_model(e), work, n,
+                                                   a.generate_workers),
+    "batch": lambda e, work, n, a: run_batch(transformers_model(e), work, n),
     "engine": lambda e, work, n, a: run_engine(e, work, n),
 }
 
 
+def transformers_model(engine: HFEngine):
+    """The same model as transformers' own (the generate and batch modes run it): the engine's
+    fallback model, or the float32 weights of the engine's file (the default GGUF converted)."""
+    runner_net = getattr(engine.runner, "net", None)
+    if runner_net is not None:
+        return runner_net
+    if not hasattr(engine, "_reference"):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from nodes.engine import models
+        c = engine.config
+        if c.load_format == "dummy":
+            kind, values = models.DUMMY_CONFIGS[c.model_config]
+            with engine.device:
+                net = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **values),
+                                                       dtype=engine.dtype)
+        else:
+            net = AutoModelForCausalLM.from_pretrained(models.resolve(c.model),
+                                                       dtype=engine.dtype).to(engine.device)
+        engine._reference = net.eval()
+    return engine._reference
+
+
 def phases(stats: dict) -> dict:
-    """Where the engine's time went: prefill vs batched decode, and the mean decode batch."""
-    steps = max(stats["decode_steps"], 1)
-    return {"prefill_s": round(stats["prefill_s"], 2), "prefill_tokens": stats["prefill_tokens"],
-            "decode_s": round(stats["decode_s"], 2), "decode_steps": stats["decode_steps"],
-            "mean_batch": round(stats["decode_tokens"] / steps, 2),
-            "ms_per_decode_step": round(1000 * stats["decode_s"] / steps, 1)}
+    """Where the engine's time went: steps with prompt chunks in them vs decode-only steps."""
+    steps, mixed = max(stats["steps"], 1), stats["mixed_steps"]
+    decode_only = max(steps - mixed, 1)
+    return {"steps": stats["steps"], "mixed_steps": mixed,
+            "prefill_tokens": stats["prefill_tokens"],
+            "mean_decode_rows": round(stats["decode_tokens"] / steps, 2),
+            "s_in_mixed_steps": round(stats["mixed_s"], 2),
+            "s_in_decode_steps": round(stats["step_s"] - stats["mixed_s"], 2),
+            "ms_per_decode_step": round(1000 * (stats["step_s"] - stats["mixed_s"])
+                                        / decode_only, 1)}
 
 
 def timed(fn, *args) -> tuple[int, float]:
@@ -128,6 +155,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--max-slots", type=int, default=None)
+    ap.add_argument("--quantization", default="auto", help="auto, none, int8 or int4")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="tokens one engine step may compute (default: per device)")
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--generate-workers", type=int, default=4,
                     help="threads of the one-generate-per-query baseline")
     ap.add_argument("--modes", default=",".join(MODES))
@@ -147,11 +178,15 @@ def main(argv=None) -> int:
     # The engine's model is also the one the other modes run: one model for all.
     engine = HFEngine(HFEngineConfig(model=a.model, dtype=a.dtype, device=a.device,
                                      max_slots=a.max_slots, load_format=a.load_format,
-                                     model_config=a.model_config, threads=a.threads))
+                                     model_config=a.model_config, threads=a.threads,
+                                     quantization=a.quantization,
+                                     step_tokens=a.max_num_batched_tokens,
+                                     cuda_graphs=not a.enforce_eager))
     tok = engine.tokenizer
     work = make_workload(tok, a.num_requests, a.min_input_len, a.max_input_len, a.seed)
     warm = make_workload(tok, 2, 16, 32, a.seed + 1)
     info = {"model": engine.model, "device": str(engine.device), "dtype": str(engine.dtype),
+            "quantization": engine.quantization, "runner": type(engine.runner).__name__,
             "slots": engine.slots, "requests": a.num_requests, "output_len": a.output_len,
             "input_len": [a.min_input_len, a.max_input_len],
             "prompt_tokens": sum(len(ids) for _, ids in work), "torch_threads": torch.get_num_threads(),

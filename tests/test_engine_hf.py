@@ -80,30 +80,43 @@ def make(path: str, **kw) -> HFEngine:
     return HFEngine(HFEngineConfig(model=path, device="cpu", dtype="float32", **kw))
 
 
-def greedy_reference(engine: HFEngine, prompt_ids: list[int], n: int) -> list[int]:
+_REFERENCES: dict[str, object] = {}
+
+
+def reference_model(source):
+    """transformers' own model of an engine's weights (or a model folder's), float32: what
+    greedy output must equal."""
+    from transformers import AutoModelForCausalLM
+    from nodes.engine import models
+    path = models.resolve(source.config.model if isinstance(source, HFEngine) else source)
+    if path not in _REFERENCES:
+        _REFERENCES[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return _REFERENCES[path]
+
+
+def greedy_reference(source, prompt_ids: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt_ids])
-    out = engine.net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                              min_new_tokens=0, do_sample=False, eos_token_id=None,
-                              pad_token_id=2)
+    out = reference_model(source).generate(ids, attention_mask=torch.ones_like(ids),
+                                           max_new_tokens=n, min_new_tokens=0, do_sample=False,
+                                           eos_token_id=None, pad_token_id=2)
     return out[0, len(prompt_ids):].tolist()
 
 
-def script(engine: HFEngine, text: str, prompt_len: int) -> list[int]:
-    """Make the engine's model produce exactly the tokens of `text`, for prompts of `prompt_len`
-    tokens: a thin wrapper that overrides the logits by position (then emits EOS)."""
+def script(engine: HFEngine, text: str) -> list[int]:
+    """Make the engine's model produce exactly the tokens of `text` (then EOS): a thin wrapper
+    around the runner that overrides each logits row by how many tokens its request has."""
     forced = engine.tokenizer.encode(text, add_special_tokens=False) + [2]
-    net = engine.net
+    real = engine.runner.forward
 
-    def forward(**kw):
-        logits = net(**kw).logits
-        keep = kw.get("logits_to_keep")  # a packed prefill keeps each prompt's last position
-        pos = kw["position_ids"][:, keep] if torch.is_tensor(keep) else kw["position_ids"][:, -1:]
-        step = (pos + 1 - prompt_len).clamp(0, len(forced) - 1)
+    def forward(decode, chunks):
+        logits = real(decode, chunks)
+        rows = decode + [seq for seq, start, n in chunks if start + n == len(seq.feed)]
         fake = torch.full_like(logits, -1e4)
-        fake.scatter_(2, torch.tensor(forced)[step][..., None], 0)
-        return types.SimpleNamespace(logits=fake)
+        for i, seq in enumerate(rows):
+            fake[i, forced[min(len(seq.tokens), len(forced) - 1)]] = 0
+        return fake
 
-    engine.net = forward
+    engine.runner.forward = forward
     return forced
 
 
@@ -146,19 +159,17 @@ def test_a_burst_is_prefilled_together_and_still_equals_generate(tiny_model):
     """Requests arriving together share one packed prefill forward (their first tokens come
     in one step), while a full engine keeps the rest waiting; greedy output is unchanged."""
     engine = make(tiny_model, max_slots=4)
-    real, packs = engine.net, []
+    real, packs = engine.runner.forward, []
     gate, held = threading.Event(), threading.Event()
 
-    def forward(**kw):
-        keep = kw.get("logits_to_keep")
-        if torch.is_tensor(keep):
-            packs.append(len(keep))
+    def forward(decode, chunks):
+        packs.append(len(chunks))
         if not gate.is_set():  # hold the engine in its first forward while the burst arrives
             held.set()
             gate.wait(30)
-        return real(**kw)
+        return real(decode, chunks)
 
-    engine.net = forward
+    engine.runner.forward = forward
     prompts = ["Hi", "The weather in Paris is lovely in the spring and", "Tell me a story",
                "One two three four five six seven eight nine ten eleven twelve", "Last one"]
     lengths = [30, 9, 14, 6, 8]
@@ -176,11 +187,11 @@ def test_a_burst_is_prefilled_together_and_still_equals_generate(tiny_model):
         return run
 
     run = asyncio.run(main())
-    engine.net = real
+    engine.runner.forward = real
     for i, (p, n) in enumerate(zip(prompts, lengths)):
         assert run.ids[i] == greedy_reference(engine, engine.tokenizer.encode(p), n), f"request {i}"
     started = {i: min(step for rid, step in run.order if rid == i) for i in range(5)}
-    assert 3 in packs  # three free slots: requests 1-3 in one forward
+    assert 3 in packs  # three free slots: requests 1-3 prefilled in one forward
     assert started[0] < started[1] == started[2] == started[3] < started[4]
     assert started[4] > run.finished_at[3]  # it waited for the first free slot
 
@@ -226,8 +237,7 @@ def test_no_chat_template_is_a_clear_error_unless_given(tiny_model_no_template, 
 def test_stop_strings_cut_and_hold_back(tiny_model):
     engine = make(tiny_model)
     prompt = "Say it"
-    p = len(engine.tokenizer.encode(prompt))
-    script(engine, "The answer is 42.\nEND of the story, truly", p)
+    script(engine, "The answer is 42.\nEND of the story, truly")
 
     async def main():
         run = Run(engine)
@@ -251,8 +261,7 @@ def test_utf8_multibyte_and_emoji_never_broken(tiny_model):
     engine = make(tiny_model)
     text = "Café déjà vu: 日本語のテキスト 🎉👍🏽 naïve — ok ✓"
     prompt = "Go"
-    p = len(engine.tokenizer.encode(prompt))
-    forced = script(engine, text, p)
+    forced = script(engine, text)
     pieces = [engine.tokenizer.decode([t]) for t in forced]
     assert any("\ufffd" in s for s in pieces)  # the text really splits characters across tokens
 
@@ -344,7 +353,7 @@ def test_kv_budget_makes_requests_wait_then_run(tiny_model):
         for i in range(3):
             engine.submit(EngineRequest(i, prompt_req(f"Request number {i}", max_tokens=40,
                                                       ignore_eos=True)))
-        await run.until(lambda: peak.append(engine.cache.rows * engine.cache.cap) or
+        await run.until(lambda: peak.append(engine.runner.cache.rows * engine.runner.cache.cap) or
                         all(i in run.done for i in range(3)))
         engine.stop()
         return run
@@ -403,15 +412,15 @@ def test_resume_continues_exactly_where_the_lost_node_stopped(tiny_model):
 @pytest.mark.timeout(120)
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(tiny_model):
     engine = make(tiny_model)
-    real, calls = engine.net, []
+    real, calls = engine.runner.forward, []
 
-    def forward(**kw):
+    def forward(decode, chunks):
         calls.append(1)
         if len(calls) == 3:  # prefill, one decode, then the second decode fails
             raise RuntimeError("boom")
-        return real(**kw)
+        return real(decode, chunks)
 
-    engine.net = forward
+    engine.runner.forward = forward
 
     async def main():
         run = Run(engine)
@@ -469,10 +478,9 @@ def hf_node(cluster, model: str, *extra: str) -> str:
 @pytest.mark.timeout(180)
 def test_node_serves_concurrent_greedy_requests_like_generate(cluster, tiny_model):
     from conftest import connect, run, wait_tree
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
     root = hf_node(cluster, tiny_model, "--max-slots", "4")
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    net = LlamaForCausalLM.from_pretrained(tiny_model).eval()
     prompts = ["Hi", "The weather in Paris is lovely in the spring and", "Tell me a story",
                "One two three four five six seven eight nine ten", "Why is the sky blue?"]
     lengths = [9, 21, 14, 30, 5]
@@ -487,9 +495,8 @@ def test_node_serves_concurrent_greedy_requests_like_generate(cluster, tiny_mode
         return results
 
     results = run(scenario(), timeout=120)
-    engine = types.SimpleNamespace(net=net)
     for (text, final), p, n in zip(results, prompts, lengths):
-        ref = greedy_reference(engine, tok.encode(p), n)
+        ref = greedy_reference(tiny_model, tok.encode(p), n)
         assert final.kind == "done" and final.finish_reason == "length"
         assert final.completion_tokens == n and final.prompt_tokens == len(tok.encode(p))
         assert text == tok.decode(ref, skip_special_tokens=True).rstrip("\ufffd")

@@ -94,9 +94,11 @@ class Launcher:
                                    "--max-queue", str(a.max_queue)] + registry + common)
         engine = ["--engine", a.engine, "--fake-delay", str(a.fake_delay), "--dtype", a.dtype,
                   "--device", a.device, "--load-format", a.load_format,
-                  "--node-queue", str(a.node_queue)]
+                  "--node-queue", str(a.node_queue), "--quantization", a.quantization]
+        if a.enforce_eager:
+            engine.append("--enforce-eager")
         for flag in ("max_slots", "model", "max_model_len", "kv_budget", "chat_template",
-                     "model_config", "threads"):
+                     "model_config", "threads", "max_num_batched_tokens"):
             value = getattr(a, flag)
             if value is not None:
                 engine += ["--" + flag.replace("_", "-"), str(value)]

@@ -21,7 +21,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="fake engine: seconds per step (one token for every running request)")
     g.add_argument("--model", default=None,
                    help="hf: a Hub name, a local folder or a .gguf file (default: SmolLM2-135M-Instruct, offline)")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="hf: activations and dense weights (auto: float32 on CPU, bfloat16 on GPU)")
+    g.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
+                   help="hf on CPU, Llama-family models: weights in 4- or 8-bit blocks (auto: the "
+                        "file's own precision, e.g. the default model's Q4_1; none: float)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="hf: tokens one engine step may compute, decode rows and prompt chunks "
+                        "together (default: 256 on CPU, 2048 on GPU)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="hf on GPU: no CUDA graphs for the decode step")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="hf: context length in tokens (default: the model's own, capped at 4096 on CPU)")

@@ -2,17 +2,16 @@
 
 Runs inside the node process. `submit`/`cancel` are called on the node's event loop: `submit`
 tokenizes there (so a prompt too long fails before any work) and both hand over to the engine
-thread through one FIFO inbox. The engine thread loops over plain steps:
+thread through one FIFO inbox. The engine thread loops over plain steps (stepper.py): drain the
+inbox, plan one mixed batch (every running row's next token plus chunks of new prompts), one
+forward (runner.py), one batched draw (sampling.py), detokenize and stop checks, retire finished
+rows, one StepOutput to the loop.
 
-    drain the inbox (new requests wait, cancels leave) -> one batched decode forward for every
-    running request -> sample each row by its own settings -> detokenize, stop checks -> retire
-    finished ones at once -> a StepOutput to the loop -> admit waiting requests that fit the KV
-    budget and the step's prefill allowance, prefilled together in one packed forward -> their
-    first tokens in a second StepOutput
-
-Memory is bounded by explicit limits only: `max_slots` rows, `max_model_len` tokens per
-sequence and `kv_budget` tokens of KV cache (rows x the largest reservation, see kvcache.py).
-A request that does not fit the budget now waits in the engine until it does.
+Models of the Llama family run on our own model (llama.py), quantized on a CPU (quant.py,
+`--quantization`); any other architecture on transformers' forward (the fallback runner).
+Memory is bounded by explicit limits only: `max_slots` rows, `max_model_len` tokens per sequence
+and `kv_budget` tokens of KV cache (rows x the largest reservation, see kvcache.py). A request
+that does not fit the budget now waits in the engine until it does.
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ from broker.protocol import ErrorCode, FinishReason
 from nodes.engine import models
 from nodes.engine.base import Engine, EngineError, EngineRequest, Finish, StepOutput
 from nodes.engine.detok import Detokenizer
-from nodes.engine.kvcache import SlotCache, per_token_bytes
-from nodes.engine.sampling import SamplingParams
+from nodes.engine.quant import MODES
+from nodes.engine.sampling import Row, SamplingParams
 from nodes.engine.stepper import Stepper
 
 log = logging.getLogger("treechat.engine")
@@ -51,14 +50,20 @@ class HFEngineConfig:
     load_format: str = "auto"
     model_config: str | None = None
     threads: int | None = None  # torch CPU threads; None: torch's default (one per core)
+    quantization: str = "auto"
+    step_tokens: int | None = None  # tokens one step may compute (None: per device)
+    cuda_graphs: bool = True
 
     def __post_init__(self):
-        for name in ("max_slots", "max_model_len", "kv_budget", "threads"):
+        for name in ("max_slots", "max_model_len", "kv_budget", "threads", "step_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype {self.dtype}: use auto, float32, bfloat16 or float16")
+        if self.quantization not in ("auto", *MODES):
+            raise ValueError(f"--quantization {self.quantization}: use auto, "
+                             + ", ".join(MODES))
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"--load-format {self.load_format}: use auto or dummy")
         if self.load_format == "dummy" and self.model_config not in models.DUMMY_CONFIGS:
@@ -73,21 +78,23 @@ class HFEngineConfig:
 class Seq:
     """One request inside the engine."""
 
-    __slots__ = ("rid", "feed", "prompt_tokens", "limit", "reserve", "tokens", "params",
-                 "ignore_eos", "detok", "row", "length")
+    __slots__ = ("rid", "feed", "prompt_tokens", "limit", "reserve", "tokens", "sampling",
+                 "ignore_eos", "detok", "row", "length", "matcher")
 
-    def __init__(self, rid, prompt_ids, resume_ids, limit, params, ignore_eos, detok):
+    def __init__(self, rid, prompt_ids, resume_ids, limit, params, ignore_eos, detok,
+                 matcher=None):
         self.rid = rid
         self.feed = prompt_ids + resume_ids  # what the prefill writes into the cache
         self.prompt_tokens = len(prompt_ids)
         self.limit = limit                    # completion tokens allowed, resumed ones included
         self.reserve = len(prompt_ids) + limit
         self.tokens = list(resume_ids)
-        self.params = params
+        self.sampling = Row(params, prompt_ids, self.tokens, matcher)
         self.ignore_eos = ignore_eos
         self.detok = detok
         self.row = -1
         self.length = 0  # tokens written in the cache
+        self.matcher = matcher
 
 
 class HFEngine(Engine):
@@ -97,47 +104,39 @@ class HFEngine(Engine):
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.net, self.tokenizer, self.model, self.device, self.dtype = models.load(
-            config.model, device=config.device, dtype=config.dtype,
-            load_format=config.load_format, model_config=config.model_config)
+        loaded = models.load(config.model, device=config.device, dtype=config.dtype,
+                             load_format=config.load_format, model_config=config.model_config,
+                             quantization=config.quantization)
+        self.tokenizer, self.model = loaded.tokenizer, loaded.name
+        self.device, self.dtype, self.quantization = loaded.device, loaded.dtype, loaded.quantization
         on_gpu = self.device.type == "cuda"
         self.slots = config.max_slots or (64 if on_gpu else 8)
-        own = _context_length(self.net.config)
+        own = loaded.context_length
         self.max_model_len = config.max_model_len or (own if on_gpu else min(own, CPU_MAX_MODEL_LEN))
         if self.max_model_len > own:
             raise ValueError(f"--max-model-len {self.max_model_len} exceeds the model's {own}")
-        self.kv_budget = config.kv_budget or self.default_kv_budget()
+        self.runner, self.kv_budget = models.make_runner(
+            loaded, slots=self.slots, max_model_len=self.max_model_len,
+            kv_budget=config.kv_budget, cuda_graphs=config.cuda_graphs)
+        if self.runner.cache.static:  # a GPU cache holds every slot a full context, or fewer slots
+            self.slots = self.runner.cache.rows - 1
         self.chat_template = Path(config.chat_template).read_text() if config.chat_template else None
-        self.vocab = min(len(self.tokenizer), _vocab_size(self.net.config))
-        self.eos_ids = _eos_ids(self.net, self.tokenizer)
-        self.sampling_defaults = (models.DEFAULT_SAMPLING if config.model is None
-                                  else _sampling_defaults(self.net))
-        layers = self.net.config.get_text_config().num_hidden_layers
-        self.cache = SlotCache(layers, self.kv_budget, self.max_model_len, self.slots)
+        self.vocab = min(len(self.tokenizer), loaded.vocab_size)
+        self.eos_ids = loaded.eos_ids
+        self.sampling_defaults = loaded.sampling_defaults
         self._tok_lock = threading.Lock()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Seq] = deque()
         self._running: list[Seq] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.stats = dict.fromkeys(("decode_s", "decode_steps", "decode_tokens", "prefill_s",
-                                    "prefill_tokens"), 0)
-        log.info("hf engine: %s on %s (%s), %d slots, context %d, KV budget %d tokens (%.0f MiB)",
-                 self.model, self.device, str(self.dtype).removeprefix("torch."), self.slots,
-                 self.max_model_len, self.kv_budget,
-                 self.kv_budget * per_token_bytes(self.net.config, self.dtype) / 2**20)
-
-    def default_kv_budget(self) -> int:
-        """Every slot a full context; on a GPU, at most what 85% of its *total* memory holds
-        beside the weights (a fixed rule, never "whatever is free right now")."""
-        want = self.slots * self.max_model_len
-        if self.device.type != "cuda":
-            return want
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        weights = sum(p.numel() * p.element_size() for p in self.net.parameters())
-        room = int(0.85 * total) - weights  # the rest: activations, logits, the allocator
-        fits = room // per_token_bytes(self.net.config, self.dtype)
-        return max(self.max_model_len, min(want, fits))
+        self.stats = dict.fromkeys(("steps", "step_s", "decode_tokens", "prefill_tokens",
+                                    "mixed_steps", "mixed_s"), 0)
+        self.stepper: Stepper | None = None
+        log.info("hf engine: %s on %s (%s, %s, %s runner), %d slots, context %d, KV budget %d "
+                 "tokens", self.model, self.device, str(self.dtype).removeprefix("torch."),
+                 self.quantization, type(self.runner).__name__.removesuffix("Runner").lower(),
+                 self.slots, self.max_model_len, self.kv_budget)
 
     @classmethod
     def from_args(cls, args) -> "HFEngine":
@@ -145,7 +144,10 @@ class HFEngine(Engine):
             model=args.model, dtype=args.dtype, device=args.device, max_slots=args.max_slots,
             max_model_len=args.max_model_len, kv_budget=args.kv_budget,
             chat_template=args.chat_template, load_format=args.load_format,
-            model_config=args.model_config, threads=getattr(args, "threads", None)))
+            model_config=args.model_config, threads=getattr(args, "threads", None),
+            quantization=getattr(args, "quantization", "auto"),
+            step_tokens=getattr(args, "max_num_batched_tokens", None),
+            cuda_graphs=not getattr(args, "enforce_eager", False)))
 
     # --- the event loop's side ---------------------------------------------------------------------
 
@@ -176,17 +178,24 @@ class HFEngine(Engine):
                 "reduce the length of the messages or completion."))
         if len(er.resume_ids) >= limit:
             raise EngineError(ErrorCode.BAD_REQUEST, "nothing left to generate")
-        temperature, top_p = self.sampling_defaults
-        params = SamplingParams(temperature if req.temperature is None else req.temperature,
-                                top_p if req.top_p is None else req.top_p,
-                                req.top_k, req.seed, self.device)
         detok = Detokenizer(self.tokenizer, prompt_ids, list(req.stop), self._tok_lock)
         for t in er.resume_ids:  # rebuild the text the lost node had, without sending it again
             detok.add(t)
         detok.find_stop()
         detok.sent = min(len(er.resume_text), len(detok.text))
-        self._inbox.put(("submit", Seq(er.rid, prompt_ids, list(er.resume_ids), limit, params,
-                                       req.ignore_eos, detok)))
+        self._inbox.put(("submit", Seq(er.rid, prompt_ids, list(er.resume_ids), limit,
+                                       self.sampling_params(req), req.ignore_eos, detok)))
+
+    def sampling_params(self, req) -> SamplingParams:
+        temperature, top_p = self.sampling_defaults
+        bias = {int(t): float(b) for t, b in (req.logit_bias or {}).items()}
+        return SamplingParams(
+            temperature if req.temperature is None else req.temperature,
+            top_p if req.top_p is None else req.top_p, req.top_k, req.seed,
+            min_p=req.min_p or 0.0, presence=req.presence_penalty or 0.0,
+            frequency=req.frequency_penalty or 0.0,
+            repetition=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            bias=bias, logprobs=req.logprobs)
 
     def cancel(self, rid: int) -> None:
         self._inbox.put(("cancel", rid))
@@ -200,26 +209,40 @@ class HFEngine(Engine):
     def describe(self) -> dict:
         return {**super().describe(), "max_model_len": self.max_model_len,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "kv_budget": self.kv_budget}
+                "quantization": self.quantization, "kv_budget": self.kv_budget}
 
     def tokenize(self, req) -> list[int]:
-        """Prompt token ids: the chat template applied to `messages`, or the plain `prompt`."""
+        """Prompt token ids: the chat template applied to `messages`, or the plain `prompt`.
+        An empty prompt is the start-of-text token alone (there must be something to continue)."""
         with self._tok_lock:
             if req.prompt is not None:
-                return self.tokenizer.encode(req.prompt)
-            template = self.chat_template or self.tokenizer.chat_template
-            if not template:
-                raise EngineError(ErrorCode.BAD_REQUEST, (
-                    f"the model {self.model} has no chat template: send a plain 'prompt', or start "
-                    "the node with --chat-template FILE"))
-            text = self.tokenizer.apply_chat_template(
-                req.messages, chat_template=template, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer.encode(text, add_special_tokens=False)
+                ids = self.tokenizer.encode(req.prompt)
+            else:
+                template = self.chat_template or self.tokenizer.chat_template
+                if not template:
+                    raise EngineError(ErrorCode.BAD_REQUEST, (
+                        f"the model {self.model} has no chat template: send a plain 'prompt', or "
+                        "start the node with --chat-template FILE"))
+                text = self.tokenizer.apply_chat_template(
+                    req.messages, chat_template=template, add_generation_prompt=True,
+                    tokenize=False)
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            start = self.tokenizer.bos_token_id
+            ids = [start if start is not None else min(self.eos_ids)]
+        return ids
+
+    def token_logprobs(self, tok: int, lp) -> list:
+        """[text, logprob, [[alt text, alt logprob], ...]] for the wire (see broker.protocol)."""
+        chosen, alts = lp
+        with self._tok_lock:
+            piece = self.tokenizer.decode([tok])
+            return [piece, chosen, [[self.tokenizer.decode([t]), v] for t, v in alts]]
 
     # --- the engine thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        stepper = Stepper(self, self._send)
+        self.stepper = stepper = Stepper(self, self._send, self.config.step_tokens)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)  # OpenMP settings can be per thread
         with torch.inference_mode():
@@ -231,11 +254,12 @@ class HFEngine(Engine):
                     stepper.step(out)
                 except Exception as exc:  # a bug must fail requests loudly, never hang them
                     log.exception("engine step failed")
-                    stepper.fail_all(stepper.out, exc)
-                    stepper.flush()
+                    stepper.fail_all(out, exc)
+                    self._send(out)
         self._running.clear()  # stopped: what ran gets no further output (see Engine.stop)
         self._waiting.clear()
-        self.cache.reshape(0, 0, 0, 0)
+        stepper.decoding = 0
+        self.runner.cache.reshape(0, 0, 0, 0)
 
     def _send(self, out: StepOutput) -> None:
         try:
@@ -267,54 +291,5 @@ class HFEngine(Engine):
                 return
         for seq in self._running:
             if seq.rid == rid:
-                self.retire(seq, FinishReason.CANCELLED, out)
+                self.stepper.retire(seq, FinishReason.CANCELLED, out)
                 return
-
-    def retire(self, seq: Seq, reason: FinishReason, out: StepOutput | None) -> None:
-        """Take `seq` out of the batch now; its row is filled by the last running sequence."""
-        last = self._running.pop()
-        if last is not seq:
-            self.cache.move_row(last.row, seq.row, last.length)
-            last.row = seq.row
-            self._running[seq.row] = last
-        if not self._running:
-            self.cache.reshape(0, 0, 0, 0)  # idle: give the whole buffer back
-        if out is not None:
-            out.done.append(Finish(seq.rid, reason.label, seq.prompt_tokens, len(seq.tokens)))
-
-
-def _context_length(config) -> int:
-    cfg = config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return CPU_MAX_MODEL_LEN
-
-
-def _vocab_size(config) -> int:
-    return config.get_text_config().vocab_size
-
-
-def _eos_ids(net, tokenizer) -> frozenset[int]:
-    ids = set()
-    gen = getattr(net, "generation_config", None)
-    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return frozenset(ids)
-
-
-# For requests that set no temperature or top_p: what the model's generation_config says (for the
-# default model, its card's recommendation), else Ollama-like defaults. A small model sampled at temperature 1 with no top-p filter rambles (the
-# default SmolLM2 answered "What is the capital of France?" with half-French noise that way).
-DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.9
-
-
-def _sampling_defaults(net) -> tuple[float, float]:
-    gc = getattr(net, "generation_config", None)
-    chosen = gc.to_diff_dict() if gc is not None else {}  # only what the model's authors set
-    return (float(chosen.get("temperature", DEFAULT_TEMPERATURE)),
-            float(chosen.get("top_p", DEFAULT_TOP_P)))

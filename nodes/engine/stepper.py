@@ -1,19 +1,24 @@
-"""One step of the hf engine's loop: batched decode, retire, admit and prefill.
+"""One step of the hf engine's loop: plan the batch, one forward, sample, accept, retire.
 
-Runs only on the engine thread (see hf.py). The forward passes are plain transformers forwards
-with our SlotCache, explicit position ids and a ready 4D additive mask:
+Runs only on the engine thread (see hf.py). The running sequences sit in cache rows kept in two
+runs: rows 0..D-1 decode (each feeds its last token), rows D.. are still prefilling their
+prompts, in arrival order. A step:
 
-    decode:  input [n, 1] (each running sequence's last token), positions [n, 1] (its length),
-             mask [n, 1, 1, span]: row b sees cache columns 0..pos[b]
-    prefill: the admitted prompts (plus resumed tokens) packed into one input [1, T], positions
-             restarting at 0 for each, a block-diagonal causal mask [1, 1, T, T] (a prompt sees
-             only itself); each prompt lands in its own cache row, and only each prompt's last
-             position gets logits
+    plan     every decoding row's next token, then prompt chunks while the step's token budget
+             (`step_tokens`) lasts: first the prompts being prefilled, then new requests admitted
+             in arrival order while a slot and the KV budget allow. A chunked runner cuts a
+             prompt anywhere; the fallback runner takes whole prompts only.
+    forward  one mixed forward (runner.py): logits for the decode rows and for each chunk that
+             completes its prompt
+    sample   one batched draw for all of them (sampling.py), grammar-constrained where asked
+    accept   detokenize, stop strings and EOS, the length limit; logprobs
+    retire   finished sequences leave at once; their rows are filled by moving later rows
 
-A step sends its decode tokens as soon as the decode is done, then prefills and sends the new
-requests' first tokens (two StepOutputs), so neither waits for the other. One step prefills at
-most `prefill_tokens` prompt tokens (always at least one request), so a burst of arrivals is
-admitted over several steps while the running sequences keep decoding in between.
+A new prompt therefore never waits for a whole step of others' work: its first chunk rides in the
+very next forward, next to the running rows' tokens, and the budget bounds how much one step may
+add to everyone's time per token. Chunks complete in row order (only the last chunk of a step
+can stop short), so a row that finishes prefilling is always row D and simply joins the decode
+run.
 """
 
 from __future__ import annotations
@@ -21,154 +26,120 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from broker.protocol import ErrorCode, FinishReason
-from nodes.engine.base import StepOutput
+from nodes.engine.base import Finish, StepOutput
 from nodes.engine.sampling import sample
 
 log = logging.getLogger("treechat.engine")
 
-# Prompt tokens one step may prefill: bounds how long admissions stall running decodes. On a CPU
-# one forward costs ~40 ms plus ~1.5 ms per token (SmolLM2-135M, 2 cores), so 512 tokens is
-# under a second and packs a burst of 8 chat prompts into a single forward.
-PREFILL_TOKENS = {"cpu": 512}
-PREFILL_TOKENS_DEFAULT = 4096
+# Tokens one step may compute (decode rows + prompt chunks). On a 2-core CPU a prompt token
+# costs ~1.5 ms in int8 and a decode row far less, so 256 bounds a step near 0.4 s while a
+# burst of chat prompts still goes in one or two steps. A GPU takes far more per step at once.
+STEP_TOKENS = {"cpu": 256}
+STEP_TOKENS_DEFAULT = 2048
+MIN_CHUNK = 16  # prompt tokens a step always takes, so many decode rows cannot starve a prompt
 
 
 class Stepper:
-    def __init__(self, engine, send):
+    def __init__(self, engine, send, step_tokens: int | None = None):
         self.e = engine
         self.send = send  # hands one StepOutput to the node's loop
-        self.out = StepOutput()  # what the current step has not sent yet
-        self.cache = engine.cache
-        self.device = engine.device
-        self.neg = torch.finfo(engine.dtype).min
-        self.prefill_tokens = PREFILL_TOKENS.get(engine.device.type, PREFILL_TOKENS_DEFAULT)
-        # Where the time goes (bench/engine.py prints it): seconds and tokens per phase.
-        self.stats = engine.stats
+        self.runner = engine.runner
+        self.cache = engine.runner.cache
+        self.decoding = 0  # D: rows 0..D-1 decode
+        self.step_tokens = step_tokens or STEP_TOKENS.get(engine.device.type, STEP_TOKENS_DEFAULT)
+        self.stats = engine.stats  # where the time goes (bench/engine.py prints it)
 
     def step(self, out: StepOutput) -> None:
-        """`out` holds what the inbox brought (cancels); it leaves with the decode's tokens."""
-        self.out = out
+        """`out` holds what the inbox brought (cancels); it leaves with this step's tokens."""
         t0 = time.perf_counter()
-        if self.e._running:
-            n = len(self.e._running)
+        running = self.e._running
+        chunks = self.plan()
+        decode = running[:self.decoding]
+        if decode or chunks:
             try:
-                self.decode(self.out)
+                self.compute(decode, chunks, out)
             except Exception as exc:  # a failed forward fails the batch, never the node
-                log.exception("decode step failed")
-                self.fail_all(self.out, exc)
-            self.stats["decode_steps"] += 1
-            self.stats["decode_tokens"] += n
-        self.flush()
-        t1 = time.perf_counter()
-        self.admit(self.out)
-        self.flush()
-        self.stats["decode_s"] += t1 - t0
-        self.stats["prefill_s"] += time.perf_counter() - t1
-
-    def flush(self) -> None:
-        """Send what the step has so far (if anything) and start a fresh StepOutput."""
-        out, self.out = self.out, StepOutput()
+                log.exception("engine step failed")
+                self.fail_all(out, exc)
+            dt = time.perf_counter() - t0
+            self.stats["steps"] += 1
+            self.stats["step_s"] += dt
+            self.stats["decode_tokens"] += len(decode)
+            if chunks:
+                self.stats["prefill_tokens"] += sum(n for _, _, n in chunks)
+                self.stats["mixed_steps"] += 1
+                self.stats["mixed_s"] += dt
         if out.tokens or out.done or out.errors:
             self.send(out)
 
-    # --- decode --------------------------------------------------------------------------------------
+    # --- plan ------------------------------------------------------------------------------------
 
-    def decode(self, out: StepOutput) -> None:
-        running = list(self.e._running)
-        lengths = [s.length for s in running]
-        span = max(lengths) + 1
-        self.cache.reshape(len(running), span, max(s.reserve for s in running), max(lengths))
-        pos = torch.tensor(lengths, device=self.device)
-        ids = torch.tensor([[s.tokens[-1]] for s in running], device=self.device)
-        cols = torch.arange(span, device=self.device)
-        mask = torch.zeros((len(running), 1, 1, span), dtype=self.e.dtype, device=self.device)
-        mask.masked_fill_((cols[None, :] > pos[:, None])[:, None, None, :], self.neg)
-        self.cache.plan_decode(pos, span)
-        logits = self.e.net(input_ids=ids, position_ids=pos[:, None], attention_mask=mask,
-                            cache=self.cache, use_cache=True).logits[:, -1, :self.e.vocab]
-        tokens = sample(logits.float(), [s.params for s in running])
-        finished = []
-        for seq, tok in zip(running, tokens):
+    def plan(self) -> list[tuple]:
+        """The step's prompt chunks, (seq, start, length); admits waiting requests into rows."""
+        e, running, waiting = self.e, self.e._running, self.e._waiting
+        budget = max(self.step_tokens - self.decoding, MIN_CHUNK)
+        chunks = []
+        for seq in running[self.decoding:]:  # prompts already being prefilled, in row order
+            if budget <= 0:
+                return chunks
+            n = self.take(seq, seq.length, budget)
+            chunks.append((seq, seq.length, n))
+            budget -= n
+        longest = max((s.reserve for s in running), default=0)
+        while waiting and budget > 0 and len(running) < e.slots:
+            seq = waiting[0]
+            need = max(longest, seq.reserve)
+            if not self.cache.fits(len(running) + 1, need):
+                break  # FIFO: it waits for room rather than being overtaken forever
+            if not self.runner.chunked and chunks and len(seq.feed) > budget:
+                break  # whole prompts only: the next step takes it
+            waiting.popleft()
+            seq.row = len(running)
+            running.append(seq)
+            n = self.take(seq, 0, budget)
+            chunks.append((seq, 0, n))
+            budget -= n
+            longest = need
+        return chunks
+
+    def take(self, seq, start: int, budget: int) -> int:
+        left = len(seq.feed) - start
+        return min(left, budget) if self.runner.chunked else left
+
+    # --- forward, sample, accept -------------------------------------------------------------------
+
+    def compute(self, decode: list, chunks: list[tuple], out: StepOutput) -> None:
+        running = self.e._running
+        need = max([s.length + 1 for s in decode] + [st + n for _, st, n in chunks])
+        self.cache.reshape(len(running), need, max(s.reserve for s in running),
+                           max(s.length for s in running))
+        logits = self.runner.forward(decode, chunks)
+        done = [seq for seq, st, n in chunks if st + n == len(seq.feed)]
+        for seq in decode:
             seq.length += 1
-            reason = self.accept(seq, tok, out)
+        for seq, st, n in chunks:
+            seq.length = st + n
+        self.decoding += len(done)  # they are rows D.. in order: they join the decode run
+        drawn = decode + done
+        if not drawn:
+            return
+        ids, lps = sample(logits, [seq.sampling for seq in drawn])
+        finished = []
+        for i, (seq, tok) in enumerate(zip(drawn, ids)):
+            reason = self.accept(seq, tok, out, lps[i] if lps else None)
             if reason is not None:
                 finished.append((seq, reason))
         for seq, reason in finished:
-            self.e.retire(seq, reason, out)
+            self.retire(seq, reason, out)
 
-    # --- admit and prefill ---------------------------------------------------------------------------
-
-    def admit(self, out: StepOutput) -> None:
-        """Admit waiting requests in arrival order while a slot, the KV budget and this step's
-        prefill allowance last (the first one always goes, so a long prompt cannot starve),
-        and prefill them together in one forward."""
-        waiting, running = self.e._waiting, self.e._running
-        batch: list = []
-        tokens, longest = 0, max((s.reserve for s in running), default=0)
-        while waiting and len(running) + len(batch) < self.e.slots:
-            seq = waiting[0]
-            need = max(longest, seq.reserve)
-            if not self.cache.fits(len(running) + len(batch) + 1, need):
-                break  # FIFO: it waits for room rather than being overtaken forever
-            if batch and tokens + len(seq.feed) > self.prefill_tokens:
-                break
-            batch.append(waiting.popleft())
-            tokens, longest = tokens + len(seq.feed), need
-        if not batch:
-            return
-        self.stats["prefill_tokens"] += tokens
-        try:
-            logits = self.prefill(batch, longest)
-        except Exception as exc:
-            log.exception("prefill failed")
-            for seq in batch:
-                if seq in running:
-                    self.e.retire(seq, FinishReason.ERROR, None)
-                out.errors.append((seq.rid, ErrorCode.ENGINE, f"prefill failed: {exc}"))
-            return
-        tokens = sample(logits.float(), [seq.params for seq in batch])
-        finished = [(seq, reason) for seq, tok in zip(batch, tokens)
-                    if (reason := self.accept(seq, tok, out)) is not None]
-        for seq, reason in finished:
-            self.e.retire(seq, reason, out)
-
-    def prefill(self, batch: list, longest: int) -> torch.Tensor:
-        """One forward over the packed prompts of `batch`, which join the running rows; the
-        logits of each prompt's last position, [len(batch), vocab]."""
-        running = self.e._running
-        lens = [len(seq.feed) for seq in batch]
-        used = max([s.length for s in running], default=0)
-        self.cache.reshape(len(running) + len(batch), max(max(lens), used + 1), longest, used)
-        for seq in batch:
-            seq.row = len(running)
-            running.append(seq)
-        ids = torch.tensor([[t for seq in batch for t in seq.feed]], device=self.device)
-        pos = torch.cat([torch.arange(q, device=self.device) for q in lens])
-        seg = torch.repeat_interleave(torch.arange(len(lens), device=self.device),
-                                      torch.tensor(lens, device=self.device))
-        cols = torch.arange(len(seg), device=self.device)
-        hidden = (seg[None, :] != seg[:, None]) | (cols[None, :] > cols[:, None])
-        mask = torch.zeros((1, 1, len(seg), len(seg)), dtype=self.e.dtype, device=self.device)
-        mask.masked_fill_(hidden[None, None], self.neg)
-        last = torch.tensor(lens, device=self.device).cumsum(0) - 1
-        self.cache.plan_prefill([seq.row for seq in batch], lens)
-        logits = self.e.net(input_ids=ids, position_ids=pos[None], attention_mask=mask,
-                            cache=self.cache, use_cache=True,
-                            logits_to_keep=last).logits[0, :, :self.e.vocab]
-        for seq, q in zip(batch, lens):
-            seq.length = q
-        return logits
-
-    # --- one new token -------------------------------------------------------------------------------
-
-    def accept(self, seq, tok: int, out: StepOutput) -> FinishReason | None:
+    def accept(self, seq, tok: int, out: StepOutput, lp) -> FinishReason | None:
         """Record `tok` for `seq`, report its text, and say whether `seq` is finished."""
         seq.tokens.append(tok)
         d = seq.detok
         reason = None
+        if seq.matcher is not None and (not seq.matcher.accept(tok) or seq.matcher.is_terminated()):
+            reason = FinishReason.STOP  # the structure is complete (or could not continue)
         if tok in self.e.eos_ids and not seq.ignore_eos:
             reason = FinishReason.STOP
         else:
@@ -177,12 +148,41 @@ class Stepper:
                 reason = FinishReason.STOP
         if reason is None and len(seq.tokens) >= seq.limit:
             reason = FinishReason.LENGTH
-        out.tokens.append((seq.rid, d.take(final=reason is not None), [tok]))
+        item = (seq.rid, d.take(final=reason is not None), [tok])
+        if lp is not None:
+            item += ([self.e.token_logprobs(tok, lp)],)
+        out.tokens.append(item)
         return reason
+
+    # --- leaving ---------------------------------------------------------------------------------
+
+    def retire(self, seq, reason: FinishReason | None, out: StepOutput | None) -> None:
+        """Take `seq` out of the batch now. A decode row is filled by the last decode row, and
+        the prefilling rows after the run move down one, keeping both runs compact."""
+        running, r = self.e._running, seq.row
+        if r < self.decoding:
+            last = running[self.decoding - 1]
+            if last is not seq:
+                self.cache.move_row(last.row, r, last.length)
+                last.row = r
+                running[r] = last
+            gap = self.decoding - 1
+            self.decoding -= 1
+        else:
+            gap = r
+        del running[gap]
+        for s in running[gap:]:  # prefilling rows, in order
+            self.cache.move_row(s.row, s.row - 1, s.length)
+            s.row -= 1
+        if not running:
+            self.cache.reshape(0, 0, 0, 0)  # idle: give the whole buffer back
+        if out is not None and reason is not None:
+            out.done.append(Finish(seq.rid, reason.label, seq.prompt_tokens, len(seq.tokens)))
 
     def fail_all(self, out: StepOutput, exc: Exception) -> None:
         """Every running request leaves with an error (waiting ones stay: they may still run)."""
-        for seq in list(self.e._running):
+        for seq in self.e._running:
             out.errors.append((seq.rid, ErrorCode.ENGINE, f"the model step failed: {exc}"))
         self.e._running.clear()
+        self.decoding = 0
         self.cache.reshape(0, 0, 0, 0)
