@@ -9,9 +9,10 @@ Runs in the bench process on its asyncio loop. Three targets:
     RootTarget  the root directly, through `broker.client.RootClient` (the tree without a gateway)
 
 Connections are pooled per target and reused, so a closed-loop run measures requests, not TCP
-(or TLS) handshakes. TLS: an https:// --base-url, or --tcp with --tls; the server's certificate is
-verified against the system's CAs or --tls-ca FILE (--tls-no-verify: not at all). A request never raises: whatever goes wrong becomes `record.error` (a short type such
-as `connect`, `http_503 overloaded`, `disconnected`, `timeout`) and `record.error_message`.
+(or TLS) handshakes. TLS: an https:// --base-url, or --tcp with --tls; the server's certificate
+is verified against the system's CAs or --tls-ca FILE (--tls-no-verify: not at all). A request
+never raises: whatever goes wrong becomes `record.error` (a short type such as `connect`, `tls`,
+`http_503 overloaded`, `disconnected`, `timeout`) and `record.error_message`.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def make_target(args) -> Target:
         from bench.http_client import HTTPTarget  # it builds on this module's Target and Pool
         return HTTPTarget(args.base_url, args.endpoint, args.model, args.api_key, tls=context, **kw)
     if args.root and context is not None:
-        raise ValueError("--root speaks ZeroMQ (CurveZMQ encrypts it), not TLS: drop the --tls flags")
+        raise ValueError("--root speaks ZeroMQ (CurveZMQ encrypts it), not TLS: drop --tls*")
     if args.tcp:
         return TCPTarget(args.tcp, tls=context, api_key=args.api_key, **kw)
     return RootTarget(args.root, **kw)

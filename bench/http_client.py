@@ -1,12 +1,12 @@
 """The OpenAI-compatible HTTP client of `treechat bench`: one streamed request per `Record`.
 
 Runs in the bench process on its asyncio loop, over plain asyncio streams (no HTTP library, so
-the timing is ours; TLS for an https:// URL, verified as `treechat.tls` says): POST /v1/chat/completions (or /v1/completions) with stream: true and
-stream_options.include_usage, then the SSE answer: `data: {json}` lines, `data: [DONE]`, `:`
-comment lines ignored. HTTP/1.1 keep-alive connections are pooled; the body may be chunked,
-Content-Length or close-delimited. A non-200 answer becomes an error named by its status and the
-OpenAI error body's code (`http_503 overloaded`); an error object inside the stream becomes
-`stream <code>`; a body that ends with neither a finish_reason nor [DONE] is `disconnected`.
+the timing is ours; TLS for an https:// URL, verified as `treechat.tls` says): POST
+/v1/chat/completions (or /v1/completions) with stream: true and stream_options.include_usage,
+then the SSE answer: `data: {json}` lines, `data: [DONE]`, `:` comment lines ignored. HTTP/1.1
+keep-alive connections are pooled; the body may be chunked, Content-Length or close-delimited.
+A non-200 answer becomes an error named by its status and the OpenAI error body's code
+(`http_503 overloaded`); an error object inside the stream becomes `stream <code>`; a body that ends with neither a finish_reason nor [DONE] is `disconnected`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class HTTPTarget(Target):
         super().__init__(**kw)
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"--base-url must look like http://HOST:PORT, not '{base_url}'")
+            raise ValueError(f"--base-url must look like http://HOST:PORT or https://HOST:PORT, "
+                             f"not '{base_url}'")
         if endpoint not in ("/v1/chat/completions", "/v1/completions"):
             raise ValueError("--endpoint must be /v1/chat/completions or /v1/completions")
         if tls is not None and url.scheme != "https":

@@ -133,8 +133,8 @@ class Bed:
             port = f"p{i}"
             if self.shaping == "wire":
                 # host eth0 == w_i ~wire~ x_i == p_i on the bridge
-                ip("-n", self.switch, "link", "add", f"w{i}", "type", "veth", "peer", "name", "eth0",
-                   "netns", ns)
+                ip("-n", self.switch, "link", "add", f"w{i}", "type", "veth", "peer", "name",
+                   "eth0", "netns", ns)
                 ip("-n", self.switch, "link", "add", f"x{i}", "type", "veth", "peer", "name", port)
                 for name in (f"w{i}", f"x{i}"):
                     self.quiet(self.switch, name)

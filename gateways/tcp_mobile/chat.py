@@ -1,9 +1,9 @@
 """an interactive terminal chat client (TCP line protocol or the HTTP API)
 
-`treechat chat [--tcp HOST:PORT [--tls] | --http URL]`: type a message, the answer streams back; Ctrl-C
-while an answer streams cancels it (what came so far stays in the history); Ctrl-C or Ctrl-D at
-the prompt quits; `/reset` starts a new conversation. The whole conversation is sent with every
-message, so follow-ups have context.
+`treechat chat [--tcp HOST:PORT [--tls] | --http URL]`: type a message, the answer streams
+back; Ctrl-C while an answer streams cancels it (what came so far stays in the history); Ctrl-C
+or Ctrl-D at the prompt quits; `/reset` starts a new conversation. The whole conversation is sent
+with every message, so follow-ups have context.
 
 Over TCP (docs/protocol.md) a dropped connection is resumed: the client reconnects, sends its
 session token and how many characters it has, and the answer goes on where it stopped. With
@@ -33,6 +33,7 @@ import time
 import urllib.parse
 
 from treechat import tls as tlsopt
+
 
 class ChatError(Exception):
     """The server answered with an error (code, message) or could not be reached."""
