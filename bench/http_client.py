@@ -6,7 +6,8 @@ the timing is ours; TLS for an https:// URL, verified as `treechat.tls` says): P
 then the SSE answer: `data: {json}` lines, `data: [DONE]`, `:` comment lines ignored. HTTP/1.1
 keep-alive connections are pooled; the body may be chunked, Content-Length or close-delimited.
 A non-200 answer becomes an error named by its status and the OpenAI error body's code
-(`http_503 overloaded`); an error object inside the stream becomes `stream <code>`; a body that ends with neither a finish_reason nor [DONE] is `disconnected`.
+(`http_503 overloaded`); an error object inside the stream becomes `stream <code>`; a body that
+ends with neither a finish_reason nor [DONE] is `disconnected`.
 """
 
 from __future__ import annotations
