@@ -127,3 +127,12 @@ def test_a_taken_metrics_port_is_a_clear_error(cluster, tree):
                         wait=False)
     assert proc.proc.wait(30) == 1
     assert "cannot serve metrics on 127.0.0.1" in proc.tail()
+
+
+def test_up_gives_the_tcp_gateway_and_each_node_a_metrics_port(cluster):
+    (base,) = free_ports(1, span=3)
+    up = cluster.up("--engine", "fake", "--nodes", "2", "--metrics-port", str(base))
+    assert ask_all(up.tcp_port, ["one two"])["q0"]["done"]
+    assert value(scrape(base), "treechat:request_success_total", finished_reason="stop") == 1
+    nodes = [scrape(base + i) for i in (1, 2)]
+    assert sum(value(m, "treechat:node_generation_tokens_total") for m in nodes) == 2
