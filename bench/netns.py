@@ -15,8 +15,9 @@ down/up` in that host: the cable pulled and plugged back. Treechat processes run
 with `command(host, argv)` (`ip netns exec`); `call_in(host, fn)` runs Python in a thread that
 entered the host's namespace (sockets it makes live there).
 
-Names are `tcb-<pid>-<n>-...`, unique per run; `close()` removes everything it made, and a new
-Bed first removes what a killed earlier run (a dead pid) left behind. Needs root (or
+Names are `tcb-<pid>-<n>-...`, unique per run; `close()` removes everything it made (and kills
+a process left running inside), and a new Bed first removes what a killed earlier run (a dead
+pid) left behind, processes included. Needs root (or
 CAP_SYS_ADMIN + CAP_NET_ADMIN) and iproute2; `unavailable()` says why a machine cannot.
 """
 
@@ -78,8 +79,19 @@ def has_netem(ns: str) -> bool:
     return r.returncode == 0
 
 
+def remove(ns: str) -> None:
+    """Kill whatever still runs inside `ns` (only a bed starts processes there), then delete it."""
+    for pid in ip("netns", "pids", ns, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    ip("netns", "del", ns, check=False)
+
+
 def sweep() -> list[str]:
-    """Remove the namespaces of earlier runs whose process is gone (a run killed mid-test)."""
+    """Remove the namespaces of earlier runs whose process is gone (a run killed mid-test), and
+    the processes that run was running in them."""
     gone = []
     for line in ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
@@ -87,7 +99,7 @@ def sweep() -> list[str]:
             continue
         pid = name[len(PREFIX):].split("-", 1)[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            ip("netns", "del", name, check=False)
+            remove(name)
             gone.append(name)
     return gone
 
@@ -183,12 +195,13 @@ class Bed:
             raise NetnsError(f"bench.wire did not start: {self.wire.stderr.read()[-2000:]}")
 
     def close(self) -> None:
-        """Stop the wire, delete every namespace made (their interfaces go with them)."""
+        """Stop the wire, delete every namespace made (their interfaces go with them), killing
+        any process its user left running in one."""
         if self.wire is not None and self.wire.poll() is None:
             os.killpg(self.wire.pid, signal.SIGKILL)
             self.wire.wait(10)
         for ns in reversed(self.made):
-            ip("netns", "del", ns, check=False)
+            remove(ns)
         self.made = []
 
     def __enter__(self) -> "Bed":
