@@ -80,12 +80,14 @@ def has_netem(ns: str) -> bool:
 
 
 def remove(ns: str) -> None:
-    """Kill whatever still runs inside `ns` (only a bed starts processes there), then delete it."""
+    """Kill whatever still runs inside `ns` (only a bed starts processes there; not this one,
+    which may have entered it), then delete it."""
     for pid in ip("netns", "pids", ns, check=False).stdout.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     ip("netns", "del", ns, check=False)
 
 
