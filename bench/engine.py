@@ -137,6 +137,82 @@ def phases(stats: dict) -> dict:
                                         / decode_only, 1)}
 
 
+def weight_bytes(engine: HFEngine) -> int:
+    """Bytes of weights one forward reads (every linear layer, the LM head; not the embedding
+    table, of which a step reads a few rows)."""
+    runner_net = getattr(engine.runner, "net", None)
+    if runner_net is not None:
+        return sum(p.numel() * p.element_size() for p in runner_net.parameters())
+    model = engine.runner.model
+    tensors = [t for layer in model.layers for lin in (layer.qkv, layer.o, layer.gate_up,
+                                                       layer.down) for t in lin_tensors(lin)]
+    return sum(t.numel() * t.element_size() for t in tensors + lin_tensors(model.lm_head))
+
+
+def lin_tensors(lin) -> list:
+    names = ("weight", "bias", "qs", "q", "d", "m")
+    return [t for n in names if isinstance(t := getattr(lin, n, None), torch.Tensor)]
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large copy on `device` (read + write counted), the roofline's
+    memory ceiling, measured rather than taken from a datasheet."""
+    x = torch.empty(1 << 28, dtype=torch.uint8, device=device)  # 256 MiB
+    y = torch.empty_like(x)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    y.copy_(x)
+    sync()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        y.copy_(x)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * x.numel() / best
+
+
+def decode_steps(engine: HFEngine, batches: list[int], context: int) -> list[dict]:
+    """Time one decode step at each batch size, every row `context` tokens deep, through the
+    runner the engine uses (graphs included on a GPU), against the time to read the weights and
+    the KV cache once at the measured copy bandwidth."""
+    import types
+    runner, dev = engine.runner, engine.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    bandwidth = copy_bandwidth(dev)
+    weights = weight_bytes(engine)
+    layers, kv_heads, head_dim = runner.cache.shape
+    per_token = 2 * layers * kv_heads * head_dim * torch.empty(
+        0, dtype=runner.cache.dtype).element_size()  # bytes of K and V per cached token
+    out = []
+    with torch.inference_mode():
+        for b in batches:
+            if b > engine.slots:
+                continue
+            runner.cache.reshape(b, context + 1, context + 1, 0)
+            seqs = [types.SimpleNamespace(tokens=[100 + i], length=context, row=i, feed=[])
+                    for i in range(b)]
+            for _ in range(3):
+                runner.forward(seqs, [])
+            sync()
+            times = []
+            for _ in range(10):
+                t = time.perf_counter()
+                runner.forward(seqs, [])
+                sync()
+                times.append(time.perf_counter() - t)
+            step = sorted(times)[len(times) // 2]
+            floor = (weights + b * context * per_token) / bandwidth
+            out.append({"batch": b, "context": context, "step_ms": round(1000 * step, 2),
+                        "floor_ms": round(1000 * floor, 2), "x_floor": round(step / floor, 2),
+                        "tok_per_s": round(b / step, 1)})
+            print(f"decode step, batch {b:4d}, context {context}: {1000 * step:8.2f} ms "
+                  f"({b / step:9.1f} tok/s), {step / floor:5.2f}x the time to read weights "
+                  f"({weights / 2**20:.0f} MiB) and KV once at {bandwidth / 1e9:.0f} GB/s",
+                  flush=True)
+    runner.cache.reshape(0, 0, 0, 0)
+    return out
+
+
 def timed(fn, *args) -> tuple[int, float]:
     t = time.perf_counter()
     tokens = fn(*args)
@@ -167,6 +243,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the modes this many times, alternating; keep each mode's best")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--decode-steps", default=None, metavar="B1,B2,...",
+                    help="also time one decode step at these batch sizes against the roofline "
+                         "(weights + KV read once at the measured copy bandwidth)")
+    ap.add_argument("--decode-context", type=int, default=256,
+                    help="tokens already in each row for --decode-steps")
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args(argv)
     modes = list(dict.fromkeys(m for m in a.modes.split(",") if m))
@@ -209,6 +290,9 @@ def main(argv=None) -> int:
                 if mode == "engine":
                     results[mode]["phases"] = phases(engine.stats)
                     print("  engine phases:", results[mode]["phases"])
+    if a.decode_steps:
+        results["decode_steps"] = decode_steps(
+            engine, [int(b) for b in a.decode_steps.split(",")], a.decode_context)
     for x, y in (("engine", "batch"), ("engine", "generate"), ("batch", "generate")):
         if x in results and y in results:
             print(f"{x}/{y}: {results[x]['tok_per_s'] / results[y]['tok_per_s']:.2f}x")

@@ -144,7 +144,14 @@ class HTTPTarget(Target):
             self.pool.put(reader, writer)
 
     async def get(self, path: str) -> tuple[int, bytes]:
-        status, headers, reader, writer = await self.request("GET", path, b"")
+        return await self.call("GET", path, b"")
+
+    async def post(self, path: str, body: dict) -> tuple[int, bytes]:
+        """One whole (not streamed) JSON request: (status, body)."""
+        return await self.call("POST", path, orjson.dumps(body))
+
+    async def call(self, method: str, path: str, payload: bytes) -> tuple[int, bytes]:
+        status, headers, reader, writer = await self.request(method, path, payload)
         body = b"".join([c async for c in self.body_chunks(headers, reader)])
         self.release(headers, reader, writer)
         return status, body

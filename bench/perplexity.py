@@ -39,7 +39,7 @@ def score(model, ids: list[int], window: int, chunk: int) -> tuple[float, int]:
     nll, count = 0.0, 0
     for w0 in range(0, len(ids) - 1, window):
         part = ids[w0:w0 + window + 1]
-        cache = RowCache(s.layers, s.kv_heads, s.head_dim, model.dtype, model.device,
+        cache = RowCache(s.layers, s.kv_heads, s.head_dim, model.cache_dtype, model.device,
                          len(part), len(part), 1)
         cache.reshape(1, len(part), len(part), 0)
         for c0 in range(0, len(part) - 1, chunk):
@@ -59,7 +59,7 @@ def answer(loaded, question: str, tokens: int = 24) -> str:
                                    add_generation_prompt=True)
     ids = tok.encode(text, add_special_tokens=False)
     s = model.shape
-    cache = RowCache(s.layers, s.kv_heads, s.head_dim, model.dtype, model.device, 4096, 4096, 1)
+    cache = RowCache(s.layers, s.kv_heads, s.head_dim, model.cache_dtype, model.device, 4096, 4096, 1)
     cache.reshape(1, len(ids) + tokens, len(ids) + tokens, 0)
     batch = Batch(ids=torch.tensor(ids), pos=torch.arange(len(ids)), decode=0,
                   chunks=[Chunk(0, 0, len(ids))], logits_at=torch.tensor([len(ids) - 1]))

@@ -127,6 +127,16 @@ def cdf(ax, values: list[float], label: str) -> None:
         ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label, drawstyle="steps-post")
 
 
+def require_matplotlib() -> None:
+    """--plot draws with matplotlib, which a plain install lacks: say so before any work."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--plot needs matplotlib, which is not installed here: "
+                         "pip install matplotlib (or install treechat with its [bench] extra)"
+                         ) from None
+
+
 def plot(path: str, runs: list[dict], title: str = "treechat bench") -> None:
     """runs: [{"label", "summary", "records", "t0"}]. Writes a PNG."""
     import matplotlib

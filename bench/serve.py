@@ -132,6 +132,8 @@ def write_outputs(args, runs: list[dict]) -> None:
 def main(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parse_goodput(args.goodput)  # bad SLOs fail before anything starts
+    if args.plot:
+        report.require_matplotlib()
     workload_config(args)
     if args.compare:
         from bench.compare import compare

@@ -9,8 +9,16 @@ request gets a `Stream`: an asyncio.Queue the reader fills, consumed as an async
     # the last event is "done" (ev.finish_reason, ev.prompt_tokens, ev.completion_tokens)
     # or "error" (ev.code, ev.message, ev.retry_after)
 
-If the root stops answering (three missed heartbeats) or comes back as a new instance, every open
-stream ends with a `root_lost` error at once: no client waits on a request nobody holds.
+Lossless through a root restart: each open stream keeps the token ids and text it delivered.
+When the connection to the root closes (the socket's monitor says so), the root goes silent for
+three heartbeats, or it says it does not know us (Reregister), the streams stay open; as soon as a
+root answers again (a restarted one, or the same one) every unfinished request is resubmitted with
+those tokens, the root continues after them, and the consumer sees one whole answer. Only when no
+root answers for `resubmit_window` seconds do the open streams end with `root_lost`.
+
+Keys: `curve` is a `treechat keys` folder (`member` names whose key to show). Left out, the client
+uses the keys of the `treechat up` serving that address on this machine, if one runs
+(`broker.security.running_tree`); "" means none. A refused handshake is kept in `refused`.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import zmq
 
 from broker import protocol as p
 from broker import security
-from broker.sockets import Channel, make_socket
+from broker.sockets import Channel, make_socket, refusal
 
 log = logging.getLogger("treechat.client")
 
@@ -43,6 +51,7 @@ class Event:
     message: str | None = None
     retry_after: float | None = None
     logprobs: list | None = None  # per token: [text, logprob, [[alt, logprob], ...]] (delta only)
+    cached_tokens: int = 0  # prompt tokens the engine reused from its prefix cache (done only)
 
     @property
     def final(self) -> bool:
@@ -50,14 +59,22 @@ class Event:
 
 
 class Stream:
-    """One request's events, in order; ends after its final event."""
+    """One request's events, in order; ends after its final event. It remembers what it
+    delivered (`ids`, `parts`) so the request can be resubmitted after a root restart."""
 
-    def __init__(self, client: "RootClient", ref: int):
+    def __init__(self, client: "RootClient", ref: int, request: dict, timeout: float | None):
         self.client = client
         self.ref = ref
+        self.request = request
+        self.timeout = timeout
+        self.started = time.monotonic()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.request_id: int | None = None
         self.finished = False
+        self.accepted = False  # the first admission was passed on; a resubmit's is not
+        self.cancelled = False
+        self.ids: list[int] = []
+        self.parts: list[str] = []
 
     def __aiter__(self):
         return self
@@ -94,6 +111,7 @@ class Stream:
     def cancel(self) -> None:
         """Stop the request down the tree; the stream still ends with its final event."""
         if not self.finished:
+            self.cancelled = True
             self.client.cancel(self.ref)
 
     def _put(self, ev: Event) -> None:
@@ -104,12 +122,18 @@ class Stream:
 
 class RootClient:
     def __init__(self, root: str, name: str, heartbeat: float = 1.0, misses: int = 3,
-                 curve: str | None = None):
+                 curve: str | None = None, member: str = security.CLIENT,
+                 resubmit_window: float = 30.0):
         host, _, port = root.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"the root address must be HOST:PORT, not '{root}'")
         self.endpoint = f"tcp://{host}:{port}"
-        self.curve = security.load(curve)
+        if curve is None and (found := security.running_tree(root)) is not None:
+            curve, member = str(found), "cli"  # the keys `treechat up` made for that tree
+        self.curve = security.load(curve, member)
+        self.refused: str | None = None
+        self.resubmit_window = resubmit_window
+        self.lost_at: float | None = None  # when the root was lost (None: it answers)
         self.name = name
         self.heartbeat = heartbeat
         self.misses = misses
@@ -124,22 +148,24 @@ class RootClient:
 
     async def start(self) -> None:
         self.ch = Channel(make_socket(zmq.Context.instance(), zmq.DEALER, curve=self.curve),
-                          self.on_message, f"client:{self.name}")
+                          self.on_message, f"client:{self.name}", on_event=self.on_event)
         self.ch.sock.connect(self.endpoint)
         self.ch.send(p.Hello(name=self.name))
         self._beat = asyncio.get_running_loop().create_task(self.heartbeat_loop())
 
     async def wait_connected(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while not self.connected and time.monotonic() < deadline:
+        while not self.connected and not self.refused and time.monotonic() < deadline:
             self.ch.send(p.Hello(name=self.name))
             await asyncio.sleep(0.05)
         return self.connected
 
     def close(self) -> None:
+        """Say goodbye (the root forgets us quietly) and close."""
         if self._beat is not None:
             self._beat.cancel()
-        self.ch.close()
+        self.ch.send(p.Bye(name=self.name))
+        self.ch.close(linger=200)
 
     @property
     def connected(self) -> bool:
@@ -149,17 +175,20 @@ class RootClient:
 
     def submit(self, request: dict, timeout: float | None = None) -> Stream:
         ref = next(self.refs)
-        stream = Stream(self, ref)
+        stream = Stream(self, ref, request, timeout)
         if self.ch.send(p.Submit(ref=ref, request=request, timeout=timeout)):
             self.streams[ref] = stream
+        elif self.epoch and self.lost_at is not None:
+            self.streams[ref] = stream  # the root is away: sent when it answers again
         else:
             stream._put(Event("error", code=p.ErrorCode.ROOT_LOST, retry_after=1.0,
                               message="the root is not reachable"))
         return stream
 
     def cancel(self, ref: int) -> None:
-        if ref in self.streams:
-            self.ch.send(p.Cancel(id=ref))
+        if ref in self.streams and not self.ch.send(p.Cancel(id=ref)) and self.lost_at:
+            stream = self.streams.pop(ref)  # nobody holds it now: it ends here
+            stream._put(Event("done", finish_reason="cancelled", completion_tokens=len(stream.ids)))
 
     async def status(self, timeout: float = 3.0) -> dict:
         ref = next(self.refs)
@@ -190,20 +219,26 @@ class RootClient:
     def on_message(self, _ident, msg: p.Message) -> None:
         self.root_seen = time.monotonic()
         if isinstance(msg, p.Deltas):
+            streams = self.streams
             for ref, request_id in msg.accepted:
-                stream = self.streams.get(ref)
-                if stream is not None:
+                stream = streams.get(ref)
+                if stream is not None and not stream.accepted:
+                    stream.accepted = True
                     stream._put(Event("accepted", request_id=request_id))
             for item in msg.items:
-                stream = self.streams.get(item[0])
+                stream = streams.get(item[0])
                 if stream is not None:
+                    if len(item) > 4:
+                        stream.ids.extend(item[4])
+                    stream.parts.append(item[1])
                     stream._put(Event("delta", text=item[1], tokens=item[2],
                                       logprobs=item[3] if len(item) > 3 else None))
-            for ref, reason, prompt_tokens, completion_tokens in msg.done:
-                stream = self.streams.pop(ref, None)
+            for ref, reason, prompt_tokens, completion_tokens, *cached in msg.done:
+                stream = streams.pop(ref, None)
                 if stream is not None:
                     stream._put(Event("done", finish_reason=reason, prompt_tokens=prompt_tokens,
-                                      completion_tokens=completion_tokens))
+                                      completion_tokens=completion_tokens,
+                                      cached_tokens=cached[0] if cached else 0))
         elif isinstance(msg, p.Done):
             stream = self.streams.pop(msg.id, None)
             if stream is not None:
@@ -216,12 +251,16 @@ class RootClient:
                 stream._put(Event("error", code=msg.code, message=msg.message,
                                   retry_after=msg.retry_after))
         elif isinstance(msg, p.Heartbeat):
-            if self.epoch and msg.epoch != self.epoch:
-                self.lose_root("the root restarted")
+            if (self.epoch and msg.epoch != self.epoch) or self.lost_at is not None:
+                self.epoch = msg.epoch
+                self.resubmit("the root restarted" if self.lost_at is None else "the root is back")
             self.epoch = msg.epoch
             if msg.interval > 0:  # follow the root's pace: beat as often as it expects,
                 self.heartbeat = min(self.heartbeat, msg.interval)  # and judge it by its own
                 self.dead_after = msg.interval * self.misses
+        elif isinstance(msg, p.Reregister):  # the root dropped us (we were silent): start over
+            self.ch.send(p.Hello(name=self.name))
+            self.resubmit("the root had dropped this gateway")
         elif isinstance(msg, p.StatusReply):
             fut = self._queries.get(msg.ref)
             if fut is not None and not fut.done():
@@ -230,18 +269,76 @@ class RootClient:
             if self._found is not None and not self._found.done():
                 self._found.set_result(msg.entries)
 
+    def on_event(self, event: int, value: int) -> None:
+        why = refusal(event, value)
+        if why is not None and not self.refused:
+            self.refused = why
+            log.error("the root at %s refused this client: %s", self.endpoint, why)
+        elif event == zmq.EVENT_DISCONNECTED:
+            self.lose_root("the connection to the root closed")
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.refused = None
+            self.ch.send(p.Hello(name=self.name))  # a new connection: the root may not know us
+
     async def heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat)
-            self.ch.send(p.Heartbeat(sender=self.name))
-            if self.root_seen and time.monotonic() - self.root_seen > self.dead_after:
-                self.epoch = 0  # whoever answers next is the root, not a restarted stranger
-                if self.streams:
-                    self.lose_root("the root stopped answering")
+            now = time.monotonic()
+            # While the root is lost, introduce ourselves: a restarted one does not know us.
+            self.ch.send(p.Hello(name=self.name) if self.lost_at is not None
+                         else p.Heartbeat(sender=self.name))
+            if self.root_seen and now - self.root_seen > self.dead_after:
+                self.lose_root("the root stopped answering")
+            if self.lost_at is not None and now - self.lost_at > self.resubmit_window:
+                self.fail_all(f"no root answered for {self.resubmit_window:.0f} s")
+
+    # --- losing and finding the root ------------------------------------------------------------
 
     def lose_root(self, why: str) -> None:
-        log.warning("%s; failing %d open requests", why, len(self.streams))
+        if self.lost_at is not None:
+            return
+        self.lost_at = time.monotonic()
+        if self.streams:
+            log.warning("%s; %d open request(s) wait for it (up to %.0f s)", why,
+                        len(self.streams), self.resubmit_window)
+
+    def resubmit(self, why: str) -> None:
+        """A root answers again: send every unfinished request with what it already delivered."""
+        self.lost_at = None
+        now = time.monotonic()
+        for ref, stream in list(self.streams.items()):
+            if stream.cancelled:
+                del self.streams[ref]
+                stream._put(Event("done", finish_reason="cancelled",
+                                  completion_tokens=len(stream.ids)))
+                continue
+            timeout = stream.timeout
+            if timeout is not None:
+                timeout -= now - stream.started
+                if timeout <= 0:
+                    del self.streams[ref]
+                    stream._put(Event("error", code=p.ErrorCode.TIMEOUT,
+                                      message="the request passed its deadline"))
+                    continue
+            # A new ref: whatever the old submission still sends (a root that only stalled may
+            # still hold it) matches no stream and is dropped, and it is cancelled there.
+            self.ch.send(p.Cancel(id=ref))
+            del self.streams[ref]
+            stream.ref = next(self.refs)
+            self.streams[stream.ref] = stream
+            text = "".join(stream.parts)
+            stream.parts = [text]
+            self.ch.send(p.Submit(ref=stream.ref, request=stream.request, timeout=timeout,
+                                  resume_ids=stream.ids, resume_text=text,
+                                  resubmit=stream.accepted))
+        if self.streams:
+            log.info("%s; resubmitted %d open request(s)", why, len(self.streams))
+
+    def fail_all(self, why: str) -> None:
+        self.lost_at = None
         streams, self.streams = self.streams, {}
+        if streams:
+            log.warning("%s; failing %d open request(s)", why, len(streams))
         for stream in streams.values():
             stream._put(Event("error", code=p.ErrorCode.ROOT_LOST, retry_after=1.0,
                               message=f"{why} before the request finished; please retry"))

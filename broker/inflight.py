@@ -3,8 +3,13 @@
     request_id -> InFlight(gateway, ref, request, rid, holder, state, tokens and text so far, deadline)
 
 `rid` is the current dispatch; `holder` the node that last acknowledged it and `state` what that
-node did with it ('running', 'queued', or 'forwarded' to the child `to`). `hop` orders acks that
+node did with it ('running', 'queued', or 'forwarded' to the child `to'). `hop` orders acks that
 arrive out of order from different nodes (each node has its own connection to the root).
+
+Nothing placed can vanish unnoticed: `moved_at` is when the dispatch last moved (sent, or
+acknowledged one hop further), and a dispatch still 'forwarded' a while later was lost on a link
+(`unacknowledged`); a request the table places at a node that the node's own heartbeat does not
+list was dropped there (`missing_at`). The root takes both back and dispatches them again.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class InFlight:
     attempts: int = 0
     deadline: float | None = None
     first_token_at: float | None = None
+    moved_at: float = 0.0
 
 
 class Table:
@@ -40,9 +46,11 @@ class Table:
         self.requests[req.request_id] = req
         self.by_ref[(req.gateway, req.ref)] = req
 
-    def place(self, req: InFlight, rid: int, holder: str, state: str, to: str | None) -> None:
+    def place(self, req: InFlight, rid: int, holder: str, state: str, to: str | None,
+              now: float) -> None:
         self.unplace(req)
         req.rid, req.holder, req.state, req.to, req.hop = rid, holder, state, to, 0
+        req.moved_at = now
         self.by_rid[rid] = req
 
     def unplace(self, req: InFlight) -> None:
@@ -59,3 +67,13 @@ class Table:
         """Requests a lost node held: running or queued there, or on their way to it."""
         return [r for r in self.by_rid.values()
                 if r.holder == name or (r.state == "forwarded" and r.to == name)]
+
+    def unacknowledged(self, older_than: float) -> list[InFlight]:
+        """Dispatches sent down a link and not acknowledged further since `older_than`."""
+        return [r for r in self.by_rid.values()
+                if r.state == "forwarded" and r.moved_at < older_than]
+
+    def missing_at(self, name: str, held: set[int]) -> list[InFlight]:
+        """Requests placed at `name` (running or queued there) that it says it does not hold."""
+        return [r for r in self.by_rid.values()
+                if r.holder == name and r.state != "forwarded" and r.rid not in held]

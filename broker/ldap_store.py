@@ -39,7 +39,7 @@ except ImportError:  # said clearly by `open`, not as a traceback
     Connection = None
 
 from broker.registry import Entry
-from treechat.process import Fatal
+from broker.errors import Fatal
 
 log = logging.getLogger("treechat.ldap")
 

@@ -14,13 +14,19 @@ fields are ignored so a newer peer can append fields; fields are only ever appen
 Who sends what (`rid` is the root's id of one dispatch; a re-dispatch gets a new one, so a late
 result from a node declared dead matches nothing and is dropped; `ref` is the gateway's own id):
 
-    gateway -> root (front):  Hello, Heartbeat, Submit, Cancel, StatusQuery
+    gateway -> root (front):  Hello, Heartbeat, Submit (or resubmit), Cancel, StatusQuery, Bye
     root -> gateway:          Heartbeat, Deltas (admissions, deltas, finishes), Done, Error,
-                              StatusReply
+                              StatusReply, Reregister
     parent -> child (tree):   Heartbeat, Dispatch
-    child -> parent:          Heartbeat (carrying the child's subtree Load)
-    node -> root (results):   Register, Lookup, Heartbeat, Acks, Tokens, Done, Error, Bye
-    root -> node:             Welcome, Refused, Found, Reregister, Heartbeat, Cancel
+    child -> parent:          Heartbeat (the child's registered incarnation, its subtree Load)
+    node -> root (results):   Register, Lookup, Heartbeat (with the rids it holds), Acks, Tokens,
+                              Done, Error, Bye
+    root -> node:             Welcome, Refused, Found, Reregister, Heartbeat, Cancel, Adopt
+
+Fencing (docs/architecture.md): a registration is an *incarnation* (a random id the root hands
+out in Welcome); a parent takes a connection as its child only for the incarnation the root
+vouched for (Adopt, or the root's own registry), and the root takes a result for a rid only from
+the node that holds it. rids are random 63-bit numbers, one per dispatch.
 """
 
 from __future__ import annotations
@@ -241,19 +247,29 @@ class Hello:
 @message(b"b")
 class Heartbeat:
     """Every edge, both ways, about once a second. A child's heartbeat carries its subtree's load
-    (see `Load`); the root's carries its `epoch` so peers notice a restarted root at once."""
+    (see `Load`) and its `incarnation` (from Welcome: a parent adopts only a registered one); the
+    root's carries its `epoch` so peers notice a restarted root at once; a node's heartbeat to the
+    root lists the rids it `held` (running or queued there), which the root reconciles."""
     sender: str = ""
     epoch: int = 0
     load: dict | None = None
     interval: float = 0.0  # the sender's heartbeat period: a peer beats at least this often
+    incarnation: int = 0
+    held: list | None = None
 
 
 @message(b"s")
 class Submit:
-    """Gateway -> root: a new request. `timeout` (seconds) becomes its deadline at the root."""
+    """Gateway -> root: a new request. `timeout` (seconds) becomes its deadline at the root (else
+    the root's default deadline). `resubmit`: the gateway sends again a request a lost root held,
+    with the tokens and text the client already has; the root admits it past its queue limit and
+    continues after them."""
     ref: int
     request: dict
     timeout: float | None = None
+    resume_ids: list[int] = field(default_factory=list)
+    resume_text: str = ""
+    resubmit: bool = False
 
 
 @message(b"x")
@@ -286,7 +302,8 @@ class Acks:
 class Tokens:
     """Node -> root: one engine step. items: [rid, text_delta, [token ids]] or, when the request
     asked for logprobs, [rid, text_delta, [token ids], logprobs] (see `TokenLogprobs`); then the
-    requests that finished in it, done: [rid, finish_reason, prompt_tokens, completion_tokens]."""
+    requests that finished in it, done: [rid, finish_reason, prompt_tokens, completion_tokens,
+    cached_tokens] (the last: prompt tokens reused from the engine's prefix cache; optional)."""
     items: list
     done: list = field(default_factory=list)
 
@@ -294,15 +311,16 @@ class Tokens:
 @message(b"D")
 class Deltas:
     """Root -> gateway: everything for this gateway from one turn of the root's loop, in the order
-    a client applies it: accepted [ref, request_id], items [ref, text, n_tokens] (plus the
-    Tokens item's logprobs as a fourth element when it had them), then done
-    [ref, finish_reason, prompt_tokens, completion_tokens]."""
+    a client applies it: accepted [ref, request_id], items [ref, text, n_tokens, logprobs,
+    token ids] (logprobs null unless the Tokens item had them; the ids let a gateway resubmit
+    after a root restart), then done [ref, finish_reason, prompt_tokens, completion_tokens,
+    cached_tokens]."""
     items: list
     done: list = field(default_factory=list)
     accepted: list = field(default_factory=list)  # [ref, request_id] admitted this turn
 
 
-# Logprobs ride as the optional 4th element of a Tokens / Deltas item: one entry per new token,
+# Logprobs ride as the 4th element of a Tokens item (optional) or a Deltas item (null when none):
 #     [token_text, logprob, [[alt_text, alt_logprob], ...]]
 # (the k likeliest alternatives when the request asked for logprobs=k). Token texts are the
 # tokenizer's own piece for that id, decoded alone, so a gateway needs no tokenizer.
@@ -342,11 +360,13 @@ class Register:
 
 @message(b"w")
 class Welcome:
-    """Root -> node: registered. `tree` is the endpoint of the root's tree socket."""
+    """Root -> node: registered. `tree` is the endpoint of the root's tree socket; `incarnation`
+    names this registration (the node shows it to its parent; a new registration is a new one)."""
     name: str
     epoch: int
     tree: str
     heartbeat: float
+    incarnation: int = 0
 
 
 @message(b"R")
@@ -358,8 +378,17 @@ class Refused:
 
 @message(b"?")
 class Reregister:
-    """Root -> node: I do not know you (I restarted, or declared you dead): register again."""
+    """Root -> node or gateway: I do not know you (I restarted, or declared you lost): register
+    again (a gateway says Hello and resubmits what it still has open)."""
     epoch: int = 0
+
+
+@message(b"a")
+class Adopt:
+    """Root -> parent node: `name` registered under you as `incarnation`; take as that child only
+    a connection showing it. `incarnation` 0: that child is gone (lost or left): drop it."""
+    name: str
+    incarnation: int
 
 
 @message(b"l")
@@ -389,7 +418,7 @@ class StatusReply:
 
 @message(b"y")
 class Bye:
-    """Node -> root: I am leaving on purpose (SIGTERM); unregister me."""
+    """Node or gateway -> root: I am leaving on purpose (SIGTERM, or a CLI query done)."""
     name: str
 
 

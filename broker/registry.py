@@ -7,16 +7,21 @@ in memory; nodes re-register on their own when a root restarts, so nothing needs
 A name is taken while its holder is alive (heard from within `dead_after` seconds). A node that
 restarts under the same name after a crash gets it back once the old instance is declared dead;
 until then it is refused, and `treechat node` retries for that long before giving up.
+
+Every registration is a new *incarnation*: a random id, told to the node in Welcome and to its
+parent in Adopt, and never shown by `public()`. A parent adopts a connection only for the
+incarnation registered now, so a woken or reconnected old incarnation cannot be handed work.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from broker.protocol import Register
-from nodes.routing import Load
+from broker.routing import Load
 
 
 @dataclass(slots=True)
@@ -30,6 +35,7 @@ class Entry:
     model: str | None
     engine: str
     info: dict
+    incarnation: int = field(default_factory=lambda: secrets.randbits(63) or 1)
     state: str = "alive"  # alive | draining | dead
     load: Load = field(default_factory=Load)  # the node's own load (not its subtree's)
     last_seen: float = field(default_factory=time.monotonic)
@@ -81,6 +87,20 @@ class Registry:
             self.store.publish(entry)
         replaced = old if old is not None and old.instance != msg.instance else None
         return entry, replaced
+
+    def descends(self, name: str, ancestor: str | None) -> bool:
+        """Is `name` the node `ancestor` or one of its descendants (by registered parents)?"""
+        for _ in range(64):  # a parent loop in the registry must not hang the root
+            if name == ancestor:
+                return True
+            entry = self.entries.get(name)
+            if entry is None or entry.parent is None:
+                return False
+            name = entry.parent
+        return False
+
+    def children_of(self, name: str) -> list[Entry]:
+        return [e for e in self.entries.values() if e.parent == name and e.state != "dead"]
 
     def unbind(self, name: str) -> Entry | None:
         entry = self.entries.pop(name, None)

@@ -2,20 +2,28 @@
 
 Process: `treechat root`. It runs no model. Three ROUTER sockets on consecutive ports:
 
-    front   (port)     gateways' DEALERs:   Hello, Heartbeat, Submit, Cancel, StatusQuery
-    tree    (port+1)   top-level nodes:     Heartbeat (with subtree Load) up; Dispatch, Heartbeat down
-    results (port+2)   every node, direct:  Register, Lookup, Heartbeat, Acks, Tokens, Done, Error, Bye
-                                            up; Welcome, Refused, Found, Reregister, Heartbeat, Cancel down
+    front   (port)     gateways' DEALERs:   Hello, Heartbeat, Submit, Cancel, StatusQuery, Bye up;
+                                            Deltas, Done, Error, StatusReply, Reregister down
+    tree    (port+1)   top-level nodes:     Heartbeat (incarnation, subtree Load) up; Dispatch,
+                                            Heartbeat down
+    results (port+2)   every node, direct:  Register, Lookup, Heartbeat (held rids), Acks, Tokens,
+                                            Done, Error, Bye up; Welcome, Refused, Found,
+                                            Reregister, Heartbeat, Cancel, Adopt down
 
-Every request gets a `request_id` (arrival order) and, per dispatch, a fresh `rid`. The in-flight
-table knows, from the nodes' acks, which node holds each request and the tokens delivered so far.
-When a node is lost (heartbeats stop, or it hands work back on SIGTERM), every request it held is
-dispatched again with those tokens, and the new node continues after them: the client sees one
-answer, nothing missing and nothing twice. Results for a superseded rid match nothing and are
-dropped; the node that sent them is told to cancel.
+Every request gets a `request_id` (arrival order) and, per dispatch, a fresh random `rid`. The
+in-flight table knows, from the nodes' acks, which node holds each request and the tokens
+delivered so far. When a node is lost (its connection closes, its heartbeats stop, it hands work
+back on SIGTERM), when a dispatch is not acknowledged in time, or when a node's heartbeat does not
+list what the table places there, the request is dispatched again with those tokens, and the new
+node continues after them: the client sees one answer, nothing missing and nothing twice.
+
+This module is the core: lifecycle, heartbeats, admission and placement, endings. The gateway side
+is `broker/front.py`, the node side (registration, adoption, acks, results, fencing)
+`broker/nodeside.py`.
 
 Admission is bounded: a request goes down only when the tree reports room; otherwise it waits in
 the root's queue (`max_queue`); when that is full too the gateway gets `overloaded` at once.
+Every request ends by its deadline (its own `timeout`, else `deadline`), with a `timeout` error.
 """
 
 from __future__ import annotations
@@ -25,20 +33,24 @@ import logging
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 
 from broker import protocol as p
 from broker import security
+from broker.front import Front
 from broker.inflight import InFlight, Table
+from broker.nodeside import NodeSide
+from broker.quiet import Quiet
 from broker.registry import Registry
+from broker.routing import POLICIES, Children
 from broker.sockets import Channel, bind, make_socket
-from nodes.routing import POLICIES, Children
 
 log = logging.getLogger("treechat.root")
 
 MAX_ATTEMPTS = 5  # dispatches per request before it fails with node_lost
+ACK_BEATS = 2  # heartbeats a dispatch may go unacknowledged before it is taken back
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,8 @@ class RootConfig:
     ldap_bind_dn: str | None = None
     ldap_password_file: str | None = None
     curve: str | None = None  # a `treechat keys` folder: encrypt and authenticate every socket
+    deadline: float = 600.0  # seconds a request may take unless it sets its own timeout; 0: none
+    insecure: bool = False  # allow listening on a non-loopback address without keys
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -66,12 +80,16 @@ class RootConfig:
             raise ValueError("--max-queue cannot be negative")
         if self.heartbeat <= 0:
             raise ValueError("--heartbeat must be positive")
+        if self.deadline < 0:
+            raise ValueError("--deadline cannot be negative (0: none)")
         if self.registry not in ("builtin", "ldap"):
             raise ValueError("--registry must be builtin or ldap")
         if self.registry == "ldap" and not (self.ldap_url and self.ldap_bind_dn
                                             and self.ldap_password_file):
             raise ValueError("--registry ldap needs --ldap-url, --ldap-bind-dn and "
                              "--ldap-password-file")
+        security.require_keys(self.host, bool(self.curve), self.insecure,
+                              "CurveZMQ keys (--curve DIR)")
 
     def endpoint(self, offset: int) -> str:
         return f"tcp://{self.host}:{self.port + offset}"
@@ -80,28 +98,27 @@ class RootConfig:
     def dead_after(self) -> float:
         return self.heartbeat * self.misses
 
-
-@dataclass(slots=True)
-class Gateway:
-    identity: bytes
-    name: str = "?"
-    last_seen: float = field(default_factory=time.monotonic)
+    @property
+    def ack_timeout(self) -> float:
+        return self.heartbeat * ACK_BEATS
 
 
-class Root:
+class Root(Front, NodeSide):
     def __init__(self, cfg: RootConfig):
         self.cfg = cfg
-        self.epoch = secrets.randbits(24) + 1  # rids are epoch << 32 | n: unique across restarts
-        self.next_rid = 0
+        self.epoch = secrets.randbits(24) + 1  # tells peers a restarted root from the old one
         self.next_request_id = 0
         self.registry = Registry(cfg.dead_after)
         self.children = Children(cfg.policy)
         self.table = Table()
         self.queue: deque[InFlight] = deque()
-        self.gateways: dict[bytes, Gateway] = {}
+        self.gateways: dict = {}
+        self.dropped: dict[bytes, float] = {}  # gateways declared lost: told to register again
         self._outboxes: dict[bytes, p.Deltas] = {}
+        self._probing: set[str] = set()
         self.draining = False
         self.idle = asyncio.Event()
+        self.quiet = Quiet(log)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -110,15 +127,19 @@ class Root:
             from broker.ldap_store import LdapStore  # only roots that use LDAP need its client
             self.registry.store = await LdapStore.open(self.cfg)  # raises Fatal, clearly
         ctx = zmq.Context.instance()
-        curve = security.load(self.cfg.curve)
-        self.front = Channel(make_socket(ctx, zmq.ROUTER, curve=curve), self.on_front, "front")
-        self.tree = Channel(make_socket(ctx, zmq.ROUTER, curve=curve), self.on_tree, "tree")
-        self.results = Channel(make_socket(ctx, zmq.ROUTER, curve=curve), self.on_results,
-                               "results")
+        curve = security.load(self.cfg.curve, member=None)  # it only listens
+
+        def channel(handler, name):
+            return Channel(make_socket(ctx, zmq.ROUTER, curve=curve), handler, name,
+                           on_event=lambda ev, _value: self.on_event(name, ev))
+        self.front = channel(self.on_front, "front")
+        self.tree = channel(self.on_tree, "tree")
+        self.results = channel(self.on_results, "results")
         for offset, ch in enumerate((self.front, self.tree, self.results)):
             bind(ch.sock, self.cfg.endpoint(offset))
-        log.info("root %x listening: front %s, tree %s, nodes %s (policy %s)", self.epoch,
-                 self.cfg.endpoint(0), self.cfg.endpoint(1), self.cfg.endpoint(2), self.cfg.policy)
+        log.info("root %x listening: front %s, tree %s, nodes %s (policy %s, %s)", self.epoch,
+                 self.cfg.endpoint(0), self.cfg.endpoint(1), self.cfg.endpoint(2), self.cfg.policy,
+                 f"keys {self.cfg.curve}" if curve else "no keys")
         if ready:
             ready({"root": self.cfg.endpoint(0), "epoch": self.epoch})
         beat = asyncio.get_running_loop().create_task(self.heartbeat_loop())
@@ -152,90 +173,52 @@ class Root:
             await asyncio.sleep(self.cfg.heartbeat)
             self.beat()
 
+    def heartbeat(self) -> p.Heartbeat:
+        return p.Heartbeat(sender="root", epoch=self.epoch, interval=self.cfg.heartbeat)
+
     def beat(self) -> None:
-        hb = p.Heartbeat(sender="root", epoch=self.epoch, interval=self.cfg.heartbeat)
+        """Once a heartbeat: beat every peer (a send that finds no connection loses it), expire
+        the silent ones, take back what was not acknowledged, fail what passed its deadline."""
         now = time.monotonic()
         limit = now - self.cfg.dead_after
         for gw in list(self.gateways.values()):
             if gw.last_seen < limit:
-                self.lose_gateway(gw)
-            else:
-                self.front.send(hb, gw.identity)
+                self.lose_gateway(gw, "stopped answering")
+        self.probe("front")
         for child in self.children.expired(limit):
-            log.warning("top-level node %s stopped answering on the tree socket", child.name)
+            log.info("top-level node %s stopped answering on the tree socket", child.name)
             self.children.remove(child.name)
-        for child in self.children:
-            self.tree.send(hb, child.identity)
+        self.probe("tree")
         for entry in self.registry.expired():
             self.lose_node(entry.name, "missed its heartbeats")
-        for entry in self.registry.entries.values():
-            if entry.state != "dead":
-                self.results.send(hb, entry.identity)
+        self.probe("results")
+        self.take_back(now - self.cfg.ack_timeout)
         self.expire_deadlines(now)
+        self.forget_dropped(now)
 
-    # --- gateways -------------------------------------------------------------------------------
+    def on_event(self, socket: str, event: int) -> None:
+        """A connection on `socket` closed: find out whose, on the next loop turn (once)."""
+        if event == zmq.EVENT_DISCONNECTED and socket not in self._probing:
+            self._probing.add(socket)
+            asyncio.get_running_loop().call_soon(self.probe, socket)
 
-    def on_front(self, ident: bytes, msg: p.Message) -> None:
-        gw = self.gateways.get(ident)
-        if gw is None:
-            gw = self.gateways[ident] = Gateway(ident)
-        gw.last_seen = time.monotonic()
-        if isinstance(msg, p.Submit):
-            self.submit(gw, msg)
-        elif isinstance(msg, p.Cancel):
-            self.cancel_ref(ident, msg.id)
-        elif isinstance(msg, p.Hello):
-            gw.name = msg.name
-            self.front.send(p.Heartbeat(sender="root", epoch=self.epoch, interval=self.cfg.heartbeat), ident)
-        elif isinstance(msg, p.StatusQuery):
-            self.front.send(p.StatusReply(ref=msg.ref, tree=self.status()), ident)
-        elif isinstance(msg, p.Lookup):
-            self.front.send(p.Found(entries=self.registry.lookup(msg.name)), ident)
-        elif not isinstance(msg, p.Heartbeat):
-            log.warning("front: unexpected %s from a gateway", type(msg).__name__)
-
-    def submit(self, gw: Gateway, msg: p.Submit) -> None:
-        def refuse(code, text, retry_after=None):
-            self.to_gateway(p.Error(id=msg.ref, code=code, message=text, retry_after=retry_after),
-                            gw.identity)
-
-        if self.draining:
-            return refuse(p.ErrorCode.SHUTTING_DOWN, "the server is shutting down", 1.0)
-        try:
-            request = p.Request.from_dict(msg.request)
-        except p.BadRequest as e:
-            return refuse(p.ErrorCode.BAD_REQUEST, str(e))
-        models = self.registry.models()
-        if request.model and models and request.model not in models:
-            return refuse(p.ErrorCode.UNKNOWN_MODEL, f"the model '{request.model}' does not exist "
-                          f"here; this tree serves {', '.join(sorted(models))}")
-        if not self.has_room() and len(self.queue) >= self.cfg.max_queue:
-            return refuse(p.ErrorCode.OVERLOADED, "every node is busy and the queue is full; "
-                          "try again shortly", 1.0)
-        self.next_request_id += 1
-        req = InFlight(self.next_request_id, gw.identity, msg.ref, msg.request)
-        if msg.timeout:
-            req.deadline = time.monotonic() + msg.timeout
-        self.table.add(req)
-        self.outbox(gw.identity).accepted.append([msg.ref, req.request_id])
-        if self.queue or not self.dispatch(req):
-            self.queue.append(req)
-            self.pump()
-
-    def cancel_ref(self, gateway: bytes, ref: int) -> None:
-        req = self.table.by_ref.get((gateway, ref))
-        if req is None:
-            return  # already finished: the gateway has (or will get) its final message
-        self.finish(req, p.Done(id=ref, finish_reason="cancelled",
-                                completion_tokens=len(req.ids)))
-
-    def lose_gateway(self, gw: Gateway) -> None:
-        log.warning("gateway %s stopped answering; cancelling its requests", gw.name)
-        del self.gateways[gw.identity]
-        for req in [r for r in self.table.requests.values() if r.gateway == gw.identity]:
-            # If it is only slow, not gone, it must still hear that its requests ended.
-            self.fail(req, p.ErrorCode.ROOT_LOST,
-                      "the root lost contact with this gateway and cancelled the request")
+    def probe(self, socket: str) -> None:
+        """Heartbeat every peer of `socket`; a peer whose connection is gone is lost at once."""
+        self._probing.discard(socket)
+        hb = self.heartbeat()
+        if socket == "front":
+            for gw in list(self.gateways.values()):
+                if not self.front.reaches(hb, gw.identity):
+                    self.lose_gateway(gw, "disconnected")
+        elif socket == "tree":
+            for child in list(self.children):
+                if not self.tree.reaches(hb, child.identity):
+                    log.info("top-level node %s closed its tree connection", child.name)
+                    self.children.remove(child.name)
+        else:
+            for entry in list(self.registry.entries.values()):
+                if entry.state != "dead" and not self.results.reaches(hb, entry.identity):
+                    self.lose_node(entry.name, "disconnected")
 
     # --- down the tree --------------------------------------------------------------------------
 
@@ -245,21 +228,28 @@ class Root:
             return total.free + total.room > 0
         return any(c.load.free > 0 and not c.load.draining for c in self.children)
 
+    def new_rid(self) -> int:
+        """A random 63-bit rid: a node that sees some rids cannot guess another request's."""
+        while True:
+            rid = secrets.randbits(63)
+            if rid and rid not in self.table.by_rid:
+                return rid
+
     def dispatch(self, req: InFlight) -> bool:
         """Send `req` to a child; False when no child has room (the caller queues it)."""
         while self.has_room():
             child = self.children.pick(need_free=True)
             if child is None:
                 return False
-            self.next_rid += 1
-            rid = (self.epoch << 32) | self.next_rid
+            rid = self.new_rid()
             msg = p.Dispatch(rid=rid, request=req.request, hop=1, resume_ids=req.ids,
                              resume_text=req.text)
             if self.tree.send(msg, child.identity):
                 self.children.note_sent(child)
-                self.table.place(req, rid, holder="root", state="forwarded", to=child.name)
+                self.table.place(req, rid, holder="root", state="forwarded", to=child.name,
+                                 now=time.monotonic())
                 return True
-            log.warning("top-level node %s is unreachable; removing it", child.name)
+            log.info("top-level node %s is unreachable; removing it", child.name)
             self.children.remove(child.name)
         return False
 
@@ -269,6 +259,7 @@ class Root:
             self.queue.popleft()
 
     def redispatch(self, req: InFlight, why: str) -> None:
+        self.cancel_at_node(req)  # wherever a copy may still run, it stops
         self.table.unplace(req)
         req.attempts += 1
         if req.attempts >= MAX_ATTEMPTS:
@@ -279,145 +270,9 @@ class Root:
         if not self.dispatch(req):
             self.queue.appendleft(req)  # it was admitted long ago: first in line
 
-    def on_tree(self, ident: bytes, msg: p.Message) -> None:
-        if isinstance(msg, p.Heartbeat):
-            name = ident.decode(errors="replace")
-            if self.children.get(name) is None:
-                self.tree.send(p.Heartbeat(sender="root", epoch=self.epoch, interval=self.cfg.heartbeat), ident)  # welcome it
-            self.children.seen(name, ident, msg.load)
-            self.pump()
-        else:
-            log.warning("tree: unexpected %s from %r", type(msg).__name__, ident)
-
-    # --- results, straight from the nodes -------------------------------------------------------
-
-    def on_results(self, ident: bytes, msg: p.Message) -> None:
-        if isinstance(msg, p.Register):
-            return self.register(ident, msg)
-        if isinstance(msg, p.Lookup):
-            return self.results.send(p.Found(entries=self.registry.lookup(msg.name)), ident)
-        entry = self.registry.by_identity.get(ident)
-        if entry is None:
-            # A node registered with an earlier root, or one declared dead: it must register again.
-            self.results.send(p.Reregister(epoch=self.epoch), ident)
-            if isinstance(msg, p.Tokens):
-                for rid in {item[0] for item in msg.items}:
-                    self.results.send(p.Cancel(id=rid), ident)
-            return
-        entry.last_seen = time.monotonic()
-        if isinstance(msg, p.Tokens):
-            self.tokens(entry.name, ident, msg)
-        elif isinstance(msg, p.Acks):
-            self.acks(entry.name, ident, msg)
-        elif isinstance(msg, (p.Done, p.Error)):
-            self.node_result(ident, msg)
-        elif isinstance(msg, p.Heartbeat):
-            if msg.load is not None:
-                entry.load.__init__(**{k: msg.load.get(k, 0) for k in ("slots", "free", "queued",
-                                                                         "room", "running")})
-                entry.state = "draining" if msg.load.get("draining") else "alive"
-        elif isinstance(msg, p.Bye):
-            self.lose_node(entry.name, "left", unregister=True)
-
-    def register(self, ident: bytes, msg: p.Register) -> None:
-        why = self.registry.conflict(msg)
-        if why:
-            log.warning("refused node %s: %s", msg.name, why)
-            return self.results.send(p.Refused(name=msg.name, reason=why), ident)
-        old = self.registry.entries.get(msg.name)
-        if old is not None and old.instance != msg.instance and old.state != "dead":
-            self.lose_node(old.name, "restarted")
-        entry, _ = self.registry.bind(ident, msg)
-        log.info("node %s registered (parent %s, %d slots, %s)", msg.name, msg.parent or "root",
-                 msg.slots, msg.model or msg.engine)
-        self.results.send(p.Welcome(name=msg.name, epoch=self.epoch, tree=self.cfg.endpoint(1),
-                                    heartbeat=self.cfg.heartbeat), ident)
-
-    def acks(self, name: str, ident: bytes, msg: p.Acks) -> None:
-        for rid, hop, state, to in msg.items:
-            req = self.table.by_rid.get(rid)
-            if req is None:
-                if state != "forwarded":
-                    self.results.send(p.Cancel(id=rid), ident)  # cancelled or superseded
-                continue
-            if hop >= req.hop:
-                req.holder, req.state, req.to, req.hop = name, state, to, hop
-
-    def tokens(self, name: str, ident: bytes, msg: p.Tokens) -> None:
-        for item in msg.items:
-            rid, text, ids = item[0], item[1], item[2]
-            req = self.table.by_rid.get(rid)
-            if req is None:
-                self.results.send(p.Cancel(id=rid), ident)
-                continue
-            if req.state != "running":  # the first token can beat its ack: same socket, but
-                req.holder, req.state = name, "running"  # acks are batched a turn later
-            req.ids.extend(ids)
-            req.text += text
-            if req.first_token_at is None:
-                req.first_token_at = time.monotonic()
-            out = [req.ref, text, len(ids)]
-            if len(item) > 3:
-                out.append(item[3])  # logprobs, passed through untouched
-            self.outbox(req.gateway).items.append(out)
-        for rid, reason, prompt_tokens, completion_tokens in msg.done:
-            req = self.table.by_rid.get(rid)
-            if req is None:
-                continue  # late result of a superseded dispatch, or of a cancelled request
-            completion = max(completion_tokens, len(req.ids))
-            self.outbox(req.gateway).done.append([req.ref, reason, prompt_tokens, completion])
-            self.finish(req, None, stop_node=False)
-
-    def outbox(self, gateway: bytes) -> p.Deltas:
-        """What this loop turn has for `gateway`: sent as one message when the turn ends."""
-        box = self._outboxes.get(gateway)
-        if box is None:
-            if not self._outboxes:  # the first of this turn: send them all when it ends
-                asyncio.get_running_loop().call_soon(self.flush_outboxes)
-            box = self._outboxes[gateway] = p.Deltas(items=[])
-        return box
-
-    def flush_outboxes(self) -> None:
-        boxes, self._outboxes = self._outboxes, {}
-        for gateway, box in boxes.items():
-            self.front.send(box, gateway)
-
-    def to_gateway(self, msg: p.Message, gateway: bytes) -> None:
-        """Send at once, after what this turn already holds for the gateway (order is kept)."""
-        box = self._outboxes.pop(gateway, None)
-        if box is not None:
-            self.front.send(box, gateway)
-        self.front.send(msg, gateway)
-
-    def node_result(self, ident: bytes, msg: p.Done | p.Error) -> None:
-        req = self.table.by_rid.get(msg.id)
-        if req is None:
-            return  # late result of a superseded dispatch, or of a cancelled request
-        if isinstance(msg, p.Error) and msg.code in (p.ErrorCode.HANDED_BACK,
-                                                     p.ErrorCode.OVERLOADED):
-            return self.redispatch(req, f"node answered {msg.code}")
-        if isinstance(msg, p.Done):
-            completion = max(msg.completion_tokens, len(req.ids))
-            self.finish(req, p.Done(id=req.ref, finish_reason=msg.finish_reason,
-                                    prompt_tokens=msg.prompt_tokens, completion_tokens=completion),
-                        stop_node=False)
-        else:
-            self.finish(req, p.Error(id=req.ref, code=msg.code, message=msg.message),
-                        stop_node=False)
-
-    def lose_node(self, name: str, why: str, unregister: bool = False) -> None:
-        entry = self.registry.entries.get(name)
-        if entry is None:
-            return
-        log.warning("node %s %s; re-dispatching what it held", name, why)
-        if unregister:
-            self.registry.unbind(name)
-        else:
-            self.registry.mark_dead(entry)
-        self.children.remove(name)
-        for req in self.table.held_by(name):
-            self.redispatch(req, f"node {name} {why}")
-        self.pump()
+    def take_back(self, older_than: float) -> None:
+        for req in self.table.unacknowledged(older_than):
+            self.redispatch(req, f"no node acknowledged it on its way to {req.to}")
 
     # --- endings --------------------------------------------------------------------------------
 
@@ -434,12 +289,6 @@ class Root:
         if not self.table.requests:
             self.idle.set()
 
-    def cancel_at_node(self, req: InFlight) -> None:
-        for name in {req.holder, req.to} - {None, "root"}:
-            entry = self.registry.entries.get(name)
-            if entry is not None and entry.state != "dead":
-                self.results.send(p.Cancel(id=req.rid), entry.identity)
-
     def fail(self, req: InFlight, code: str, message: str) -> None:
         self.finish(req, p.Error(id=req.ref, code=code, message=message))
 
@@ -450,6 +299,7 @@ class Root:
     def status(self) -> dict:
         return {"root": {"epoch": self.epoch, "policy": self.cfg.policy, "queued": len(self.queue),
                          "max_queue": self.cfg.max_queue, "in_flight": len(self.table.requests),
+                         "deadline": self.cfg.deadline or None,
                          "gateways": sorted(g.name for g in self.gateways.values()),
                          "children": [c.name for c in self.children]},
                 "nodes": [e.public() for e in self.registry.entries.values()]}

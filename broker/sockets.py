@@ -10,8 +10,14 @@ that signal. So after sending, a channel schedules one more drain on the next lo
 a message that arrived during a send could sit unread until the next one.
 
 Options (the design's rules): ROUTER_MANDATORY on every ROUTER (a send to a gone peer raises
-instead of vanishing), ROUTER_HANDOVER (a restarted node takes its name back), IMMEDIATE on
-DEALERs (no queueing toward a peer that is not connected), explicit HWMs, linger 0.
+instead of vanishing, which is also how a peer's departure is confirmed: `Channel.reaches`),
+IMMEDIATE on DEALERs (no queueing toward a peer that is not connected), explicit HWMs, linger 0.
+No socket picks its own identity and ROUTER_HANDOVER is off: every connection gets a fresh
+identity from the ROUTER, so no peer can take over another's connection by naming it.
+
+A `Monitor` reads a socket's connection events on the loop: a ROUTER learns at once that a peer's
+connection closed (then probes its peers to see which one), a DEALER learns that its handshake
+was refused (a key the other side does not authorize) instead of retrying in silence.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import socket
 from typing import TYPE_CHECKING, Callable
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from broker.protocol import Message, ProtocolError, decode
+from broker.quiet import Quiet
 
 if TYPE_CHECKING:
     from broker.security import Curve
@@ -34,8 +42,7 @@ HWM = 100_000  # messages; admission control bounds real traffic far below this
 DRAIN_BATCH = 512  # messages read per loop turn before yielding to other work
 
 
-def make_socket(ctx: zmq.Context, kind: int, *, identity: str | None = None,
-                curve: "Curve | None" = None) -> zmq.Socket:
+def make_socket(ctx: zmq.Context, kind: int, *, curve: "Curve | None" = None) -> zmq.Socket:
     """A configured socket. With `curve`, ROUTERs (which listen) accept only authorized keys and
     DEALERs (which connect) present the tree's client key: see `broker.security`."""
     sock = ctx.socket(kind)
@@ -44,13 +51,10 @@ def make_socket(ctx: zmq.Context, kind: int, *, identity: str | None = None,
     sock.setsockopt(zmq.RCVHWM, HWM)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     if kind == zmq.DEALER:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)  # zmq's own reconnect backoff, in ms
-    if identity is not None:
-        sock.setsockopt(zmq.IDENTITY, identity.encode())
     if curve is not None:
         (curve.server if kind == zmq.ROUTER else curve.client)(sock)
     return sock
@@ -91,7 +95,9 @@ class Channel:
     (identity is None on a DEALER); frames that do not decode are logged and dropped."""
 
     def __init__(self, sock: zmq.Socket, on_message: Callable[[bytes | None, Message], None],
-                 name: str):
+                 name: str, on_event: Callable[[int, int], None] | None = None):
+        """`on_event(event, value)`: the socket's connection events (see `Monitor`), read only
+        after the messages already waiting, so a peer's goodbye is handled before its close."""
         self.sock = sock
         self.name = name
         self.on_message = on_message
@@ -101,31 +107,46 @@ class Channel:
         self._drain_scheduled = False
         self.loop.add_reader(self._fd, self._drain)
         self._schedule_drain()  # messages may already be waiting
+        self.quiet = Quiet(log)  # bad frames from strangers: one line per kind and peer and 10 s
+        self.monitor = None
+        if on_event is not None:
+            self.monitor = Monitor(sock, lambda ev, value: (self._drain(), on_event(ev, value)))
 
     def send(self, msg: Message, identity: bytes | None = None) -> bool:
         """Send without blocking. False (and logged) when the peer is gone or its queue is full:
         the caller decides what that means (a ROUTER peer that vanished, a DEALER not connected)."""
+        return self._send(msg, identity) == 0
+
+    def reaches(self, msg: Message, identity: bytes) -> bool:
+        """Send `msg` to a ROUTER peer; False only when its connection is gone (EHOSTUNREACH).
+        A full queue still counts as reachable: that peer is slow, not gone."""
+        return self._send(msg, identity) != zmq.EHOSTUNREACH
+
+    def _send(self, msg: Message, identity: bytes | None) -> int:
         frames = msg.frames()
         if identity is not None:
             frames.insert(0, identity)
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK)
-            return True
+            return 0
         except zmq.Again:
             log.debug("%s: no route to %r for %s", self.name, identity, type(msg).__name__)
-            return False
+            return zmq.EAGAIN
         except zmq.ZMQError as e:  # EHOSTUNREACH from ROUTER_MANDATORY
             log.debug("%s: send to %r failed: %s", self.name, identity, e)
-            return False
+            return e.errno
         finally:
             self._schedule_drain()
 
-    def close(self) -> None:
+    def close(self, linger: int = 0) -> None:
+        """Close; `linger` (ms) lets a last message (a Bye) leave first without blocking."""
+        if self.monitor is not None:
+            self.monitor.close()
         try:
             self.loop.remove_reader(self._fd)
         except (ValueError, OSError):
             pass
-        self.sock.close(linger=0)
+        self.sock.close(linger=linger)
 
     def _schedule_drain(self) -> None:
         if not self._drain_scheduled:
@@ -152,15 +173,78 @@ class Channel:
         identity = None
         if self.router:
             if len(frames) < 2:
-                log.warning("%s: dropped a frame with no identity", self.name)
+                self.quiet.warning("frames with no identity", self.name,
+                              "%s: dropped a frame with no identity", self.name)
                 return
             identity, frames = frames[0], frames[1:]
         try:
             msg = decode(frames)
         except ProtocolError as e:
-            log.warning("%s: dropped an undecodable message from %r: %s", self.name, identity, e)
+            self.quiet.warning(f"undecodable messages on {self.name}", identity, "%s: dropped an "
+                               "undecodable message from %r: %s", self.name, identity, e)
             return
         try:
             self.on_message(identity, msg)
         except Exception:  # a handler bug must not take the whole process down
             log.exception("%s: handler failed on %s", self.name, type(msg).__name__)
+
+
+class Monitor:
+    """A socket's connection events (`zmq_socket_monitor`) read on the event loop.
+
+    `on_event(event, value)` gets each event: DISCONNECTED (a peer's connection closed),
+    HANDSHAKE_SUCCEEDED, HANDSHAKE_FAILED_AUTH (value: the ZAP status, 400 for a refused key),
+    HANDSHAKE_FAILED_PROTOCOL (value: the ZMTP error, e.g. a CURVE/NULL mechanism mismatch),
+    HANDSHAKE_FAILED_NO_DETAIL (e.g. the wrong server key).
+    """
+
+    EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+              | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+    def __init__(self, sock: zmq.Socket, on_event: Callable[[int, int], None]):
+        self.sock = sock
+        self.on_event = on_event
+        self.pair = sock.get_monitor_socket(self.EVENTS)
+        self.loop = asyncio.get_running_loop()
+        self._fd = self.pair.getsockopt(zmq.FD)
+        self.loop.add_reader(self._fd, self._drain)
+        self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        pair = self.pair
+        while not pair.closed and pair.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                event = parse_monitor_message(pair.recv_multipart(zmq.NOBLOCK))
+            except (zmq.ZMQError, ValueError):
+                return
+            try:
+                self.on_event(event["event"], event["value"])
+            except Exception:
+                log.exception("monitor: handler failed on event %s", event["event"])
+
+    def close(self) -> None:
+        try:
+            self.loop.remove_reader(self._fd)
+        except (ValueError, OSError):
+            pass
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.pair.close(linger=0)
+
+
+def refusal(event: int, value: int) -> str | None:
+    """Why a DEALER's handshake failed, in words, or None for any other event."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return ("the peer refused this process's CurveZMQ key (not in its authorized folder, or "
+                "revoked: see `treechat keys --add`)")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and \
+            value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        return ("the peer and this process disagree on CurveZMQ: one has keys and the other not "
+                "(give both the same --curve DIR, or both --insecure)")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        return ("the CurveZMQ handshake with the peer failed (a server key that is not the "
+                "peer's: is this --curve DIR the tree's?)")
+    return None

@@ -2,41 +2,41 @@
 
 Process: `treechat node`. Sockets:
 
-    up      DEALER (identity = node name) -> parent's ROUTER (the root's tree socket, or a node's
-            down socket): Dispatch and Heartbeat arrive; Heartbeat with this subtree's Load leaves
+    up      DEALER -> parent's ROUTER (the root's tree socket, or a node's down socket): Dispatch
+            and Heartbeat arrive; Heartbeat with this subtree's Load leaves (nodes/links.py)
     down    ROUTER, bound on a free port, for children: their Heartbeat+Load up, Dispatch down
     results DEALER -> the root's results socket, directly: Register, Lookup, Acks, Tokens, Done,
-            Error, Heartbeat, Bye leave; Welcome, Refused, Found, Reregister, Cancel arrive
+            Error, Heartbeat, Bye leave; Welcome, Refused, Found, Reregister, Cancel, Adopt
+            arrive (nodes/links.py)
 
 On a Dispatch (the original algorithm, then the policy): a free engine slot runs it here;
 otherwise a child chosen by the policy gets it; otherwise it waits in this node's bounded queue,
 and everything queued joins the engine's batch as slots free up. Every placement is acknowledged
 to the root, so the root always knows who holds what and can re-dispatch when a node is lost.
+A child is adopted on the down socket only for the incarnation the root vouched for (Adopt).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import zmq
 
 from broker import protocol as p
 from broker import security
-from broker.sockets import Channel, bind, make_socket
+from broker.quiet import Quiet
+from broker.routing import POLICIES, Children, Load
+from broker.sockets import bind
 from nodes.engine.base import Engine, EngineError, EngineRequest, StepOutput
-from nodes.routing import POLICIES, Children, Load
+from nodes.links import Links, RegistrationRefused  # noqa: F401  (the CLI catches it from here)
 
 log = logging.getLogger("treechat.node")
-
-
-class RegistrationRefused(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class NodeConfig:
     misses: int = 3
     grace: float = 30.0
     curve: str | None = None  # a `treechat keys` folder: encrypt and authenticate every socket
+    member: str | None = None  # whose key of that folder to show (default: the node's name, else
+    #                            the folder's `client`)
+    insecure: bool = False  # allow listening on a non-loopback address without keys
 
     def __post_init__(self):
         if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -64,6 +67,14 @@ class NodeConfig:
         host, _, port = self.root.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--root must be HOST:PORT, not '{self.root}'")
+        security.require_keys(self.host, bool(self.curve), self.insecure,
+                              "CurveZMQ keys (--curve DIR)")
+
+    def key_name(self) -> str:
+        if self.member:
+            return self.member
+        own = Path(self.curve or "") / f"{self.name}.key_secret"
+        return self.name if self.curve and own.exists() else security.CLIENT
 
     def root_endpoint(self, offset: int) -> str:
         host, _, port = self.root.rpartition(":")
@@ -82,7 +93,7 @@ class NodeConfig:
         return self.heartbeat * self.misses
 
 
-class Node:
+class Node(Links):
     def __init__(self, cfg: NodeConfig, engine: Engine | None, metrics=None):
         self.cfg = cfg
         self.engine = engine
@@ -91,9 +102,15 @@ class Node:
         self.children = Children(cfg.policy)
         self.queue: deque[p.Dispatch] = deque()
         self.running: dict[int, p.Dispatch] = {}
+        self.fenced: set[int] = set()  # rids of an old incarnation, still leaving the engine
+        self.vouched: dict[str, int] = {}  # child name -> the incarnation the root registered
         self.acks: list[list] = []
+        self.quiet = Quiet(log)
         self.draining = False
         self.epoch = 0
+        self.incarnation = 0
+        self.link = 0  # up links made so far (the parent adopts only a newer one)
+        self.received = 0
         self.parent_seen = self.root_seen = time.monotonic()
         self.last_load: dict | None = None
         self._flush_scheduled = False
@@ -101,16 +118,20 @@ class Node:
         self._found: asyncio.Future | None = None
         self._parent_answered: asyncio.Future | None = None
         self._repairs: dict[str, asyncio.Task] = {}
+        self._no_detail: dict[str, int] = {}
+        self._probing = False
+        self.failure: asyncio.Future | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, ready=None) -> None:
         self.ctx = zmq.Context.instance()
         self.loop = asyncio.get_running_loop()
-        self.curve = security.load(self.cfg.curve)
-        self.down = Channel(self.socket(zmq.ROUTER), self.on_down, "down")
-        self.endpoint = bind(self.down.sock, f"tcp://{self.cfg.host}:0")
+        self.failure = self.loop.create_future()
+        self.curve = security.load(self.cfg.curve, self.cfg.key_name())
         self.results = self.up = None
+        self.down = self.channel(zmq.ROUTER, self.on_down, "down")
+        self.endpoint = bind(self.down.sock, f"tcp://{self.cfg.host}:0")
         try:
             if await self.join(stop):
                 log.info("node %s ready: children connect to %s, parent %s", self.cfg.name,
@@ -118,15 +139,24 @@ class Node:
                 if ready:
                     ready({"name": self.cfg.name, "endpoint": self.endpoint})
                 beat = self.loop.create_task(self.heartbeat_loop())
-                await stop.wait()
+                stopping = self.loop.create_task(stop.wait())
+                await asyncio.wait([stopping, self.failure], return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if self.failure.done():
+                    beat.cancel()
+                    raise self.failure.exception()
                 await self.drain()
                 beat.cancel()
         finally:
+            for task in self._repairs.values():
+                task.cancel()
             if self.engine is not None:
                 self.engine.stop()
-            for ch in (self.up, self.down, self.results):
+            for ch in (self.up, self.down):
                 if ch is not None:
                     ch.close()
+            if self.results is not None:
+                self.results.close(linger=500)  # the Bye leaves first
             if self.curve is not None:
                 self.curve.close()
 
@@ -137,8 +167,11 @@ class Node:
             await self.connect_parent()
         joining = self.loop.create_task(steps())
         stopping = self.loop.create_task(stop.wait())
-        await asyncio.wait([joining, stopping], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([joining, stopping, self.failure], return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
+        if self.failure.done():
+            joining.cancel()
+            raise self.failure.exception()
         if not joining.done():
             joining.cancel()
             log.info("node %s stopped before it joined the tree", self.cfg.name)
@@ -147,84 +180,6 @@ class Node:
         if self.engine is not None:
             self.engine.start(self.loop, self.on_step)
         return True
-
-    def socket(self, kind: int, identity: str | None = None):
-        return make_socket(self.ctx, kind, identity=identity, curve=self.curve)
-
-    async def register(self) -> None:
-        """Bind our name at the root. A refused name is retried for `dead_after` (a crashed
-        previous instance of this node may still count as alive), then given up."""
-        give_up = time.monotonic() + self.cfg.dead_after + self.cfg.heartbeat
-        while True:
-            if self.results is not None:
-                self.results.close()
-            self.results = Channel(self.socket(zmq.DEALER), self.on_results, "results")
-            if self.metrics:
-                self.metrics.watch(self.results)
-            self.results.sock.connect(self.cfg.root_endpoint(2))
-            self._welcome = self.loop.create_future()
-            info = {**(self.engine.describe() if self.engine else {"engine": "none"}),
-                    "pid": os.getpid(), **(self.metrics.describe() if self.metrics else {})}
-            msg = p.Register(name=self.cfg.name, instance=self.instance, parent=self.cfg.parent,
-                             endpoint=self.endpoint, slots=self.engine.slots if self.engine else 0,
-                             model=info.get("model"), engine=info.get("engine", "none"), info=info)
-            try:
-                while not self._welcome.done():
-                    self.results.send(msg)
-                    await asyncio.wait([self._welcome], timeout=min(0.2, self.cfg.heartbeat))
-                welcome = self._welcome.result()
-            except RegistrationRefused as e:
-                if time.monotonic() > give_up:
-                    raise
-                log.warning("%s; retrying while the old holder may be a dead instance", e)
-                await asyncio.sleep(self.cfg.heartbeat)
-                continue
-            self.epoch = welcome.epoch
-            self.tree_endpoint = self.cfg.reachable(welcome.tree)
-            self.root_seen = time.monotonic()
-            return
-
-    async def connect_parent(self) -> None:
-        """Connect `up` to the parent (the root's tree socket, or a node found in the registry)
-        and wait until it answers: ready means the parent knows us. Retries with backoff."""
-        backoff = self.cfg.heartbeat / 2
-        while True:
-            endpoint = self.tree_endpoint if self.cfg.parent is None else await self.lookup_parent()
-            if endpoint and await self.attach(endpoint):
-                self.parent_seen = time.monotonic()
-                return
-            log.warning("parent %s is not reachable yet; retrying in %.1fs",
-                        self.cfg.parent or "root", backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 8.0)
-
-    async def attach(self, endpoint: str) -> bool:
-        if self.up is not None:
-            self.up.close()
-        self.up = Channel(self.socket(zmq.DEALER, identity=self.cfg.name), self.on_up, "up")
-        if self.metrics:
-            self.metrics.watch(self.up)
-        self.link, self.received = uuid.uuid4().hex[:8], 0  # see nodes/routing.py: recv
-        self.up.sock.connect(endpoint)
-        self._parent_answered = self.loop.create_future()  # a parent answers a new child at once
-        give_up = time.monotonic() + self.cfg.dead_after
-        while not self._parent_answered.done() and time.monotonic() < give_up:
-            self.report_load(force=True)
-            await asyncio.wait([self._parent_answered], timeout=min(0.1, self.cfg.heartbeat))
-        return self._parent_answered.done()
-
-    def repair(self, what: str, coro_fn) -> None:
-        """Run a reconnection in the background, one per link, so heartbeats keep flowing."""
-        task = self._repairs.get(what)
-        if task is None or task.done():
-            self._repairs[what] = self.loop.create_task(coro_fn())
-
-    async def lookup_parent(self) -> str | None:
-        self._found = self.loop.create_future()
-        self.results.send(p.Lookup(name=self.cfg.parent))
-        done, _ = await asyncio.wait([self._found], timeout=self.cfg.heartbeat)
-        entries = self._found.result() if done else []
-        return entries[0]["endpoint"] if entries else None
 
     async def drain(self) -> None:
         """SIGTERM: take no new work, hand queued work back, let running work finish (up to
@@ -242,28 +197,6 @@ class Node:
         self.flush_acks()
         self.results.send(p.Bye(name=self.cfg.name))
         await asyncio.sleep(0)  # let the send leave before the sockets close
-
-    async def heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.heartbeat)
-            now = time.monotonic()
-            hb = p.Heartbeat(sender=self.cfg.name)
-            for child in self.children.expired(now - self.cfg.dead_after):
-                log.warning("child %s stopped answering; removing it from the ring", child.name)
-                self.children.remove(child.name)
-            for child in self.children:
-                self.down.send(hb, child.identity)
-            self.report_load(force=True)
-            self.results.send(p.Heartbeat(sender=self.cfg.name, load=self.own_load().to_dict()))
-            if now - self.root_seen > self.cfg.dead_after and "root" not in self._busy_repairs():
-                log.warning("the root stopped answering; registering again")
-                self.repair("root", self.register)
-            if now - self.parent_seen > self.cfg.dead_after and "parent" not in self._busy_repairs():
-                log.warning("parent %s stopped answering; reconnecting", self.cfg.parent or "root")
-                self.repair("parent", self.connect_parent)
-
-    def _busy_repairs(self) -> set[str]:
-        return {what for what, task in self._repairs.items() if not task.done()}
 
     # --- placing requests -----------------------------------------------------------------------
 
@@ -284,8 +217,8 @@ class Node:
             return self.report_load()
         if self.children and self.forward(d, need_free=False):  # a queue place further down
             return
-        self.results.send(p.Error(id=d.rid, code=p.ErrorCode.OVERLOADED,
-                                  message=f"node {self.cfg.name} is full"))
+        self.send_result(p.Error(id=d.rid, code=p.ErrorCode.OVERLOADED,
+                                 message=f"node {self.cfg.name} is full"))
 
     def forward(self, d: p.Dispatch, need_free: bool) -> bool:
         while (child := self.children.pick(need_free=need_free)) is not None:
@@ -296,7 +229,7 @@ class Node:
                 self.ack(d, "forwarded", child.name)
                 self.report_load()
                 return True
-            log.warning("child %s is unreachable; removing it", child.name)
+            log.info("child %s is unreachable; removing it", child.name)
             self.children.remove(child.name)
         return False
 
@@ -306,7 +239,7 @@ class Node:
             self.engine.submit(EngineRequest(d.rid, request, d.resume_ids, d.resume_text))
         except (EngineError, p.BadRequest) as e:
             code = getattr(e, "code", p.ErrorCode.BAD_REQUEST)
-            self.results.send(p.Error(id=d.rid, code=code, message=str(e)))
+            self.send_result(p.Error(id=d.rid, code=code, message=str(e)))
             return
         self.running[d.rid] = d
         self.ack(d, "running")
@@ -326,27 +259,41 @@ class Node:
                 return
 
     def hand_back(self, d: p.Dispatch) -> None:
-        self.results.send(p.Error(id=d.rid, code=p.ErrorCode.HANDED_BACK,
-                                  message=f"node {self.cfg.name} is shutting down"))
+        self.send_result(p.Error(id=d.rid, code=p.ErrorCode.HANDED_BACK,
+                                 message=f"node {self.cfg.name} is shutting down"))
 
     def cancel(self, rid: int) -> None:
         for d in self.queue:
             if d.rid == rid:
                 self.queue.remove(d)
-                self.results.send(p.Done(id=rid, finish_reason="cancelled"))
+                self.send_result(p.Done(id=rid, finish_reason="cancelled"))
                 return self.report_load()
         if rid in self.running:
             self.engine.cancel(rid)
+
+    def send_result(self, msg: p.Message) -> None:
+        """A Done or Error for a rid, after the acks still waiting (the root reads in order)."""
+        self.flush_acks()
+        self.results.send(msg)
 
     # --- engine output --------------------------------------------------------------------------
 
     def on_step(self, step: StepOutput) -> None:
         self.flush_acks()  # acks go before the tokens they explain
-        done = [[f.rid, f.reason, f.prompt_tokens, f.completion_tokens] for f in step.done
-                if self.running.pop(f.rid, None) is not None]
-        if step.tokens or done:
-            self.results.send(p.Tokens(items=step.tokens, done=done))  # one message per step
-        for rid, code, message in step.errors:
+        done = [[f.rid, f.reason, f.prompt_tokens, f.completion_tokens, f.cached_tokens]
+                for f in step.done if self.running.pop(f.rid, None) is not None]
+        tokens, errors = step.tokens, step.errors
+        if self.fenced:  # an old incarnation's requests leave the engine: nothing of them is sent
+            fenced = self.fenced
+            tokens = [t for t in tokens if t[0] not in fenced]
+            done = [d for d in done if d[0] not in fenced]
+            for rid in [e[0] for e in errors if e[0] in fenced]:
+                self.running.pop(rid, None)
+            errors = [e for e in errors if e[0] not in fenced]
+            fenced.difference_update([f.rid for f in step.done] + [e[0] for e in step.errors])
+        if tokens or done:
+            self.results.send(p.Tokens(items=tokens, done=done))  # one message per step
+        for rid, code, message in errors:
             if self.running.pop(rid, None) is not None:
                 self.results.send(p.Error(id=rid, code=code, message=message))
         if step.done or step.errors:
@@ -389,7 +336,8 @@ class Node:
     def send_load(self) -> None:
         report = self.load_report()
         if self.up is not None:
-            self.up.send(p.Heartbeat(sender=self.cfg.name, load=report))
+            self.up.send(p.Heartbeat(sender=self.cfg.name, load=report,
+                                     incarnation=self.incarnation))
         self.last_load = report  # the root hears our own load with each heartbeat (for status)
 
     def ack(self, d: p.Dispatch, state: str, to: str | None = None) -> None:
@@ -409,47 +357,38 @@ class Node:
             self.results.send(p.Acks(items=self.acks))
             self.acks = []
 
-    # --- sockets --------------------------------------------------------------------------------
-
-    def on_up(self, _ident, msg: p.Message) -> None:
-        self.parent_seen = time.monotonic()
-        if self._parent_answered is not None and not self._parent_answered.done():
-            self._parent_answered.set_result(None)
-        if isinstance(msg, p.Dispatch):
-            self.received += 1
-            self.place(msg)
-        elif not isinstance(msg, p.Heartbeat):
-            log.warning("up: unexpected %s from the parent", type(msg).__name__)
+    # --- children -------------------------------------------------------------------------------
 
     def on_down(self, ident: bytes, msg: p.Message) -> None:
-        if isinstance(msg, p.Heartbeat):
-            name = ident.decode(errors="replace")
-            if self.children.get(name) is None:
-                self.down.send(p.Heartbeat(sender=self.cfg.name), ident)  # welcome a new child
-            self.children.seen(name, ident, msg.load)
-            self.pump()
-            self.report_load()
+        if not isinstance(msg, p.Heartbeat):
+            return self.quiet.warning("unexpected down messages", ident, "down: unexpected %s "
+                                      "from %r", type(msg).__name__, ident)
+        child = self.children.find(ident)
+        if child is None:
+            if not msg.incarnation or self.vouched.get(msg.sender) != msg.incarnation:
+                if msg.sender in self.vouched or self.children.get(msg.sender):
+                    return log.debug("down: ignored an old incarnation of child %s", msg.sender)
+                return self.quiet.info("unregistered child connections", ident,
+                                       "down: ignored '%s': the root registered no such child "
+                                       "of %s", msg.sender[:64], self.cfg.name)
+            child = self.children.adopt(msg.sender, ident, msg.incarnation, msg.load)
+            if child is None:
+                return  # an older link of the incarnation we adopted
+            log.info("child %s attached", child.name)
+            self.down.send(p.Heartbeat(sender=self.cfg.name), ident)  # welcome: it waits for it
         else:
-            log.warning("down: unexpected %s from %r", type(msg).__name__, ident)
+            self.children.seen(child, msg.load)
+        self.pump()
+        self.report_load()
 
-    def on_results(self, _ident, msg: p.Message) -> None:
-        self.root_seen = time.monotonic()
-        if isinstance(msg, p.Cancel):
-            self.cancel(msg.id)
-        elif isinstance(msg, p.Heartbeat):
-            if self.epoch and msg.epoch != self.epoch:
-                log.warning("the root restarted (epoch %x -> %x)", self.epoch, msg.epoch)
-                self.root_seen = 0.0  # the heartbeat loop registers again
-        elif isinstance(msg, p.Welcome):
-            if self._welcome is not None and not self._welcome.done():
-                self._welcome.set_result(msg)
-        elif isinstance(msg, p.Refused):
-            if self._welcome is not None and not self._welcome.done():
-                self._welcome.set_exception(RegistrationRefused(msg.reason))
-        elif isinstance(msg, p.Found):
-            if self._found is not None and not self._found.done():
-                self._found.set_result(msg.entries)
-        elif isinstance(msg, p.Reregister):
-            self.root_seen = 0.0
+    def vouch(self, name: str, incarnation: int) -> None:
+        """The root says which incarnation of child `name` is registered (0: none any more)."""
+        child = self.children.get(name)
+        if child is not None and child.incarnation != incarnation:
+            log.info("child %s: its %s", name, "registration ended" if not incarnation
+                     else "new registration replaces the old link")
+            self.children.remove(name)
+        if incarnation:
+            self.vouched[name] = incarnation
         else:
-            log.warning("results: unexpected %s from the root", type(msg).__name__)
+            self.vouched.pop(name, None)

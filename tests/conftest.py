@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from broker.sockets import free_port  # noqa: E402
 from model_fixtures import *  # noqa: E402,F401,F403  (the tiny real model, for engine tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `treechat up` makes its tree's keys here; clients of these tests find them by the root's address.
+os.environ.setdefault("TREECHAT_KEYS", tempfile.mkdtemp(prefix="treechat-keys-"))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 READY = "TREECHAT-READY "

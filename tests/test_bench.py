@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -216,3 +217,18 @@ def test_bad_flags_get_a_clear_error():
     assert r.returncode == 2 and "not a valid command line" in r.stderr
     r = bench("--num-requests", "3")
     assert r.returncode == 2 and "give exactly one target" in r.stderr
+
+
+def test_plot_without_matplotlib_fails_before_the_run(tmp_path):
+    """An install without matplotlib (what `./dev.sh up` installs) gets one clear line and exit
+    2 at once, not a traceback after the whole bench ran."""
+    (port,) = free_ports(1)  # nothing listens: had the bench started, it would report failures
+    blocker = tmp_path / "matplotlib"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('not installed in this test')\n")
+    r = subprocess.run([sys.executable, "-m", "treechat.cli", "bench", "--base-url",
+                        f"http://127.0.0.1:{port}", "--num-requests", "3", "--plot",
+                        str(tmp_path / "x.png")], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--plot needs matplotlib" in r.stderr and "Failed requests" not in r.stdout

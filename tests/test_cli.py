@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,3 +92,43 @@ def test_bad_input_gives_a_readable_error_and_nonzero_exit():
         assert "Traceback" not in result.stderr
     result = treechat("node", "--policy", "random")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+LEVEL = re.compile(r"^\d\d:\d\d:\d\d (?:\S+ )?([DIWEC]) ")
+
+
+def test_a_status_query_and_a_clean_stop_log_nothing_above_info(cluster):
+    up = cluster.up("--engine", "fake", "--nodes", "3", "--fanout", "2")
+
+    async def ask():
+        client = await connect(up.root)
+        await wait_tree(client, {"node-1", "node-2", "node-3"})
+        text, _ = await client.submit({"prompt": "one answer"}).collect()
+        client.close()
+        return text
+    assert run(ask()) == "one answer "
+    for _ in range(3):
+        assert treechat("status", "--root", up.root).returncode == 0
+    assert up.proc.terminate(timeout=30) == 0
+    log = up.proc.log.read_text().splitlines() + up.proc.lines
+    loud = [ln for ln in log if (m := LEVEL.match(ln)) and m.group(1) in "WEC"]
+    assert loud == []
+    assert any("node node-1 left" in ln for ln in log)  # the log was read, and says it at INFO
+
+
+def test_a_request_ends_by_the_root_deadline(cluster):
+    root, _ = cluster.root("--deadline", "1")
+    cluster.node(root, "a")
+
+    async def scenario():
+        client = await connect(root)
+        await wait_tree(client, {"a"})
+        _, final = await client.submit({"prompt": "never ending", "ignore_eos": True}).collect()
+        assert (final.kind, final.code) == ("error", "timeout")
+        text, final = await client.submit({"prompt": "short"}).collect()
+        assert (text, final.finish_reason) == ("short ", "stop")  # the slot was freed
+        st = await client.status()
+        assert st["root"]["deadline"] == 1.0
+        client.close()
+
+    run(scenario())

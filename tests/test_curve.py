@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -55,3 +56,62 @@ def test_bad_key_folder_is_a_readable_error(tmp_path):
                              str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "treechat keys" in result.stderr and "Traceback" not in result.stderr
+
+
+def treechat(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "treechat.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_each_member_has_its_own_key_and_a_revoked_one_is_refused(cluster, tmp_path):
+    keys = tmp_path / "tree"
+    assert treechat("keys", str(keys)).returncode == 0
+    assert treechat("keys", str(keys), "--add", "a", "--add", "b").returncode == 0
+    assert treechat("keys", str(keys), "--list").stdout.split() == ["a", "b", "client"]
+    tree = cluster.tree(["a"], "--curve", str(keys), root_args=("--curve", str(keys)))
+
+    async def serves():
+        member = await client_for(tree.root, keys)
+        assert await member.wait_connected(10)
+        await wait_tree(member, {"a"})
+        text, _ = await member.submit({"prompt": "own keys"}).collect()
+        member.close()
+        return text
+    assert run(serves()) == "own keys "
+    revoked = treechat("keys", str(keys), "--revoke", "b")
+    assert revoked.returncode == 0 and "revoked b" in revoked.stdout
+    assert "b" not in treechat("keys", str(keys), "--list").stdout.split()
+    result = treechat("node", "--name", "b", "--root", tree.root, "--engine", "fake",
+                      "--heartbeat", "0.2", "--curve", str(keys), "--member", "b")
+    assert result.returncode == 2 and "--add NAME" in result.stderr  # its keypair is gone here
+    assert tree.procs["a"].proc.poll() is None
+
+
+def test_a_revoked_key_cannot_connect_again(cluster, tmp_path):
+    keys = tmp_path / "tree"
+    create_keys(keys, ("a", "b"))
+    b_machine = tmp_path / "b-machine"  # what b's own machine holds: the server keys and b's
+    b_machine.mkdir()
+    for name in ("server.key", "server.key_secret", "b.key", "b.key_secret"):
+        shutil.copy(keys / name, b_machine / name)
+    tree = cluster.tree(["a"], "--curve", str(keys), root_args=("--curve", str(keys)))
+    ok = cluster.node(tree.root, "b", None, "--curve", str(b_machine))
+    assert ok.info["name"] == "b"
+    ok.terminate()
+    assert treechat("keys", str(keys), "--revoke", "b").returncode == 0
+    result = treechat("node", "--name", "b", "--root", tree.root, "--engine", "fake",
+                      "--heartbeat", "0.2", "--curve", str(b_machine))
+    assert result.returncode == 1
+    assert "refused" in result.stderr and "CurveZMQ key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["root", "--port", "1"], ["node", "--name", "n"],
+                                     ["gateway", "http", "--port", "1"],
+                                     ["gateway", "tcp", "--port", "1"]], ids=lambda c: c[0] + c[1])
+def test_no_listening_beyond_loopback_without_keys(command):
+    """(Checked before anything listens: nothing here binds beyond loopback.)"""
+    result = treechat(*command, "--host", "0.0.0.0")
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in result.stderr and "--insecure" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -7,12 +7,15 @@ The gateway runs as its own process here (`treechat gateway http`) so each test 
 from __future__ import annotations
 
 import signal
+import socket
+import time
 
 import openai
+import orjson
 import pytest
 import requests
 
-from conftest import HB, free_ports
+from conftest import HB, connect, free_ports, run, wait_for
 from http_helpers import RawStream, chat, error_of, poll
 
 SAY = {"messages": [{"role": "user", "content": "never ending story"}], "ignore_eos": True,
@@ -134,3 +137,126 @@ def test_sigterm_lets_open_streams_finish(cluster):
     assert "data: [DONE]" in rest
     raw.close()
     assert proc.proc.wait(20) == 0
+
+
+def test_a_slow_drip_client_is_cut_off_while_others_are_served(cluster):
+    """A client dripping its request head a byte at a time is closed at --header-timeout; one
+    that sends its body too slowly at --body-timeout; normal clients are served meanwhile."""
+    tree = cluster.tree(["node-1"])
+    _, url, port = gateway(cluster, tree.root, "--header-timeout", "1.5", "--body-timeout", "1.5")
+    drips = {}
+    for kind in ("head", "body"):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        if kind == "body":
+            sock.sendall(b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        drips[kind] = sock
+    closed = set()
+    deadline = time.monotonic() + 20
+    while len(closed) < 2 and time.monotonic() < deadline:
+        assert chat(url).status_code == 200  # everyone else is served
+        for kind, sock in drips.items():
+            if kind in closed:
+                continue
+            try:
+                sock.sendall(b"X")  # one more byte, as a slow-loris does
+                sock.setblocking(False)
+                if sock.recv(1024) == b"":
+                    closed.add(kind)
+            except BlockingIOError:
+                pass
+            except OSError:  # reset: closed by the server
+                closed.add(kind)
+            finally:
+                sock.setblocking(True)
+        time.sleep(0.2)
+    assert closed == {"head", "body"}
+
+
+def test_past_max_connections_a_new_one_gets_503_at_once(cluster):
+    tree = cluster.tree(["node-1"])
+    _, url, port = gateway(cluster, tree.root, "--max-connections", "3")
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    poll(lambda: _refused(port))  # the three are accepted; the fourth is refused
+    r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    assert error_of(r)["code"] == "too_many_connections"
+    for sock in held:
+        sock.close()
+    poll(lambda: chat(url).status_code == 200)  # room again
+    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    assert "treechat:http_refused_connections_total" in metrics
+
+
+def _refused(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 503
+    except requests.ConnectionError:
+        return False
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"1" + b"]" * depth
+
+
+@pytest.mark.parametrize("path", ["/arranca", "/v1/chat/completions"])
+def test_deep_nesting_is_a_clear_400_before_anything_runs(cluster, path):
+    tree = cluster.tree(["node-1"])
+    _, url, _ = gateway(cluster, tree.root)
+    s = requests.Session()
+    token = s.get(url + "/", timeout=10).cookies["_xsrf"]
+    headers = {"X-XSRFToken": token, "Content-Type": "application/json"}
+    ask = b'"text": "hi"' if path == "/arranca" else \
+        b'"messages": [{"role": "user", "content": "hi"}]'
+    r = s.post(url + path, data=b'{%s, "extra": %s}' % (ask, nested(300)), headers=headers,
+               timeout=10)
+    assert r.status_code == 400
+    assert "nested deeper than 64 levels" in error_of(r)["message"]
+    # The gateway serves on, and the refused request never reached the tree (ids count from 1).
+    r = s.post(url + "/arranca", data=b'{"text": "hi", "extra": %s}' % nested(10),
+               headers=headers, timeout=10)
+    assert r.status_code == 200
+    assert r.json() == {"text": "hi ", "extra": orjson.loads(nested(10)), "request_id": 1}
+
+
+def test_503s_are_counted_not_logged(cluster):
+    root, _ = cluster.root()
+    proc, url, _ = gateway(cluster, root)  # no node: every chat is a 503
+    for _ in range(30):
+        assert chat(url).status_code == 503
+    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    assert 'treechat:http_responses_total{status="503"} 30.0' in metrics
+    assert " 503 POST" not in proc.log.read_text()
+
+
+def test_a_dead_gateway_is_noticed_at_once_and_its_work_cancelled(cluster):
+    """kill -9 of a gateway with an endless answer running: the root sees the connection close
+    and cancels the request, long before its heartbeats (every 2 s here) could have told it."""
+    root, _ = cluster.root("--heartbeat", "2")
+    cluster.node(root, "node-1", None, "--heartbeat", "2", "--fake-delay", "0.05")
+    port = free_ports(1)[0]
+    proc = cluster.start("http", "gateway", "http", "--root", root, "--port", str(port),
+                         "--heartbeat", "2")
+    proc.wait_ready()
+    raw = RawStream(port, "/v1/chat/completions", SAY)
+    next(ln for ln in raw.lines() if '"content":"never' in ln)
+
+    async def scenario():
+        client = await connect(root)
+        await wait_for(lambda: _running(client, 1))
+        proc.kill()
+        await wait_for(lambda: _in_flight(client, 0), timeout=3)  # before a heartbeat could miss
+        await wait_for(lambda: _running(client, 0))  # and the node let it go
+        client.close()
+
+    run(scenario())
+    raw.close()
+
+
+async def _running(client, n):
+    st = await client.status()
+    return sum(x["running"] for x in st["nodes"]) == n
+
+
+async def _in_flight(client, n):
+    return (await client.status())["root"]["in_flight"] == n

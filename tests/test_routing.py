@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from conftest import connect, run, wait_for, wait_tree
-from nodes.routing import Children, Load
+from broker.routing import Children, Load
 
 FOREVER = {"ignore_eos": True}  # the fake engine's answer never ends: the request holds its slot
 
@@ -103,7 +103,7 @@ def test_streams_exact_text_through_three_levels(cluster):
 def test_children_ring_orders_and_tie_breaks():
     kids = Children("least-loaded")
     for name, free in (("a", 2), ("b", 3), ("c", 3)):
-        kids.seen(name, name.encode(), Load(slots=3, free=free).to_dict())
+        kids.adopt(name, name.encode(), 1, Load(slots=3, free=free).to_dict())
     assert kids.pick(need_free=True).name == "b"  # most free slots
     assert kids.pick(need_free=True).name == "c"  # tie with b: ring order moved past b
     for c in kids:
@@ -113,5 +113,5 @@ def test_children_ring_orders_and_tie_breaks():
     assert kids.pick(need_free=False).name == "a"  # no free slot: most queue room
     seed = Children("seed")
     for name in "abc":
-        seed.seen(name, name.encode(), Load(slots=1, free=0).to_dict())
+        seed.adopt(name, name.encode(), 1, Load(slots=1, free=0).to_dict())
     assert [seed.pick(need_free=True).name for _ in range(4)] == ["a", "b", "c", "a"]

@@ -3,6 +3,7 @@ plus a second TCP gateway on the same root reading its keys from a file (`--api-
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 
 import pytest
@@ -25,8 +26,11 @@ def keyed(tmp_path_factory):
                           "--heartbeat", "0.2", "--api-key-file", str(keys))
     open_ = cluster.start("tcp-open", "gateway", "tcp", "--root", up.root, "--port", "0",
                           "--heartbeat", "0.2")
+    hurried = cluster.start("tcp-hurried", "gateway", "tcp", "--root", up.root, "--port", "0",
+                            "--heartbeat", "0.2", "--api-key", "k1", "--auth-timeout", "1")
     up.file_port = int(filed.wait_ready()["url"].rsplit(":", 1)[1])
     up.open_port = int(open_.wait_ready()["url"].rsplit(":", 1)[1])
+    up.hurried_port = int(hurried.wait_ready()["url"].rsplit(":", 1)[1])
     yield up
     cluster.close()
 
@@ -167,3 +171,27 @@ def test_chat_without_the_right_key_says_so(keyed, monkeypatch, key):
     chat = Chat("--tcp", f"127.0.0.1:{keyed.tcp_port}", *(["--api-key", key] if key else []))
     assert chat.finish() == 1
     assert "unauthorized" in chat.proc.stderr.read()
+
+
+def test_a_connection_must_authenticate_in_time_and_empty_lines_buy_none(keyed):
+    stranger = Line(keyed.hurried_port)
+    member = Line(keyed.hurried_port)
+    member.send({"hello": {"api_key": "k1"}})
+    assert member.read() == {"authenticated": True}
+    done = threading.Event()
+
+    def keep_alive():  # a newline every 0.2 s from both, as a keep-alive would
+        while not done.wait(0.2):
+            for conn in (stranger, member):
+                try:
+                    conn.send(b"\n")
+                except OSError:
+                    pass
+    threading.Thread(target=keep_alive, daemon=True).start()
+    try:
+        err = stranger.read()["error"]  # the only line it ever gets: the refusal
+        assert err["code"] == "unauthorized" and "within 1 s" in err["message"]
+        assert closed(stranger)
+        assert ask(member, "q", "still served")["text"] == "still served "  # the member stays
+    finally:
+        done.set()

@@ -487,3 +487,14 @@ def wait_for_refusal(port: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError("the gateway still accepts connections")
+
+
+def test_deep_nesting_gets_an_error_line_and_the_connection_lives_on(tree):
+    conn = Line(tree.tcp_port)
+    conn.send(b'{"ping": ' + b"[" * 300 + b"1" + b"]" * 300 + b"}\n")
+    err = conn.read()["error"]
+    assert err["code"] == "invalid_json" and "nested deeper than 64 levels" in err["message"]
+    conn.send({"id": "deep", "text": "still here", "response_format": {"type": "text"}})
+    assert conn.collect(["deep"])["deep"]["text"] == "still here "
+    conn.send({"ping": [[[1]]]})
+    assert conn.read() == {"pong": [[[1]]]}

@@ -8,6 +8,7 @@
     treechat registry                every registered node
     treechat chat                    a terminal chat client
     treechat bench                   load-test a server
+    treechat keys DIR [--add|--revoke NAME]   CurveZMQ keys: a tree's folder, one per member
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def add_root_args(p: argparse.ArgumentParser) -> None:
                    help="first of three ports: gateways PORT, tree PORT+1, node results PORT+2")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests the root holds when every node is busy; past that: overloaded")
+    p.add_argument("--deadline", type=float, default=600.0,
+                   help="seconds every request may take before it fails with `timeout`, unless "
+                        "it sets its own timeout (default 600; 0: none)")
     g = p.add_argument_group("registry")
     g.add_argument("--registry", choices=("builtin", "ldap"), default="builtin",
                    help="builtin (in the root) or ldap (also written to an LDAP directory)")
@@ -52,12 +56,24 @@ def add_tree_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds SIGTERM waits for running requests before handing them back")
     add_curve(p)
+    add_insecure(p)
 
 
 def add_curve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve", default=None, metavar="DIR",
                    help="encrypt and authenticate every ZeroMQ link with the keys of "
-                        "`treechat keys DIR` (give it to every process of the tree)")
+                        "`treechat keys DIR` (give it to every process of the tree; default: "
+                        "the keys `treechat up` made for that root, if it runs here)")
+    p.add_argument("--member", default=None, metavar="NAME",
+                   help="whose key of --curve DIR this process shows (default: a node's --name "
+                        "when DIR has that key, else 'client')")
+
+
+def add_insecure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--insecure", action="store_true",
+                   help="listen on a non-loopback address without keys (CurveZMQ keys; for a "
+                        "gateway, API keys); `up --insecure` makes no CurveZMQ keys at all. "
+                        "Anyone who reaches such a port can use it")
 
 
 def add_node_args(p: argparse.ArgumentParser, *, named: bool = True) -> None:
@@ -79,7 +95,7 @@ def cmd_root(args) -> int:
                      heartbeat=args.heartbeat, grace=args.grace, registry=args.registry,
                      ldap_url=args.ldap_url, ldap_base=args.ldap_base,
                      ldap_bind_dn=args.ldap_bind_dn, ldap_password_file=args.ldap_password_file,
-                     curve=args.curve)
+                     curve=args.curve, deadline=args.deadline, insecure=args.insecure)
     return serve(lambda stop, ready: Root(cfg).run(stop, ready))
 
 
@@ -89,7 +105,8 @@ def cmd_node(args) -> int:
     from nodes.node import Node, NodeConfig, RegistrationRefused
     cfg = NodeConfig(name=args.name, root=args.root, parent=args.parent, host=args.host,
                      policy=args.policy, max_queue=args.node_queue, heartbeat=args.heartbeat,
-                     grace=args.grace, curve=args.curve)
+                     grace=args.grace, curve=args.curve, member=args.member,
+                     insecure=args.insecure)
 
     async def main(stop, ready):
         engine = await asyncio.to_thread(make_engine, args)  # loading a model can take a while
@@ -109,11 +126,30 @@ def cmd_node(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from broker.security import create_keys
-    for path in create_keys(args.folder):
+    from broker import security
+    folder = args.folder
+    if args.list:
+        print("\n".join(security.members(folder)) or f"{folder} authorizes no key")
+        return 0
+    if args.revoke:
+        for name in args.revoke:
+            security.revoke_member(folder, name)
+            print(f"revoked {name}: no listening socket of the tree lets its key in again (a "
+                  "connection it holds now lasts until it drops; restart that process to cut it)")
+        return 0
+    if args.add:
+        for name in args.add:
+            for path in security.add_member(folder, name):
+                print(path)
+        print(f"give {name}'s machine server.key, {name}.key and {name}.key_secret from {folder}, "
+              f"and run it with --curve DIR --member {name}" if len(args.add) == 1 else
+              "give each member server.key and its own keypair")
+        return 0
+    for path in security.create_keys(folder):
         print(path)
-    print(f"copy {args.folder} to every machine of the tree and pass --curve {args.folder} "
-          "to every treechat process")
+    print(f"copy {folder} to every machine of the tree and pass --curve {folder} to every "
+          "treechat process; add a key per node or gateway with --add NAME, take one out with "
+          "--revoke NAME")
     return 0
 
 
@@ -133,7 +169,7 @@ def cmd_gateway(args) -> int:
 
 def cmd_status(args) -> int:
     from treechat.show import render_registry, render_tree
-    tree = asyncio.run(ask_root(args.root, lambda c: c.status(), args.curve))
+    tree = asyncio.run(ask_root(args.root, lambda c: c.status(), args.curve, args.member))
     if args.command == "registry":
         tree = {"nodes": tree["nodes"]}
         print(orjson.dumps(tree["nodes"], option=orjson.OPT_INDENT_2).decode() if args.json
@@ -144,12 +180,14 @@ def cmd_status(args) -> int:
     return 0
 
 
-async def ask_root(root: str, query, curve: str | None = None):
+async def ask_root(root: str, query, curve: str | None = None, member: str | None = None):
     from broker.client import RootClient
-    client = RootClient(root, name="cli", curve=curve)
+    client = RootClient(root, name="cli", curve=curve, **({"member": member} if member else {}))
     await client.start()
     try:
         if not await client.wait_connected(3.0):
+            if client.refused:
+                raise Fatal(f"the root at {root} refused this query: {client.refused}")
             raise Fatal(f"no root answers at {root} (is `treechat root` or `treechat up` running?)")
         return await query(client)
     finally:
@@ -185,8 +223,15 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         add_curve(p)
         p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("keys", help="create CurveZMQ keys for an authenticated, encrypted tree")
-    p.add_argument("folder", help="where to write them (then pass --curve FOLDER everywhere)")
+    p = sub.add_parser("keys", help="CurveZMQ keys for an authenticated, encrypted tree: create a "
+                                    "folder, add or revoke a member's key")
+    p.add_argument("folder", help="the key folder (then pass --curve FOLDER everywhere)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--add", action="append", metavar="NAME",
+                   help="make and authorize a key for one node or gateway (repeatable)")
+    g.add_argument("--revoke", action="append", metavar="NAME",
+                   help="take a member's key out: it cannot connect again (repeatable)")
+    g.add_argument("--list", action="store_true", help="the members the folder authorizes")
     p.set_defaults(func=cmd_keys)
 
     # Gateways, chat and bench import their modules only when asked for, so a node or the root
@@ -199,6 +244,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         g.add_argument("--heartbeat", type=float, default=1.0,
                        help="seconds between heartbeats to the root (match the root's)")
         add_curve(g)
+        add_insecure(g)
         add_common(g)
         if command == "gateway" and kind in argv[1:2]:
             module = gateway_module(kind)

@@ -8,6 +8,11 @@ waits for it before starting what depends on it, then prints where everything li
 A child that dies on its own is started again (a restarted node takes its name back; the root
 re-dispatches what it held). Ctrl-C or SIGTERM stops gateways, then nodes, then the root, each with
 SIGTERM so they finish or hand back their work, and `up` exits 0.
+
+Keys: without `--curve` or `--insecure`, `up` makes fresh CurveZMQ keys for its own tree on every
+start (one per node and gateway, readable by this user only: `broker.security.create_tree_keys`)
+and gives each child its own, so no other process on the machine can join or submit;
+`treechat status` and the bench find them by the root's address.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import orjson
 
@@ -83,7 +89,9 @@ class Launcher:
     def plan(self) -> list[list[Child]]:
         a = self.args
         py = [sys.executable, "-m", "treechat.cli"]
-        curve = ["--curve", a.curve] if a.curve else []
+        layout = tree_layout(a.nodes, a.fanout)
+        keys = self.tree_keys([name for name, _ in layout])
+        curve = (["--curve", keys] if keys else []) + (["--insecure"] if a.insecure else [])
         common = ["--heartbeat", str(a.heartbeat), "--grace", str(a.grace), "--policy", a.policy,
                   "--log-level", a.log_level] + curve
         registry = ["--registry", a.registry]
@@ -91,7 +99,8 @@ class Launcher:
             if getattr(a, flag) is not None:
                 registry += ["--" + flag.replace("_", "-"), getattr(a, flag)]
         root = Child("root", py + ["root", "--host", a.host, "--port", str(a.port),
-                                   "--max-queue", str(a.max_queue)] + registry + common)
+                                   "--max-queue", str(a.max_queue),
+                                   "--deadline", str(a.deadline)] + registry + common)
         engine = ["--engine", a.engine, "--fake-delay", str(a.fake_delay), "--dtype", a.dtype,
                   "--device", a.device, "--load-format", a.load_format,
                   "--node-queue", str(a.node_queue), "--quantization", a.quantization]
@@ -107,8 +116,9 @@ class Launcher:
             # thread pools fight and every decode step slows down many times over.
             engine += ["--threads", str(max(1, (os.cpu_count() or 1) // a.nodes))]
         nodes = []
-        for i, (name, parent) in enumerate(tree_layout(a.nodes, a.fanout), 1):
+        for i, (name, parent) in enumerate(layout, 1):
             argv = py + ["node", "--name", name, "--root", self.root, "--host", a.host] + common + engine
+            argv += ["--member", name] if keys else []
             if a.metrics_port:
                 argv += ["--metrics-port", str(a.metrics_port + i)]
             if parent:
@@ -121,6 +131,7 @@ class Launcher:
                 argv = py + ["gateway", kind, "--root", self.root, "--host", a.host,
                              "--port", str(port), "--log-level", a.log_level,
                              "--heartbeat", str(a.heartbeat)] + curve
+                argv += ["--member", f"{kind}-gateway"] if keys else []
                 for key in a.api_key or []:  # both gateways take the same keys
                     argv += ["--api-key", key]
                 if a.api_key_file:
@@ -137,6 +148,23 @@ class Launcher:
                         argv += ["--metrics-port", str(a.metrics_port)]
                 gateways.append(Child(f"{kind}-gateway", argv))
         return [[root], nodes, gateways]
+
+    def tree_keys(self, nodes: list[str]) -> str | None:
+        """The key folder the children get: --curve DIR (with a key added for each child that
+        lacks one), fresh keys for this tree, or none with --insecure."""
+        from broker import security
+        a = self.args
+        if a.insecure and not a.curve:
+            return None
+        names = ["cli", "http-gateway", "tcp-gateway"] + nodes
+        if not a.curve:
+            return str(security.create_tree_keys(a.host, a.port, names))
+        if not (Path(a.curve) / "server.key").exists():
+            security.create_keys(a.curve, ())
+        for name in names:
+            if not (Path(a.curve) / f"{name}.key_secret").exists():
+                security.add_member(a.curve, name)
+        return a.curve
 
     async def run(self) -> int:
         stop = asyncio.Event()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from treechat.process import Fatal
+from broker.errors import Fatal
 
 
 def add_metrics_arg(p: argparse.ArgumentParser) -> None:

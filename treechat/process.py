@@ -20,6 +20,8 @@ from typing import Awaitable, Callable
 
 import orjson
 
+from broker.errors import Fatal  # noqa: F401  (re-exported: the CLI and launcher raise it)
+
 READY = "TREECHAT-READY "
 
 Main = Callable[[asyncio.Event, Callable[[dict], None]], Awaitable[None]]
@@ -53,10 +55,6 @@ def serve(main: Main) -> int:
         print(f"treechat: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-class Fatal(Exception):
-    """A condition the process cannot serve through (a refused name, a port in use)."""
 
 
 def env_flag(name: str) -> bool:

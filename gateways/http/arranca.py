@@ -6,10 +6,13 @@
 `request_id` is the arrival order at the root; every field besides `text` is echoed back. The
 text runs as one user message (at most `--arranca-max-tokens` tokens). Like the original page's
 requests, it needs Tornado's XSRF token: the `_xsrf` cookie `GET /` sets, echoed in an
-`X-XSRFToken` header (or an `_xsrf` field of a form body).
+`X-XSRFToken` header (or an `_xsrf` field of a form body). A body nested deeper than the
+gateway takes (`broker.nesting`) is a 400 before anything runs.
 """
 
 from __future__ import annotations
+
+import orjson
 
 from gateways.http.errors import bad_request
 from gateways.http.relay import RelayHandler
@@ -23,6 +26,10 @@ class ArrancaHandler(RelayHandler):
         body = self.read_json()
         if not isinstance(body, dict):
             raise bad_request(None, "the request body must be a JSON object with a 'text' field")
+        try:
+            orjson.dumps(body)  # every field is echoed back: make sure it can be, before the work
+        except orjson.JSONEncodeError as e:
+            raise bad_request(None, f"the request body cannot be echoed back ({e})") from None
         text = body.get("text")
         if not isinstance(text, str) or not text.strip():
             raise bad_request("text", "'text' must be a non-empty string")

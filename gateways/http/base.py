@@ -19,6 +19,7 @@ import orjson
 import tornado.web
 
 from broker.client import RootClient
+from broker.nesting import MAX_DEPTH, too_deep
 from gateways.http.errors import ApiError, not_found, status_code_name
 from gateways.http.metrics import Metrics
 from gateways.http.treeview import TreeView
@@ -178,10 +179,14 @@ class BodyHandler(ApiHandler):
             raise ApiError(400, "the request body is empty; send a JSON object",
                            code="invalid_json")
         try:
-            return orjson.loads(self.body)
+            data = orjson.loads(self.body)
         except orjson.JSONDecodeError as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}",
                            code="invalid_json") from None
+        if too_deep(data):
+            raise ApiError(400, f"the request body is nested deeper than {MAX_DEPTH} levels",
+                           code="invalid_json")
+        return data
 
 
 class NotFoundHandler(BaseHandler):

@@ -53,6 +53,12 @@ class Metrics:
                                "Requests cancelled because the client went away.", registry=r)
         self.errors = Counter("treechat:request_errors",
                               "Requests that ended in an error, by code.", ["code"], registry=r)
+        self.responses = Counter("treechat:http_responses", "HTTP responses, by status code "
+                                 "(refusals such as 503 are counted here, not logged).",
+                                 ["status"], registry=r)
+        self.refused_connections = Counter("treechat:http_refused_connections",
+                                           "Connections closed at once: --max-connections open.",
+                                           registry=r)
         self.node_running = Gauge("treechat:node_running", "Requests running on each node.",
                                   ["node"], registry=r)
         self.node_queued = Gauge("treechat:node_queued", "Requests queued on each node.",

@@ -16,6 +16,13 @@ StatusReply, Heartbeat in). Routes:
 
 SIGTERM: stop accepting connections, refuse new requests (503 shutting_down), let open requests
 and streams finish for up to `--grace` seconds, close the rest, exit 0.
+
+Connections are bounded: a request's head must arrive within `--header-timeout` (which is also
+how long an idle keep-alive connection stays open: Tornado waits for both with one timer), its
+body within `--body-timeout`; past `--max-connections` open connections a new one gets a 503 and
+is closed at once; the kernel queues at most `--backlog` connections not yet accepted. The access
+log is quiet under attack: refusals (4xx) one line per status and client per interval, 503/504
+only counted (`treechat:http_responses`), other 5xx at ERROR.
 """
 
 from __future__ import annotations
@@ -26,11 +33,15 @@ import logging
 import os
 from pathlib import Path
 
+import orjson
+
 import tornado.httpserver
 import tornado.web
 
 import web
+from broker import security
 from broker.client import RootClient
+from broker.quiet import Quiet
 from gateways.http.arranca import ArrancaHandler
 from gateways.http.base import Gateway, GatewayConfig, NotFoundHandler
 from gateways.http.completions import ChatCompletionsHandler, CompletionsHandler
@@ -38,31 +49,86 @@ from gateways.http.info import (HealthHandler, IndexHandler, MetricsHandler, Mod
                                 ReadyHandler, TreeHandler)
 from gateways.http.metrics import Metrics
 from gateways.http.treeview import TreeView
-from treechat.process import Fatal
+from broker.errors import Fatal
 from treechat.tls import add_server_args, server_context
 
 log = logging.getLogger("treechat.http")
+access_log = logging.getLogger("tornado.access")
 
 DEFAULT_WEB = Path(web.__file__).resolve().parent  # web/ is a package: found installed or not
 BODY_CAP = 64  # the server reads (and drops) at most max_body * BODY_CAP bytes of a large body
 
 
 class Server(tornado.httpserver.HTTPServer):
-    """Tornado's HTTP server with Nagle's algorithm off for each connection's whole life.
+    """Tornado's HTTP server with Nagle's algorithm off for each connection's whole life, and a
+    cap on open connections.
 
     Tornado turns TCP_NODELAY on when a response finishes and off again after it: two system
     calls per request, and mid-stream SSE deltas written while Nagle is on can wait for the
     client's ACK. Streams want every flushed delta sent at once, so it stays on.
     """
 
+    def initialize(self, *args, max_connections: int = 0, metrics: Metrics | None = None,
+                   **kwargs) -> None:
+        super().initialize(*args, **kwargs)
+        self.max_connections = max_connections
+        self.metrics = metrics
+        self.open = 0
+        self.quiet = Quiet(access_log)
+
     def handle_stream(self, stream, address) -> None:
+        if self.max_connections and self.open >= self.max_connections:
+            return self.refuse(stream, address)
+        self.open += 1
         stream.set_nodelay(True)
         stream.set_nodelay = _keep_nodelay  # this stream only: Tornado's toggles become no-ops
         super().handle_stream(stream, address)
 
+    def on_close(self, server_conn) -> None:
+        self.open -= 1
+        super().on_close(server_conn)
+
+    def refuse(self, stream, address) -> None:
+        """Full: a short 503 and close, without reading the request (it costs us nothing)."""
+        if self.metrics is not None:
+            self.metrics.refused_connections.inc()
+        self.quiet.warning("refused connections", address[0], "refused a connection from %s: "
+                             "%d connections open (--max-connections)", address[0], self.open)
+        stream.write(FULL).add_done_callback(lambda _f: stream.close())
+
 
 def _keep_nodelay(_value: bool) -> None:
     pass
+
+
+_FULL_BODY = orjson.dumps({"error": {"message": "the server has too many open connections; try "
+                                                "again shortly", "type": "server_error",
+                                     "param": None, "code": "too_many_connections"}})
+FULL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+        % len(_FULL_BODY)) + _FULL_BODY
+
+
+def log_request(metrics: Metrics):
+    """The access log (Tornado's `log_function`): every response counted by status, successes at
+    INFO, refusals rate-limited, 503/504 (overload, shutting down, deadlines) only counted."""
+    quiet = Quiet(access_log)
+
+    def log(handler: tornado.web.RequestHandler) -> None:
+        status = handler.get_status()
+        metrics.responses.labels(status=str(status)).inc()
+        summary = handler._request_summary()
+        if status < 400:
+            ms = 1000.0 * handler.request.request_time()
+            access_log.info("%d %s %.2fms", status, summary, ms)
+        elif status in (503, 504):
+            access_log.debug("%d %s", status, summary)
+        elif status < 500:
+            quiet.warning(f"{status} responses", handler.request.remote_ip, "%d %s",
+                                 status, summary)
+        else:
+            access_log.error("%d %s", status, summary)
+    return log
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -84,6 +150,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arranca-max-tokens", type=int, default=256,
                    help="longest answer of POST /arranca, in tokens (default 256)")
     p.add_argument("--web-dir", default=str(DEFAULT_WEB), help="the chat page's folder")
+    g = p.add_argument_group("connections")
+    g.add_argument("--header-timeout", type=float, default=30.0,
+                   help="seconds a connection may take to send a request's head; also how long "
+                        "an idle keep-alive connection stays open (default 30)")
+    g.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a request's body may take to arrive (default 60)")
+    g.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections at most; a new one past that gets 503 (default 1024)")
+    g.add_argument("--backlog", type=int, default=1024,
+                   help="connections the kernel queues before they are accepted (default 1024)")
     add_server_args(p)
 
 
@@ -95,6 +171,13 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         except OSError as e:
             raise ValueError(f"cannot read --api-key-file: {e}") from None
         keys |= {ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")}
+    for flag in ("header_timeout", "body_timeout"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
+    for flag in ("max_connections", "backlog"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    security.require_keys(args.host, bool(keys), args.insecure, "API keys (--api-key)")
     return GatewayConfig(api_keys=frozenset(keys), max_body=args.max_body,
                          request_timeout=args.request_timeout or None, keepalive=args.keepalive,
                          grace=args.grace, arranca_max_tokens=args.arranca_max_tokens,
@@ -125,7 +208,8 @@ def make_app(client: RootClient, settings: GatewayConfig, metrics: Metrics | Non
     app = tornado.web.Application(
         routes, xsrf_cookies=True, xsrf_cookie_kwargs={"samesite": "Strict"},
         cross_origin_protection=True,  # browsers' cross-site POSTs refused (Sec-Fetch-Site/Origin)
-        default_handler_class=NotFoundHandler, default_handler_args=a, gateway=gw)
+        default_handler_class=NotFoundHandler, default_handler_args=a, gateway=gw,
+        log_function=log_request(metrics))
     return app
 
 
@@ -133,6 +217,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
     settings = config_from_args(args)
     tls = server_context(args.tls_cert, args.tls_key)  # bad files fail here, before anything runs
     client = RootClient(args.root, name=f"http:{args.host}:{args.port}", curve=args.curve,
+                        member=args.member or security.CLIENT,
                         heartbeat=getattr(args, "heartbeat", 1.0))  # --heartbeat: from the CLI
     await client.start()
     if not await client.wait_connected(2.0):
@@ -140,10 +225,11 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
                     args.root)
     app = make_app(client, settings)
     gw: Gateway = app.settings["gateway"]
-    server = Server(app, max_body_size=settings.max_body * BODY_CAP, idle_connection_timeout=3600,
-                    ssl_options=tls)
+    server = Server(app, max_body_size=settings.max_body * BODY_CAP,
+                    idle_connection_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                    max_connections=args.max_connections, metrics=gw.metrics, ssl_options=tls)
     try:
-        server.listen(args.port, args.host)
+        server.listen(args.port, args.host, backlog=args.backlog)
     except OSError as e:
         client.close()
         raise Fatal(f"the HTTP gateway cannot listen on {args.host}:{args.port}: {e}") from None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from broker.nesting import MAX_DEPTH, too_deep
 from broker.protocol import BadRequest, ErrorCode, Request
 
 MAX_ID = 128  # characters in a client id
@@ -111,6 +112,8 @@ def decode_json(raw: bytes) -> dict:
                                            f"column {e.colno})") from None
     if not isinstance(data, dict):
         raise LineError(Code.INVALID_JSON, "each line must be one JSON object")
+    if too_deep(data):
+        raise LineError(Code.INVALID_JSON, f"the line is nested deeper than {MAX_DEPTH} levels")
     return data
 
 

@@ -16,10 +16,12 @@ lines with `LineReader` and handles each (docs/protocol.md has the format):
 
 API keys (`--api-key`, `--api-key-file`, gateways/tcp_mobile/auth.py): when set, the greeting
 says `"auth": "api_key"` and a connection must authenticate once, with a hello line carrying
-`api_key` (or a resume line carrying one), before anything else; every other line until then
-gets an `unauthorized` error, and the connection is closed after MAX_AUTH_FAILURES of them.
+`api_key` (or a resume line carrying one), before anything else and within `--auth-timeout`
+seconds (empty lines do not buy time); every other line until then gets an `unauthorized` error,
+and the connection is closed after MAX_AUTH_FAILURES of them or when the time is up.
 
-Limits: `--max-line` (an error line, then the rest of the line is skipped), `--max-inflight`
+Limits: `--max-line` (an error line, then the rest of the line is skipped), JSON nested deeper
+than `broker.nesting.MAX_DEPTH` (an error line; the connection lives on), `--max-inflight`
 requests per connection, `--max-write-buffer` bytes queued for a client that does not read (its
 requests are cancelled and it is closed), `--idle-timeout` with nothing in flight.
 Metrics: `--metrics-port P` serves Prometheus metrics on http://HOST:P/metrics (metrics.py).
@@ -37,11 +39,16 @@ import ssl
 import time
 from dataclasses import dataclass
 
+import orjson
+
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.netutil import bind_sockets
 from tornado.tcpserver import TCPServer
 
+from broker import security
 from broker.client import RootClient
+from broker.errors import Fatal
+from broker.quiet import Quiet
 from gateways.tcp_mobile.auth import ApiKeys, add_key_args, load_api_keys
 from gateways.tcp_mobile.lines import CHUNK, TOO_LONG, LineReader
 from gateways.tcp_mobile.metrics import MeteredClient, TcpMetrics
@@ -49,7 +56,6 @@ from gateways.tcp_mobile.protocol import CancelLine, Code, HelloLine, LineError,
     Submit, decode_json, encode, error_line, parse_line
 from gateways.tcp_mobile.session import Session, Sessions
 from treechat.metrics import add_metrics_arg
-from treechat.process import Fatal
 from treechat.tls import add_server_args, server_context
 
 log = logging.getLogger("treechat.tcp")
@@ -66,6 +72,7 @@ class TcpConfig:
     max_inflight: int = 16
     max_write_buffer: int = 4 * MiB
     idle_timeout: float = 300.0
+    auth_timeout: float = 10.0
     resume_window: float = 30.0
     drain: float = 30.0
     api_keys: frozenset[str] = frozenset()
@@ -76,14 +83,16 @@ class TcpConfig:
         for name in ("max_line", "max_inflight", "max_write_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("idle_timeout", "resume_window", "drain"):
+        for name in ("idle_timeout", "auth_timeout", "resume_window", "drain"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} cannot be negative")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TcpConfig":
         fields = {k: getattr(args, k) for k in cls.__dataclass_fields__ if k != "api_keys"}
-        return cls(**fields, api_keys=load_api_keys(args.api_key, args.api_key_file))
+        keys = load_api_keys(args.api_key, args.api_key_file)
+        security.require_keys(args.host, bool(keys), args.insecure, "API keys (--api-key)")
+        return cls(**fields, api_keys=keys)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +108,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "are cancelled and it is closed (default 4 MiB)")
     parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
                         help="close a connection silent this many seconds with nothing running")
+    parser.add_argument("--auth-timeout", type=float, default=d.auth_timeout,
+                        help="with API keys: seconds a connection has to authenticate before it "
+                             "is closed (default 10; 0: no limit)")
     parser.add_argument("--resume-window", type=float, default=d.resume_window,
                         help="seconds a dropped connection's requests wait to be resumed "
                              "(0: cancel them at once)")
@@ -130,6 +142,7 @@ class Connection:
         self.busy = False  # text mode: an answer is streaming
         self.closed = False
         self.authed = not gateway.keys  # no keys configured: nothing to prove
+        self.opened = time.monotonic()
         self.auth_failures = 0
         stream.max_write_buffer_size = self.cfg.max_write_buffer
         stream.set_nodelay(True)
@@ -181,6 +194,13 @@ class Connection:
 
     def handle(self, raw: bytes) -> None:
         try:
+            self.serve_line(raw)
+        except Exception:  # a bug must cost this line, not the connection's reader
+            log.exception("client %s: failed on a line", self.address)
+            self.send(error_line(None, Code.ENGINE, "the gateway failed on this line"))
+
+    def serve_line(self, raw: bytes) -> None:
+        try:
             cmd = parse_line(raw)
             if isinstance(cmd, Submit):
                 self.session.submit(cmd)
@@ -227,7 +247,8 @@ class Connection:
         if self.auth_failures < MAX_AUTH_FAILURES:
             self.write(render(""))
             return
-        log.warning("closing %s: %d unauthenticated lines", self.address, self.auth_failures)
+        self.gw.quiet.warning("closed unauthenticated connections", self.address[0],
+                      "closing %s: %d unauthenticated lines", self.address, self.auth_failures)
         try:
             await asyncio.wait_for(self.stream.write(render("; closing the connection")), 5.0)
         except (StreamClosedError, StreamBufferFullError, asyncio.TimeoutError):
@@ -261,7 +282,12 @@ class Connection:
     # --- writing --------------------------------------------------------------------------------
 
     def send(self, line: dict) -> None:
-        self.write(encode(line))
+        try:
+            data = encode(line)
+        except orjson.JSONEncodeError as e:  # e.g. a ping echoing what orjson cannot write
+            data = encode(error_line(line.get("id") if isinstance(line.get("id"), str) else None,
+                                     Code.BAD_REQUEST, f"the answer cannot be encoded ({e})"))
+        self.write(data)
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -287,10 +313,24 @@ class Connection:
         self.stream.close()
 
     async def watch_idle(self) -> None:
-        idle = self.cfg.idle_timeout
-        if idle <= 0:
+        """Close the connection when it idles too long, or stays unauthenticated too long."""
+        idle, auth = self.cfg.idle_timeout, self.cfg.auth_timeout
+        if idle <= 0 and (self.authed or auth <= 0):
             return
         while not self.closed:
+            if not self.authed and auth > 0:
+                left = self.opened + auth - time.monotonic()
+                if left <= 0:
+                    self.gw.quiet.warning("connections that never authenticated", self.address[0],
+                                  "closing %s: not authenticated within %g s", self.address, auth)
+                    self.send(error_line(None, Code.UNAUTHORIZED,
+                                         f"not authenticated within {auth:g} s; closing"))
+                    self.stream.close()
+                    return
+                await asyncio.sleep(min(left, 1.0))
+                continue
+            if idle <= 0:
+                return
             if self.busy or (self.session.conn is self and self.session.running):
                 self.last_active = time.monotonic()
             left = self.last_active + idle - time.monotonic()
@@ -310,6 +350,7 @@ class Gateway(TCPServer):
         submitter = MeteredClient(client, metrics) if metrics else client
         self.sessions = Sessions(submitter, cfg.resume_window, cfg.max_inflight)
         self.keys = ApiKeys(cfg.api_keys)
+        self.quiet = Quiet(log)  # what strangers can repeat: one line per kind and address
         self.connections: set[Connection] = set()
 
     async def handle_stream(self, stream: IOStream, address) -> None:
@@ -342,6 +383,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
         raise Fatal(f"the TCP gateway cannot listen on {cfg.host}:{cfg.port}: {e}") from None
     port = sockets[0].getsockname()[1]
     client = RootClient(args.root, name=f"tcp:{cfg.host}:{port}", curve=args.curve,
+                        member=args.member or security.CLIENT,
                         heartbeat=getattr(args, "heartbeat", 1.0))  # must match the root's
     metrics = TcpMetrics() if args.metrics_port else None
     gateway = Gateway(cfg, client, tls, metrics)

@@ -39,6 +39,7 @@ class Finish:
     reason: str  # FinishReason label: "stop", "length", "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values were reused, not computed
 
 
 @dataclass(slots=True)

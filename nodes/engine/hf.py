@@ -79,7 +79,7 @@ class Seq:
     """One request inside the engine."""
 
     __slots__ = ("rid", "feed", "prompt_tokens", "limit", "reserve", "tokens", "sampling",
-                 "ignore_eos", "detok", "row", "length", "matcher")
+                 "ignore_eos", "detok", "row", "length", "matcher", "cached")
 
     def __init__(self, rid, prompt_ids, resume_ids, limit, params, ignore_eos, detok,
                  matcher=None):
@@ -95,6 +95,7 @@ class Seq:
         self.row = -1
         self.length = 0  # tokens written in the cache
         self.matcher = matcher
+        self.cached = 0  # prompt tokens copied from a cached prefix (prefix.py)
 
 
 class HFEngine(Engine):

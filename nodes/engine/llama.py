@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from nodes.engine.quant import DENSE_FROM
+
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 
 
@@ -148,18 +150,29 @@ class LlamaModel:
         self.group = shape.heads // shape.kv_heads
         self.scale = shape.head_dim ** -0.5
         self.kernels = cpu_kernels(device, dtype)
+        self.stack = self.kernels.stack(self) if self.kernels is not None else None
         self._rope = None
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's: float16 on the C path (half the bytes every step reads), else ours."""
+        return torch.float16 if self.kernels is not None else self.dtype
 
     # --- the step's plan ---------------------------------------------------------------------
 
     def prepare(self, batch: Batch) -> Batch:
-        """Everything the layers share: rotations, the decode mask, each chunk's mask (the C
-        path needs only the chunks' masks)."""
+        """Everything the layers share: rotations, the decode mask, each chunk's mask; for the
+        C path only each token's cache row."""
         pos, d = batch.pos, batch.decode
-        if self.kernels is None:
-            angles = pos[:, None].double() * self.inv_freq[None, :]
-            batch.freqs = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
-        if d and self.kernels is None:
+        if self.kernels is not None:
+            rows = list(range(d))
+            for c in batch.chunks:
+                rows += [c.row] * c.length
+            batch.rows = torch.tensor(rows, dtype=torch.long)
+            return batch
+        angles = pos[:, None].double() * self.inv_freq[None, :]
+        batch.freqs = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
+        if d:
             lengths = pos[:d]
             batch.span = int(lengths.max()) + 1 if batch.span == 0 else batch.span
             cols = torch.arange(batch.span, device=self.device)
@@ -191,22 +204,26 @@ class LlamaModel:
 
     def forward_cpu(self, batch: Batch, cache) -> torch.Tensor:
         """The same forward through the C kernels (kernels/blocks.c): one call per operation,
-        the residual added inside the products, no mask (each decode row attends over its own
-        length)."""
+        the residual added inside the products, a float16 KV cache, no masks (each token attends
+        over its own row up to its own position)."""
         k, s, eps = self.kernels, self.shape, self.shape.eps
         x = self.embed_tokens(batch.ids).contiguous()
-        t, d = x.shape[0], batch.decode
+        t = x.shape[0]
         h = torch.empty_like(x)
         cos, sin = self.rope_tables(int(batch.pos.max()) + 1)
-        for i, layer in enumerate(self.layers):
+        if self.stack is not None and t < DENSE_FROM:  # every layer in one call: no trip back
+            # to Python between ops (a longer step runs torch's float32 GEMM in its products)
+            self.stack.cos, self.stack.sin = cos.data_ptr(), sin.data_ptr()
+            k.layers_forward(self.stack, x, batch.rows, batch.pos, cache.k, cache.v)
+            layers = ()
+        else:
+            layers = self.layers
+        for i, layer in enumerate(layers):
             qkv = layer.qkv(k.rms_norm(x, layer.attn_norm, eps, h))
             k.rope(qkv, s.heads + s.kv_heads, s.head_dim, batch.pos, cos, sin)
             attn = torch.empty((t, self.q_dim), dtype=x.dtype)
-            if d:
-                k.decode_attention(qkv, d, s.heads, s.kv_heads, s.head_dim, cache.k[i],
-                                   cache.v[i], batch.pos, self.scale, attn)
-            if batch.chunks:
-                self.chunk_attention(i, qkv, batch, cache, attn.view(t, s.heads, s.head_dim))
+            k.attention(qkv, s.heads, s.kv_heads, s.head_dim, cache.k[i], cache.v[i],
+                        batch.rows, batch.pos, self.scale, attn)
             layer.o.add_to(attn, x)
             layer.down.add_to(k.silu_mul(layer.gate_up(k.rms_norm(x, layer.mlp_norm, eps, h))), x)
         if batch.logits_at is not None:
@@ -226,7 +243,7 @@ class LlamaModel:
             return self.embed[ids]
         q, d = self.embed
         rows = q[ids].to(self.dtype).unflatten(-1, (d.shape[1], -1))
-        return (rows * d[ids][..., None].to(self.dtype)).flatten(-2)
+        return (rows * d[ids][..., None].to(self.dtype)).flatten(-2).contiguous()
 
     def decode_attention(self, q, keys, values, visible) -> torch.Tensor:
         """One query per row against its cached keys: [D, heads, head_dim]. Each kv head's group

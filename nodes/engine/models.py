@@ -266,17 +266,18 @@ def make_runner(loaded: Loaded, *, slots: int, max_model_len: int, kv_budget: in
     from nodes.engine.runner import HFRunner, LlamaRunner
     dev, dt = loaded.device, loaded.dtype
     layers, kv_heads, head_dim = kv_shape(loaded.config)
+    kv_dtype = loaded.model.cache_dtype if loaded.model is not None else dt
     want = slots * max_model_len
     static = dev.type == "cuda"
     if kv_budget is None and static:
         total = torch.cuda.get_device_properties(dev).total_memory
         used = torch.cuda.memory_allocated(dev)  # the weights, loaded already
         room = int(0.85 * total) - used  # the rest: activations, logits, graphs, the allocator
-        want = min(want, max(max_model_len, room // per_token_bytes(loaded.config, dt)))
+        want = min(want, max(max_model_len, room // per_token_bytes(loaded.config, kv_dtype)))
     budget = kv_budget or want
     if static:
         slots = max(1, min(slots, budget // max_model_len))
-    cache = RowCache(layers, kv_heads, head_dim, dt, dev, budget, max_model_len,
+    cache = RowCache(layers, kv_heads, head_dim, kv_dtype, dev, budget, max_model_len,
                      slots + 1 if static else slots, static=static)  # + the graphs' scratch row
     if loaded.model is not None:
         return LlamaRunner(loaded.model, cache, graphs=static and cuda_graphs), budget

@@ -71,17 +71,18 @@ class DecodeGraphs:
     A graph replays fixed addresses, so everything it touches is static: the cache (allocated
     once), and input buffers `ids`, `pos`, `rows` per batch bucket. Rows past the real batch are
     padding: they write their keys into a scratch row (the cache has one more row than slots)
-    and their logits are ignored. The attention span is the bucket's, masked per row by `pos`."""
+    and their logits are ignored. The attention span is the bucket's, masked per row by `pos`.
+    With `capture=False` the same static step runs eagerly (what the CPU tests check)."""
 
-    def __init__(self, model: LlamaModel, cache: RowCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model: LlamaModel, cache: RowCache, capture: bool = True):
+        self.model, self.cache, self.capture_graphs = model, cache, capture
         self.scratch = cache.rows - 1  # the static cache's spare row
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = None
-        self.capturing_ok = True
+        self.failed = False
 
     def bucket(self, n: int) -> int | None:
-        return next((b for b in GRAPH_BATCHES if b >= n and b <= self.scratch), None)
+        return next((b for b in GRAPH_BATCHES if n <= b <= self.scratch), None)
 
     def span_bucket(self, span: int) -> int:
         b = GRAPH_SPAN_MIN
@@ -90,38 +91,39 @@ class DecodeGraphs:
         return min(b, self.cache.cap)
 
     def run(self, seqs: list) -> torch.Tensor | None:
+        """Logits [len(seqs), V] from a graph, or None (no bucket fits, or capture failed)."""
         n = len(seqs)
         b = self.bucket(n)
-        if b is None or not self.capturing_ok:
+        if b is None or self.failed:
             return None
         span = self.span_bucket(max(s.length for s in seqs) + 1)
-        entry = self.graphs.get((b, span))
+        entry = self.graphs.get((b, span)) or self.capture(b, span)
         if entry is None:
-            entry = self.capture(b, span)
-            if entry is None:
-                return None
-        graph, ids, pos, rows, out = entry
+            return None
+        replay, inputs, out = entry
         host = torch.tensor([[s.tokens[-1], s.length, i] for i, s in enumerate(seqs)]
-                            + [[0, 0, self.scratch]] * (b - n), dtype=torch.long).pin_memory()
-        ids.copy_(host[:, 0], non_blocking=True)
-        pos.copy_(host[:, 1], non_blocking=True)
-        rows.copy_(host[:, 2], non_blocking=True)
-        graph.replay()
+                            + [[0, 0, self.scratch]] * (b - n), dtype=torch.long)
+        if inputs.is_cuda:
+            host = host.pin_memory()
+        inputs.copy_(host.t(), non_blocking=True)
+        if out is None:  # not captured: the step itself
+            return replay()[:n]
+        replay()
         return out[:n]
 
     def capture(self, b: int, span: int):
         dev = self.model.device
-        ids = torch.zeros(b, dtype=torch.long, device=dev)
-        pos = torch.zeros(b, dtype=torch.long, device=dev)
-        rows = torch.full((b,), self.scratch, dtype=torch.long, device=dev)
-        batch = Batch(ids=ids, pos=pos, decode=b, span=span)
+        inputs = torch.zeros((3, b), dtype=torch.long, device=dev)  # ids, positions, cache rows
+        batch = Batch(ids=inputs[0], pos=inputs[1], decode=b, span=span)
 
         def step():
-            batch.rows = None
             self.model.prepare(batch)
-            batch.rows = rows  # padding rows write to the scratch row
+            batch.rows = inputs[2]  # padding rows write to the scratch row
             return self.model.forward(batch, self.cache)
 
+        if not self.capture_graphs:
+            entry = self.graphs[(b, span)] = (step, inputs, None)
+            return entry
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -136,9 +138,9 @@ class DecodeGraphs:
                 out = step()
         except Exception:  # a model or driver that cannot be captured still runs, eagerly
             log.exception("CUDA graph capture failed; decoding without graphs")
-            self.capturing_ok = False
+            self.failed = True
             return None
-        entry = self.graphs[(b, span)] = (graph, ids, pos, rows, out)
+        entry = self.graphs[(b, span)] = (graph.replay, inputs, out)
         log.info("captured a decode graph for %d rows, span %d (%d graphs)", b, span,
                  len(self.graphs))
         return entry

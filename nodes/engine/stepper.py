@@ -7,7 +7,8 @@ prompts, in arrival order. A step:
     plan     every decoding row's next token, then prompt chunks while the step's token budget
              (`step_tokens`) lasts: first the prompts being prefilled, then new requests admitted
              in arrival order while a slot and the KV budget allow. A chunked runner cuts a
-             prompt anywhere; the fallback runner takes whole prompts only.
+             prompt anywhere, and starts it after whatever prefix a running row or the prefix
+             store already holds (prefix.py); the fallback runner takes whole prompts only.
     forward  one mixed forward (runner.py): logits for the decode rows and for each chunk that
              completes its prompt
     sample   one batched draw for all of them (sampling.py), grammar-constrained where asked
@@ -28,6 +29,7 @@ import time
 
 from broker.protocol import ErrorCode, FinishReason
 from nodes.engine.base import Finish, StepOutput
+from nodes.engine.prefix import MIN_REUSE, PrefixStore, cached_tokens, common_prefix
 from nodes.engine.sampling import sample
 
 log = logging.getLogger("treechat.engine")
@@ -38,6 +40,8 @@ log = logging.getLogger("treechat.engine")
 STEP_TOKENS = {"cpu": 256}
 STEP_TOKENS_DEFAULT = 2048
 MIN_CHUNK = 16  # prompt tokens a step always takes, so many decode rows cannot starve a prompt
+PREFIX_STORE = {"cpu": 64 << 20}  # bytes of finished rows' keys and values kept for reuse
+PREFIX_STORE_DEFAULT = 1 << 30
 
 
 class Stepper:
@@ -48,6 +52,10 @@ class Stepper:
         self.cache = engine.runner.cache
         self.decoding = 0  # D: rows 0..D-1 decode
         self.step_tokens = step_tokens or STEP_TOKENS.get(engine.device.type, STEP_TOKENS_DEFAULT)
+        self.store = PrefixStore(PREFIX_STORE.get(engine.device.type, PREFIX_STORE_DEFAULT)) \
+            if self.runner.chunked else None
+        self.copies: list[tuple] = []  # (source row or store entry, row, tokens) for compute()
+        self.source = None
         self.stats = engine.stats  # where the time goes (bench/engine.py prints it)
 
     def step(self, out: StepOutput) -> None:
@@ -87,6 +95,7 @@ class Stepper:
             chunks.append((seq, seq.length, n))
             budget -= n
         longest = max((s.reserve for s in running), default=0)
+        admitted: list = []
         while waiting and budget > 0 and len(running) < e.slots:
             seq = waiting[0]
             need = max(longest, seq.reserve)
@@ -94,14 +103,41 @@ class Stepper:
                 break  # FIFO: it waits for room rather than being overtaken forever
             if not self.runner.chunked and chunks and len(seq.feed) > budget:
                 break  # whole prompts only: the next step takes it
+            start = self.reuse(seq, admitted)
+            if start is None:
+                break  # its prompt is being computed right now: copy it next step instead
             waiting.popleft()
             seq.row = len(running)
             running.append(seq)
-            n = self.take(seq, 0, budget)
-            chunks.append((seq, 0, n))
+            admitted.append(seq)
+            if start:
+                self.copies.append((self.source, seq.row, start))
+            seq.length = seq.cached = start
+            n = self.take(seq, start, budget)
+            chunks.append((seq, start, n))
             budget -= n
             longest = need
         return chunks
+
+    def reuse(self, seq, admitted: list) -> int | None:
+        """How much of `seq`'s prompt comes from a running row or the store (`self.source`), at
+        most all but its last token (whose logits the first answer token needs); None when a
+        request admitted in this same step shares most of it (wait a step and copy it)."""
+        self.source, found = None, 0
+        if self.store is None:
+            return 0
+        for other in admitted:
+            if common_prefix(seq.feed, other.feed) >= max(MIN_REUSE, len(seq.feed) // 2):
+                return None
+        for other in self.e._running[:len(self.e._running) - len(admitted)]:
+            n = common_prefix(seq.feed, cached_tokens(other))
+            if n > found:
+                self.source, found = other.row, n
+        entry, n = self.store.best(seq.feed)
+        if n > found:
+            self.source, found = entry, n
+        found = min(found, len(seq.feed) - 1)
+        return found if found >= MIN_REUSE else 0
 
     def take(self, seq, start: int, budget: int) -> int:
         left = len(seq.feed) - start
@@ -114,6 +150,12 @@ class Stepper:
         need = max([s.length + 1 for s in decode] + [st + n for _, st, n in chunks])
         self.cache.reshape(len(running), need, max(s.reserve for s in running),
                            max(s.length for s in running))
+        for source, row, n in self.copies:  # reused prompt prefixes, now that the rows exist
+            if isinstance(source, int):
+                self.cache.move_row(source, row, n)
+            else:
+                self.store.load(self.cache, source, row, n)
+        self.copies.clear()
         logits = self.runner.forward(decode, chunks)
         done = [seq for seq, st, n in chunks if st + n == len(seq.feed)]
         for seq in decode:
@@ -160,6 +202,8 @@ class Stepper:
         """Take `seq` out of the batch now. A decode row is filled by the last decode row, and
         the prefilling rows after the run move down one, keeping both runs compact."""
         running, r = self.e._running, seq.row
+        if self.store is not None and reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self.store.save(self.cache, r, cached_tokens(seq))  # for a next turn, or a twin
         if r < self.decoding:
             last = running[self.decoding - 1]
             if last is not seq:
@@ -177,7 +221,8 @@ class Stepper:
         if not running:
             self.cache.reshape(0, 0, 0, 0)  # idle: give the whole buffer back
         if out is not None and reason is not None:
-            out.done.append(Finish(seq.rid, reason.label, seq.prompt_tokens, len(seq.tokens)))
+            out.done.append(Finish(seq.rid, reason.label, seq.prompt_tokens, len(seq.tokens),
+                                   seq.cached))
 
     def fail_all(self, out: StepOutput, exc: Exception) -> None:
         """Every running request leaves with an error (waiting ones stay: they may still run)."""

@@ -40,7 +40,7 @@ GGUF_NAMES = {"attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight", "q
 
 
 class Q4Blocks:
-    """GGUF Q4_1 blocks of a [N, K] matrix: qs uint8 [N, K/2], d and m float32 [N, K/32]."""
+    """GGUF Q4_1 blocks of a [N, K] matrix: qs uint8 [N, K/2], d and m float16 [N, K/32]."""
 
     fields = ("qs", "d", "m")
 
@@ -60,7 +60,7 @@ class Q4Blocks:
 
 
 class Q8Blocks(Q4Blocks):
-    """GGUF Q8_0 blocks of a [N, K] matrix: q int8 [N, K], d float32 [N, K/32]."""
+    """GGUF Q8_0 blocks of a [N, K] matrix: q int8 [N, K], d float16 [N, K/32]."""
 
     fields = ("q", "d")
 
@@ -122,11 +122,11 @@ class GGUFSource(SafetensorsSource):
             return torch.from_numpy(data.astype(np.float32, copy=True))
         q4 = t.tensor_type == self.T.Q4_1
         blocks = data.reshape(data.shape[0], -1, 20 if q4 else 34)
-        d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+        d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0])
         if not q4:
             return Q8Blocks(torch.from_numpy(blocks[..., 2:].copy().view(np.int8))
                             .reshape(data.shape[0], -1), d)
-        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0])
         return Q4Blocks(torch.from_numpy(blocks[..., 4:].copy()).reshape(data.shape[0], -1), d, m)
 
 

@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger("treechat.engine")
 
 SOURCE = Path(__file__).with_name("blocks.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 P = ctypes.c_void_p
 I = ctypes.c_int64
 
@@ -43,7 +43,7 @@ def cpu_ok() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
 
 
 @cache
@@ -70,7 +70,9 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm.argtypes = [P_, P_, I_, I_, F, P_]
     lib.rope.argtypes = [P_, I_, I_, I_, I_, P_, P_, P_]
     lib.silu_mul.argtypes = [P_, I_, I_, P_]
-    lib.decode_attention.argtypes = [P_, I_, I_, I_, I_, I_, P_, P_, I_, P_, F, P_]
+    lib.attention.argtypes = [P_, I_, I_, I_, I_, I_, P_, P_, I_, P_, P_, F, P_]
+    lib.dequantize.argtypes = [P_, P_, P_, I_, I_, I_, P_]
+    lib.layers_forward.argtypes = [ctypes.POINTER(Stack), P_, I_, P_, P_, P_, P_, I_, I_]
     return lib
 
 
@@ -87,13 +89,68 @@ def build(compiler: str, target: Path) -> None:
         log.info("built the CPU kernels into %s", target)
 
 
+# --- a whole stack of layers in one call (blocks.c: layers_forward) -----------------------------
+
+
+class Linear(ctypes.Structure):
+    _fields_ = [("w", P), ("d", P), ("m", P), ("bias", P), ("n", I), ("k", I), ("q4", I)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", P), ("mlp_norm", P), ("qkv", Linear), ("o", Linear),
+                ("gate_up", Linear), ("down", Linear)]
+
+
+class Stack(ctypes.Structure):
+    _fields_ = [("layers", I), ("hidden", I), ("heads", I), ("kv_heads", I), ("head_dim", I),
+                ("inter", I), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("layer", ctypes.POINTER(Layer)), ("cos", P), ("sin", P)]
+
+
+def stack(model):
+    """The C view of a LlamaModel's layers, or None when one of its linear layers is not in
+    blocks the kernels read (dense float32 weights, or torch's fallback kernels). The model
+    keeps the tensors alive; the view only points at them."""
+    from nodes.engine.quant import Q4_1, Q8_0
+
+    def linear(lin) -> Linear | None:
+        if not isinstance(lin, (Q4_1, Q8_0)) or lin.fallback is not None:
+            return None
+        q4 = isinstance(lin, Q4_1)
+        w = lin.qs if q4 else lin.q
+        return Linear(w.data_ptr(), lin.d.data_ptr(), lin.m.data_ptr() if q4 else None,
+                      None if lin.bias is None else lin.bias.data_ptr(), w.shape[0],
+                      w.shape[1] * (2 if q4 else 1), int(q4))
+
+    s = model.shape
+    layers = (Layer * s.layers)()
+    for i, layer in enumerate(model.layers):
+        parts = [linear(getattr(layer, name)) for name in ("qkv", "o", "gate_up", "down")]
+        if any(p is None for p in parts) or (parts[1].bias or parts[3].bias or parts[2].bias):
+            return None
+        layers[i] = Layer(layer.attn_norm.data_ptr(), layer.mlp_norm.data_ptr(), *parts)
+    view = Stack(s.layers, s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.eps,
+                 s.head_dim ** -0.5, layers, None, None)
+    view.keep = layers  # the array must live as long as the view
+    return view
+
+
+def layers_forward(view: Stack, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                   keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Every layer over x [T, hidden] in place (see blocks.c); keys/values: the whole cache."""
+    _check(library().layers_forward(ctypes.byref(view), x.data_ptr(), x.shape[0],
+                                    rows.data_ptr(), pos.data_ptr(), keys.data_ptr(),
+                                    values.data_ptr(), keys.shape[1], keys.shape[3]),
+           "layers_forward")
+
+
 def _check(code: int, what: str) -> None:
     if code:
         raise MemoryError(f"{what}: no memory for its scratch")
 
 
 def q4_1_matmul(x: torch.Tensor, qs, d, m, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] float32 @ Q4_1 blocks (qs uint8 [N, K/2], d, m float32 [N, K/32]) -> [M, N];
+    """x [M, K] float32 @ Q4_1 blocks (qs uint8 [N, K/2], d, m float16 [N, K/32]) -> [M, N];
     with `out`, added into it."""
     y = torch.empty((x.shape[0], qs.shape[0]), dtype=torch.float32) if out is None else out
     _check(library().q4_1_matmul(x.data_ptr(), x.shape[0], x.shape[1], qs.data_ptr(),
@@ -103,13 +160,30 @@ def q4_1_matmul(x: torch.Tensor, qs, d, m, out: torch.Tensor | None = None) -> t
 
 
 def q8_0_matmul(x: torch.Tensor, q, d, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] float32 @ Q8_0 blocks (q int8 [N, K], d float32 [N, K/32]) -> [M, N]; with
+    """x [M, K] float32 @ Q8_0 blocks (q int8 [N, K], d float16 [N, K/32]) -> [M, N]; with
     `out`, added into it."""
     y = torch.empty((x.shape[0], q.shape[0]), dtype=torch.float32) if out is None else out
     _check(library().q8_0_matmul(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(),
                                  d.data_ptr(), q.shape[0], y.data_ptr(), out is not None),
            "q8_0_matmul")
     return y
+
+
+_scratch: dict[str, torch.Tensor] = {}
+
+
+def dequantize(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, q4: bool,
+               k: int) -> torch.Tensor:
+    """The float32 matrix of blocked weights, into a buffer reused from call to call (only the
+    engine thread calls it; the result is valid until the next call)."""
+    n = w.shape[0]
+    buf = _scratch.get("dense")
+    if buf is None or buf.numel() < n * k:
+        buf = _scratch["dense"] = torch.empty(n * k, dtype=torch.float32)
+    out = buf[:n * k].view(n, k)
+    library().dequantize(w.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(),
+                         int(q4), n, k, out.data_ptr())
+    return out
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
@@ -131,11 +205,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def decode_attention(qkv: torch.Tensor, rows: int, heads: int, kv_heads: int, head_dim: int,
-                     keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, scale: float,
-                     out: torch.Tensor) -> None:
-    """Rows 0..rows-1 of qkv are cache rows 0..rows-1's new tokens (see blocks.c)."""
-    _check(library().decode_attention(qkv.data_ptr(), rows, qkv.stride(0), heads, kv_heads,
-                                      head_dim, keys.data_ptr(), values.data_ptr(),
-                                      keys.shape[2], pos.data_ptr(), scale, out.data_ptr()),
-           "decode_attention")
+def attention(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, keys: torch.Tensor,
+              values: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, scale: float,
+              out: torch.Tensor) -> None:
+    """Every token of qkv at (cache row rows[t], position pos[t]): its key and value into the
+    float16 cache, then its queries over that row's positions 0..pos[t] (see blocks.c)."""
+    _check(library().attention(qkv.data_ptr(), qkv.shape[0], qkv.stride(0), heads, kv_heads,
+                               head_dim, keys.data_ptr(), values.data_ptr(), keys.shape[2],
+                               rows.data_ptr(), pos.data_ptr(), scale, out.data_ptr()),
+           "attention")

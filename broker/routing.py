@@ -1,4 +1,4 @@
-"""Children and the routing policies, shared by the root and every node.
+"""Children and the routing policies, shared by the root and every node (both import it from here).
 
 A parent keeps its children in a ring (the original design's ring buffer) with the load each last
 reported for its whole subtree. Two policies choose the child a request goes to:
@@ -13,6 +13,10 @@ Reports arrive with every heartbeat and as soon as a child's load changes. A rep
 than the requests the parent sent since: each report says how many Dispatches the child had
 received on this link (`recv`), and the parent counts what it sent (`sent`), so the difference,
 still in flight, is taken off the reported free slots. A burst never piles onto one child.
+
+A child joins the ring only by `adopt`, for the incarnation the root registered (the caller checks
+that), on a link newer than the one it replaces: a connection of an older link of the same
+incarnation (a stale socket still draining) is never taken back.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ class Child:
     identity: bytes
     load: Load = field(default_factory=Load)
     last_seen: float = field(default_factory=time.monotonic)
-    link: str = ""  # the child's connection to us; a new one restarts the counts
+    incarnation: int = 0  # the child's registration (see broker/registry.py)
+    link: int = 0  # the child's connection to us, numbered by the child; a new one restarts counts
     sent: int = 0  # Dispatches sent on this link
 
 
@@ -84,18 +89,33 @@ class Children:
     def get(self, name: str) -> Child | None:
         return next((c for c in self.ring if c.name == name), None)
 
-    def seen(self, name: str, identity: bytes, load: dict | None) -> Child:
-        """A heartbeat from `name`: add it to the ring on first sight, refresh its load."""
-        child = self.get(name)
-        if child is None:
-            child = Child(name, identity)
-            self.ring.append(child)
-        child.identity = identity
+    def find(self, identity: bytes) -> Child | None:
+        """The child on this connection, or None: a stranger, or a link no longer adopted."""
+        return next((c for c in self.ring if c.identity == identity), None)
+
+    def adopt(self, name: str, identity: bytes, incarnation: int,
+              load: dict | None) -> Child | None:
+        """Take a new connection as child `name` of `incarnation` (registered: the caller checked),
+        replacing whatever connection held that name; None when it is an older link of the
+        incarnation already adopted."""
+        link = (load or {}).get("link", 0)
+        old = self.get(name)
+        if old is not None:
+            if old.incarnation == incarnation and not (isinstance(link, int) and link > old.link):
+                return None
+            self.remove(name)
+        child = Child(name, identity, incarnation=incarnation)
+        self.ring.append(child)
+        self.seen(child, load)
+        return child
+
+    def seen(self, child: Child, load: dict | None) -> Child:
+        """A heartbeat from `child`: refresh its load."""
         child.last_seen = time.monotonic()
         if load is not None:
             recv = load.get("recv", 0)
-            if load.get("link", "") != child.link:
-                child.link, child.sent = load.get("link", ""), recv
+            if load.get("link", 0) != child.link:
+                child.link, child.sent = load.get("link", 0), recv
             child.load = Load.from_dict(load)
             for _ in range(max(0, child.sent - recv)):  # sent after this report was written
                 self._count(child.load)
