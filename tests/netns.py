@@ -8,8 +8,9 @@
 Each process is started inside its host with the README's commands for several machines, bound
 to its host's address: `treechat root --host A`, `treechat node --name N --root A:5550 --host B
 [--parent P]`, `treechat gateway http|tcp --root A:5550 --host G`. Every process gets the same
-link security (`Net.security`, today `treechat keys DIR` + `--curve DIR`), so the tree runs with
-keys on every link, and the gateways want an API key. The test itself talks to the hosts from a
+link security (`Net.security`: its own key from one `treechat keys DIR --add NAME ...`, in a
+folder with only its machine's share of DIR), so the tree runs with keys on every link, and the
+gateways want an API key. The test itself talks to the hosts from a
 client host (`Net.on_client`: a thread inside that namespace), never from the machine's own
 network.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -46,6 +48,7 @@ HTTP_PORT, TCP_PORT = 8000, 8001
 METRICS_PORT = 9100  # on every node host and the gateway host (TCP gateway)
 API_KEY = "sk-netns-edge"  # the gateways listen beyond loopback: clients show a key
 TREE = [("node-1", None), ("node-2", None), ("node-3", "node-1")]  # node-3 hangs under node-1
+MEMBERS = [n for n, _ in TREE] + ["http-gateway", "tcp-gateway"]  # each with its own key
 
 
 class HostProc(Proc):
@@ -89,9 +92,10 @@ class Net:
         self.procs: dict[str, HostProc] = {}
         self.bed = Bed(["root", *[n for n, _ in TREE], "gateway", "rogue", "client"],
                        delay=delay, loss=loss).up()
-        self.keys = tmp / "keys"
+        self.keys = tmp / "keys"  # made once, as on an operator's machine; hosts get their part
         try:
             self.treechat_here("keys", str(self.keys))
+            self.treechat_here("keys", str(self.keys), *[x for m in MEMBERS for x in ("--add", m)])
         except BaseException:
             self.bed.close()
             raise
@@ -107,10 +111,21 @@ class Net:
         self.tls = client_context(str(ca))
         self.http = self.http.replace("http://", "https://")
 
-    def security(self) -> list[str]:
-        """The link flags every process of the tree gets: the one place to change when the
-        tree's key model changes."""
-        return ["--curve", str(self.keys)]
+    def security(self, member: str | None, listens: bool) -> list[str]:
+        """The link flags of one process (the one place to change when the tree's key model
+        changes): `--curve` a folder holding only what docs/deploy.md copies to its machine
+        (server.key and its member's keypair; a listener also server.key_secret and authorized/),
+        `--member` its key's name (None: the root, which only listens)."""
+        folder = self.tmp / f"keys-{member or 'root'}"
+        if not folder.exists():
+            names = ["server.key"] + ([f"{member}.key", f"{member}.key_secret"] if member else [])
+            names += ["server.key_secret"] if listens else []
+            folder.mkdir(mode=0o700)
+            for name in names:
+                shutil.copy2(self.keys / name, folder / name)
+            if listens:
+                shutil.copytree(self.keys / "authorized", folder / "authorized")
+        return ["--curve", str(folder)] + (["--member", member] if member else [])
 
     def treechat_here(self, *args: str) -> str:
         return subprocess.run([sys.executable, "-m", "treechat.cli", *args], cwd=REPO, check=True,
@@ -126,19 +141,19 @@ class Net:
         """The tree; the root listens on its host's address (or `root_host`, e.g. 0.0.0.0)."""
         hb = ["--heartbeat", str(self.heartbeat), "--grace", "2"]
         self.start("root", "root", "root", "--host", root_host or self.bed.addr("root"), "--port",
-                   str(ROOT_PORT), *hb, *self.security()).wait_ready()
+                   str(ROOT_PORT), *hb, *self.security(None, listens=True)).wait_ready()
         for name, parent in TREE:
             self.start(name, name, "node", "--name", name, "--root", self.root,
                        "--host", self.bed.addr(name), *(["--parent", parent] if parent else []),
                        "--engine", "fake", "--metrics-port", str(METRICS_PORT), *engine, *hb,
-                       *self.security())
+                       *self.security(name, listens=True))
         for kind in gateways:
             port = HTTP_PORT if kind == "http" else TCP_PORT
             metrics = ["--metrics-port", str(METRICS_PORT)] if kind == "tcp" else []
             self.start("gateway", f"{kind}-gateway", "gateway", kind, "--root", self.root,
                        "--host", self.bed.addr("gateway"), "--port", str(port), *metrics,
                        "--heartbeat", str(self.heartbeat), "--api-key", API_KEY,
-                       *self.gateway_args, *self.security())
+                       *self.gateway_args, *self.security(f"{kind}-gateway", listens=False))
         for proc in self.procs.values():
             proc.wait_ready()
         self.wait_tree()
@@ -175,7 +190,8 @@ class Net:
 
     def cli(self, *args: str) -> str:
         """`treechat ARGS --root ROOT` run on the client host, as an operator would."""
-        argv = [sys.executable, "-m", "treechat.cli", *args, "--root", self.root, *self.security()]
+        argv = [sys.executable, "-m", "treechat.cli", *args, "--root", self.root,
+                *self.security("client", listens=False)]
         r = subprocess.run(self.bed.command("client", argv), cwd=REPO, capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 0, r.stderr[-2000:]

@@ -133,8 +133,19 @@ def test_compose_services_run_commands_the_cli_accepts_and_find_each_other():
             assert cmd[cmd.index("--curve") + 1] == "/keys/tree"
             if "--root" in cmd:
                 assert cmd[cmd.index("--root") + 1] == "root:5550"
-    keys = services["keys"]["entrypoint"][-1]  # sh -c "test -f ... || treechat keys DIR; ..."
-    parses(shlex.split(keys.split("|| treechat ", 1)[1].split(";")[0]), "compose keys service")
+    script = services["keys"]["entrypoint"][-1]  # sh -c: `treechat keys` when there are none
+    made = [shlex.split(re.sub(r"[&;} ]+$", "", line.strip()))[1:]
+            for line in script.splitlines() if line.strip().startswith("treechat ")]
+    assert [argv[0] for argv in made] == ["keys", "keys"]
+    for argv in made:
+        parses(argv, "compose keys service")
+    members = {m for argv in made for i, m in enumerate(argv) if argv[i - 1] == "--add"}
+    for name, svc in services.items():  # every member that joins the tree has its own key
+        cmd = svc.get("command", [])
+        if cmd[:1] == ["node"]:
+            assert name in members
+        if cmd[:1] == ["gateway"]:
+            assert cmd[cmd.index("--member") + 1] in members
 
 
 def manifests() -> list[dict]:
@@ -165,9 +176,18 @@ def test_the_manifest_hangs_together():
         labels.append(pod_labels)
         secrets = {v["secret"]["secretName"]: v["secret"] for v in spec["volumes"] if "secret" in v}
         assert "treechat-keys" in secrets, name
-        paths = {i["path"] for i in secrets["treechat-keys"]["items"]}
-        assert {"server.key_secret", "client.key_secret", "authorized/client.key"} <= paths
         (c,) = spec["containers"]
+        args = c["args"]
+        member = args[args.index("--member") + 1] if "--member" in args else "client"
+        paths = {i["path"] for i in secrets["treechat-keys"]["items"]}
+        assert {"server.key", f"{member}.key_secret"} <= paths, name  # its own key, and no other's
+        assert not {p for p in paths if p.endswith(".key_secret")} - {f"{member}.key_secret",
+                                                                       "server.key_secret"}, name
+        if args[0] in ("root", "node"):  # listeners: the server secret and who may connect
+            assert {"server.key_secret", "authorized/node.key", "authorized/http-gateway.key",
+                    "authorized/tcp-gateway.key"} <= paths, name
+        else:
+            assert "server.key_secret" not in paths, name
         mount = next(m for m in c["volumeMounts"] if m["name"] == "keys")["mountPath"]
         assert c["args"][c["args"].index("--curve") + 1] == mount
         if c["args"][0] != "root":

@@ -53,7 +53,7 @@ def test_200_streams_through_the_gateway_host_while_a_node_host_is_cut_off(hosts
     assert cut_at < 150, "the cut came too late to matter"
     assert answers(result["records"]) == clean  # 200/200, each identical to the fault-free run
     assert node_of(net.tree(), "node-1")["state"] == "dead"
-    assert net.procs["root"].logged("node node-1 missed its heartbeats; re-dispatching")
+    assert net.procs["root"].logged("node node-1 missed its heartbeats; dispatching again")
     # What an operator sees from another machine: each host's address and its links' health.
     status = {line.split("── ")[1].split()[0]: line for line in net.cli("status").splitlines()
               if "── " in line}
