@@ -111,9 +111,7 @@ class Links:
                 log.warning("%s; retrying while the old holder may be a dead instance", e)
                 await asyncio.sleep(self.cfg.heartbeat)
                 continue
-            if self.incarnation and welcome.incarnation != self.incarnation:
-                self.fence()
-            self.incarnation = welcome.incarnation
+            self.incarnation = welcome.incarnation  # fenced already, when the Welcome came (on_results)
             self.epoch = welcome.epoch
             self.tree_endpoint = self.cfg.reachable(welcome.tree)
             self.root_seen = time.monotonic()
@@ -160,6 +158,8 @@ class Links:
                 self.root_seen = 0.0  # the heartbeat loop registers again
         elif isinstance(msg, p.Welcome):
             if self._welcome is not None and not self._welcome.done():
+                if self.incarnation and msg.incarnation != self.incarnation:
+                    self.fence()  # now: the Adopts that follow the Welcome belong to the new one
                 self._welcome.set_result(msg)
         elif isinstance(msg, p.Refused):
             if self._welcome is not None and not self._welcome.done():
