@@ -9,19 +9,23 @@ Runs in the bench process on its asyncio loop. Three targets:
     RootTarget  the root directly, through `broker.client.RootClient` (the tree without a gateway)
 
 Connections are pooled per target and reused, so a closed-loop run measures requests, not TCP
-handshakes. A request never raises: whatever goes wrong becomes `record.error` (a short type such
-as `connect`, `http_503 overloaded`, `disconnected`, `timeout`) and `record.error_message`.
+(or TLS) handshakes. TLS: an https:// --base-url, or --tcp with --tls; the server's certificate
+is verified against the system's CAs or --tls-ca FILE (--tls-no-verify: not at all). A request
+never raises: whatever goes wrong becomes `record.error` (a short type such as `connect`, `tls`,
+`http_503 overloaded`, `disconnected`, `timeout`) and `record.error_message`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 
 import orjson
 
 from bench.metrics import Record
 from bench.workload import Item
+from treechat import tls as tlsopt
 
 MAX_LINE = 1 << 20  # bytes: longer header or SSE lines are a broken server, not a slow one
 
@@ -86,10 +90,10 @@ class Target:
 
 
 class Pool:
-    """Idle keep-alive connections to one host:port."""
+    """Idle keep-alive connections to one host:port (TLS ones with `tls`)."""
 
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None):
+        self.host, self.port, self.tls = host, port, tls
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def get(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
@@ -97,7 +101,11 @@ class Pool:
             reader, writer = self.idle.pop()
             if not writer.is_closing() and not reader.at_eof():
                 return reader, writer, True
-        reader, writer = await asyncio.open_connection(self.host, self.port, limit=MAX_LINE)
+        try:
+            reader, writer = await asyncio.open_connection(self.host, self.port, limit=MAX_LINE,
+                                                           ssl=self.tls)
+        except ssl.SSLError as e:  # a refused certificate: say so, not "connect"
+            raise Failure("tls", tlsopt.describe(e)) from None
         return reader, writer, False
 
     def put(self, reader, writer) -> None:
@@ -112,12 +120,15 @@ class Pool:
 class TCPTarget(Target):
     name = "tcp"
 
-    def __init__(self, address: str, **kw):
+    def __init__(self, address: str, tls: ssl.SSLContext | None = None,
+                 api_key: str | None = None, **kw):
         super().__init__(**kw)
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--tcp takes HOST:PORT, not '{address}'")
-        self.pool = Pool(host, int(port))
+        self.pool = Pool(host, int(port), tls)
+        self.hello = orjson.dumps({"hello": {"client": "treechat bench", "api_key": api_key}}) \
+            + b"\n" if api_key else b""  # once per connection, before its first request
         self.ids = 0
 
     async def close(self) -> None:
@@ -133,9 +144,9 @@ class TCPTarget(Target):
             line["text"] = item.prompt
         if self.ignore_eos:
             line["ignore_eos"] = True
-        reader, writer, _ = await self.pool.get()
+        reader, writer, reused = await self.pool.get()
         try:
-            writer.write(orjson.dumps(line) + b"\n")
+            writer.write((b"" if reused else self.hello) + orjson.dumps(line) + b"\n")
             await writer.drain()
             last = [0.0]
             while True:
@@ -167,9 +178,10 @@ class RootTarget(Target):
 
     name = "root"
 
-    def __init__(self, root: str, **kw):
+    def __init__(self, root: str, curve: str | None = None, **kw):
         super().__init__(**kw)
         self.root = root
+        self.curve = curve  # a `treechat keys` folder, for a tree with keys
         self.client = None
 
     async def start(self) -> None:
@@ -177,7 +189,8 @@ class RootTarget(Target):
         # Beat often (a root started with a short --heartbeat drops a gateway that beats slower,
         # and its requests with it) but give up on the root only after 3 s of silence (a root
         # with the default 1 s heartbeat beats that seldom).
-        self.client = RootClient(self.root, name="bench", heartbeat=0.2, misses=15)
+        self.client = RootClient(self.root, name="bench", heartbeat=0.2, misses=15,
+                                 curve=self.curve)
         await self.client.start()
         await self.client.wait_connected(5.0)  # if not, each request fails with root_lost
 
@@ -221,9 +234,12 @@ def make_target(args) -> Target:
     chosen = [x for x in (args.base_url, args.tcp, args.root) if x]
     if len(chosen) != 1:
         raise ValueError("give exactly one target: --base-url URL, --tcp HOST:PORT or --root HOST:PORT")
+    context = tlsopt.client_context_of(args) if tlsopt.wants_tls(args) else None
     if args.base_url:
         from bench.http_client import HTTPTarget  # it builds on this module's Target and Pool
-        return HTTPTarget(args.base_url, args.endpoint, args.model, args.api_key, **kw)
+        return HTTPTarget(args.base_url, args.endpoint, args.model, args.api_key, tls=context, **kw)
+    if args.root and context is not None:
+        raise ValueError("--root speaks ZeroMQ (CurveZMQ encrypts it), not TLS: drop --tls*")
     if args.tcp:
-        return TCPTarget(args.tcp, **kw)
+        return TCPTarget(args.tcp, tls=context, api_key=args.api_key, **kw)
     return RootTarget(args.root, **kw)

@@ -130,10 +130,10 @@ class Up(Child):
         return RootTarget(self.root, **kw)
 
 
-async def tree_alive(root: str, want: int) -> bool:
+async def tree_alive(root: str, want: int, curve: str | None = None) -> bool:
     """Does the root see `want` nodes alive, with children under it to dispatch to?"""
     from broker.client import RootClient
-    client = RootClient(root, name="bench-ready")
+    client = RootClient(root, name="bench-ready", curve=curve)
     await client.start()
     try:
         if not await client.wait_connected(2.0):

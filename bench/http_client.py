@@ -1,17 +1,19 @@
 """The OpenAI-compatible HTTP client of `treechat bench`: one streamed request per `Record`.
 
 Runs in the bench process on its asyncio loop, over plain asyncio streams (no HTTP library, so
-the timing is ours): POST /v1/chat/completions (or /v1/completions) with stream: true and
-stream_options.include_usage, then the SSE answer: `data: {json}` lines, `data: [DONE]`, `:`
-comment lines ignored. HTTP/1.1 keep-alive connections are pooled; the body may be chunked,
-Content-Length or close-delimited. A non-200 answer becomes an error named by its status and the
-OpenAI error body's code (`http_503 overloaded`); an error object inside the stream becomes
-`stream <code>`; a body that ends with neither a finish_reason nor [DONE] is `disconnected`.
+the timing is ours; TLS for an https:// URL, verified as `treechat.tls` says): POST
+/v1/chat/completions (or /v1/completions) with stream: true and stream_options.include_usage,
+then the SSE answer: `data: {json}` lines, `data: [DONE]`, `:` comment lines ignored. HTTP/1.1
+keep-alive connections are pooled; the body may be chunked, Content-Length or close-delimited.
+A non-200 answer becomes an error named by its status and the OpenAI error body's code
+(`http_503 overloaded`); an error object inside the stream becomes `stream <code>`; a body that
+ends with neither a finish_reason nor [DONE] is `disconnected`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from urllib.parse import urlsplit
 
 import orjson
@@ -19,25 +21,32 @@ import orjson
 from bench.clients import Failure, Pool, Target
 from bench.metrics import Record
 from bench.workload import Item
+from treechat.tls import client_context
 
 
 class HTTPTarget(Target):
     name = "http"
 
     def __init__(self, base_url: str, endpoint: str = "/v1/chat/completions",
-                 model: str | None = None, api_key: str | None = None, **kw):
+                 model: str | None = None, api_key: str | None = None,
+                 tls: ssl.SSLContext | None = None, **kw):
         super().__init__(**kw)
         url = urlsplit(base_url)
-        if url.scheme != "http" or not url.hostname:
-            raise ValueError(f"--base-url must look like http://HOST:PORT, not '{base_url}'")
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"--base-url must look like http://HOST:PORT or https://HOST:PORT, "
+                             f"not '{base_url}'")
         if endpoint not in ("/v1/chat/completions", "/v1/completions"):
             raise ValueError("--endpoint must be /v1/chat/completions or /v1/completions")
-        self.host, self.port = url.hostname, url.port or 80
+        if tls is not None and url.scheme != "https":
+            raise ValueError(f"TLS options need an https:// --base-url, not '{base_url}'")
+        if url.scheme == "https" and tls is None:
+            tls = client_context()  # the system's CAs, as curl does
+        self.host, self.port = url.hostname, url.port or (443 if tls else 80)
         self.prefix = url.path.rstrip("/")
         self.endpoint = endpoint
         self.model = model
         self.api_key = api_key
-        self.pool = Pool(self.host, self.port)
+        self.pool = Pool(self.host, self.port, tls)
 
     async def start(self) -> None:
         """Without --model, ask /v1/models for the first model, as vLLM's bench does."""

@@ -14,6 +14,11 @@ sustained rate (while requests were still being sent, see `sustained`). "CPU" is
 cores that the tree (root, nodes) and this bench used during the run (from /proc): well under
 100% means the simulated GPU time, not the CPU, bounds the throughput. Writes a
 markdown table on stdout, --save-result JSON, and --plot PNG (throughput vs leaves, per depth).
+
+With --netns (root, Linux): every node on a host of its own, a network namespace on one bridge
+(`bench.netns`), with --link-delay seconds on every link each way (host to host: twice that), the
+root on another and this bench's client on a third, the tree's links keyed (`--curve`); started
+with the commands for several machines (`bench.hosts`) instead of `treechat up`.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 
 from bench import report
 from bench.clients import RootTarget
 from bench.compare import Up
+from bench.hosts import HostedTree
 from bench.metrics import summarize
 from bench.run import run
 from bench.workload import WorkloadConfig, build
@@ -57,7 +66,7 @@ def layouts(sizes: list[int], max_depth: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def cpu_seconds(pids_of) -> float | None:
+def cpu_seconds(pids_of: int) -> float | None:
     """CPU seconds used so far by this bench and every descendant of `pids_of` (from /proc;
     None off Linux). Other people's processes on the machine do not count."""
     try:
@@ -80,21 +89,23 @@ def cpu_seconds(pids_of) -> float | None:
     return sum(stats[pid][1] for pid in mine if pid in stats) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(n: int, k: int, args) -> dict:
+async def measure(n: int, k: int, args, bed=None) -> dict:
     open_requests = round(n * args.slots * args.load)
     cfg = WorkloadConfig(num_requests=open_requests * args.waves, input_len=4, output_len=args.output_len,
                          seed=n)
-    up_args = ["--engine", "fake", "--fake-delay", str(args.delay), "--max-slots", str(args.slots),
-               "--nodes", str(n), "--fanout", str(k), "--grace", "2"]
-    async with Up(up_args, via="root") as up:
-        target = RootTarget(up.root, ignore_eos=True, timeout=120)
+    engine = ["--engine", "fake", "--fake-delay", str(args.delay), "--max-slots", str(args.slots)]
+    tree = Up(engine + ["--nodes", str(n), "--fanout", str(k), "--grace", "2"], via="root") \
+        if bed is None else HostedTree(bed, n, k, engine, args.keys)
+    async with tree:
+        target = RootTarget(tree.root, ignore_eos=True, timeout=120,
+                            curve=args.keys if bed else None)
         await target.start()
         try:
             warmup = build(cfg, open_requests, offset=1)
             await run(target, [], warmup, max_concurrency=open_requests, progress=False)
-            before = cpu_seconds(up.proc.pid)
+            before = cpu_seconds(os.getpid())  # this bench and everything it started
             result = await run(target, build(cfg), [], max_concurrency=open_requests, progress=False)
-            after = cpu_seconds(up.proc.pid)
+            after = cpu_seconds(os.getpid())
             busy = None if before is None or after is None else \
                 (after - before) / (result.duration * (os.cpu_count() or 1))
         finally:
@@ -129,7 +140,7 @@ def table(runs: list[dict], args) -> str:
         r["ideal"], r["ideal_sustained"] = one * n, one_sus * n
         rows.append([str(n), str(r["fanout"]), str(r["depth"]), f"{s['output_throughput']:.0f}",
                      f"{100 * s['output_throughput'] / (one * n):.0f}%", f"{r['sustained']:.0f}",
-                     f"{100 * r['sustained'] / (one_sus * n):.0f}%",
+                     f"{100 * r['sustained'] / (one_sus * n):.0f}%" if one_sus else "-",
                      f"{s['ttft_ms']['p50']:.0f} / {s['ttft_ms']['p99']:.0f}",
                      cpu(r["cpu_busy"]), str(s["failed"])])
     return report.markdown_table(
@@ -165,6 +176,22 @@ def plot(path: str, runs: list[dict], args) -> None:
     plt.close(fig)
 
 
+def hosts_for(leaves: int, args):
+    """The bed: a root host, one host per leaf, this bench's own host (entered for good, before
+    any socket exists), and the tree's keys."""
+    from bench.netns import Bed, unavailable
+    why = unavailable()
+    if why:
+        raise SystemExit(f"--netns: {why}")
+    bed = Bed(["root", *[f"leaf-{i}" for i in range(1, leaves + 1)], "bench"],
+              delay=args.link_delay).up()
+    args.keys = tempfile.mkdtemp(prefix="treechat-keys-")
+    subprocess.run([sys.executable, "-m", "treechat.cli", "keys", args.keys], check=True,
+                   capture_output=True, timeout=60)
+    bed.enter("bench")
+    return bed
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1,2,4,8,16", help="leaf counts, comma-separated")
@@ -175,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--waves", type=int, default=3, help="requests per open request")
     p.add_argument("--load", type=float, default=1.0,
                    help="open requests per slot (1: exactly fill every slot; 2: a queue behind each)")
+    p.add_argument("--netns", action="store_true",
+                   help="each node on its own network-namespace host (Linux, root)")
+    p.add_argument("--link-delay", type=float, default=0.01,
+                   help="--netns: seconds of delay on every link, each way (default 0.01)")
     p.add_argument("--save-result", default=None, metavar="FILE.json")
     p.add_argument("--plot", default=None, metavar="FILE.png")
     args = p.parse_args(argv)
@@ -186,13 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted({int(x) for x in args.sizes.split(",")})
     if 1 not in sizes:
         sizes.insert(0, 1)  # the ideal is measured on one leaf
+    bed = hosts_for(max(sizes), args) if args.netns else None
     runs = []
-    for n, k, d in layouts(sizes, args.max_depth):
-        print(f"--- {n} leaves, fan-out {k}, depth {d}", file=sys.stderr, flush=True)
-        runs.append(asyncio.run(measure(n, k, args)))
+    try:
+        for n, k, d in layouts(sizes, args.max_depth):
+            print(f"--- {n} leaves, fan-out {k}, depth {d}", file=sys.stderr, flush=True)
+            runs.append(asyncio.run(measure(n, k, args, bed)))
+    finally:
+        if bed is not None:
+            bed.close()
+            shutil.rmtree(args.keys, ignore_errors=True)
+    where = f"each on its own host, {args.link_delay * 1000:g} ms per link each way ({bed.shaping})" \
+        if bed else "on 127.0.0.1"
     print(f"fake engine: {args.slots} slots, {args.delay * 1000:g} ms per token, {args.output_len} "
           f"tokens per request; {args.load:g} x N x {args.slots} requests open at once, "
-          f"{args.waves} times that many in all, via RootClient")
+          f"{args.waves} times that many in all, via RootClient; nodes {where}")
     print(table(runs, args))
     if args.save_result:
         report.save_result(args.save_result, vars(args), runs)

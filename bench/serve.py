@@ -3,7 +3,8 @@
 Process: `treechat bench`, a client only. It sends a seeded workload to one target and reports:
 
     treechat bench --base-url http://127.0.0.1:8000          any OpenAI-compatible server (SSE)
-    treechat bench --tcp 127.0.0.1:8001                      treechat's TCP line protocol
+    treechat bench --base-url https://HOST:8443 --tls-ca ca.pem      the same over TLS
+    treechat bench --tcp 127.0.0.1:8001 [--tls]              treechat's TCP line protocol
     treechat bench --root 127.0.0.1:5550                     the root itself (no gateway)
     treechat bench --compare policy=seed,least-loaded nodes=1,3 --up-args "--engine fake"
                                                              start each configuration, bench it
@@ -26,20 +27,24 @@ from bench.clients import make_target
 from bench.metrics import parse_goodput, summarize
 from bench.run import run
 from bench.workload import DATASETS, WorkloadConfig, build
+from treechat.tls import add_client_args
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("target (give one)")
-    t.add_argument("--base-url", default=None, help="an OpenAI-compatible server, http://HOST:PORT")
+    t.add_argument("--base-url", default=None,
+                   help="an OpenAI-compatible server, http://HOST:PORT or https://HOST:PORT")
     t.add_argument("--endpoint", default="/v1/chat/completions",
                    choices=("/v1/chat/completions", "/v1/completions"))
     t.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     t.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                   help="Bearer key for the HTTP target (default: $OPENAI_API_KEY)")
+                   help="the server's API key: a Bearer key over HTTP, a hello line over TCP "
+                        "(default: $OPENAI_API_KEY)")
     t.add_argument("--tcp", default=None, metavar="HOST:PORT", help="treechat's TCP gateway")
     t.add_argument("--root", default=None, metavar="HOST:PORT", help="a treechat root, directly")
     t.add_argument("--request-timeout", type=float, default=300.0,
                    help="seconds before one request counts as failed (timeout)")
+    add_client_args(p)
 
     w = p.add_argument_group("workload")
     w.add_argument("--dataset", choices=tuple(DATASETS), default="random")

@@ -47,8 +47,11 @@ class Links:
         return make_socket(self.ctx, kind, curve=self.curve)
 
     def channel(self, kind: int, handler, name: str) -> Channel:
-        return Channel(self.socket(kind), handler, name,
-                       on_event=lambda ev, value: self.on_link_event(name, ev, value))
+        ch = Channel(self.socket(kind), handler, name,
+                     on_event=lambda ev, value: self.on_link_event(name, ev, value))
+        if self.metrics:  # --metrics-port: count what passes (nodes/metrics.py)
+            self.metrics.watch(ch)
+        return ch
 
     def on_link_event(self, link: str, event: int, value: int) -> None:
         if link == "down":  # our listening socket: a stranger's failed handshake is not ours
@@ -93,7 +96,7 @@ class Links:
             self.results.sock.connect(self.cfg.root_endpoint(2))
             self._welcome = self.loop.create_future()
             info = {**(self.engine.describe() if self.engine else {"engine": "none"}),
-                    "pid": os.getpid()}
+                    "pid": os.getpid(), **(self.metrics.describe() if self.metrics else {})}
             msg = p.Register(name=self.cfg.name, instance=self.instance, parent=self.cfg.parent,
                              endpoint=self.endpoint, slots=self.engine.slots if self.engine else 0,
                              model=info.get("model"), engine=info.get("engine", "none"), info=info)
@@ -108,11 +111,9 @@ class Links:
                 log.warning("%s; retrying while the old holder may be a dead instance", e)
                 await asyncio.sleep(self.cfg.heartbeat)
                 continue
-            if self.incarnation and welcome.incarnation != self.incarnation:
-                self.fence()
-            self.incarnation = welcome.incarnation
+            self.incarnation = welcome.incarnation  # fenced already, when the Welcome came (on_results)
             self.epoch = welcome.epoch
-            self.tree_endpoint = welcome.tree
+            self.tree_endpoint = self.cfg.reachable(welcome.tree)
             self.root_seen = time.monotonic()
             return
 
@@ -157,6 +158,8 @@ class Links:
                 self.root_seen = 0.0  # the heartbeat loop registers again
         elif isinstance(msg, p.Welcome):
             if self._welcome is not None and not self._welcome.done():
+                if self.incarnation and msg.incarnation != self.incarnation:
+                    self.fence()  # now: the Adopts that follow the Welcome belong to the new one
                 self._welcome.set_result(msg)
         elif isinstance(msg, p.Refused):
             if self._welcome is not None and not self._welcome.done():
@@ -179,6 +182,8 @@ class Links:
             endpoint = self.tree_endpoint if self.cfg.parent is None else await self.lookup_parent()
             if endpoint and await self.attach(endpoint):
                 self.parent_seen = time.monotonic()
+                if not self._joined.done():
+                    self._joined.set_result(None)
                 return
             log.info("parent %s is not reachable yet; retrying in %.1fs",
                      self.cfg.parent or "root", backoff)

@@ -80,15 +80,24 @@ class NodeConfig:
         host, _, port = self.root.rpartition(":")
         return f"tcp://{host}:{int(port) + offset}"
 
+    def reachable(self, endpoint: str) -> str:
+        """A root listening on every address (`--host 0.0.0.0`) advertises that wildcard: reach
+        its port at the address --root gave instead."""
+        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+        if host.strip("[]") in ("0.0.0.0", "::", "*"):
+            return f"tcp://{self.root.rpartition(':')[0]}:{port}"
+        return endpoint
+
     @property
     def dead_after(self) -> float:
         return self.heartbeat * self.misses
 
 
 class Node(Links):
-    def __init__(self, cfg: NodeConfig, engine: Engine | None):
+    def __init__(self, cfg: NodeConfig, engine: Engine | None, metrics=None):
         self.cfg = cfg
         self.engine = engine
+        self.metrics = metrics  # nodes.metrics.NodeMetrics (--metrics-port) or None
         self.instance = uuid.uuid4().hex
         self.children = Children(cfg.policy)
         self.queue: deque[p.Dispatch] = deque()
@@ -109,6 +118,8 @@ class Node(Links):
         self._found: asyncio.Future | None = None
         self._parent_answered: asyncio.Future | None = None
         self._repairs: dict[str, asyncio.Task] = {}
+        self._beat: asyncio.Task | None = None
+        self._joined: asyncio.Future | None = None
         self._no_detail: dict[str, int] = {}
         self._probing = False
         self.failure: asyncio.Future | None = None
@@ -119,6 +130,7 @@ class Node(Links):
         self.ctx = zmq.Context.instance()
         self.loop = asyncio.get_running_loop()
         self.failure = self.loop.create_future()
+        self._joined = self.loop.create_future()
         self.curve = security.load(self.cfg.curve, self.cfg.key_name())
         self.results = self.up = None
         self.down = self.channel(zmq.ROUTER, self.on_down, "down")
@@ -129,16 +141,15 @@ class Node(Links):
                          self.endpoint, self.cfg.parent or "root")
                 if ready:
                     ready({"name": self.cfg.name, "endpoint": self.endpoint})
-                beat = self.loop.create_task(self.heartbeat_loop())
                 stopping = self.loop.create_task(stop.wait())
                 await asyncio.wait([stopping, self.failure], return_when=asyncio.FIRST_COMPLETED)
                 stopping.cancel()
                 if self.failure.done():
-                    beat.cancel()
                     raise self.failure.exception()
                 await self.drain()
-                beat.cancel()
         finally:
+            if self._beat is not None:
+                self._beat.cancel()
             for task in self._repairs.values():
                 task.cancel()
             if self.engine is not None:
@@ -152,10 +163,14 @@ class Node(Links):
                 self.curve.close()
 
     async def join(self, stop: asyncio.Event) -> bool:
-        """Register, reach the parent, start the engine; False when stopped before that."""
+        """Register, reach the parent, start the engine; False when stopped before that.
+        Heartbeats start with the registration: a node still looking for its parent (it may
+        register before its parent does, or the link may be slow) stays registered meanwhile."""
         async def steps():
             await self.register()
-            await self.connect_parent()
+            self._beat = self.loop.create_task(self.heartbeat_loop())
+            self.repair("parent", self.connect_parent)  # a heartbeat sees it under repair
+            await self._joined  # the first parent link; rejoin() may be the one that makes it
         joining = self.loop.create_task(steps())
         stopping = self.loop.create_task(stop.wait())
         await asyncio.wait([joining, stopping, self.failure], return_when=asyncio.FIRST_COMPLETED)

@@ -21,6 +21,7 @@ import sys
 
 import orjson
 
+from treechat.metrics import add_metrics_arg
 from treechat.process import Fatal, serve, setup_logging
 
 DEFAULT_ROOT = "127.0.0.1:5550"
@@ -84,6 +85,7 @@ def add_node_args(p: argparse.ArgumentParser, *, named: bool = True) -> None:
                        help="attach under this node (by name); default: directly under the root")
         p.add_argument("--root", default=DEFAULT_ROOT, help="the root's HOST:PORT")
         p.add_argument("--host", default="127.0.0.1", help="address this node's children connect to")
+        add_metrics_arg(p)
     p.add_argument("--node-queue", type=int, default=64, help="requests a node may queue")
     add_engine_args(p)
 
@@ -100,6 +102,7 @@ def cmd_root(args) -> int:
 
 def cmd_node(args) -> int:
     from nodes.engine import make_engine
+    from nodes.metrics import NodeMetrics
     from nodes.node import Node, NodeConfig, RegistrationRefused
     cfg = NodeConfig(name=args.name, root=args.root, parent=args.parent, host=args.host,
                      policy=args.policy, max_queue=args.node_queue, heartbeat=args.heartbeat,
@@ -108,10 +111,17 @@ def cmd_node(args) -> int:
 
     async def main(stop, ready):
         engine = await asyncio.to_thread(make_engine, args)  # loading a model can take a while
+        metrics = NodeMetrics() if args.metrics_port else None
+        node = Node(cfg, engine, metrics)
+        if metrics:
+            metrics.start(node, args.host, args.metrics_port)
         try:
-            await Node(cfg, engine).run(stop, ready)
+            await node.run(stop, ready)
         except RegistrationRefused as e:
             raise Fatal(f"node {cfg.name} was refused by the root: {e}") from None
+        finally:
+            if metrics:
+                metrics.close()
 
     return serve(main)
 
@@ -178,7 +188,7 @@ def cmd_status(args) -> int:
               else render_registry(tree["nodes"]))
     else:
         print(orjson.dumps(tree, option=orjson.OPT_INDENT_2).decode() if args.json
-              else render_tree(tree))
+              else render_tree(tree, args.root))
     return 0
 
 

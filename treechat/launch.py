@@ -37,6 +37,7 @@ import orjson
 
 from treechat.ports import busy_message
 from treechat.process import READY, STOP_SIGNALS, Fatal, setup_logging
+from treechat.tls import add_server_args, server_context
 
 log = logging.getLogger("treechat.up")
 
@@ -65,6 +66,10 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
                    help="HTTP: another name the default model answers to (repeatable)")
     p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
                    help="HTTP: let pages of ORIGIN call the API (CORS; repeatable)")
+    add_server_args(p)  # both gateways serve TLS with the same certificate
+    p.add_argument("--metrics-port", type=int, default=0, metavar="BASE",
+                   help="Prometheus metrics: the TCP gateway on BASE, node-N on BASE+N (default 0: "
+                        "off; the HTTP gateway always has /metrics)")
     add_node_args(p, named=False)
 
 
@@ -90,6 +95,7 @@ class Launcher:
             raise ValueError("--nodes must be at least 1")
         if args.fanout < 1:
             raise ValueError("--fanout must be at least 1")
+        server_context(args.tls_cert, args.tls_key)  # unreadable files fail before anything starts
         self.args = args
         self.stopping = False
         self.root = f"{args.host}:{args.port}"
@@ -129,9 +135,11 @@ class Launcher:
             # thread pools fight and every decode step slows down many times over.
             engine += ["--threads", str(max(1, (os.cpu_count() or 1) // a.nodes))]
         nodes = []
-        for name, parent in layout:
+        for i, (name, parent) in enumerate(layout, 1):
             argv = py + ["node", "--name", name, "--root", self.root, "--host", a.host] + common + engine
             argv += ["--member", name] if keys else []
+            if a.metrics_port:
+                argv += ["--metrics-port", str(a.metrics_port + i)]
             if parent:
                 argv += ["--parent", parent]
             nodes.append(Child(name, argv))
@@ -147,6 +155,8 @@ class Launcher:
                     argv += ["--api-key", key]
                 if a.api_key_file:
                     argv += ["--api-key-file", a.api_key_file]
+                if a.tls_cert:
+                    argv += ["--tls-cert", a.tls_cert, "--tls-key", a.tls_key]
                 if kind == "http":
                     if a.request_timeout:
                         argv += ["--request-timeout", str(a.request_timeout)]
@@ -156,6 +166,8 @@ class Launcher:
                     argv += ["--grace", str(a.grace)]
                 else:
                     argv += ["--drain", str(a.grace)]
+                    if a.metrics_port:
+                        argv += ["--metrics-port", str(a.metrics_port)]
                 gateways.append(Child(f"{kind}-gateway", argv))
         return [[root], nodes, gateways]
 
@@ -296,7 +308,8 @@ class Launcher:
                  f"engine {a.engine}"]
         for c in self.children:
             if c.name.endswith("gateway"):
-                lines.append(f"  {c.name:<13} {c.info.get('url', '')}")
+                tls = " (TLS)" if c.info.get("tls") else ""
+                lines.append(f"  {c.name:<13} {c.info.get('url', '')}{tls}")
         curve = f" --curve {a.curve}" if a.curve else ""
         lines.append(f"  status:       {command_name()} status --root {self.root}{curve}")
         lines.append("  stop:         Ctrl-C")

@@ -1,7 +1,8 @@
 """The HTTP gateway: the chat page, the OpenAI-compatible API and `/arranca`, fed to the root.
 
 Process: `treechat gateway http --root HOST:PORT --host H --port P [flags]` (started by
-`treechat up`). One Tornado HTTP server on `--port`; one DEALER to the root's front socket
+`treechat up`). One Tornado HTTP server on `--port` (HTTPS with `--tls-cert`/`--tls-key`,
+`treechat.tls`); one DEALER to the root's front socket
 (`broker.client.RootClient`: Submit, Cancel, StatusQuery, Heartbeat out; Deltas, Done, Error,
 StatusReply, Heartbeat in). Routes:
 
@@ -49,6 +50,7 @@ from gateways.http.info import (HealthHandler, IndexHandler, MetricsHandler, Mod
 from gateways.http.metrics import Metrics
 from gateways.http.treeview import TreeView
 from broker.errors import Fatal
+from treechat.tls import add_server_args, server_context
 
 log = logging.getLogger("treechat.http")
 access_log = logging.getLogger("tornado.access")
@@ -164,6 +166,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="open connections at most; a new one past that gets 503 (default 1024)")
     g.add_argument("--backlog", type=int, default=1024,
                    help="connections the kernel queues before they are accepted (default 1024)")
+    add_server_args(p)
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -222,7 +225,8 @@ def make_app(client: RootClient, settings: GatewayConfig, metrics: Metrics | Non
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
     settings = config_from_args(args)
-    client = RootClient(args.root, name=f"http:{args.port}", curve=args.curve,
+    tls = server_context(args.tls_cert, args.tls_key)  # bad files fail here, before anything runs
+    client = RootClient(args.root, name=f"http:{args.host}:{args.port}", curve=args.curve,
                         member=args.member or security.CLIENT,
                         heartbeat=getattr(args, "heartbeat", 1.0))  # --heartbeat: from the CLI
     await client.start()
@@ -233,14 +237,14 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
     gw: Gateway = app.settings["gateway"]
     server = Server(app, max_body_size=settings.max_body * BODY_CAP,
                     idle_connection_timeout=args.header_timeout, body_timeout=args.body_timeout,
-                    max_connections=args.max_connections, metrics=gw.metrics)
+                    max_connections=args.max_connections, metrics=gw.metrics, ssl_options=tls)
     try:
         server.listen(args.port, args.host, backlog=args.backlog)
     except OSError as e:
         client.close()
         raise Fatal(f"the HTTP gateway cannot listen on {args.host}:{args.port}: {e}") from None
     poller = asyncio.get_running_loop().create_task(gw.tree.poll(stop))
-    url = f"http://{args.host}:{args.port}"
+    url = f"{'https' if tls else 'http'}://{args.host}:{args.port}"
     log.info("HTTP gateway on %s (root %s, %d API key(s))", url, args.root, len(settings.api_keys))
     ready({"url": url, "root": args.root})
     await stop.wait()

@@ -1,9 +1,9 @@
 """an interactive terminal chat client (TCP line protocol or the HTTP API)
 
-`treechat chat [--tcp HOST:PORT | --http URL]`: type a message, the answer streams back; Ctrl-C
-while an answer streams cancels it (what came so far stays in the history); Ctrl-C or Ctrl-D at
-the prompt quits; `/reset` starts a new conversation. The whole conversation is sent with every
-message, so follow-ups have context.
+`treechat chat [--tcp HOST:PORT [--tls] | --http URL]`: type a message, the answer streams
+back; Ctrl-C while an answer streams cancels it (what came so far stays in the history); Ctrl-C
+or Ctrl-D at the prompt quits; `/reset` starts a new conversation. The whole conversation is sent
+with every message, so follow-ups have context.
 
 Over TCP (docs/protocol.md) a dropped connection is resumed: the client reconnects, sends its
 session token and how many characters it has, and the answer goes on where it stopped. With
@@ -11,6 +11,9 @@ session token and how many characters it has, and the answer goes on where it st
 HTTP the key goes in an `Authorization: Bearer` header. Over HTTP
 it posts to `/v1/chat/completions` with `stream: true` and reads the SSE `data:` lines up to
 `data: [DONE]`; Ctrl-C closes the connection, which cancels the request on the server.
+
+TLS (`treechat.tls`): `--tls` on TCP, an https:// URL on HTTP; the certificate is verified
+against the system's CAs or `--tls-ca FILE`, or not at all with `--tls-no-verify`.
 
 Plain blocking sockets. Ctrl-C is handled explicitly (`CtrlC`), so it works even when the chat
 was started with SIGINT ignored (anything launched from a background job of a shell without job
@@ -31,10 +34,14 @@ import os
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 import urllib.parse
 from contextlib import contextmanager
+
+from treechat import tls as tlsopt
+
 
 class ChatError(Exception):
     """The server answered with an error (code, message) or could not be reached."""
@@ -47,12 +54,14 @@ class ChatError(Exception):
 class TcpChat:
     """The line protocol: one connection, one request at a time, resumed after a drop."""
 
-    def __init__(self, address: str, api_key: str | None = None):
+    def __init__(self, address: str, api_key: str | None = None,
+                 tls: ssl.SSLContext | None = None):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--tcp wants HOST:PORT, not '{address}'")
         self.address = (host, int(port))
         self.api_key = api_key
+        self.tls = tls
         self.ids = itertools.count(1)
         self.asking: str | None = None  # the id of the answer streaming now
         self.stop_asked = False  # Ctrl-C came while it streamed
@@ -65,6 +74,10 @@ class TcpChat:
             self.sock.close()
         try:
             self.sock = socket.create_connection(self.address, timeout=10)
+            if self.tls is not None:
+                self.sock = self.tls.wrap_socket(self.sock, server_hostname=self.address[0])
+        except ssl.SSLError as e:  # before OSError: a refused certificate is no network blip
+            raise ChatError("tls_failed", tlsopt.describe(e)) from None
         except OSError as e:
             raise ChatError("unreachable", f"cannot connect to {self.address[0]}:"
                                            f"{self.address[1]}: {e}") from None
@@ -93,7 +106,10 @@ class TcpChat:
     def read(self, wake: bool = False) -> dict | None:
         """The next line; with `wake`, None as soon as Ctrl-C asks for a cancel."""
         while b"\n" not in self.buf:
-            if wake and self.wake_r in select.select([self.sock, self.wake_r], [], [])[0]:
+            # TLS may hold decrypted bytes that select cannot see: read those first
+            held = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
+            if wake and not held and self.wake_r in select.select([self.sock, self.wake_r], [],
+                                                                  [])[0]:
                 self.wake_r.recv(64)
                 return None
             chunk = self.sock.recv(65536)
@@ -189,20 +205,23 @@ class TcpChat:
 class HttpChat:
     """The OpenAI-compatible HTTP API, streamed with Server-Sent Events."""
 
-    def __init__(self, url: str, api_key: str | None):
+    def __init__(self, url: str, api_key: str | None, tls: ssl.SSLContext | None = None):
         parts = urllib.parse.urlsplit(url if "//" in url else "http://" + url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"--http wants a URL such as http://127.0.0.1:8000, not '{url}'")
+        if tls is not None and parts.scheme != "https":
+            raise ValueError(f"TLS options need an https:// URL, not '{url}'")
         self.parts = parts
+        self.tls = tls or (tlsopt.client_context() if parts.scheme == "https" else None)
         self.path = parts.path.rstrip("/") + "/v1/chat/completions"
         self.headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
 
     def ask(self, messages: list[dict], params: dict, show) -> tuple[str, str]:
-        https = self.parts.scheme == "https"
-        conn = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(
-            self.parts.hostname, self.parts.port, timeout=600)
+        where = (self.parts.hostname, self.parts.port)
+        conn = http.client.HTTPSConnection(*where, timeout=600, context=self.tls) if self.tls \
+            else http.client.HTTPConnection(*where, timeout=600)
         self.streaming, self.stop_asked, self.sock = True, False, None
         try:
             body = json.dumps({"messages": messages, "stream": True, **params})
@@ -213,6 +232,8 @@ class HttpChat:
                     return "", "cancelled"
                 conn.request("POST", self.path, body, self.headers)
                 resp = conn.getresponse()
+            except ssl.SSLError as e:
+                raise ChatError("tls_failed", tlsopt.describe(e)) from None
             except OSError as e:
                 if self.stop_asked:
                     return "", "cancelled"
@@ -286,6 +307,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="longest answer, in tokens")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature 0..2")
     parser.add_argument("--model", default=None, help="which model (when the server has several)")
+    tlsopt.add_client_args(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -294,9 +316,10 @@ def main(args: argparse.Namespace) -> int:
     start = [{"role": "system", "content": args.system}] if args.system else []
     tty = sys.stdin.isatty()
     ctrl_c = CtrlC()  # before connecting: a Ctrl-C then quits
+    tls = tlsopt.client_context_of(args) if tlsopt.wants_tls(args) else None
     try:
-        chat = HttpChat(args.http, args.api_key) if args.http else \
-            TcpChat(args.tcp or "127.0.0.1:8001", args.api_key)
+        chat = HttpChat(args.http, args.api_key, tls) if args.http else \
+            TcpChat(args.tcp or "127.0.0.1:8001", args.api_key, tls)
     except ChatError as e:
         print(f"treechat chat: {e}", file=sys.stderr)
         return 1
@@ -372,7 +395,7 @@ def converse(chat, messages: list[dict], start: list[dict], params: dict, tty: b
         except ChatError as e:
             messages.pop()  # a failed turn leaves no trace in the conversation
             print(f"\n[error {e}]" if tty else f"[error {e}]", file=sys.stderr)
-            if e.code == "unreachable":
+            if e.code in ("unreachable", "tls_failed"):  # retrying cannot help
                 return 1
             continue
         messages.append({"role": "assistant", "content": text})

@@ -1,7 +1,8 @@
 """The TCP gateway (`treechat gateway tcp`): newline-delimited JSON for mobile apps, text for nc.
 
-Process: one Tornado `TCPServer` on `--host:--port` (default 127.0.0.1:8001) and one
-`RootClient` (a DEALER to the root's front socket) on the same event loop.
+Process: one Tornado `TCPServer` on `--host:--port` (default 127.0.0.1:8001; TLS with
+`--tls-cert`/`--tls-key`, `treechat.tls`) and one `RootClient` (a DEALER to the root's front
+socket) on the same event loop.
 
 Per connection, a `Connection`: greets with a hello line (session token, limits), then reads
 lines with `LineReader` and handles each (docs/protocol.md has the format):
@@ -23,6 +24,7 @@ Limits: `--max-line` (an error line, then the rest of the line is skipped), JSON
 than `broker.nesting.MAX_DEPTH` (an error line; the connection lives on), `--max-inflight`
 requests per connection, `--max-write-buffer` bytes queued for a client that does not read (its
 requests are cancelled and it is closed), `--idle-timeout` with nothing in flight.
+Metrics: `--metrics-port P` serves Prometheus metrics on http://HOST:P/metrics (metrics.py).
 SIGTERM: stop listening, refuse new requests (shutting_down), wait `--drain` seconds for running
 ones, cancel the rest, close.
 """
@@ -33,6 +35,7 @@ import argparse
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -48,9 +51,12 @@ from broker.errors import Fatal
 from broker.quiet import Quiet
 from gateways.tcp_mobile.auth import ApiKeys, add_key_args, load_api_keys
 from gateways.tcp_mobile.lines import CHUNK, TOO_LONG, LineReader
+from gateways.tcp_mobile.metrics import MeteredClient, TcpMetrics
 from gateways.tcp_mobile.protocol import CancelLine, Code, HelloLine, LineError, Ping, Resume, \
     Submit, decode_json, encode, error_line, parse_line
 from gateways.tcp_mobile.session import Session, Sessions
+from treechat.metrics import add_metrics_arg
+from treechat.tls import add_server_args, server_context
 
 log = logging.getLogger("treechat.tcp")
 
@@ -111,6 +117,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain", type=float, default=d.drain,
                         help="seconds SIGTERM waits for running requests before cancelling them")
     add_key_args(parser)
+    add_server_args(parser)
+    add_metrics_arg(parser)
 
 
 def limit_kernel_buffer(stream: IOStream, max_write_buffer: int) -> None:
@@ -334,11 +342,13 @@ class Connection:
 
 
 class Gateway(TCPServer):
-    def __init__(self, cfg: TcpConfig, client: RootClient):
-        super().__init__(max_buffer_size=cfg.max_line + 4 * CHUNK)
+    def __init__(self, cfg: TcpConfig, client: RootClient, tls: ssl.SSLContext | None = None,
+                 metrics: TcpMetrics | None = None):
+        super().__init__(max_buffer_size=cfg.max_line + 4 * CHUNK, ssl_options=tls)
         self.cfg = cfg
         self.client = client
-        self.sessions = Sessions(client, cfg.resume_window, cfg.max_inflight)
+        submitter = MeteredClient(client, metrics) if metrics else client
+        self.sessions = Sessions(submitter, cfg.resume_window, cfg.max_inflight)
         self.keys = ApiKeys(cfg.api_keys)
         self.quiet = Quiet(log)  # what strangers can repeat: one line per kind and address
         self.connections: set[Connection] = set()
@@ -366,23 +376,29 @@ class Gateway(TCPServer):
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
     cfg = TcpConfig.from_args(args)
+    tls = server_context(args.tls_cert, args.tls_key)  # bad files fail here, before anything runs
     try:
         sockets = bind_sockets(cfg.port, cfg.host)
     except OSError as e:
         raise Fatal(f"the TCP gateway cannot listen on {cfg.host}:{cfg.port}: {e}") from None
     port = sockets[0].getsockname()[1]
-    client = RootClient(args.root, name=f"tcp-gateway:{port}", curve=args.curve,
+    client = RootClient(args.root, name=f"tcp:{cfg.host}:{port}", curve=args.curve,
                         member=args.member or security.CLIENT,
                         heartbeat=getattr(args, "heartbeat", 1.0))  # must match the root's
+    metrics = TcpMetrics() if args.metrics_port else None
+    gateway = Gateway(cfg, client, tls, metrics)
+    if metrics:
+        metrics.start(gateway, client, cfg.host, args.metrics_port)  # a taken port fails here
     await client.start()
     if not await client.wait_connected(10.0):
         log.warning("no root answers at %s yet; requests fail with root_lost until it does",
                     args.root)
-    gateway = Gateway(cfg, client)
     gateway.add_sockets(sockets)
-    log.info("TCP gateway on %s:%d (root %s, %d API key(s))", cfg.host, port, args.root,
-             len(cfg.api_keys))
-    ready({"url": f"tcp://{cfg.host}:{port}"})
+    log.info("TCP gateway on %s:%d%s (root %s, %d API key(s))", cfg.host, port,
+             " with TLS" if tls else "", args.root, len(cfg.api_keys))
+    ready({"url": f"tcp://{cfg.host}:{port}", "tls": tls is not None})
     await stop.wait()
     await gateway.shutdown(cfg.drain)
+    if metrics:
+        metrics.close()
     client.close()
