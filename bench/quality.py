@@ -8,8 +8,11 @@ options), `max_tokens` as given, and reports per answer and in total:
 
     stop      the answer ended by itself (finish_reason "stop")
     length    it ran to max_tokens
-    loop      it holds a repeated n-gram loop: some run of LOOP_WORDS words occurs LOOP_TIMES
-              times or more (the "la femme au roi, la femme au roi, ..." failure)
+    loop      it degenerated: some run of LOOP_WORDS words occurs LOOP_TIMES times or more
+              (the "la femme au roi, la femme au roi, ..." failure), or it holds a run of
+              SYMBOL_RUN emoji or other non-ASCII symbols with no letter, digit or space between
+              ("Hola! 😊🌍🌍🌍…", or an emoji salad that repeats with small changes; no
+              natural answer has one)
     words     its length in words (the table gives the median)
 
 and whether the France question names Paris. `--seeds K` asks every question K times with seeds
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import statistics
 import sys
 from collections import Counter
@@ -32,6 +36,8 @@ from bench.compare import Up
 from bench.http_client import HTTPTarget
 
 LOOP_WORDS, LOOP_TIMES = 4, 4
+SYMBOL_RUN = 16
+SYMBOLS = re.compile(rf"[^\w\s\x00-\x7f]{{{SYMBOL_RUN},}}")
 
 QUESTIONS = [
     # facts
@@ -80,7 +86,7 @@ QUESTIONS = [
 def loops(text: str) -> bool:
     words = text.lower().split()
     grams = Counter(tuple(words[i:i + LOOP_WORDS]) for i in range(len(words) - LOOP_WORDS + 1))
-    return bool(grams) and max(grams.values()) >= LOOP_TIMES
+    return bool(grams) and max(grams.values()) >= LOOP_TIMES or SYMBOLS.search(text) is not None
 
 
 async def ask(target: HTTPTarget, question: str, max_tokens: int, seed: int | None) -> dict:

@@ -245,3 +245,32 @@ def test_startup_bench_stamps_every_milestone_in_order(tmp_path):
     assert [run[name] for name in order] == sorted(run[name] for name in order)
     assert {"tcp gateway listening", "http gateway listening"} <= set(run)
     assert "| banner |" in result.stdout
+
+
+def test_quality_bench_counts_what_a_tree_answers(tmp_path):
+    """Against the fake engine (it answers the prompt's words): every question answered, none a
+    loop, and the France question does not name Paris: the counts come from the answers."""
+    from bench.quality import QUESTIONS
+    out = tmp_path / "quality.json"
+    result = subprocess.run([sys.executable, "-m", "bench.quality", "--up-args", "--engine fake",
+                             "--max-tokens", "5", "--json", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-500:]
+    report = orjson.loads(out.read_bytes())
+    s = report["summary"]
+    assert (s["answers"], s["errors"], s["loops"], s["france_asked"]) == (len(QUESTIONS), 0, 0, 1)
+    assert s["france_names_paris"] == 0
+    answers = report["answers"]
+    assert [x["question"] for x in answers] == QUESTIONS
+    assert s["length"] == sum(x["finish"] == "length" for x in answers) > 0  # cut at 5 tokens
+    assert s["stop"] == len(QUESTIONS) - s["length"] > 0
+    assert f"{len(QUESTIONS)} answers:" in result.stdout
+
+
+def test_quality_bench_tells_loops_from_answers():
+    from bench.quality import loops
+    assert loops("L'Étoile, la Marseillaise, " + "la femme au roi, " * 5)
+    assert loops("Hola in Spanish! 😊" + "🌍" * 20)
+    assert loops("Hola! 🌻👩❄️💡📐🎉🏼🔬🕈😍👨\u200d♀️👸👹👶👵👷👭👮👺👽👻👾👿💖📐🌟🎁")  # a salad
+    assert not loops("The capital of France is Paris. Paris is also its largest city. 🇫🇷")
+    assert not loops("1. Sleep at the same time.\n2. Sleep in the dark.\n3. Sleep without a screen.")
