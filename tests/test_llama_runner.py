@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,11 +126,35 @@ def test_gguf_q4_1_blocks_are_kept_as_the_file_has_them():
     tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
     assert tensor.tensor_type.name == "Q4_1"
     expected = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
-    blocks = weights.GGUFSource(reader, "llama").get("blk.0.ffn_down.weight")
+    blocks = weights.open_gguf(path).get("blk.0.ffn_down.weight")
     assert isinstance(blocks, weights.Q4Blocks)
     assert torch.equal(blocks.dequantize(), expected.reshape(blocks.qs.shape[0], -1))
     layer = weights.linear(blocks, None, "int4", torch.float32, torch.device("cpu"))
     assert layer.qs is None or layer.qs.data_ptr() == blocks.qs.data_ptr()  # not re-quantized
+
+
+def test_our_gguf_map_holds_what_gguf_reads():
+    """gguffile.read (the runner's fast path: metadata values skipped) against the gguf package's
+    reader, on the default model's file: every tensor, its type, shape and bytes."""
+    from gguf import GGUFReader
+    from nodes.engine import gguffile, models
+    path = models.default_gguf()
+    reader = GGUFReader(str(path))
+    meta, tensors = gguffile.read(path)
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 30
+    assert [t.name for t in reader.tensors] == list(tensors)
+    for t in reader.tensors:
+        ours = tensors[t.name]
+        assert ours.tensor_type == t.tensor_type and ours.data.shape == t.data.shape, t.name
+        assert ours.data.tobytes() == np.asarray(t.data).tobytes(), t.name
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path):
+    from nodes.engine import gguffile
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGML" + bytes(64))
+    with pytest.raises(gguffile.GGUFError, match="not a GGUF file"):
+        gguffile.read(bad)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ Three sources, one result (a `LlamaModel`):
     safetensors  a Hugging Face folder (any shard layout): float weights, quantized here if asked
     gguf         a llama.cpp file: Q4_1 blocks are kept as they are for int4 (a scale and a
                  minimum per 32 weights is exactly our int4 group) or dequantized exactly for
-                 int8/none; Q8_0 and float tensors likewise; read through `gguf`'s memory map
+                 int8/none; Q8_0 and float tensors likewise; memory-mapped by gguffile.py
     dummy        random weights of a published shape, made directly on the device (benchmarks)
 
 Per layer q/k/v become one matrix and gate/up another (`fuse`). Queries and keys are permuted
@@ -105,10 +105,10 @@ class GGUFSource(SafetensorsSource):
     names = GGUF_NAMES
     embed, norm, head = "token_embd.weight", "output_norm.weight", "output.weight"
 
-    def __init__(self, reader, arch: str):
+    def __init__(self, tensors: dict, arch: str):
         from gguf import GGMLQuantizationType as T
         self.T = T
-        self.tensors = {t.name: t for t in reader.tensors}
+        self.tensors = tensors
         self.interleaved = arch == "llama"  # llama.cpp permutes Llama q/k, not Qwen2's
 
     def has(self, name: str) -> bool:
@@ -118,7 +118,9 @@ class GGUFSource(SafetensorsSource):
         """A float tensor, or the blocks as the file has them (Q4Blocks, Q8Blocks)."""
         t = self.tensors[name]
         data = np.asarray(t.data)
-        if t.tensor_type in (self.T.F32, self.T.F16, self.T.BF16):
+        if t.tensor_type == self.T.BF16:
+            return torch.from_numpy(data.copy()).view(torch.bfloat16).float()
+        if t.tensor_type in (self.T.F32, self.T.F16):
             return torch.from_numpy(data.astype(np.float32, copy=True))
         q4 = t.tensor_type == self.T.Q4_1
         blocks = data.reshape(data.shape[0], -1, 20 if q4 else 34)
@@ -225,10 +227,10 @@ def _random(shape, name: str, device, dtype) -> torch.Tensor:
 
 def open_gguf(path: Path) -> "GGUFSource | None":
     """The file's tensors, or None when one comes in a type GGUFSource does not read."""
-    from gguf import GGMLQuantizationType as T, GGUFReader
-    reader = GGUFReader(str(path))
+    from gguf import GGMLQuantizationType as T
+    from nodes.engine import gguffile
+    meta, tensors = gguffile.read(path)
     known = {T.F32, T.F16, T.BF16, T.Q4_1, T.Q8_0}
-    if any(t.tensor_type not in known for t in reader.tensors):
+    if any(t.tensor_type not in known for t in tensors.values()):
         return None
-    field = reader.fields["general.architecture"]
-    return GGUFSource(reader, bytes(field.parts[field.data[0]]).decode())
+    return GGUFSource(tensors, meta["general.architecture"])
