@@ -111,7 +111,7 @@ class Links:
                 log.warning("%s; retrying while the old holder may be a dead instance", e)
                 await asyncio.sleep(self.cfg.heartbeat)
                 continue
-            self.incarnation = welcome.incarnation  # fenced already, when the Welcome came (on_results)
+            self.incarnation = welcome.incarnation  # fenced at the Welcome (on_results)
             self.epoch = welcome.epoch
             self.tree_endpoint = self.cfg.reachable(welcome.tree)
             self.root_seen = time.monotonic()
