@@ -149,12 +149,16 @@ def test_our_gguf_map_holds_what_gguf_reads():
         assert ours.data.tobytes() == np.asarray(t.data).tobytes(), t.name
 
 
-def test_a_file_that_is_not_gguf_is_refused(tmp_path):
-    from nodes.engine import gguffile
+def test_a_file_that_is_not_gguf_or_cut_short_is_refused(tmp_path):
+    from nodes.engine import gguffile, models
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"GGML" + bytes(64))
     with pytest.raises(gguffile.GGUFError, match="not a GGUF file"):
         gguffile.read(bad)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(models.default_gguf().read_bytes()[:4096])  # the header, cut short
+    with pytest.raises(gguffile.GGUFError, match="damaged or cut short"):
+        gguffile.read(cut)
 
 
 @pytest.mark.slow

@@ -74,9 +74,16 @@ def read(path: Path) -> tuple[dict, dict[str, Tensor]]:
     """(the file's scalar and string metadata, name -> Tensor). Arrays are skipped."""
     with open(path, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    h = Header(buf)
     if bytes(buf[:4]) != MAGIC:
         raise GGUFError(f"{path} is not a GGUF file")
+    try:
+        return parse(buf, path)
+    except (struct.error, ValueError, KeyError) as e:  # cut short, or not what it says it is
+        raise GGUFError(f"{path} is damaged or cut short ({e})") from None
+
+
+def parse(buf, path: Path) -> tuple[dict, dict[str, Tensor]]:
+    h = Header(buf)
     h.pos = 4
     version, n_tensors, n_kv = h.take("IQQ")
     if version < 2:
