@@ -1,10 +1,11 @@
 """Answer quality with the server's defaults: do ordinary questions end, or loop to the limit?
 
-Process: `python -m bench.quality [--base-url URL | --up-args "..."] [--max-tokens 300]`, a
+Process: `python -m bench.quality [--base-url URL | --up-args "..."] [--max-tokens 300] [--seeds K]`, a
 client. Without --base-url it starts its own `treechat up` (defaults, plus --up-args) on free
 ports. It asks each of QUESTIONS once through /v1/chat/completions with no sampling settings at
 all (the server's defaults apply, as for a person using the chat page or an SDK with no
-options), `max_tokens` as given, and reports per answer and in total:
+options; `--extra-body JSON` adds fields, to try other settings), `max_tokens` as given, and
+reports per answer and in total:
 
     stop      the answer ended by itself (finish_reason "stop")
     length    it ran to max_tokens
@@ -89,8 +90,10 @@ def loops(text: str) -> bool:
     return bool(grams) and max(grams.values()) >= LOOP_TIMES or SYMBOLS.search(text) is not None
 
 
-async def ask(target: HTTPTarget, question: str, max_tokens: int, seed: int | None) -> dict:
-    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens}
+async def ask(target: HTTPTarget, question: str, max_tokens: int, seed: int | None,
+              extra: dict) -> dict:
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            **extra}
     if seed is not None:
         body["seed"] = seed
     status, raw = await target.post("/v1/chat/completions", body)
@@ -110,7 +113,7 @@ async def study(a) -> list[dict]:
             out = []
             for q in QUESTIONS:
                 for seed in (range(a.seeds) if a.seeds else [None]):
-                    out.append(await ask(target, q, a.max_tokens, seed))
+                    out.append(await ask(target, q, a.max_tokens, seed, a.extra_body))
                     print(f"    {q[:50]:50s} {out[-1].get('finish', out[-1].get('error'))}",
                           file=sys.stderr, flush=True)
             return out
@@ -144,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=300)
     p.add_argument("--seeds", type=int, default=0,
                    help="ask each question with seeds 0..K-1 (default: once, no seed)")
+    p.add_argument("--extra-body", type=orjson.loads, default={}, metavar="JSON",
+                   help="request fields to send with every question, e.g. other sampling "
+                        "settings than the server's defaults: '{\"temperature\": 0.8}'")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--json", default=None, metavar="FILE", help="every answer and the summary")
     a = p.parse_args(argv)
