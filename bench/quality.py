@@ -1,11 +1,11 @@
 """Answer quality with the server's defaults: do ordinary questions end, or loop to the limit?
 
-Process: `python -m bench.quality [--base-url URL | --up-args "..."] [--max-tokens 300]
-[--seeds K] [--extra-body JSON]`, a client. Without --base-url it starts its own `treechat up`
-(defaults, plus --up-args) on free ports. It asks each of QUESTIONS once through /v1/chat/completions with no sampling settings at
-all (the server's defaults apply, as for a person using the chat page or an SDK with no
-options; `--extra-body JSON` adds fields, to try other settings), `max_tokens` as given, and
-reports per answer and in total:
+Process: `python -m bench.quality [--base-url URL | --up-args "..."] [--max-tokens 300] [--seeds K]
+[--extra-body JSON]`, a client. Without --base-url it starts its own `treechat up` (defaults, plus
+--up-args) on free ports. It asks each of QUESTIONS once through /v1/chat/completions with no
+sampling settings at all (the server's defaults apply, as for a person using the chat page or an
+SDK with no options; `--extra-body JSON` adds fields, to try other settings), `max_tokens` as
+given, and reports per answer and in total:
 
     stop      the answer ended by itself (finish_reason "stop")
     length    it ran to max_tokens
