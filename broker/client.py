@@ -252,7 +252,6 @@ class RootClient:
                                   retry_after=msg.retry_after))
         elif isinstance(msg, p.Heartbeat):
             if (self.epoch and msg.epoch != self.epoch) or self.lost_at is not None:
-                self.epoch = msg.epoch
                 self.resubmit("the root restarted" if self.lost_at is None else "the root is back")
             self.epoch = msg.epoch
             if msg.interval > 0:  # follow the root's pace: beat as often as it expects,

@@ -48,7 +48,7 @@ class NodeSide:
                     and entry.incarnation != msg.incarnation:
                 return log.debug("tree: ignored an old incarnation of %s", msg.sender)
             if entry is None or entry.state == "dead" or entry.parent is not None \
-                    or not msg.incarnation or entry.incarnation != msg.incarnation:
+                    or not msg.incarnation:
                 return self.quiet.info("unregistered tree connections", ident,
                                        "tree: ignored '%s': not a registered top-level node",
                                        msg.sender[:64])

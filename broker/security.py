@@ -39,8 +39,13 @@ SERVER = "server"
 CLIENT = "client"  # the member `treechat keys DIR` creates, used when a process names none
 
 
+def valid_name(name: str) -> bool:
+    """A member's (and so a node's) name: letters, digits, '-', '_' or '.'; it names key files."""
+    return bool(name) and name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+
+
 def check_member(name: str) -> str:
-    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+    if not valid_name(name):
         raise ValueError(f"bad key name '{name}': use letters, digits, '-', '_' or '.'")
     if name == SERVER:
         raise ValueError("'server' is the tree's own listening key; choose another name")

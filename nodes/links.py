@@ -43,13 +43,12 @@ class RegistrationRefused(Exception):
 class Links:
     """Mixed into `Node`: registration with the root, the parent link, fencing."""
 
-    def socket(self, kind: int) -> zmq.Socket:
-        return make_socket(self.ctx, kind, curve=self.curve)
-
     def channel(self, kind: int, handler, name: str) -> Channel:
-        ch = Channel(self.socket(kind), handler, name,
+        ch = Channel(make_socket(self.ctx, kind, curve=self.curve), handler, name,
                      on_event=lambda ev, value: self.on_link_event(name, ev, value))
-        if self.metrics:  # --metrics-port: count what passes (nodes/metrics.py)
+        # --metrics-port: count what passes (down carries only Dispatches out and heartbeats,
+        # of which nothing is counted)
+        if self.metrics and name != "down":
             self.metrics.watch(ch)
         return ch
 

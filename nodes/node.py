@@ -56,7 +56,7 @@ class NodeConfig:
     insecure: bool = False  # allow listening on a non-loopback address without keys
 
     def __post_init__(self):
-        if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        if not security.valid_name(self.name):  # it is also its key's name
             raise ValueError(f"bad node name '{self.name}': use letters, digits, '-', '_' or '.'")
         if self.name == "root":
             raise ValueError("'root' is the root's own name; choose another --name")
@@ -288,20 +288,18 @@ class Node(Links):
         self.flush_acks()  # acks go before the tokens they explain
         done = [[f.rid, f.reason, f.prompt_tokens, f.completion_tokens, f.cached_tokens]
                 for f in step.done if self.running.pop(f.rid, None) is not None]
-        tokens, errors = step.tokens, step.errors
+        errors = [e for e in step.errors if self.running.pop(e[0], None) is not None]
+        tokens = step.tokens
         if self.fenced:  # an old incarnation's requests leave the engine: nothing of them is sent
             fenced = self.fenced
             tokens = [t for t in tokens if t[0] not in fenced]
             done = [d for d in done if d[0] not in fenced]
-            for rid in [e[0] for e in errors if e[0] in fenced]:
-                self.running.pop(rid, None)
             errors = [e for e in errors if e[0] not in fenced]
             fenced.difference_update([f.rid for f in step.done] + [e[0] for e in step.errors])
         if tokens or done:
             self.results.send(p.Tokens(items=tokens, done=done))  # one message per step
         for rid, code, message in errors:
-            if self.running.pop(rid, None) is not None:
-                self.results.send(p.Error(id=rid, code=code, message=message))
+            self.results.send(p.Error(id=rid, code=code, message=message))
         if step.done or step.errors:
             self.pump()
             self.report_load()
