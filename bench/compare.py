@@ -126,7 +126,7 @@ class Up(Child):
         if self.via == "http":
             return HTTPTarget(self.base_url, args.endpoint, args.model, args.api_key, **kw)
         if self.via == "tcp":
-            return TCPTarget(self.tcp, **kw)
+            return TCPTarget(self.tcp, api_key=args.api_key, **kw)
         return RootTarget(self.root, **kw)
 
 

@@ -128,44 +128,67 @@ def test_ctrl_c_cancels_the_answer_and_the_chat_goes_on(up, chat, kind, sigint_i
     assert chat.finish() == 0
 
 
+class Terminal:
+    """`treechat chat` in a real terminal (a pty that is its controlling terminal)."""
+
+    def __init__(self, *args: str):
+        self.master, slave = os.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "treechat.cli", "chat", *args], cwd=REPO, stdin=slave,
+            stdout=slave, stderr=slave, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        self.out = bytearray()
+
+    def wait_for(self, what: bytes, after: int = 0) -> int:
+        deadline = time.monotonic() + 30
+        while (at := self.out.find(what, after)) < 0:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"no {what!r} (exit {self.proc.poll()}); output ends "
+                                     f"{bytes(self.out[-200:])!r}")
+            if select.select([self.master], [], [], 0.1)[0]:
+                self.out.extend(os.read(self.master, 65536))
+        return at + len(what)
+
+    def write(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        os.close(self.master)
+
+
 def test_a_line_typed_while_an_answer_streams_survives_ctrl_c(up):
     """In a real terminal: type the next question while the answer streams, then Ctrl-C. The
     terminal driver would discard the typed-ahead line; the chat keeps it and asks it next."""
-    master, slave = os.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "treechat.cli", "chat", "--tcp", f"127.0.0.1:{up.tcp_port}"],
-        cwd=REPO, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # the pty is its terminal
-    os.close(slave)
-    out = bytearray()
-
-    def wait_for(what: bytes, after: int = 0) -> int:
-        deadline = time.monotonic() + 30
-        while (at := out.find(what, after)) < 0:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise AssertionError(f"no {what!r} (exit {proc.poll()}); output ends "
-                                     f"{bytes(out[-200:])!r}")
-            if select.select([master], [], [], 0.1)[0]:
-                out.extend(os.read(master, 65536))
-        return at + len(what)
-
+    term = Terminal("--tcp", f"127.0.0.1:{up.tcp_port}")
     try:
-        prompt = wait_for(b"you> ")
+        prompt = term.wait_for(b"you> ")
         # 2000 tokens, about 10 s at 5 ms each; a terminal line holds at most 4095 characters.
-        os.write(master, b"a " * 2000 + b"\r")
-        echoed = wait_for(b"\r\n", prompt)
-        wait_for(b"a a a ", echoed)  # the answer streams
-        os.write(master, b"typed ahead\r")  # into the terminal's input queue
-        os.write(master, b"\x03")  # Ctrl-C: the terminal sends SIGINT
-        cancelled = wait_for(b"[cancelled]")
-        wait_for(b"you> typed ahead \r\n", cancelled)  # asked next, answered by the echo engine
-        os.write(master, b"\x04")  # Ctrl-D quits
-        assert proc.wait(30) == 0
+        term.write(b"a " * 2000 + b"\r")
+        echoed = term.wait_for(b"\r\n", prompt)
+        term.wait_for(b"a a a ", echoed)  # the answer streams
+        term.write(b"typed ahead\r")  # into the terminal's input queue
+        term.write(b"\x03")  # Ctrl-C: the terminal sends SIGINT
+        cancelled = term.wait_for(b"[cancelled]")
+        term.wait_for(b"you> typed ahead \r\n", cancelled)  # asked next, answered by the echo
+        term.write(b"\x04")  # Ctrl-D quits
+        assert term.proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        os.close(master)
+        term.close()
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["tcp", "http"])
+def test_ctrl_c_at_the_first_prompt_quits(up, kind):
+    term = Terminal(*endpoints(up)[kind])
+    try:
+        term.wait_for(b"you> ")
+        term.write(b"\x03")
+        assert term.proc.wait(30) == 0  # not a traceback out of the Ctrl-C handler (exit 1)
+    finally:
+        term.close()
 
 
 def test_chat_reports_an_unreachable_server(chat):

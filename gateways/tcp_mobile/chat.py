@@ -217,6 +217,7 @@ class HttpChat:
         self.headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
+        self.streaming, self.stop_asked, self.sock = False, False, None  # cancel() reads them
 
     def ask(self, messages: list[dict], params: dict, show) -> tuple[str, str]:
         where = (self.parts.hostname, self.parts.port)

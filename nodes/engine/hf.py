@@ -282,7 +282,7 @@ class HFEngine(Engine):
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
         if not ids:
             start = self.tokenizer.bos_token_id
-            ids = [start if start is not None else min(self.eos_ids)]
+            ids = [start if start is not None else min(self.eos_ids, default=0)]
         return ids
 
     def token_logprobs(self, tok: int, lp) -> list:

@@ -281,7 +281,7 @@ def make_runner(loaded: Loaded, *, slots: int, max_model_len: int, kv_budget: in
                      slots + 1 if static else slots, static=static)  # + the graphs' scratch row
     if loaded.model is not None:
         return LlamaRunner(loaded.model, cache, graphs=static and cuda_graphs), budget
-    return HFRunner(loaded.net, cache, loaded.vocab_size, dt), budget
+    return HFRunner(loaded.net, cache, dt), budget
 
 
 def meta_folder(gguf: Path, name: str) -> Path:

@@ -151,12 +151,11 @@ class HFRunner:
 
     chunked = False
 
-    def __init__(self, net, cache: RowCache, vocab: int, dtype: torch.dtype):
+    def __init__(self, net, cache: RowCache, dtype: torch.dtype):
         self.net = net
         self.cache = cache
         self.slots = SlotCache(cache)
         self.device = next(net.parameters()).device
-        self.vocab = vocab
         self.neg = torch.finfo(dtype).min
         self.dtype = dtype
 
@@ -181,7 +180,7 @@ class HFRunner:
         mask.masked_fill_((cols[None, :] > pos[:, None])[:, None, None, :], self.neg)
         self.slots.plan_decode(pos, span)
         return self.net(input_ids=ids, position_ids=pos[:, None], attention_mask=mask,
-                        cache=self.slots, use_cache=True).logits[:, -1, :self.vocab].float()
+                        cache=self.slots, use_cache=True).logits[:, -1].float()
 
     def prefill(self, seqs: list) -> torch.Tensor:
         """The whole prompts packed into one input [1, T], positions restarting at 0 for each, a
@@ -201,4 +200,4 @@ class HFRunner:
         self.slots.plan_prefill([s.row for s in seqs], lens)
         return self.net(input_ids=ids, position_ids=pos[None], attention_mask=mask,
                         cache=self.slots, use_cache=True,
-                        logits_to_keep=last).logits[0, :, :self.vocab].float()
+                        logits_to_keep=last).logits[0].float()

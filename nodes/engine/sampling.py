@@ -136,9 +136,10 @@ def penalize(logits: torch.Tensor, rows: list[Row]) -> None:
             continue
         row = logits[i]
         if p.repetition != 1.0:
-            seen = r.prompt + r.output if p.window is None else (r.prompt + r.output)[-p.window:]
-            if seen:
-                idx = torch.tensor(seen, dtype=torch.long, device=dev).unique()
+            w = p.window
+            seen = r.prompt + r.output if w is None else (r.prompt[-w:] + r.output[-w:])[-w:]
+            if seen:  # a token seen twice is written twice with the same value
+                idx = torch.tensor(seen, dtype=torch.long, device=dev)
                 vals = row[idx]
                 row[idx] = torch.where(vals > 0, vals / p.repetition, vals * p.repetition)
         if (p.presence or p.frequency) and r.output:

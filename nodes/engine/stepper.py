@@ -158,7 +158,8 @@ class Stepper:
             else:
                 self.store.load(self.cache, source, row, n)
         self.copies.clear()
-        logits = self.runner.forward(decode, chunks)
+        # the config's vocabulary may be padded past the tokenizer's: never sample those ids
+        logits = self.runner.forward(decode, chunks)[:, :self.e.vocab]
         done = [seq for seq, st, n in chunks if st + n == len(seq.feed)]
         for seq in decode:
             seq.length += 1
