@@ -609,3 +609,31 @@ def test_node_streams_multibyte_text_and_emoji_whole(cluster, parrot_model):
     assert not any("\ufffd" in d for d in deltas)
     assert len([d for d in deltas if d]) > 3  # it really streamed, piece by piece
     assert cut == "naïve — 東京 " and stopped.finish_reason == "stop"
+
+
+@pytest.mark.timeout(120)
+def test_a_vocabulary_padded_past_the_tokenizer_never_samples_the_padding(tiny_model, tmp_path):
+    """Qwen-style checkpoints pad the embedding past the tokenizer's ids. Here the padding's LM-head
+    rows are made the likeliest by far: the engine must still only answer with real tokens."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    net = LlamaForCausalLM.from_pretrained(tiny_model)
+    real = len(tok)
+    net.resize_token_embeddings(real + 64)
+    with torch.no_grad():
+        net.lm_head.weight[real:] = net.lm_head.weight[:real].abs().max() * 50
+    net.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    engine = make(str(tmp_path), max_slots=2)
+
+    async def main():
+        run = Run(engine)
+        engine.submit(EngineRequest(0, prompt_req("Hello there", max_tokens=8, ignore_eos=True)))
+        await run.finish([0])
+        engine.stop()
+        return run
+
+    run = asyncio.run(main())
+    assert engine.vocab == real and len(run.ids[0]) == 8
+    assert max(run.ids[0]) < real
