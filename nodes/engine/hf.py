@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from broker.protocol import ErrorCode, FinishReason
-from nodes.engine import DEFAULT_MAX_TOKENS, grammar, models, prompt
+from nodes.engine import DEFAULT_MAX_TOKENS, REPEAT_LAST_N, grammar, models, prompt
 from nodes.engine.base import Engine, EngineError, EngineRequest, Finish, StepOutput
 from nodes.engine.detok import Detokenizer
 from nodes.engine.quant import MODES
@@ -56,7 +56,7 @@ class HFEngineConfig:
     # The repetition guard for requests that set no penalty: a repetition penalty over the last
     # `repeat_last_n` tokens (1.0: none). The command line's default is REPEAT_PENALTY.
     repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
+    repeat_last_n: int = REPEAT_LAST_N
     max_tokens_default: int = DEFAULT_MAX_TOKENS  # the cap without max_tokens; 0: the context
 
     def __post_init__(self):
@@ -152,17 +152,16 @@ class HFEngine(Engine):
 
     @classmethod
     def from_args(cls, args) -> "HFEngine":
-        cap = getattr(args, "max_tokens_default", None)
+        """The engine of `add_engine_args`' flags."""
+        cap = args.max_tokens_default
         return cls(HFEngineConfig(
             model=args.model, dtype=args.dtype, device=args.device, max_slots=args.max_slots,
             max_model_len=args.max_model_len, kv_budget=args.kv_budget,
             chat_template=args.chat_template, load_format=args.load_format,
-            model_config=args.model_config, threads=getattr(args, "threads", None),
-            quantization=getattr(args, "quantization", "auto"),
-            step_tokens=getattr(args, "max_num_batched_tokens", None),
-            cuda_graphs=not getattr(args, "enforce_eager", False),
-            repeat_penalty=getattr(args, "repeat_penalty", 1.0),
-            repeat_last_n=getattr(args, "repeat_last_n", 64),
+            model_config=args.model_config, threads=args.threads,
+            quantization=args.quantization, step_tokens=args.max_num_batched_tokens,
+            cuda_graphs=not args.enforce_eager, repeat_penalty=args.repeat_penalty,
+            repeat_last_n=args.repeat_last_n,
             max_tokens_default=DEFAULT_MAX_TOKENS if cap is None else cap))
 
     # --- the event loop's side ---------------------------------------------------------------------
