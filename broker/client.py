@@ -122,7 +122,7 @@ class Stream:
 
 class RootClient:
     def __init__(self, root: str, name: str, heartbeat: float = 1.0, misses: int = 3,
-                 curve: str | None = None, member: str = security.CLIENT,
+                 curve: str | None = None, member: str | None = None,
                  resubmit_window: float = 30.0):
         host, _, port = root.rpartition(":")
         if not host or not port.isdigit():
@@ -130,7 +130,7 @@ class RootClient:
         self.endpoint = f"tcp://{host}:{port}"
         if curve is None and (found := security.running_tree(root)) is not None:
             curve, member = str(found), "cli"  # the keys `treechat up` made for that tree
-        self.curve = security.load(curve, member)
+        self.curve = security.load(curve, member or security.CLIENT)
         self.refused: str | None = None
         self.resubmit_window = resubmit_window
         self.lost_at: float | None = None  # when the root was lost (None: it answers)

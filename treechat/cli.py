@@ -194,7 +194,7 @@ def cmd_status(args) -> int:
 
 async def ask_root(root: str, query, curve: str | None = None, member: str | None = None):
     from broker.client import RootClient
-    client = RootClient(root, name="cli", curve=curve, **({"member": member} if member else {}))
+    client = RootClient(root, name="cli", curve=curve, member=member)
     await client.start()
     try:
         if not await client.wait_connected(3.0):

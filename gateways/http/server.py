@@ -227,7 +227,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
     settings = config_from_args(args)
     tls = server_context(args.tls_cert, args.tls_key)  # bad files fail here, before anything runs
     client = RootClient(args.root, name=f"http:{args.host}:{args.port}", curve=args.curve,
-                        member=args.member or security.CLIENT,
+                        member=args.member,
                         heartbeat=getattr(args, "heartbeat", 1.0))  # --heartbeat: from the CLI
     await client.start()
     if not await client.wait_connected(2.0):

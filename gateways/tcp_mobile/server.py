@@ -383,7 +383,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
         raise Fatal(f"the TCP gateway cannot listen on {cfg.host}:{cfg.port}: {e}") from None
     port = sockets[0].getsockname()[1]
     client = RootClient(args.root, name=f"tcp:{cfg.host}:{port}", curve=args.curve,
-                        member=args.member or security.CLIENT,
+                        member=args.member,
                         heartbeat=getattr(args, "heartbeat", 1.0))  # must match the root's
     metrics = TcpMetrics() if args.metrics_port else None
     gateway = Gateway(cfg, client, tls, metrics)
