@@ -193,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--concurrency takes numbers separated by commas, e.g. 1,8")
     if a.rounds < 1 or min(a.concurrency) < 1 or a.requests_per_slot < 1:
         p.error("need --rounds >= 1, --concurrency >= 1 and --requests-per-slot >= 1")
-    if a.plot:
-        report.require_matplotlib()
+    report.check_plot(p, a.plot)
     levels = asyncio.run(study(a))
     for c, runs in levels.items():
         print(f"\n{c} open: chat prompts, max_tokens {a.max_tokens} with ignore_eos, temperature "

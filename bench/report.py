@@ -137,6 +137,15 @@ def require_matplotlib() -> None:
                          ) from None
 
 
+def check_plot(parser, path: str | None) -> None:
+    """A study's --plot: without matplotlib, a usage error before any work."""
+    if path:
+        try:
+            require_matplotlib()
+        except ValueError as e:
+            parser.error(str(e))
+
+
 def plot(path: str, runs: list[dict], title: str = "treechat bench") -> None:
     """runs: [{"label", "summary", "records", "t0"}]. Writes a PNG."""
     import matplotlib

@@ -69,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-result", default=None, metavar="FILE.json")
     p.add_argument("--plot", default=None, metavar="FILE.png")
     a = p.parse_args(argv)
-    if a.plot:
-        try:
-            report.require_matplotlib()
-        except ValueError as e:
-            p.error(str(e))
+    report.check_plot(p, a.plot)
     args = bench_args(a)
     runs = asyncio.run(compare(args))
     print(f"{a.nodes} nodes (fan-out {a.fanout}) x {a.slots} slots, {a.delay * 1000:g} ms/token; "

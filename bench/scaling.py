@@ -209,11 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-result", default=None, metavar="FILE.json")
     p.add_argument("--plot", default=None, metavar="FILE.png")
     args = p.parse_args(argv)
-    if args.plot:
-        try:
-            report.require_matplotlib()
-        except ValueError as e:
-            p.error(str(e))
+    report.check_plot(p, args.plot)
     sizes = sorted({int(x) for x in args.sizes.split(",")})
     if 1 not in sizes:
         sizes.insert(0, 1)  # the ideal is measured on one leaf
