@@ -137,6 +137,7 @@ class HFEngine(Engine):
         self.eos_ids = loaded.eos_ids
         self.sampling_defaults = loaded.sampling_defaults
         self._tok_lock = threading.Lock()
+        self._pieces: dict[int, str] = {}  # token id -> its text alone (piece())
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Seq] = deque()
         self._running: list[Seq] = []
@@ -287,9 +288,15 @@ class HFEngine(Engine):
     def token_logprobs(self, tok: int, lp) -> list:
         """[text, logprob, [[alt text, alt logprob], ...]] for the wire (see broker.protocol)."""
         chosen, alts = lp
-        with self._tok_lock:
-            piece = self.tokenizer.decode([tok])
-            return [piece, chosen, [[self.tokenizer.decode([t]), v] for t, v in alts]]
+        return [self.piece(tok), chosen, [[self.piece(t), v] for t, v in alts]]
+
+    def piece(self, tok: int) -> str:
+        """One token's text, decoded once per engine (logprobs name up to 21 tokens a step)."""
+        text = self._pieces.get(tok)
+        if text is None:
+            with self._tok_lock:
+                text = self._pieces[tok] = self.tokenizer.decode([tok])
+        return text
 
     # --- the engine thread ---------------------------------------------------------------------------
 
