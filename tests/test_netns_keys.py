@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import struct
 import threading
 
 import pytest
@@ -17,16 +18,24 @@ from test_tls import make_certs
 
 
 ETH_P_ALL = 0x0003
+SOL_PACKET, PACKET_STATISTICS = 263, 6  # linux/if_packet.h
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SECRET = "zebra-violet-7319"  # in every prompt and every answer
 
 
 class Capture:
-    """Every frame that crosses the switch namespace (all ports of the bridge), kept in memory."""
+    """Every frame that crosses the switch namespace (all ports of the bridge), kept in memory.
+
+    The socket's queue is made large and drained at the end, and the kernel's own count of what
+    it dropped must be zero: a capture that lost frames under load proves nothing either way."""
+
+    QUEUE = 64 << 20  # bytes the kernel may hold for us while the test's threads are busy
 
     def __init__(self, net):
         self.net = net
         self.frames = bytearray()
         self.count = 0
+        self.dropped = None
         self.stop = threading.Event()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=lambda: net.bed.call_in(None, self.listen, timeout=600),
@@ -36,20 +45,31 @@ class Capture:
 
     def listen(self) -> None:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.QUEUE)  # we are root in the bed
         sock.settimeout(0.1)
         self.ready.set()
         with sock:
-            while not self.stop.is_set() and len(self.frames) < 64 << 20:
+            while not self.stop.is_set():
                 try:
-                    frame = sock.recv(1 << 17)
+                    self.keep(sock.recv(1 << 17))
                 except socket.timeout:
                     continue
-                self.frames += frame
-                self.count += 1
+            sock.setblocking(False)
+            while True:  # what the kernel still holds for us: the last frames of the test
+                try:
+                    self.keep(sock.recv(1 << 17))
+                except BlockingIOError:
+                    break
+            _, self.dropped = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+
+    def keep(self, frame: bytes) -> None:
+        self.frames += frame
+        self.count += 1
 
     def finish(self) -> bytes:
         self.stop.set()
         self.thread.join(10)
+        assert self.dropped == 0, f"the capture lost {self.dropped} frames"
         return bytes(self.frames)
 
 
