@@ -449,6 +449,47 @@ def test_describe_and_config_validation(tiny_model):
 
 
 @pytest.mark.timeout(120)
+def test_the_model_loads_and_runs_on_the_engine_thread_alone(tiny_model, monkeypatch):
+    """OpenMP keeps a worker pool per thread that starts parallel work; with a second pool
+    (the model loaded on one thread, stepped on another) every decode step on 2 cores took twice
+    as long. Whoever constructs the engine, its load, runner and steps run on its one thread,
+    and a load that fails still raises where the engine was made."""
+    from nodes.engine import models
+    seen: dict[str, set] = {"load": set(), "make_runner": set(), "forward": set()}
+
+    def on_thread(name, fn):
+        def wrapped(*a, **kw):
+            seen[name].add(threading.current_thread())
+            return fn(*a, **kw)
+        return wrapped
+
+    for name in ("load", "make_runner"):
+        monkeypatch.setattr(models, name, on_thread(name, getattr(models, name)))
+    made = []
+    builder = threading.Thread(target=lambda: made.append(make(tiny_model, max_slots=2)))
+    builder.start()
+    builder.join(60)
+    engine = made[0]
+    engine.runner.forward = on_thread("forward", engine.runner.forward)
+
+    async def main():
+        run = Run(engine)
+        for i in (1, 2):
+            engine.submit(EngineRequest(i, prompt_req(f"Count to {i}", max_tokens=5, ignore_eos=True)))
+        await run.finish([1, 2])
+        engine.stop()
+        return run
+
+    run = asyncio.run(main())
+    assert [run.done[i].completion_tokens for i in (1, 2)] == [5, 5]
+    threads = set().union(*seen.values())
+    assert len(threads) == 1 and all(seen.values()), seen
+    assert threads.pop() not in (builder, threading.main_thread())
+    with pytest.raises(ValueError, match="--model /no/such/model: not a local folder"):
+        make("/no/such/model")
+
+
+@pytest.mark.timeout(120)
 def test_dummy_gpt2_shape_runs(default_model_dir):
     engine = HFEngine(HFEngineConfig(load_format="dummy", model_config="gpt2", device="cpu"))
     assert engine.describe()["max_model_len"] == 1024
