@@ -17,7 +17,8 @@ against the system's CAs or `--tls-ca FILE`, or not at all with `--tls-no-verify
 
 Plain blocking sockets. Ctrl-C is handled explicitly (`CtrlC`), so it works even when the chat
 was started with SIGINT ignored (anything launched from a background job of a shell without job
-control). At the prompt it quits; while an answer streams the handler never raises into the
+control). At the prompt it quits (the line is read with the signal's wakeup fd watched beside
+the terminal, so a Ctrl-C just after the prompt appears is never missed); while an answer streams the handler never raises into the
 reader (an exception between `recv` and storing its bytes would lose them): it wakes the TCP
 reader through a pipe, which then sends the cancel, or shuts the HTTP socket, which ends the
 stream. In a terminal, Ctrl-C keeps what was typed ahead (NOFLSH): a line typed while an answer
@@ -331,7 +332,8 @@ def main(args: argparse.Namespace) -> int:
     messages = list(start)
     try:
         with typeahead_kept(tty):
-            return converse(chat, messages, start, params, tty)
+            read = ctrl_c.read_line if tty and os.name == "posix" else input
+            return converse(chat, messages, start, params, tty, read)
     finally:
         chat.close()
 
@@ -344,10 +346,38 @@ class CtrlC:
     def __init__(self):
         self.chat: TcpChat | HttpChat | None = None
         signal.signal(signal.SIGINT, self.handle)
+        # every signal also writes a byte here, at once, whatever Python is doing (read_line)
+        self.wake_r, wake_w = socket.socketpair()
+        for sock in (self.wake_r, wake_w):
+            sock.setblocking(False)
+        self._wake_w = wake_w  # kept open for the process's life
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
 
     def handle(self, signum, frame) -> None:
         if self.chat is None or not self.chat.cancel():
             raise KeyboardInterrupt
+
+    def read_line(self, prompt: str) -> str:
+        """The next line typed at the terminal (EOFError at Ctrl-D), in place of input(): a
+        Ctrl-C that comes after input() printed its prompt and before it blocked in read() is
+        not seen until the next key (the handler runs between bytecodes, and a signal that came
+        before read() does not interrupt it). Here the signal's wakeup byte ends the wait."""
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        fd, line = sys.stdin.fileno(), b""
+        while True:
+            try:
+                self.wake_r.recv(4096)  # earlier wake-ups: their handlers have run by now
+            except BlockingIOError:
+                pass
+            if fd not in select.select([fd, self.wake_r], [], [])[0]:
+                continue  # a signal: its handler raises before the next select
+            chunk = os.read(fd, 4096)  # the terminal gives a whole line (or what Ctrl-D ends)
+            if not chunk and not line:
+                raise EOFError
+            line += chunk
+            if not chunk or line.endswith(b"\n"):
+                return line.decode(errors="replace").removesuffix("\n")
 
 
 @contextmanager
@@ -370,14 +400,15 @@ def typeahead_kept(tty: bool):
         termios.tcsetattr(fd, termios.TCSANOW, before)
 
 
-def converse(chat, messages: list[dict], start: list[dict], params: dict, tty: bool) -> int:
+def converse(chat, messages: list[dict], start: list[dict], params: dict, tty: bool,
+             read=input) -> int:
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     while True:
         try:
-            line = input("you> " if tty else "")
+            line = read("you> " if tty else "")
         except (EOFError, KeyboardInterrupt):
             if tty:
                 print()
