@@ -18,10 +18,10 @@ against the system's CAs or `--tls-ca FILE`, or not at all with `--tls-no-verify
 Plain blocking sockets. Ctrl-C is handled explicitly (`CtrlC`), so it works even when the chat
 was started with SIGINT ignored (anything launched from a background job of a shell without job
 control). At the prompt it quits (the line is read with the signal's wakeup fd watched beside
-the terminal, so a Ctrl-C just after the prompt appears is never missed); while an answer streams the handler never raises into the
-reader (an exception between `recv` and storing its bytes would lose them): it wakes the TCP
-reader through a pipe, which then sends the cancel, or shuts the HTTP socket, which ends the
-stream. In a terminal, Ctrl-C keeps what was typed ahead (NOFLSH): a line typed while an answer
+the terminal, so a Ctrl-C just after the prompt appears is never missed); while an answer
+streams the handler never raises into the reader (an exception between `recv` and storing its
+bytes would lose them): it wakes the TCP reader through a pipe, which then sends the cancel, or
+shuts the HTTP socket, which ends the stream. In a terminal, Ctrl-C keeps what was typed ahead (NOFLSH): a line typed while an answer
 streams becomes the next question.
 """
 
