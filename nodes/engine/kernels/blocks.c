@@ -173,6 +173,18 @@ static inline __attribute__((always_inline)) void tile(
       sums[a][c] = hsum(acc[a][c]);
 }
 
+/* Q4_1's minimum term of one product: sum over blocks of m[b] (float16) * sum(x block b) */
+static inline float min_term(const uint16_t *m, const float *s, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8)
+    acc = _mm256_fmadd_ps(load_half(m + b), _mm256_loadu_ps(s + b), acc);
+  float total = hsum(acc);
+  for (; b < nb; b++)
+    total += _cvtsh_ss(m[b]) * s[b];
+  return total;
+}
+
 /* y[M, N] (+)= x @ W^T for W in Q4_1 (q4 = 1: w = nibbles, m = minimums) or Q8_0 (q4 = 0);
  * the blocks' scales and minimums are float16, as in the file. Q4_1's minimum term,
  * sum_b m[row, b] * sum(x block), is a short dot product per pair at the end. */
@@ -200,8 +212,7 @@ static inline __attribute__((always_inline)) int matmul16(
         for (int c = 0; c < nx; c++) {
           float total = sums[a][c];
           if (q4)
-            for (int64_t b = 0; b < nb; b++)
-              total += _cvtsh_ss(m[(r0 + a) * nb + b]) * xr.s[(i0 + c) * nb + b];
+            total += min_term(m + (r0 + a) * nb, xr.s + (i0 + c) * nb, nb);
           float *out = y + (i0 + c) * n + r0 + a;
           *out = (acc_into ? *out : 0.0f) + total;
         }
