@@ -475,7 +475,8 @@ def test_the_model_loads_and_runs_on_the_engine_thread_alone(tiny_model, monkeyp
     async def main():
         run = Run(engine)
         for i in (1, 2):
-            engine.submit(EngineRequest(i, prompt_req(f"Count to {i}", max_tokens=5, ignore_eos=True)))
+            engine.submit(EngineRequest(i, prompt_req(f"Count to {i}", max_tokens=5,
+                                                      ignore_eos=True)))
         await run.finish([1, 2])
         engine.stop()
         return run

@@ -21,8 +21,8 @@ control). At the prompt it quits (the line is read with the signal's wakeup fd w
 the terminal, so a Ctrl-C just after the prompt appears is never missed); while an answer
 streams the handler never raises into the reader (an exception between `recv` and storing its
 bytes would lose them): it wakes the TCP reader through a pipe, which then sends the cancel, or
-shuts the HTTP socket, which ends the stream. In a terminal, Ctrl-C keeps what was typed ahead (NOFLSH): a line typed while an answer
-streams becomes the next question.
+shuts the HTTP socket, which ends the stream. In a terminal, Ctrl-C keeps what was typed ahead
+(NOFLSH): a line typed while an answer streams becomes the next question.
 """
 
 from __future__ import annotations

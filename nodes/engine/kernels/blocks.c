@@ -34,6 +34,7 @@
 #include <string.h>
 
 #define QK 32
+#define XR 4 /* rows of x per pass over a weight row */
 
 /* scratch aligned to a cache line: a vector load never straddles two (malloc's 16 bytes made
  * the same step ~10% slower on a thread other than the process's first, whose heap differs) */
@@ -41,7 +42,6 @@ static void *scratch(size_t bytes) {
   void *p = NULL;
   return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
 }
-#define XR 4 /* rows of x per pass over a weight row */
 
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
