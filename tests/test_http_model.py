@@ -1,7 +1,10 @@
 """The HTTP gateway in front of a real (tiny, random) model: a prompt over the context is 400
-`context_length_exceeded`, and a normal request still answers."""
+`context_length_exceeded`, a normal request still answers, and the model is named by its folder's
+name (a GGUF file: its stem), not its path, with --served-model-name's names beside it."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import requests
@@ -14,7 +17,8 @@ pytestmark = pytest.mark.timeout(300)  # a busy 2-core machine can take a while 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory, tiny_model):
     cluster, up = start_up(tmp_path_factory, "http-model", "--engine", "hf", "--model", tiny_model,
-                           "--max-model-len", "64", "--device", "cpu", timeout=240)
+                           "--max-model-len", "64", "--device", "cpu",
+                           "--served-model-name", "my-model", timeout=240)
     yield up
     cluster.close()
 
@@ -41,3 +45,14 @@ def test_streamed_prompt_over_the_context_is_400_too(up):
         "prompt": "tree " * 200, "max_tokens": 4, "stream": True})
     assert r.status_code == 400, r.text
     assert error_of(r)["code"] == "context_length_exceeded"
+
+
+def test_the_model_is_named_by_its_folder_not_its_path(up, tiny_model):
+    name = Path(tiny_model).name
+    models = requests.get(f"{up.http}/v1/models", timeout=30).json()["data"]
+    assert [m["id"] for m in models] == [name, "my-model"]
+    for asked, shown in ((None, name), ("my-model", "my-model")):
+        r = requests.post(f"{up.http}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            **({"model": asked} if asked else {})})
+        assert r.status_code == 200 and r.json()["model"] == shown, r.text

@@ -216,7 +216,7 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
             config = AutoConfig.from_pretrained(folder)
             if llama.supports(config) is None and any(folder.glob("*.safetensors")):
                 source = weights.SafetensorsSource(folder)
-        name = model or DEFAULT_MODEL
+        name = model_name(model)
         if model is not None:
             defaults = None
     ours = llama.supports(config) is None and (source is not None or load_format == "dummy")
@@ -232,6 +232,21 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
     else:
         loaded.net = transformers_model(config, folder, load_format, dev, dt)
     return loaded
+
+
+def model_name(model: str | None) -> str:
+    """The name a model is served under (/v1/models, the page, the logs): a GGUF file's stem
+    (`gemma-3-270m-q4_k_m` for /x/gemma-3-270m-q4_k_m.gguf), a local folder's own name, a Hub
+    name as given; the default model's name for None. The HTTP gateway's --served-model-name
+    adds other names."""
+    if model is None:
+        return DEFAULT_MODEL
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path.stem
+    if path.is_dir():
+        return path.resolve().name or model
+    return model
 
 
 def local_folder(model: str) -> Path:
