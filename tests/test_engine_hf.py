@@ -220,7 +220,11 @@ def test_chat_request_uses_template_and_stops_at_eos(tiny_model):
     assert run.done[1].reason == ("stop" if ref[-1] == 2 else "length")
 
 
-def test_no_chat_template_is_a_clear_error_unless_given(tiny_model_no_template, tmp_path):
+def test_no_chat_template_is_a_clear_error_unless_given(tiny_model_no_template, tmp_path,
+                                                       monkeypatch):
+    from nodes.engine import templates
+    # no built-in template fits either (this vocabulary's ChatML markers would: test_templates.py)
+    monkeypatch.setattr(templates, "pick", lambda config, tokenizer: None)
     engine = make(tiny_model_no_template)
     with pytest.raises(EngineError) as err:
         engine.submit(EngineRequest(1, Request(messages=CHAT)))

@@ -54,7 +54,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None,
                    help="hf on CPU: torch threads for this node (default: one per core; give each "
                         "node its share when several share a machine, or they slow each other down)")
-    g.add_argument("--chat-template", default=None, help="hf: a Jinja chat template file")
+    g.add_argument("--chat-template", default=None,
+                   help="hf: a Jinja chat template file (default: the model's own; a model without "
+                        "one gets its family's: Gemma, ChatML, Llama 3, Phi-3, Mistral, Llama 2)")
     g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="hf: dummy = random weights of --model-config's shape (benchmarks)")
     g.add_argument("--model-config", default=None,

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from broker.protocol import ErrorCode, FinishReason
-from nodes.engine import DEFAULT_MAX_TOKENS, REPEAT_LAST_N, grammar, models, prompt
+from nodes.engine import DEFAULT_MAX_TOKENS, REPEAT_LAST_N, grammar, models, prompt, templates
 from nodes.engine.base import Engine, EngineError, EngineRequest, Finish, StepOutput
 from nodes.engine.detok import Detokenizer
 from nodes.engine.quant import MODES
@@ -162,9 +162,9 @@ class HFEngine(Engine):
             kv_budget=config.kv_budget, cuda_graphs=config.cuda_graphs)
         if self.runner.cache.static:  # a GPU cache holds every slot a full context, or fewer slots
             self.slots = self.runner.cache.rows - 1
-        self.chat_template = Path(config.chat_template).read_text() if config.chat_template else None
         self.vocab = min(len(self.tokenizer), loaded.vocab_size)
         self.eos_ids = loaded.eos_ids
+        self.chat_template = self._chat_template(loaded.config)  # may add end-of-turn ids
         self.sampling_defaults = loaded.sampling_defaults
         self._tok_lock = threading.Lock()
         self._pieces: dict[int, str] = {}  # token id -> its text alone (piece())
@@ -180,6 +180,26 @@ class HFEngine(Engine):
                  "tokens", self.model, self.device, str(self.dtype).removeprefix("torch."),
                  self.quantization, type(self.runner).__name__.removesuffix("Runner").lower(),
                  self.slots, self.max_model_len, self.kv_budget)
+
+    def _chat_template(self, config) -> str | None:
+        """--chat-template's file; else None (the tokenizer's own template) or, when the
+        tokenizer has none, its family's built-in one (templates.py), said once in the log. The
+        end-of-turn tokens of the template in use (Gemma's <end_of_turn>, ChatML's <|im_end|>,
+        ...) stop generation like EOS: a file's EOS is often another token."""
+        chosen = Path(self.config.chat_template).read_text() if self.config.chat_template else None
+        if chosen is None and not self.tokenizer.chat_template:
+            picked = templates.pick(config, self.tokenizer)
+            if picked is None:
+                log.warning("%s has no chat template and no built-in one fits it: chat requests "
+                            "need --chat-template FILE (plain prompts work)", self.model)
+            else:
+                family, why = picked
+                chosen = family.template
+                log.info("chat template: %s has none; using the built-in %s template (%s); %s "
+                         "ends a turn", self.model, family.name, why, family.end)
+        self.eos_ids = self.eos_ids | templates.end_ids(chosen or self.tokenizer.chat_template,
+                                                        self.tokenizer)
+        return chosen
 
     @classmethod
     def from_args(cls, args) -> "HFEngine":
