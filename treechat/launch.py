@@ -124,7 +124,8 @@ class Launcher:
                   str(a.repeat_last_n)]
         if a.enforce_eager:
             engine.append("--enforce-eager")
-        for flag in ("max_slots", "model", "max_model_len", "kv_budget", "chat_template",
+        for flag in ("max_slots", "model", "max_model_len", "kv_budget", "kv_cache_memory",
+                     "chat_template",
                      "model_config", "threads", "max_num_batched_tokens",
                      "max_tokens_default"):
             value = getattr(a, flag)

@@ -46,11 +46,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="hf on GPU: no CUDA graphs for the decode step")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     g.add_argument("--max-model-len", type=int, default=None,
-                   help="hf: context length in tokens (default: the model's own, capped at 4096 on CPU)")
+                   help="hf: context length in tokens (default: the model's own, as far as the KV "
+                        "cache's memory holds it)")
     g.add_argument("--kv-budget", type=int, default=None,
                    help="hf: tokens of KV cache for all running requests together (default: "
                         "max-slots x max-model-len; on a GPU at most what 85%% of its total memory "
                         "holds beside the weights)")
+    g.add_argument("--kv-cache-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="hf on CPU: memory the KV cache may take, e.g. 4GiB or 512MiB (default: "
+                        "half of the memory available at start); it bounds --kv-budget and the "
+                        "context")
     g.add_argument("--threads", type=int, default=None,
                    help="hf on CPU: torch threads for this node (default: one per core; give each "
                         "node its share when several share a machine, or they slow each other down)")
@@ -61,6 +66,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="hf: dummy = random weights of --model-config's shape (benchmarks)")
     g.add_argument("--model-config", default=None,
                    help="hf with --load-format dummy: gpt2, qwen2.5-0.5b or llama-3-8b")
+
+
+UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
+         "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def memory_size(text: str) -> int:
+    """'4GiB', '512M', '2.5g', '1000000' -> bytes (binary units; an argparse type)."""
+    import re
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m.group(2).lower() not in UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size (e.g. 4GiB, 512MiB)")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
 
 
 def make_engine(args: argparse.Namespace) -> Engine | None:

@@ -7,8 +7,9 @@ inbox, plan one mixed batch (every running row's next token plus chunks of new p
 forward (runner.py), one batched draw (sampling.py), detokenize and stop checks, retire finished
 rows, one StepOutput to the loop.
 
-Models of the Llama family run on our own model (llama.py), quantized on a CPU (quant.py,
-`--quantization`); any other architecture on transformers' forward (the fallback runner).
+The families our runner serves (families.py) run on our own model (llama.py), on a CPU over the
+file's own blocks (blocks/); any other architecture on transformers' forward (the fallback
+runner).
 Memory is bounded by explicit limits only: `max_slots` rows, `max_model_len` tokens per sequence
 and `kv_budget` tokens of KV cache (rows x the largest reservation, see kvcache.py). A request
 that does not fit the budget now waits in the engine until it does.
@@ -30,13 +31,13 @@ from broker.protocol import ErrorCode, FinishReason
 from nodes.engine import DEFAULT_MAX_TOKENS, REPEAT_LAST_N, grammar, models, prompt, templates
 from nodes.engine.base import Engine, EngineError, EngineRequest, Finish, StepOutput
 from nodes.engine.detok import Detokenizer
-from nodes.engine.quant import MODES
+from nodes.engine.weights import MODES
 from nodes.engine.sampling import Row, SamplingParams
 from nodes.engine.stepper import Stepper
 
 log = logging.getLogger("treechat.engine")
 
-CPU_MAX_MODEL_LEN = 4096
+CPU_KV_SHARE = 0.5  # of the memory available at start, for the KV cache on a CPU by default
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class HFEngineConfig:
     max_slots: int | None = None
     max_model_len: int | None = None
     kv_budget: int | None = None
+    kv_memory: int | None = None  # bytes the KV cache may take on a CPU (None: CPU_KV_SHARE)
     chat_template: str | None = None
     load_format: str = "auto"
     model_config: str | None = None
@@ -63,7 +65,8 @@ class HFEngineConfig:
     def __post_init__(self):
         if self.max_tokens_default < 0:
             raise ValueError("--max-tokens-default cannot be negative")
-        for name in ("max_slots", "max_model_len", "kv_budget", "threads", "step_tokens"):
+        for name in ("max_slots", "max_model_len", "kv_budget", "threads", "step_tokens",
+                     "kv_memory"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
@@ -84,6 +87,17 @@ class HFEngineConfig:
             raise ValueError("--model-config only goes with --load-format dummy")
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             raise ValueError(f"--chat-template {self.chat_template}: no such file")
+
+
+def available_memory() -> int:
+    """Bytes the kernel says a new allocation can take now (MemAvailable), or 8 GiB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
 
 
 class Seq:
@@ -154,12 +168,17 @@ class HFEngine(Engine):
         on_gpu = self.device.type == "cuda"
         self.slots = config.max_slots or (64 if on_gpu else 8)
         own = loaded.context_length
-        self.max_model_len = config.max_model_len or (own if on_gpu else min(own, CPU_MAX_MODEL_LEN))
+        kv_budget, fits = config.kv_budget, None
+        if not on_gpu:  # the context and the budget as far as the KV cache's memory holds them
+            kv_memory = config.kv_memory or int(CPU_KV_SHARE * available_memory())
+            fits = max(1, kv_memory // models.kv_token_bytes(loaded))
+            kv_budget = min(kv_budget or self.slots * (config.max_model_len or own), fits)
+        self.max_model_len = config.max_model_len or (own if fits is None else min(own, fits))
         if self.max_model_len > own:
             raise ValueError(f"--max-model-len {self.max_model_len} exceeds the model's {own}")
         self.runner, self.kv_budget = self.worker.call(
             models.make_runner, loaded, slots=self.slots, max_model_len=self.max_model_len,
-            kv_budget=config.kv_budget, cuda_graphs=config.cuda_graphs)
+            kv_budget=kv_budget, cuda_graphs=config.cuda_graphs)
         if self.runner.cache.static:  # a GPU cache holds every slot a full context, or fewer slots
             self.slots = self.runner.cache.rows - 1
         self.vocab = min(len(self.tokenizer), loaded.vocab_size)
@@ -177,9 +196,11 @@ class HFEngine(Engine):
                                     "mixed_steps", "mixed_s"), 0)
         self.stepper: Stepper | None = None
         log.info("hf engine: %s on %s (%s, %s, %s runner), %d slots, context %d, KV budget %d "
-                 "tokens", self.model, self.device, str(self.dtype).removeprefix("torch."),
-                 self.quantization, type(self.runner).__name__.removesuffix("Runner").lower(),
-                 self.slots, self.max_model_len, self.kv_budget)
+                 "tokens (%.2f GiB at most)", self.model, self.device,
+                 str(self.dtype).removeprefix("torch."), self.quantization,
+                 type(self.runner).__name__.removesuffix("Runner").lower(), self.slots,
+                 self.max_model_len, self.kv_budget,
+                 self.kv_budget * models.kv_token_bytes(loaded) / (1 << 30))
 
     def _chat_template(self, config) -> str | None:
         """--chat-template's file; else None (the tokenizer's own template) or, when the
@@ -208,7 +229,7 @@ class HFEngine(Engine):
         return cls(HFEngineConfig(
             model=args.model, dtype=args.dtype, device=args.device, max_slots=args.max_slots,
             max_model_len=args.max_model_len, kv_budget=args.kv_budget,
-            chat_template=args.chat_template, load_format=args.load_format,
+            kv_memory=args.kv_cache_memory, chat_template=args.chat_template, load_format=args.load_format,
             model_config=args.model_config, threads=args.threads,
             quantization=args.quantization, step_tokens=args.max_num_batched_tokens,
             cuda_graphs=not args.enforce_eager, repeat_penalty=args.repeat_penalty,

@@ -1,16 +1,17 @@
-"""treechat's own model for the Llama family: Llama 2/3, SmolLM2, Qwen2/2.5, Mistral.
+"""treechat's own model: the Llama layer and its families (families.py), one forward per step.
 
-Plain torch and plain objects (no nn.Module, no hooks), one forward per engine step. A layer is
+Plain torch and plain objects (no nn.Module, no hooks). A layer is
 
-    x += o( attention( rope( qkv( rms_norm(x) ) ), kv cache ) )
-    x += down( silu(gate) * up ),  gate|up = gate_up( rms_norm(x) )
+    x += post_attn_norm( o( attention( rope( qk_norm( qkv( attn_norm(x) ) ) ), kv cache ) ) )
+    x += post_mlp_norm( down( act(gate) * up ) ),   gate|up = gate_up( mlp_norm(x) )
 
-with the q/k/v projections fused into one matrix and gate/up into another, so a layer is four
-matrix products whatever the batch. Each linear is a `nodes.engine.quant` layer (dense, int8,
-int4). Queries and keys use the interleaved rotary layout (the pairs rotated together are
-adjacent: llama.cpp's and Meta's layout), so rotary embedding is one complex multiply in place;
-weights stored in Hugging Face's half-split layout are permuted once at load (`weights.py`),
-which changes no attention score.
+(a family leaves out the norms it lacks). Two implementations of the same forward:
+
+    CpuModel     weights as the file holds them (`Blocks`: GGUF's blocks, or float rows), every
+                 layer in one call to our C kernels (blocks/kernels.c: layers_forward), so a
+                 decode step never returns to Python between operations
+    TorchModel   torch operators over dense weights (bfloat16 on a GPU, with CUDA graphs; float
+                 on a CPU without our kernels): the file's blocks dequantized once at load
 
 One forward takes a flat batch of tokens (`Batch`), in two parts:
 
@@ -18,27 +19,27 @@ One forward takes a flat batch of tokens (`Batch`), in two parts:
     chunks   then one slice of a prompt per chunk: `length` tokens of cache row `row` from
              position `start` (a long prompt is prefilled over several steps)
 
-The linear layers see all T tokens at once; only attention splits: one SDPA call for the decode
-rows (grouped-query heads folded into the query axis, so keys and values are never copied) and
-one per chunk (over its cache row, earlier chunks included). Only the tokens that need a next
-token (`Batch.logits_at`) go through the final norm and the LM head.
+Rotary embedding turns pairs of a head's dimensions: (i, i + half) in Hugging Face's layout and
+in llama.cpp's files of every family but Llama, whose q/k rows llama.cpp's converter permuted
+to (2i, 2i + 1); `Shape.neox` says which, and nothing is permuted at load. Only the tokens that
+need a next token (`Batch.logits_at`) go through the final norm and the LM head.
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from nodes.engine.quant import DENSE_FROM
-
-ARCHITECTURES = ("llama", "qwen2", "mistral")
+from nodes.engine import families
+from nodes.engine.families import Family
 
 
 @dataclass(frozen=True)
 class Shape:
-    """What the forward needs to know of a model's config."""
+    """What the forward needs to know of a model's config and family."""
 
     layers: int
     hidden: int
@@ -50,65 +51,83 @@ class Shape:
     eps: float
     max_positions: int
     tied: bool
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    sliding_window: int | None = None
+    family: Family = Family()
+    scale: float = 0.0  # of attention scores (head_dim ** -0.5 unless the config says)
+    layer_types: tuple = ()  # per layer: a key of `rope` (None: every layer the same)
+    windows: tuple = ()  # per layer: sliding window in tokens, 0 for none
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    neox: bool = True  # rope pairs (i, i + half); False: (2i, 2i + 1)
 
     @classmethod
-    def of(cls, config) -> "Shape":
-        c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    def of(cls, config, neox: bool = True) -> "Shape":
+        c = families.text_config(config)
+        family = families.of(c) or Family()
         heads = c.num_attention_heads
-        window = getattr(c, "sliding_window", None)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        n = c.num_hidden_layers
+        types = tuple(getattr(c, "layer_types", None) or ["full_attention"] * n)
+        window = getattr(c, "sliding_window", None) or 0
         if c.model_type == "qwen2" and not getattr(c, "use_sliding_window", False):
-            window = None
-        return cls(layers=c.num_hidden_layers, hidden=c.hidden_size, heads=heads,
+            window = 0
+        if getattr(c, "layer_types", None) is not None:  # windows only where the config says
+            windows = tuple(window if t == "sliding_attention" else 0 for t in types)
+        else:
+            windows = (window,) * n
+        rope = families.rope_parameters(c)
+        scalar = getattr(c, "query_pre_attn_scalar", None) or head_dim
+        return cls(layers=n, hidden=c.hidden_size, heads=heads,
                    kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
-                   intermediate=c.intermediate_size, vocab=c.vocab_size, eps=c.rms_norm_eps,
-                   max_positions=c.max_position_embeddings,
-                   tied=bool(getattr(c, "tie_word_embeddings", False)),
-                   qkv_bias=c.model_type == "qwen2" or bool(getattr(c, "attention_bias", False)),
-                   o_bias=bool(getattr(c, "attention_bias", False)),
-                   mlp_bias=bool(getattr(c, "mlp_bias", False)), sliding_window=window)
+                   head_dim=head_dim, intermediate=c.intermediate_size, vocab=c.vocab_size,
+                   eps=c.rms_norm_eps, max_positions=c.max_position_embeddings,
+                   tied=bool(getattr(c, "tie_word_embeddings", False)), family=family,
+                   scale=scalar ** -0.5,
+                   layer_types=tuple(t if t in rope else None for t in types),
+                   windows=windows,
+                   attn_softcap=(getattr(c, "attn_logit_softcapping", None) or 0.0)
+                   if family.softcaps else 0.0,
+                   final_softcap=(getattr(c, "final_logit_softcapping", None) or 0.0)
+                   if family.softcaps else 0.0, neox=neox)
 
 
-def supports(config) -> str | None:
-    """None if our runner can run this config, else why not (the engine then falls back to
-    transformers' own forward)."""
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if c.model_type not in ARCHITECTURES:
-        return f"architecture '{c.model_type}'"
-    if getattr(c, "hidden_act", "silu") != "silu":
-        return f"activation '{c.hidden_act}'"
-    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "llama3", "linear"):
-        return f"rope type '{rope.get('rope_type')}'"
-    return None
-
-
-def inv_freq(config) -> torch.Tensor:
-    """The rotary frequencies, through transformers' own rope code (llama3, linear scaling)."""
+def rotary(config) -> dict:
+    """Each layer type's (inverse frequencies [head_dim/2] float64, attention factor), through
+    transformers' own rope code for the scaled kinds (llama3, linear, yarn, longrope)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind == "default":
-        theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
-        dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    freq, _scaling = ROPE_INIT_FUNCTIONS[kind](c, "cpu")
-    return freq.double()
+    c = families.text_config(config)
+    dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    out = {}
+    for layer_type, params in families.rope_parameters(c).items():
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind == "default":
+            theta = params.get("rope_theta", 10000.0)
+            freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+            out[layer_type] = (freq, 1.0)
+        else:
+            freq, factor = ROPE_INIT_FUNCTIONS[kind](c, "cpu", layer_type=layer_type) \
+                if layer_type else ROPE_INIT_FUNCTIONS[kind](c, "cpu")
+            out[layer_type] = (freq.double(), float(factor))
+    return out
 
 
 @dataclass(slots=True)
 class Layer:
+    """One layer's weights: norms as float tensors, projections as Blocks (CpuModel) or dense
+    tensors (TorchModel); what a family lacks is None. qkv and gate_up are lists of parts
+    whose outputs sit side by side (q|k|v, or one fused part, as Phi's files have)."""
+
     attn_norm: torch.Tensor
-    qkv: object  # nodes.engine.quant linear
+    qkv: list
     o: object
     mlp_norm: torch.Tensor
-    gate_up: object
+    gate_up: list
     down: object
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None
+    post_mlp_norm: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None  # TorchModel: the fused bias
+    o_bias: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -118,7 +137,7 @@ class Chunk:
     row: int
     start: int
     length: int
-    mask: torch.Tensor | None = None  # set by Batch.prepare when start > 0
+    mask: torch.Tensor | None = None  # TorchModel: set by prepare when start > 0 or windowed
 
 
 @dataclass(slots=True)
@@ -129,141 +148,187 @@ class Batch:
     chunks: list[Chunk] = field(default_factory=list)
     logits_at: torch.Tensor | None = None  # [R] token indices that need logits
     span: int = 0  # decode attention spans cache columns 0..span-1
-    decode_mask: torch.Tensor | None = None
-    rows: torch.Tensor | None = None  # [D] 0..D-1
-    freqs: torch.Tensor | None = None  # [T, 1, head_dim/2] complex rotations
+    decode_masks: dict | None = None  # TorchModel: window -> [D, 1, 1, span] visible
+    rows: torch.Tensor | None = None  # cache row of every token (CpuModel), of decode rows
+    freqs: dict | None = None  # TorchModel: layer type -> (cos, sin) [T, head_dim/2]
 
 
-class LlamaModel:
-    def __init__(self, shape: Shape, embed, layers: list[Layer], norm: torch.Tensor, lm_head,
-                 freq: torch.Tensor, device: torch.device, dtype: torch.dtype):
+class Model:
+    """What both implementations share: the shape, embeddings, the head, the rotary tables."""
+
+    def __init__(self, shape: Shape, embed, norm: torch.Tensor, lm_head, rope: dict,
+                 device: torch.device, dtype: torch.dtype):
         self.shape = shape
-        self.embed = embed  # [V, H] in dtype, or Q8_0 blocks (q int8 [V, H], d [V, H/32])
-        self.layers = layers
+        self.embed = embed
         self.norm = norm
         self.lm_head = lm_head
+        self.rope = rope  # layer type -> (inverse frequencies, attention factor)
         self.device = device
         self.dtype = dtype
-        self.inv_freq = freq.to(device)
         self.q_dim = shape.heads * shape.head_dim
         self.kv_dim = shape.kv_heads * shape.head_dim
         self.group = shape.heads // shape.kv_heads
-        self.scale = shape.head_dim ** -0.5
-        self.kernels = cpu_kernels(device, dtype)
-        self.stack = self.kernels.stack(self) if self.kernels is not None else None
-        self._rope = None
+        self.embed_scale = shape.hidden ** 0.5 if shape.family.embed_scale else 1.0
 
-    @property
-    def cache_dtype(self) -> torch.dtype:
-        """The KV cache's: float16 on the C path (half the bytes every step reads), else ours."""
-        return torch.float16 if self.kernels is not None else self.dtype
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.shape.final_softcap
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
-    # --- the step's plan ---------------------------------------------------------------------
+
+class CpuModel(Model):
+    """The forward on our C kernels: weights are `Blocks`, the KV cache float16."""
+
+    cache_dtype = torch.float16
+
+    def __init__(self, shape: Shape, embed, layers: list[Layer], norm, lm_head, rope: dict):
+        super().__init__(shape, embed, norm, lm_head, rope, torch.device("cpu"), torch.float32)
+        from nodes.engine.blocks import kernels
+        self.k = kernels
+        self.layers = layers
+        self.tables: dict = {}  # layer type -> (cos, sin) [positions, head_dim/2] float32
+        self.stack = self._stack()
+
+    def _stack(self):
+        k, s = self.k, self.shape
+        array = (k.Layer * s.layers)()
+
+        def parts(linears, n):
+            out = (k.Linear * n)()
+            for i, lin in enumerate(linears):
+                out[i] = lin.c
+            return out
+
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        for i, layer in enumerate(self.layers):
+            array[i] = k.Layer(
+                ptr(layer.attn_norm), ptr(layer.mlp_norm), ptr(layer.q_norm), ptr(layer.k_norm),
+                ptr(layer.post_attn_norm), ptr(layer.post_mlp_norm), parts(layer.qkv, 3),
+                layer.o.c, parts(layer.gate_up, 2), layer.down.c, len(layer.qkv),
+                len(layer.gate_up), None, None, s.windows[i])
+        act = {"silu": 0, "gelu_tanh": 1}[s.family.act]
+        view = k.Stack(s.layers, s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate,
+                       s.eps, s.scale, s.attn_softcap, act, int(s.neox), array)
+        view.keep = array  # the array lives as long as the view
+        return view
+
+    def rope_tables(self, positions: int) -> None:
+        """cos and sin tables covering `positions`, grown by doubling; each layer points at its
+        type's."""
+        have = next(iter(self.tables.values()))[0].shape[0] if self.tables else 0
+        if have >= positions:
+            return
+        n = max(positions, 2 * have, 512)
+        for layer_type, (freq, factor) in self.rope.items():
+            angles = torch.arange(n, dtype=torch.float64)[:, None] * freq[None, :]
+            self.tables[layer_type] = ((angles.cos() * factor).float().contiguous(),
+                                       (angles.sin() * factor).float().contiguous())
+        for i, layer_type in enumerate(self.shape.layer_types):
+            cos, sin = self.tables[layer_type]
+            self.stack.layer[i].cos, self.stack.layer[i].sin = cos.data_ptr(), sin.data_ptr()
 
     def prepare(self, batch: Batch) -> Batch:
-        """Everything the layers share: rotations, the decode mask, each chunk's mask; for the
-        C path only each token's cache row."""
-        pos, d = batch.pos, batch.decode
-        if self.kernels is not None:
-            rows = list(range(d))
-            for c in batch.chunks:
-                rows += [c.row] * c.length
-            batch.rows = torch.tensor(rows, dtype=torch.long)
-            return batch
-        angles = pos[:, None].double() * self.inv_freq[None, :]
-        batch.freqs = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
-        if d:
-            lengths = pos[:d]
-            batch.span = int(lengths.max()) + 1 if batch.span == 0 else batch.span
-            cols = torch.arange(batch.span, device=self.device)
-            batch.decode_mask = (cols[None, :] <= lengths[:, None])[:, None, None, :]
-            batch.rows = torch.arange(d, device=self.device)
+        """Each token's cache row: decode rows 0..D-1, then each chunk's row."""
+        rows = list(range(batch.decode))
         for c in batch.chunks:
-            if c.start > 0:  # query i (position start+i) sees keys 0..start+i
-                q = torch.arange(c.length, device=self.device)[:, None] + c.start
-                c.mask = torch.arange(c.start + c.length, device=self.device)[None, :] <= q
+            rows += [c.row] * c.length
+        batch.rows = torch.tensor(rows, dtype=torch.long)
         return batch
 
-    # --- the forward -------------------------------------------------------------------------
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed.rows(ids)
+        return x.mul_(self.embed_scale) if self.embed_scale != 1.0 else x
 
     def forward(self, batch: Batch, cache) -> torch.Tensor:
         """Logits [R, vocab] (float32) for the tokens at `batch.logits_at`."""
-        if self.kernels is not None:
-            return self.forward_cpu(batch, cache)
-        x = self.embed_tokens(batch.ids)
-        for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, self.shape.eps)
-            x = x + layer.o(self.attention(i, layer.qkv(h), batch, cache))
-            h = rms_norm(x, layer.mlp_norm, self.shape.eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        if batch.logits_at is not None:
-            x = x[batch.logits_at]
-        x = rms_norm(x, self.norm, self.shape.eps)
-        return self.lm_head(x).float()
-
-    def forward_cpu(self, batch: Batch, cache) -> torch.Tensor:
-        """The same forward through the C kernels (kernels/blocks.c): one call per operation,
-        the residual added inside the products, a float16 KV cache, no masks (each token attends
-        over its own row up to its own position)."""
-        k, s, eps = self.kernels, self.shape, self.shape.eps
         x = self.embed_tokens(batch.ids).contiguous()
-        t = x.shape[0]
-        h = torch.empty_like(x)
-        cos, sin = self.rope_tables(int(batch.pos.max()) + 1)
-        if self.stack is not None and t < DENSE_FROM:  # every layer in one call: no trip back
-            # to Python between ops (a longer step runs torch's float32 GEMM in its products)
-            self.stack.cos, self.stack.sin = cos.data_ptr(), sin.data_ptr()
-            k.layers_forward(self.stack, x, batch.rows, batch.pos, cache.k, cache.v)
-            layers = ()
-        else:
-            layers = self.layers
-        for i, layer in enumerate(layers):
-            qkv = layer.qkv(k.rms_norm(x, layer.attn_norm, eps, h))
-            k.rope(qkv, s.heads + s.kv_heads, s.head_dim, batch.pos, cos, sin)
-            attn = torch.empty((t, self.q_dim), dtype=x.dtype)
-            k.attention(qkv, s.heads, s.kv_heads, s.head_dim, cache.k[i], cache.v[i],
-                        batch.rows, batch.pos, self.scale, attn)
-            layer.o.add_to(attn, x)
-            layer.down.add_to(k.silu_mul(layer.gate_up(k.rms_norm(x, layer.mlp_norm, eps, h))), x)
+        pos = batch.pos.contiguous()
+        self.rope_tables(int(pos.max()) + 1)
+        lib = self.k.library()
+        self.k.check(lib.layers_forward(ctypes.byref(self.stack), x.data_ptr(), x.shape[0],
+                                        batch.rows.data_ptr(), pos.data_ptr(),
+                                        cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[1],
+                                        cache.k.shape[3]), "layers_forward")
         if batch.logits_at is not None:
-            x = x[batch.logits_at]
-        return self.lm_head(k.rms_norm(x, self.norm, eps, torch.empty_like(x))).float()
+            x = x[batch.logits_at].contiguous()
+        lib.rms_norm(x.data_ptr(), self.norm.data_ptr(), x.shape[0], x.shape[1], self.shape.eps,
+                     x.data_ptr())
+        return self.softcap(self.lm_head(x))
 
-    def rope_tables(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [positions, head_dim/2] for the C rope, grown by doubling."""
-        if self._rope is None or self._rope[0].shape[0] < positions:
-            n = max(positions, 2 * (0 if self._rope is None else self._rope[0].shape[0]), 512)
-            angles = torch.arange(n, dtype=torch.float64)[:, None] * self.inv_freq.cpu()[None, :]
-            self._rope = (angles.cos().float().contiguous(), angles.sin().float().contiguous())
-        return self._rope
+
+class TorchModel(Model):
+    """The forward in torch operators over dense weights (a GPU; a CPU without our kernels)."""
+
+    def __init__(self, shape: Shape, embed: torch.Tensor, layers: list[Layer], norm, lm_head,
+                 rope: dict, device: torch.device, dtype: torch.dtype):
+        super().__init__(shape, embed, norm, lm_head, rope, device, dtype)
+        self.layers = layers
+        self.rope = {t: (f.to(device), a) for t, (f, a) in rope.items()}
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    def prepare(self, batch: Batch) -> Batch:
+        """Everything the layers share: each layer type's rotations, the decode masks (one per
+        window size), each chunk's mask."""
+        pos, d, dev = batch.pos, batch.decode, self.device
+        batch.freqs = {}
+        for layer_type, (freq, factor) in self.rope.items():
+            angles = pos[:, None].double() * freq[None, :]
+            batch.freqs[layer_type] = ((angles.cos() * factor).to(self.dtype),
+                                       (angles.sin() * factor).to(self.dtype))
+        windows = set(self.shape.windows)
+        if d:
+            lengths = pos[:d]
+            batch.span = int(lengths.max()) + 1 if batch.span == 0 else batch.span
+            cols = torch.arange(batch.span, device=dev)
+            visible = cols[None, :] <= lengths[:, None]
+            batch.decode_masks = {
+                w: (visible & (cols[None, :] > lengths[:, None] - w) if w else visible)
+                [:, None, None, :] for w in windows}
+            if batch.rows is None:
+                batch.rows = torch.arange(d, device=dev)
+        for c in batch.chunks:
+            q = torch.arange(c.length, device=dev)[:, None] + c.start
+            cols = torch.arange(c.start + c.length, device=dev)[None, :]
+            c.mask = {w: (cols <= q) & (cols > q - w) if w else cols <= q for w in windows}
+        return batch
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.embed, torch.Tensor):
-            return self.embed[ids]
-        q, d = self.embed
-        rows = q[ids].to(self.dtype).unflatten(-1, (d.shape[1], -1))
-        return (rows * d[ids][..., None].to(self.dtype)).flatten(-2).contiguous()
+        x = self.embed[ids]
+        return x * self.embed_scale if self.embed_scale != 1.0 else x
 
-    def decode_attention(self, q, keys, values, visible) -> torch.Tensor:
-        """One query per row against its cached keys: [D, heads, head_dim]. Each kv head's group
-        of query heads is folded into the query axis, so keys and values are never copied; plain
-        matmul-softmax-matmul, which at one query per row is several times faster on a CPU than
-        SDPA's kernels (built for long queries)."""
-        s, d = self.shape, q.shape[0]
-        qd = q.view(d, s.kv_heads, self.group, s.head_dim)
-        scores = torch.matmul(qd, keys.transpose(-1, -2)).mul_(self.scale)
-        scores.masked_fill_(~visible, float("-inf"))
-        return torch.matmul(torch.softmax(scores, dim=-1), values).view(d, s.heads, s.head_dim)
+    def forward(self, batch: Batch, cache) -> torch.Tensor:
+        s, eps = self.shape, self.shape.eps
+        x = self.embed_tokens(batch.ids)
+        act = F.silu if s.family.act == "silu" else partial_gelu
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.attn_norm, eps)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            attn = F.linear(self.attention(i, layer, qkv, batch, cache), layer.o, layer.o_bias)
+            x = x + (attn if layer.post_attn_norm is None
+                     else rms_norm(attn, layer.post_attn_norm, eps))
+            gate, up = F.linear(rms_norm(x, layer.mlp_norm, eps), layer.gate_up).chunk(2, -1)
+            mlp = F.linear(act(gate) * up, layer.down)
+            x = x + (mlp if layer.post_mlp_norm is None
+                     else rms_norm(mlp, layer.post_mlp_norm, eps))
+        if batch.logits_at is not None:
+            x = x[batch.logits_at]
+        return self.softcap(F.linear(rms_norm(x, self.norm, eps), self.lm_head).float())
 
-    def attention(self, layer: int, qkv: torch.Tensor, batch: Batch, cache) -> torch.Tensor:
+    def attention(self, i: int, layer: Layer, qkv: torch.Tensor, batch: Batch,
+                  cache) -> torch.Tensor:
         s, t = self.shape, qkv.shape[0]
-        qk = qkv[:, :self.q_dim + self.kv_dim]
-        rotate(qk.view(t, s.heads + s.kv_heads, s.head_dim), batch.freqs)
         q = qkv[:, :self.q_dim].view(t, s.heads, s.head_dim)
         k = qkv[:, self.q_dim:self.q_dim + self.kv_dim].view(t, s.kv_heads, s.head_dim)
         v = qkv[:, self.q_dim + self.kv_dim:].view(t, s.kv_heads, s.head_dim)
-        keys, values = cache.k[layer], cache.v[layer]  # [rows, kv_heads, cap, head_dim]
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, s.eps)
+            k = rms_norm(k, layer.k_norm, s.eps)
+        cos, sin = batch.freqs[s.layer_types[i]]
+        q, k = rotate(q, cos, sin, s.neox), rotate(k, cos, sin, s.neox)
+        window = s.windows[i]
+        keys, values = cache.k[i], cache.v[i]  # [rows, kv_heads, cap, head_dim]
         out = torch.empty((t, s.heads, s.head_dim), dtype=qkv.dtype, device=qkv.device)
         d = batch.decode
         if d:
@@ -271,52 +336,66 @@ class LlamaModel:
             keys[batch.rows, :, dpos] = k[:d]
             values[batch.rows, :, dpos] = v[:d]
             out[:d] = self.decode_attention(q[:d], keys[:d, :, :batch.span],
-                                            values[:d, :, :batch.span], batch.decode_mask)
-        self.chunk_attention(layer, qkv, batch, cache, out)
-        return out.view(t, self.q_dim)
-
-    def chunk_attention(self, layer: int, qkv: torch.Tensor, batch: Batch, cache, out) -> None:
-        """Each prompt chunk: its keys and values into its cache row, then its queries over
-        that row up to the chunk's end (earlier chunks included). out: [T, heads, head_dim]."""
-        s, t = self.shape, qkv.shape[0]
-        q = qkv[:, :self.q_dim].view(t, s.heads, s.head_dim)
-        k = qkv[:, self.q_dim:self.q_dim + self.kv_dim].view(t, s.kv_heads, s.head_dim)
-        v = qkv[:, self.q_dim + self.kv_dim:].view(t, s.kv_heads, s.head_dim)
-        keys, values = cache.k[layer], cache.v[layer]
-        at = batch.decode
+                                            values[:d, :, :batch.span],
+                                            batch.decode_masks[window])
+        at = d
         for c in batch.chunks:
             end = c.start + c.length
             keys[c.row, :, c.start:end] = k[at:at + c.length].transpose(0, 1)
             values[c.row, :, c.start:end] = v[at:at + c.length].transpose(0, 1)
             qc = q[at:at + c.length].transpose(0, 1)[None]  # [1, heads, length, head_dim]
-            oc = F.scaled_dot_product_attention(
-                qc, keys[c.row:c.row + 1, :, :end], values[c.row:c.row + 1, :, :end],
-                attn_mask=c.mask, is_causal=c.mask is None, enable_gqa=self.group > 1)
+            kc, vc = keys[c.row:c.row + 1, :, :end], values[c.row:c.row + 1, :, :end]
+            if s.attn_softcap:
+                oc = self.capped_attention(qc, kc, vc, c.mask[window])
+            else:
+                oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask[window],
+                                                    scale=s.scale, enable_gqa=self.group > 1)
             out[at:at + c.length] = oc[0].transpose(0, 1)
             at += c.length
+        return out.view(t, self.q_dim)
+
+    def scores(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        s = torch.matmul(q, keys.transpose(-1, -2)).mul_(self.shape.scale)
+        cap = self.shape.attn_softcap
+        return torch.tanh(s / cap) * cap if cap else s
+
+    def decode_attention(self, q, keys, values, visible) -> torch.Tensor:
+        """One query per row against its cached keys: [D, heads, head_dim]. Each kv head's group
+        of query heads is folded into the query axis, so keys and values are never copied."""
+        s, d = self.shape, q.shape[0]
+        qd = q.reshape(d, s.kv_heads, self.group, s.head_dim)
+        scores = self.scores(qd, keys).masked_fill_(~visible, float("-inf"))
+        return torch.matmul(torch.softmax(scores.float(), dim=-1).to(values.dtype),
+                            values).view(d, s.heads, s.head_dim)
+
+    def capped_attention(self, q, keys, values, mask) -> torch.Tensor:
+        """A chunk's attention with soft-capped scores (Gemma 2), query heads grouped."""
+        s = self.shape
+        h, n = q.shape[1], q.shape[2]
+        qg = q.reshape(1, s.kv_heads, self.group * n, s.head_dim)
+        scores = self.scores(qg, keys).view(1, s.kv_heads, self.group, n, -1)
+        scores = scores.masked_fill_(~mask, float("-inf")).reshape(1, s.kv_heads, self.group * n,
+                                                                     -1)
+        out = torch.matmul(torch.softmax(scores.float(), -1).to(values.dtype), values)
+        return out.reshape(1, h, n, s.head_dim)
 
 
-def cpu_kernels(device: torch.device, dtype: torch.dtype):
-    """The C kernels' module when this model can use them (float32 on a CPU that runs them)."""
-    if device.type != "cpu" or dtype != torch.float32:
-        return None
-    from nodes.engine import kernels
-    return kernels if kernels.library() is not None else None
+def partial_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama's RMSNorm in a few plain ops (torch's rms_norm is a slower composite on CPU)."""
-    if x.dtype != torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return x * x.square().mean(-1, keepdim=True).add_(eps).rsqrt_() * weight
+    """RMSNorm over the last axis, computed in float32."""
+    xf = x.float()
+    return (xf * xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()).to(x.dtype) * weight
 
 
-def rotate(x: torch.Tensor, freqs: torch.Tensor) -> None:
-    """Rotary embedding in place over interleaved pairs: x [T, heads, head_dim], freqs [T, 1,
-    head_dim/2] complex. float32 as one complex multiply; other dtypes through float32."""
-    if x.dtype == torch.float32:
-        xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
-        xc.mul_(freqs)
-        return
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous()) * freqs
-    x.copy_(torch.view_as_real(xc).flatten(-2))
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """Rotary embedding of x [T, heads, head_dim] by cos, sin [T, head_dim/2]: pairs (i, i+half)
+    (neox) or (2i, 2i+1)."""
+    cos, sin = cos[:, None], sin[:, None]
+    if neox:
+        a, b = x.chunk(2, dim=-1)
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)

@@ -19,13 +19,14 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from nodes.engine.paths import cache_root
 
 log = logging.getLogger("treechat.engine")
 
@@ -51,10 +52,6 @@ DUMMY_CONFIGS = {
                                  tie_word_embeddings=False, bos_token_id=128000,
                                  eos_token_id=128001)),
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TREECHAT_CACHE") or Path.home() / ".cache" / "treechat")
 
 
 def default_gguf() -> Path:
@@ -141,19 +138,18 @@ def pick_dtype(dtype: str, device: torch.device, config) -> torch.dtype:
     return own if own in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def pick_quantization(asked: str, device: torch.device, quantized_file: bool,
-                      ours: bool) -> str:
-    """auto: on a CPU, a quantized file's own blocks (int4: its Q4_1 blocks as they are, its
-    8-bit blocks 8-bit), a float file's float weights; on a GPU, bfloat16 (no quantization)."""
+def pick_quantization(asked: str, device: torch.device, ours: bool) -> str:
+    """What a model's float weights become. On a CPU with our runner: float32 rows (none, and
+    auto), Q8_0 (int8) or Q4_1 (int4) blocks; a GGUF file's quantized blocks stay as they are
+    whatever is asked (never re-quantized, never below the file's precision). On a GPU every
+    weight is dequantized once to the dtype (bfloat16)."""
     if asked in ("int8", "int4"):
         if device.type != "cpu":
             raise ValueError(f"--quantization {asked} runs on CPUs; on a GPU use none (bfloat16)")
         if not ours:
-            raise ValueError(f"--quantization {asked} needs the llama runner, which does not "
+            raise ValueError(f"--quantization {asked} needs our runner, which does not "
                              "run this architecture (use --quantization none)")
         return asked
-    if asked == "auto" and device.type == "cpu" and quantized_file and ours:
-        return "int4"
     return "none"
 
 
@@ -169,7 +165,7 @@ class Loaded:
     quantization: str
     eos_ids: frozenset[int]
     sampling_defaults: tuple[float, float]
-    model: object = None  # nodes.engine.llama.LlamaModel
+    model: object = None  # nodes.engine.llama.CpuModel or TorchModel
     net: object = None  # a transformers causal LM (the fallback runner)
 
     @property
@@ -178,8 +174,7 @@ class Loaded:
         for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
             value = getattr(cfg, name, None)
             if isinstance(value, int) and value > 0:
-                window = getattr(cfg, "sliding_window", None) if self.model is not None else None
-                return min(value, window) if isinstance(window, int) and window > 0 else value
+                return value
         return 4096
 
     @property
@@ -189,49 +184,68 @@ class Loaded:
 
 def load(model: str | None, *, device: str, dtype: str, load_format: str,
          model_config: str | None, quantization: str = "auto") -> Loaded:
-    """Find the model, decide the runner (ours for the Llama family, else transformers') and
-    the precision, and load it. The default model's weights come straight from its GGUF file."""
+    """Find the model, decide the runner (ours for the families it serves, else transformers')
+    and the precision, and load it. A GGUF file's weights are read straight from the file."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from nodes.engine import llama, weights
+    from nodes.engine import families, llama, weights
     dev = pick_device(device)
-    source, quantized, defaults = None, False, DEFAULT_SAMPLING
+    source, defaults = None, DEFAULT_SAMPLING
     if load_format == "dummy":
         kind, values = DUMMY_CONFIGS[model_config]
         config = AutoConfig.for_model(kind, **values)
         folder, name = default_folder() if model is None else Path(resolve(model)), \
             f"dummy-{model_config}"
+        if families.unsupported(config) is None:
+            source = weights.RandomSource(llama.Shape.of(config), dev)
     else:
         gguf = default_gguf() if model is None else Path(model).expanduser()
         if gguf.suffix == ".gguf" and gguf.is_file():
             folder = meta_folder(gguf, DEFAULT_MODEL if model is None else gguf.stem)
             config = AutoConfig.from_pretrained(folder)
-            if llama.supports(config) is None:
-                source = weights.open_gguf(gguf)
-            quantized = source is not None
-            if source is None:  # an architecture or tensor type our runner does not read: convert it once
+            why = families.unsupported(config)
+            if why is None:
+                source = weights.open_gguf(gguf)  # a tensor type we do not read: an error here
+            else:
+                log.warning("%s: %s, so it runs on transformers' own forward, the slow path "
+                            "(its weights converted once to float32)", gguf.name, why)
                 folder = convert_gguf(gguf, f"{gguf.stem}-{gguf.stat().st_size}")
         else:
             folder = local_folder(model)
             config = AutoConfig.from_pretrained(folder)
-            if llama.supports(config) is None and any(folder.glob("*.safetensors")):
-                source = weights.SafetensorsSource(folder)
+            why = families.unsupported(config)
+            if why is None and any(folder.glob("*.safetensors")):
+                source = weights.SafetensorsSource(folder, families.of(config))
+            elif why is not None:
+                log.warning("%s: %s, so it runs on transformers' own forward, the slow path",
+                            folder.name, why)
         name = model_name(model)
         if model is not None:
             defaults = None
-    ours = llama.supports(config) is None and (source is not None or load_format == "dummy")
+    ours = source is not None
     dt = pick_dtype(dtype, dev, config)
-    mode = pick_quantization(quantization, dev, quantized, ours)
+    mode = pick_quantization(quantization, dev, ours)
     tok = AutoTokenizer.from_pretrained(folder)
     gen = generation_config(folder, config)
     loaded = Loaded(config=config, tokenizer=tok, name=name, device=dev, dtype=dt,
-                    quantization=mode, eos_ids=eos_ids(gen, tok),
+                    quantization=describe(source, mode), eos_ids=eos_ids(gen, tok),
                     sampling_defaults=defaults or sampling_defaults(gen))
     if ours:
         loaded.model = weights.build(config, source, mode=mode, device=dev, dtype=dt)
     else:
         loaded.net = transformers_model(config, folder, load_format, dev, dt)
     return loaded
+
+
+def describe(source, mode: str) -> str:
+    """The weights' precision in words: a GGUF file's block types, or the mode."""
+    from collections import Counter
+
+    from nodes.engine.weights import GGUFSource
+    if not isinstance(source, GGUFSource):
+        return mode
+    kinds = Counter(t.tensor_type.name for t in source.tensors.values() if t.data.ndim > 1)
+    return "gguf " + "+".join(k for k, _ in kinds.most_common())
 
 
 def model_name(model: str | None) -> str:
@@ -271,6 +285,13 @@ def transformers_model(config, folder, load_format: str, dev, dt):
     else:
         net = AutoModelForCausalLM.from_pretrained(folder, dtype=dt).to(dev)
     return net.eval()
+
+
+def kv_token_bytes(loaded: Loaded) -> int:
+    """Bytes of K and V one token takes in this model's cache."""
+    from nodes.engine.kvcache import per_token_bytes
+    dtype = loaded.model.cache_dtype if loaded.model is not None else loaded.dtype
+    return per_token_bytes(loaded.config, dtype)
 
 
 def make_runner(loaded: Loaded, *, slots: int, max_model_len: int, kv_budget: int | None,

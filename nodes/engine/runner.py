@@ -21,7 +21,7 @@ import logging
 import torch
 
 from nodes.engine.kvcache import RowCache, SlotCache
-from nodes.engine.llama import Batch, Chunk, LlamaModel
+from nodes.engine.llama import Batch, Chunk, Model
 
 log = logging.getLogger("treechat.engine")
 
@@ -32,7 +32,7 @@ GRAPH_SPAN_MIN = 256  # attention-span buckets: 256, 512, ... up to the cache's 
 class LlamaRunner:
     chunked = True
 
-    def __init__(self, model: LlamaModel, cache: RowCache, graphs: bool):
+    def __init__(self, model: Model, cache: RowCache, graphs: bool):
         self.model = model
         self.cache = cache
         self.device = model.device
@@ -74,7 +74,7 @@ class DecodeGraphs:
     and their logits are ignored. The attention span is the bucket's, masked per row by `pos`.
     With `capture=False` the same static step runs eagerly (what the CPU tests check)."""
 
-    def __init__(self, model: LlamaModel, cache: RowCache, capture: bool = True):
+    def __init__(self, model: Model, cache: RowCache, capture: bool = True):
         self.model, self.cache, self.capture_graphs = model, cache, capture
         self.scratch = cache.rows - 1  # the static cache's spare row
         self.graphs: dict[tuple[int, int], tuple] = {}

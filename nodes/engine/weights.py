@@ -1,236 +1,240 @@
-"""Weights for the llama runner: read once, fused, quantized, laid out for `nodes.engine.llama`.
+"""Weights for our runner: read once, laid out for `nodes.engine.llama`.
 
-Three sources, one result (a `LlamaModel`):
+Three sources, one result (a CpuModel or a TorchModel):
 
-    safetensors  a Hugging Face folder (any shard layout): float weights, quantized here if asked
-    gguf         a llama.cpp file: Q4_1 blocks are kept as they are for int4 (a scale and a
-                 minimum per 32 weights is exactly our int4 group) or dequantized exactly for
-                 int8/none; Q8_0 and float tensors likewise; memory-mapped by gguffile.py
-    dummy        random weights of a published shape, made directly on the device (benchmarks)
+    GGUFSource         a llama.cpp file, memory-mapped (formats/gguf.py): every matrix stays in
+                       the file's own blocks (`Blocks`, a view of the mapped bytes: no copy, no
+                       float32 anywhere), whatever mix of types the file has
+    SafetensorsSource  a Hugging Face folder: float weights, quantized here if asked (--quantization
+                       int8: Q8_0, int4: Q4_1, by gguf's reference quantizer)
+    RandomSource       random weights of a published shape (benchmarks, --load-format dummy)
 
-Per layer q/k/v become one matrix and gate/up another (`fuse`). Queries and keys are permuted
-into the interleaved rotary layout unless the file already has it (llama.cpp stores Llama-arch
-q/k that way). A tensor is never stored below its file's precision: a Q8_0 embedding stays
-8-bit in int4 mode.
+On a CPU with our kernels the model keeps Blocks; a GPU (or a CPU without them) gets each matrix
+dequantized once to its dtype, q|k|v and gate|up concatenated. Tensor names per source and per
+family differ only in the norms around the MLP (Gemma's `pre_feedforward_layernorm` is Llama's
+`post_attention_layernorm`).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as T
 
-from nodes.engine import quant
-from nodes.engine.llama import Layer, LlamaModel, Shape, inv_freq
+from nodes.engine import blocks
+from nodes.engine.blocks import Blocks
+from nodes.engine.llama import CpuModel, Layer, Shape, TorchModel, rotary
 
 log = logging.getLogger("treechat.engine")
 
-HF_NAMES = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
-            "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-            "down": "mlp.down_proj"}
-GGUF_NAMES = {"attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight", "q": "attn_q",
-              "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
+MODES = ("none", "int8", "int4")
+MODE_TYPES = {"none": T.F32, "int8": T.Q8_0, "int4": T.Q4_1}
+
+GGUF_NAMES = {"attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v",
+              "qkv": "attn_qkv", "o": "attn_output", "q_norm": "attn_q_norm",
+              "k_norm": "attn_k_norm", "post_attn_norm": "post_attention_norm",
+              "mlp_norm": "ffn_norm", "post_mlp_norm": "post_ffw_norm", "gate": "ffn_gate",
               "up": "ffn_up", "down": "ffn_down"}
+HF_NAMES = {"attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+            "v": "self_attn.v_proj", "qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj",
+            "q_norm": "self_attn.q_norm",
+            "k_norm": "self_attn.k_norm", "mlp_norm": "post_attention_layernorm",
+            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+HF_POST_NORM_NAMES = {**HF_NAMES, "post_attn_norm": "post_attention_layernorm",
+                      "mlp_norm": "pre_feedforward_layernorm",
+                      "post_mlp_norm": "post_feedforward_layernorm"}
 
 
-# --- tensors, whatever the file -----------------------------------------------------------------
+class GGUFSource:
+    """A GGUF file's tensors: matrices as Blocks over the mapped file, vectors as float32."""
 
+    embed, norm, head = "token_embd.weight", "output_norm.weight", "output.weight"
+    names = GGUF_NAMES
+    norm_shift = 0.0  # llama.cpp's converter already added Gemma's 1 to its norms
 
-class Q4Blocks:
-    """GGUF Q4_1 blocks of a [N, K] matrix: qs uint8 [N, K/2], d and m float16 [N, K/32]."""
-
-    fields = ("qs", "d", "m")
-
-    def __init__(self, *parts):
-        for name, value in zip(self.fields, parts):
-            setattr(self, name, value)
-
-    @classmethod
-    def cat(cls, parts: list) -> "Q4Blocks":
-        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in cls.fields))
-
-    def permute(self, heads: int):
-        return type(self)(*(interleave(getattr(self, f), heads) for f in self.fields))
-
-    def dequantize(self) -> torch.Tensor:
-        return quant.dequantize_q4_1(self.qs, self.d, self.m)
-
-
-class Q8Blocks(Q4Blocks):
-    """GGUF Q8_0 blocks of a [N, K] matrix: q int8 [N, K], d float16 [N, K/32]."""
-
-    fields = ("q", "d")
-
-    def dequantize(self) -> torch.Tensor:
-        return quant.dequantize_q8_0(self.q, self.d)
-
-
-def interleave(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of each head from the half-split rotary layout to the interleaved one (row 2i is old
-    row i, row 2i+1 old row i + head_dim/2), as llama.cpp's converter does for Llama."""
-    n = w.shape[0]
-    return w.reshape(heads, 2, n // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-class SafetensorsSource:
-    prefix = "model.layers."
-    names = HF_NAMES
-    interleaved = False
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-        self.files = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            handle = safe_open(str(f), framework="pt")
-            for name in handle.keys():
-                self.files[name] = handle
-
-    def has(self, name: str) -> bool:
-        return name in self.files
-
-    def get(self, name: str):
-        return self.files[name].get_tensor(name)
+    def __init__(self, path: Path):
+        from nodes.engine.formats import gguf
+        self.path = path
+        self.meta, self.tensors = gguf.read(path)
+        for name, t in self.tensors.items():
+            blocks.check_type(t.tensor_type, name, path)
+        # llama.cpp permutes Llama q/k rows to rotate (2i, 2i+1); every other family is as HF's
+        self.neox = self.meta.get("general.architecture") != "llama"
 
     def layer(self, i: int, part: str, what: str = "weight") -> str:
-        return f"{self.prefix}{i}.{self.names[part]}" + ("" if part.endswith("norm") else f".{what}")
-
-    embed, norm, head = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
-
-
-class GGUFSource(SafetensorsSource):
-    prefix = "blk."
-    names = GGUF_NAMES
-    embed, norm, head = "token_embd.weight", "output_norm.weight", "output.weight"
-
-    def __init__(self, tensors: dict, arch: str):
-        from gguf import GGMLQuantizationType as T
-        self.T = T
-        self.tensors = tensors
-        self.interleaved = arch == "llama"  # llama.cpp permutes Llama q/k, not Qwen2's
+        return f"blk.{i}.{self.names[part]}.{what}"
 
     def has(self, name: str) -> bool:
         return name in self.tensors
 
     def get(self, name: str):
-        """A float tensor, or the blocks as the file has them (Q4Blocks, Q8Blocks)."""
         t = self.tensors[name]
-        data = np.asarray(t.data)
-        if t.tensor_type == self.T.BF16:
-            return torch.from_numpy(data.copy()).view(torch.bfloat16).float()
-        if t.tensor_type in (self.T.F32, self.T.F16):
-            return torch.from_numpy(data.astype(np.float32, copy=True))
-        q4 = t.tensor_type == self.T.Q4_1
-        blocks = data.reshape(data.shape[0], -1, 20 if q4 else 34)
-        d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0])
-        if not q4:
-            return Q8Blocks(torch.from_numpy(blocks[..., 2:].copy().view(np.int8))
-                            .reshape(data.shape[0], -1), d)
-        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0])
-        return Q4Blocks(torch.from_numpy(blocks[..., 4:].copy()).reshape(data.shape[0], -1), d, m)
+        if t.data.ndim == 1:
+            if t.tensor_type == T.BF16:
+                return torch.from_numpy(t.data.copy()).view(torch.bfloat16).float()
+            return torch.from_numpy(np.asarray(t.data, dtype=np.float32))
+        raw = t.data.view(np.uint8).reshape(t.data.shape[0], -1)
+        return Blocks(t.tensor_type, torch.from_numpy(raw), t.columns)
 
 
-# --- building the model -------------------------------------------------------------------------
+class SafetensorsSource:
+    embed, norm, head = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+    neox = True
+
+    def __init__(self, folder: Path, family):
+        from safetensors import safe_open
+        self.files = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            handle = safe_open(str(f), framework="pt")
+            for name in handle.keys():
+                self.files[name.removeprefix("language_model.")] = (handle, name)
+        self.names = HF_POST_NORM_NAMES if family.post_norms else HF_NAMES
+        self.norm_shift = family.norm_shift
+
+    def layer(self, i: int, part: str, what: str = "weight") -> str:
+        return f"model.layers.{i}.{self.names.get(part, part)}.{what}"
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        handle, key = self.files[name]
+        return handle.get_tensor(key).float()
 
 
-def fuse(parts: list, heads_of: list[int | None], interleaved: bool):
-    """Concatenate q|k|v (or gate|up) along output rows, permuting q and k rows to the
-    interleaved rotary layout when the file has the half-split one. Parts of different kinds
-    are made float first."""
-    if len({type(w) for w in parts}) > 1:
-        parts = [floats(w) for w in parts]
-    out = []
-    for w, heads in zip(parts, heads_of):
-        if heads is not None and not interleaved:
-            w = w.permute(heads) if isinstance(w, Q4Blocks) else interleave(w, heads)
-        out.append(w)
-    return type(out[0]).cat(out) if isinstance(out[0], Q4Blocks) else torch.cat(out)
+class RandomSource:
+    """Random weights of a shape: matrices N(0, 0.02), norms ones, biases zeros; names are
+    `LAYER.PART.weight` (or `.bias`), and embed, head, norm."""
+
+    neox, norm_shift = True, 0.0
+    embed, norm, head = "embed", "norm", "head"
+
+    def __init__(self, shape: Shape, device: torch.device):
+        s, self.family, self.device = shape, shape.family, device
+        q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        self.shapes = {"q": (q, s.hidden), "k": (kv, s.hidden), "v": (kv, s.hidden),
+                       "o": (s.hidden, q), "gate": (s.intermediate, s.hidden),
+                       "up": (s.intermediate, s.hidden), "down": (s.hidden, s.intermediate),
+                       "embed": (s.vocab, s.hidden), "q_norm": (s.head_dim,),
+                       "k_norm": (s.head_dim,)}
+        self.hidden = s.hidden
+
+    def layer(self, i: int, part: str, what: str = "weight") -> str:
+        return f"{i}.{part}.{what}"
+
+    @staticmethod
+    def parse(name: str) -> tuple[str, str]:
+        return tuple(name.split(".")[1:]) if "." in name else (name, "weight")
+
+    def has(self, name: str) -> bool:
+        part, what = self.parse(name)
+        if what == "bias":
+            return self.family.qkv_bias and part in ("q", "k", "v")
+        return {"q_norm": self.family.qk_norm, "k_norm": self.family.qk_norm,
+                "post_attn_norm": self.family.post_norms,
+                "post_mlp_norm": self.family.post_norms}.get(part, part not in ("qkv", "head"))
+
+    def get(self, name: str) -> torch.Tensor:
+        part, what = self.parse(name)
+        shape = self.shapes.get(part, (self.hidden,))  # a norm, unless named
+        if what == "bias":
+            return torch.zeros(shape[0], device=self.device)
+        if len(shape) == 1:
+            return torch.ones(shape, device=self.device)
+        return torch.randn(shape, device=self.device) * 0.02
 
 
-def floats(w) -> torch.Tensor:
-    return w.dequantize() if isinstance(w, Q4Blocks) else w.float()
+def open_gguf(path: Path) -> GGUFSource:
+    return GGUFSource(path)
 
 
-def linear(w, bias, mode: str, dtype: torch.dtype, device: torch.device):
-    """A linear layer in `mode`: none (dense), int4 (Q4_1; 8-bit blocks stay 8-bit) or int8
-    (Q8_0). Blocks the file has in that precision are used as they are."""
-    if mode == "none":
-        return quant.Dense(floats(w).to(device=device, dtype=dtype),
-                           None if bias is None else bias.to(device=device, dtype=dtype))
-    if isinstance(w, Q8Blocks):
-        return quant.Q8_0(w.q, w.d, bias)
-    if mode == "int4":
-        return quant.Q4_1(w.qs, w.d, w.m, bias) if isinstance(w, Q4Blocks) else \
-            quant.Q4_1(*quant.quantize_q4_1(w), bias)
-    return quant.Q8_0(*quant.quantize_q8_0(floats(w)), bias)
+def build(config, source, *, mode: str, device: torch.device, dtype: torch.dtype):
+    """Our model from a source: a CpuModel where our kernels run (a CPU, float32 activations),
+    else a TorchModel (dense weights in `dtype` on `device`)."""
+    from nodes.engine.blocks import kernels
+    shape = Shape.of(config, neox=source.neox)
+    on_kernels = device.type == "cpu" and dtype == torch.float32 and kernels.library() is not None
+    kind = MODE_TYPES[mode]
 
+    def vector(name: str) -> torch.Tensor:
+        v = source.get(name).float()
+        if source.norm_shift and not name.endswith("bias"):
+            v = v + source.norm_shift
+        return v.to(device).contiguous() if not on_kernels else v.contiguous()
 
-def build(config, source, *, mode: str, device: torch.device, dtype: torch.dtype) -> LlamaModel:
-    """A LlamaModel from a SafetensorsSource, a GGUFSource or None (random weights)."""
-    s = Shape.of(config)
-    get = (lambda name, shape: _random(shape, name, device, dtype)) if source is None else (
-        lambda name, shape: source.get(name))
-    has = (lambda name: not name.endswith("bias") or s.qkv_bias) if source is None else source.has
-    interleaved = source is None or source.interleaved
-    norm_t = lambda name: get(name, (s.hidden,)).to(device=device, dtype=dtype)  # noqa: E731
+    def matrix(name: str, bias: str | None = None, floor: T | None = None) -> Blocks | Float:
+        w = source.get(name)
+        b = source.get(bias).float() if bias and source.has(bias) else None
+        if isinstance(w, Blocks):
+            return w if b is None else Blocks(w.kind, w.raw, w.k, b)
+        # float weights: in the mode's blocks for our kernels, else as they are
+        want = floor if floor is not None and kind != T.F32 else kind
+        return Blocks.of(w.cpu(), want, b) if on_kernels else Float(w, b)
+
+    def optional(i, part):
+        name = source.layer(i, part)
+        return vector(name) if source.has(name) else None
+
     layers = []
-    for i in range(s.layers):
-        name = (lambda part, what="weight": f"{i}.{part}.{what}") if source is None else (
-            lambda part, what="weight": source.layer(i, part, what))
-        qkv_shapes = [(s.heads * s.head_dim, s.hidden), (s.kv_heads * s.head_dim, s.hidden),
-                      (s.kv_heads * s.head_dim, s.hidden)]
-        qkv = fuse([get(name(p), shp) for p, shp in zip("qkv", qkv_shapes)],
-                   [s.heads, s.kv_heads, None], interleaved)
-        qkv_bias = None
-        if s.qkv_bias and has(name("q", "bias")):
-            qkv_bias = fuse([get(name(p, "bias"), (shp[0],)) for p, shp in zip("qkv", qkv_shapes)],
-                            [s.heads, s.kv_heads, None], interleaved)
-        o_bias = get(name("o", "bias"), (s.hidden,)) if s.o_bias else None
-        gate_up = fuse([get(name("gate"), (s.intermediate, s.hidden)),
-                        get(name("up"), (s.intermediate, s.hidden))], [None, None], True)
-        layers.append(Layer(
-            attn_norm=norm_t(name("attn_norm")),
-            qkv=linear(qkv, qkv_bias, mode, dtype, device),
-            o=linear(get(name("o"), (s.hidden, s.heads * s.head_dim)), o_bias, mode, dtype, device),
-            mlp_norm=norm_t(name("mlp_norm")),
-            gate_up=linear(gate_up, None, mode, dtype, device),
-            down=linear(get(name("down"), (s.hidden, s.intermediate)), None, mode, dtype, device)))
-    embed = get("embed" if source is None else source.embed, (s.vocab, s.hidden))
-    if s.tied or source is None or not source.has(source.head):
-        head_w = embed
-    else:
-        head_w = get(source.head, (s.vocab, s.hidden))
-    if mode == "none":
-        table = floats(embed).to(device=device, dtype=dtype)
-        lm_head = quant.Dense(table) if head_w is embed else linear(head_w, None, mode, dtype,
-                                                                     device)
-    else:  # the lookup table in 8-bit blocks; the head never below 8 bits unless the file is
-        blocks = embed if isinstance(embed, Q8Blocks) else Q8Blocks(*quant.quantize_q8_0(
-            floats(embed)))
-        table = (blocks.q, blocks.d)
-        head_w = blocks if head_w is embed else head_w
-        lm_head = linear(head_w, None, "int8" if not isinstance(head_w, Q4Blocks) else mode,
-                         dtype, device)
-    final_norm = norm_t("norm" if source is None else source.norm)
-    return LlamaModel(s, table, layers, final_norm, lm_head, inv_freq(config), device, dtype)
+    for i in range(shape.layers):
+        def name(part, what="weight", i=i):
+            return source.layer(i, part, what)
+        if source.has(name("qkv")):  # one fused matrix (Phi-3's files)
+            qkv = [matrix(name("qkv"), name("qkv", "bias"))]
+        else:
+            qkv = [matrix(name(p), name(p, "bias")) for p in "qkv"]
+        if source.has(name("gate")):
+            gate_up = [matrix(name("gate")), matrix(name("up"))]
+        else:  # gate and up fused in one matrix (Phi-3's ffn_up)
+            gate_up = [matrix(name("up"))]
+        layers.append(Layer(attn_norm=vector(name("attn_norm")), qkv=qkv, o=matrix(name("o")),
+                            mlp_norm=vector(name("mlp_norm")), gate_up=gate_up,
+                            down=matrix(name("down")), q_norm=optional(i, "q_norm"),
+                            k_norm=optional(i, "k_norm"),
+                            post_attn_norm=optional(i, "post_attn_norm"),
+                            post_mlp_norm=optional(i, "post_mlp_norm")))
+    # a float model's embeddings and head stay 8-bit when its layers are quantized (llama.cpp's
+    # choice too: the head is where 4 bits cost the most)
+    embed = matrix(source.embed, floor=T.Q8_0)
+    head = embed if shape.tied or not source.has(source.head) else \
+        matrix(source.head, floor=T.Q8_0)
+    norm = vector(source.norm)
+    rope = rotary(config)
+    if on_kernels:
+        return CpuModel(shape, embed, layers, norm, head, rope)
+    return torch_model(shape, embed, layers, norm, head, rope, device, dtype)
 
 
-def _random(shape, name: str, device, dtype) -> torch.Tensor:
-    if name.endswith("norm") or "norm." in name:
-        return torch.ones(shape, device=device, dtype=dtype)
-    if name.endswith("bias"):
-        return torch.zeros(shape, device=device, dtype=dtype)
-    return torch.randn(shape, device=device, dtype=dtype) * 0.02
+@dataclass
+class Float:
+    """A float matrix (and bias) for the TorchModel, on its way to the device."""
+
+    w: torch.Tensor
+    bias: torch.Tensor | None = None
 
 
-def open_gguf(path: Path) -> "GGUFSource | None":
-    """The file's tensors, or None when one comes in a type GGUFSource does not read."""
-    from gguf import GGMLQuantizationType as T
-    from nodes.engine import gguffile
-    meta, tensors = gguffile.read(path)
-    known = {T.F32, T.F16, T.BF16, T.Q4_1, T.Q8_0}
-    if any(t.tensor_type not in known for t in tensors.values()):
-        return None
-    return GGUFSource(tensors, meta["general.architecture"])
+def dense(w: Blocks | Float, device, dtype) -> torch.Tensor:
+    return (w.dequantize() if isinstance(w, Blocks) else w.w).to(device=device, dtype=dtype)
+
+
+def torch_model(shape, embed, layers, norm, head, rope, device, dtype) -> TorchModel:
+    """Every matrix dequantized once into `dtype` on `device`, q|k|v and gate|up fused."""
+    for layer in layers:
+        biases = [p.bias for p in layer.qkv]
+        layer.qkv_bias = None if any(b is None for b in biases) else \
+            torch.cat(biases).to(device=device, dtype=dtype)
+        layer.qkv = torch.cat([dense(p, device, dtype) for p in layer.qkv])
+        layer.gate_up = torch.cat([dense(p, device, dtype) for p in layer.gate_up])
+        layer.o, layer.down = dense(layer.o, device, dtype), dense(layer.down, device, dtype)
+        for f in ("attn_norm", "mlp_norm", "q_norm", "k_norm", "post_attn_norm",
+                  "post_mlp_norm"):
+            v = getattr(layer, f)
+            setattr(layer, f, None if v is None else v.to(device=device, dtype=dtype))
+    table = dense(embed, device, dtype)
+    lm_head = table if head is embed else dense(head, device, dtype)
+    return TorchModel(shape, table, layers, norm.to(device=device, dtype=dtype), lm_head, rope,
+                      device, dtype)

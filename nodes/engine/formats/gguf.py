@@ -1,5 +1,8 @@
 """The tensors of a GGUF file, memory-mapped, without reading its metadata into Python objects.
 
+(The format's reading lives here, the bottom of the engine's rooms; tests and benchmarks write
+files with the `gguf` package's GGUFWriter.)
+
 `gguf.GGUFReader` turns every metadata value into numpy views, the tokenizer's 49,152 tokens and
 48,900 merges included: 4-7 s for the default model, most of a warm start. The runner needs only
 the architecture's name and where each tensor lies, so this walks the header with `struct`,
@@ -32,7 +35,8 @@ FLOATS = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.flo
 class Tensor:
     name: str
     tensor_type: GGMLQuantizationType
-    data: np.ndarray
+    data: np.ndarray  # floats in their shape, or uint8 rows of blocks
+    columns: int  # weights per row (GGUF's first dimension)
 
 
 class GGUFError(ValueError):
@@ -72,8 +76,8 @@ class Header:
 
 def read(path: Path) -> tuple[dict, dict[str, Tensor]]:
     """(the file's scalar and string metadata, name -> Tensor). Arrays are skipped."""
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with open(path, "rb") as f:  # copy-on-write: writable arrays (torch wants them), and
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # nothing is ever written
     if bytes(buf[:4]) != MAGIC:
         raise GGUFError(f"{path} is not a GGUF file")
     try:
@@ -114,5 +118,5 @@ def parse(buf, path: Path) -> tuple[dict, dict[str, Tensor]]:
             data = raw.view(FLOATS[kind]).reshape(list(reversed(shape)))
         else:
             data = raw.reshape(rows, row_bytes)
-        tensors[name] = Tensor(name, kind, data)
+        tensors[name] = Tensor(name, kind, data, shape[0])
     return meta, tensors

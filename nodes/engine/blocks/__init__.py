@@ -1,0 +1,120 @@
+"""Weight matrices in GGUF's own blocks, and the products our runner takes of them.
+
+A `Blocks` is a matrix W [n, k] exactly as a GGUF file stores it: `raw`, uint8 [n, row_bytes],
+one row of blocks per output (for a file, a view of its mapped bytes: never copied, never
+converted), and its type. The types read (gguf.GGMLQuantizationType):
+
+    Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   runs of 32 weights with a float16 scale (and minimum)
+    Q4_K Q5_K Q6_K             super-blocks of 256 (what the _S/_M/_L mixes are made of)
+    F16 BF16 F32               plain rows
+
+On a CPU, products run on our kernels (kernels.c, read it for the arithmetic): `y = W(x)` and
+`W.add_to(x, y)` (y += x W^T, a residual without a temporary). Elsewhere (a GPU, or no
+compiler) the runner takes `dequantize()` once at load. A tensor of any other type is refused
+at load by `check_type`, naming it and the file, never converted behind the user's back.
+
+Adding a block type: its layout in kernels.c (`block_bytes`, `unpack`, `scales8`), its id in
+READ, and a case in the kernel test (tests/test_blocks.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import quants
+
+from nodes.engine.blocks import kernels
+
+READ = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
+FLOATS = (T.F32, T.F16, T.BF16)
+
+
+class UnreadableType(ValueError):
+    pass
+
+
+def check_type(kind: T, tensor: str, source) -> None:
+    if kind not in READ:
+        raise UnreadableType(
+            f"{source}: tensor {tensor} is stored as {kind.name}, a type treechat does not read "
+            f"(it reads {', '.join(t.name for t in READ)}); requantize the file to one of them, "
+            "e.g. with llama.cpp's llama-quantize")
+
+
+class Blocks:
+    """W [n, k] in GGUF blocks of type `kind`: raw uint8 [n, row_bytes]; `bias` float32 [n]."""
+
+    __slots__ = ("kind", "raw", "n", "k", "bias", "_c")
+
+    def __init__(self, kind: T, raw: torch.Tensor, k: int, bias: torch.Tensor | None = None):
+        block, size = GGML_QUANT_SIZES[kind]
+        if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] != k // block * size:
+            raise ValueError(f"{kind.name} rows of {k} weights are {k // block * size} bytes, "
+                             f"not {tuple(raw.shape)} {raw.dtype}")
+        self.kind, self.raw, self.n, self.k = kind, raw, raw.shape[0], k
+        self.bias = None if bias is None else bias.float().contiguous()
+        self._c = None
+
+    @classmethod
+    def of(cls, w: torch.Tensor, kind: T = T.F32, bias: torch.Tensor | None = None) -> "Blocks":
+        """A float matrix in `kind` (quantized by gguf's reference code where it is a block
+        type: Q8_0, Q4_1, ... for --quantization int8/int4 of a float model)."""
+        n, k = w.shape
+        if kind == T.F32:
+            raw = w.float().contiguous().view(torch.uint8).reshape(n, -1)
+        else:
+            raw = torch.from_numpy(np.ascontiguousarray(
+                quants.quantize(w.float().cpu().numpy(), kind)).view(np.uint8).reshape(n, -1))
+        return cls(kind, raw, k, bias)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.k
+
+    @property
+    def c(self) -> kernels.Linear:
+        """The kernels' view of this matrix (the tensors stay owned here)."""
+        if self._c is None:
+            self._c = kernels.Linear(int(self.kind), self.raw.data_ptr(), self.n, self.k,
+                                     self.raw.shape[1],
+                                     None if self.bias is None else self.bias.data_ptr())
+        return self._c
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty((x.shape[0], self.n), dtype=torch.float32)
+        self._matmul(x, y, False)
+        return y
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self._matmul(x, y, True)
+
+    def _matmul(self, x: torch.Tensor, y: torch.Tensor, acc: bool) -> None:
+        x = x.float().contiguous()
+        kernels.check(kernels.library().matmul(self.c, x.data_ptr(), x.shape[0], y.data_ptr(),
+                                               int(acc)), f"{self.kind.name} product")
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` as float32 [len(ids), k] (an embedding lookup)."""
+        lib = kernels.library()
+        if lib is None:
+            return self.dequantize()[ids]
+        ids = ids.to(torch.int64).contiguous()
+        out = torch.empty((ids.numel(), self.k), dtype=torch.float32)
+        kernels.check(lib.dequantize_rows(int(self.kind), self.raw.data_ptr(), self.raw.shape[1],
+                                          self.k, ids.data_ptr(), 0, ids.numel(),
+                                          out.data_ptr()), "embedding lookup")
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole matrix as float32 [n, k]: our kernels, or gguf's reference code."""
+        lib = kernels.library()
+        if lib is None:
+            return torch.from_numpy(np.ascontiguousarray(
+                quants.dequantize(self.raw.numpy(), self.kind), dtype=np.float32)
+            ).reshape(self.n, self.k)
+        out = torch.empty((self.n, self.k), dtype=torch.float32)
+        kernels.check(lib.dequantize_rows(int(self.kind), self.raw.data_ptr(), self.raw.shape[1],
+                                          self.k, None, 0, self.n, out.data_ptr()),
+                      "dequantize")
+        return out

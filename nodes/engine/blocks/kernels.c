@@ -1,0 +1,892 @@
+/* The CPU kernels of our runner (x86-64): matrix products over weights in GGUF's own blocks,
+ * read where they lie (the mapped file), and the few other operations of a layer, each one
+ * call, so a decode step is a few C calls instead of several hundred torch operators.
+ *
+ * Products: y[M, N] (+)= x[M, K] @ W[N, K]^T, W a row of blocks per output, in any of GGUF's
+ *   Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   blocks of 32 weights, one float16 scale (and minimum)
+ *   Q4_K Q5_K                  super-blocks of 256: eight sub-blocks of 32, 6-bit scales and
+ *                              minimums under a float16 scale of each
+ *   Q6_K                       super-blocks of 256: sixteen sub-blocks of 16, int8 scales
+ *   F16 BF16 F32               plain rows (a separate, simple kernel)
+ * Every blocked type is seen as runs of 32 weights: `unpack` turns one into 32 small integers
+ * (int8: q, or q - offset for the symmetric types), `scales8` gives eight runs' float scale and
+ * minimum at once (a K super-block is exactly eight runs). Q6_K's two sub-block scales of a run
+ * are folded into its integers (|q * s| <= 32 * 128 fits 16 bits). The activations are
+ * quantized per row and run of 32 to 16-bit integers (step max|x| / 32767, so the product is the
+ * float32 product to ~1e-5), and a run's dot product is integer arithmetic, scaled once:
+ *       sum_runs  scale_w * scale_x * sum(q * qx)  +  min_w * sum(x)
+ * (8-bit activations, llama.cpp's choice, are faster still but moved the 135M default model's
+ * greedy answers; 16 bits do not.) Rows of x are taken four at a time and weight rows two at a
+ * time, so a run is unpacked once per four rows and each x run loaded once for both weights.
+ *
+ * Vector paths, one source: built with -mavx2 the integer dot of a run is two 256-bit
+ * madd_epi16; built with -mavx512bw (and -mavx512vnni: vpdpwssd) one 512-bit. kernels.py builds
+ * the one the CPU's flags allow (TREECHAT_KERNELS=avx2 forces the narrower).
+ *
+ * Products of 32 rows or more (prompt chunks) dequantize the weights in panels into float32 and
+ * call the BLAS sgemm that torch carries (set by kernels.py): there a float GEMM is faster than
+ * integer dots.
+ *
+ * Threads: OpenMP, linked by soname, so in a process where torch already loaded its libgomp the
+ * two share one thread pool. Scratch is allocated per call, 64-byte aligned; a failed allocation
+ * returns -1.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* GGUF's tensor types (gguf.GGMLQuantizationType) */
+enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13,
+       Q6_K = 14, BF16 = 30 };
+
+#define RUN 32       /* weights per run */
+#define XR 4         /* rows of x per pass over a weight row */
+#define WR 2         /* weight rows per tile */
+#define DENSE_FROM 32 /* rows of x from which a product goes through sgemm */
+#define PANEL 256    /* weight rows dequantized at once for sgemm */
+
+static void *scratch(size_t bytes) {
+  void *p = NULL;
+  return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
+}
+
+static inline float half(const uint8_t *p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+static inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+/* --- the block types ------------------------------------------------------------------------ */
+
+/* bytes of one block, and runs of 32 it holds */
+static inline int64_t block_bytes(int type) {
+  switch (type) {
+  case Q4_0: return 18;
+  case Q4_1: return 20;
+  case Q5_0: return 22;
+  case Q5_1: return 24;
+  case Q8_0: return 34;
+  case Q4_K: return 144;
+  case Q5_K: return 176;
+  case Q6_K: return 210;
+  default: return 0;
+  }
+}
+
+static inline int is_k(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
+
+/* 32 bits -> 32 bytes, 0xFF where the bit is set (ggml's bytes_from_bits_32) */
+static inline __m256i bits_to_bytes(const uint8_t *p) {
+  uint32_t bits;
+  memcpy(&bits, p, 4);
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                         0x0101010101010101, 0x0000000000000000);
+  __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+  b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
+}
+
+/* 16 bytes of nibbles -> 32 bytes: low nibbles (weights 0..15), then high (16..31) */
+static inline __m256i nibbles(const uint8_t *p) {
+  const __m128i raw = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m), _mm_and_si128(raw, m));
+}
+
+/* run r (0..7) of a K super-block's 4-bit field: 32 bytes, low nibbles for even runs */
+static inline __m256i k_nibbles(const uint8_t *qs, int r) {
+  const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * (r >> 1)));
+  return _mm256_and_si256(r & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+}
+
+/* The 32 weights of run b of a row as int8 (scale and minimum apart). Q6_K's sub-block scales
+ * are returned in *s0, *s1 (weights 0..15 and 16..31); every other type sets nothing. */
+static inline __attribute__((always_inline)) __m256i unpack(const int type, const uint8_t *row,
+                                                            int64_t b, int *s0, int *s1) {
+  if (is_k(type)) {
+    const uint8_t *sb = row + (b >> 3) * block_bytes(type);
+    const int r = (int)(b & 7);
+    if (type == Q4_K)
+      return k_nibbles(sb + 16, r);
+    if (type == Q5_K) {
+      const __m256i qh = _mm256_loadu_si256((const __m256i *)(sb + 16));
+      const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(r)), _mm256_set1_epi8(1));
+      return _mm256_or_si256(k_nibbles(sb + 48, r), _mm256_slli_epi16(hi, 4));
+    }
+    /* Q6_K: ql[128] qh[64] scales[16] d; run r of half h = r / 4 */
+    const int h = r >> 2, part = r & 3;
+    const uint8_t *ql = sb + 64 * h + 32 * (part & 1), *qh = sb + 128 + 32 * h;
+    const int8_t *sc = (const int8_t *)(sb + 192 + 8 * h);
+    __m256i lo = _mm256_loadu_si256((const __m256i *)ql);
+    lo = _mm256_and_si256(part & 2 ? _mm256_srli_epi16(lo, 4) : lo, _mm256_set1_epi8(0x0F));
+    __m256i hi = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qh), _mm_cvtsi32_si128(2 * part));
+    hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
+    *s0 = sc[2 * part];
+    *s1 = sc[2 * part + 1];
+    return _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
+  }
+  const uint8_t *blk = row + b * block_bytes(type);
+  switch (type) {
+  case Q4_0: return _mm256_sub_epi8(nibbles(blk + 2), _mm256_set1_epi8(8));
+  case Q4_1: return nibbles(blk + 4);
+  case Q5_0:
+  case Q5_1: {
+    const int off = type == Q5_0 ? 2 : 4;
+    const __m256i hi = _mm256_and_si256(bits_to_bytes(blk + off), _mm256_set1_epi8(0x10));
+    const __m256i q = _mm256_or_si256(nibbles(blk + off + 4), hi);
+    return type == Q5_0 ? _mm256_sub_epi8(q, _mm256_set1_epi8(16)) : q;
+  }
+  default: /* Q8_0 */
+    return _mm256_loadu_si256((const __m256i *)(blk + 2));
+  }
+}
+
+/* a K super-block's 6-bit scale and minimum of run j (ggml's get_scale_min_k4) */
+static inline void k_scale_min(const uint8_t *q, int j, int *sc, int *mn) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *mn = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+/* the float scale and minimum of runs b0 .. b0+g-1 (g <= 8; b0 a multiple of 8) */
+static inline __attribute__((always_inline)) void scales8(const int type, const uint8_t *row,
+                                                          int64_t b0, int g, float *ws,
+                                                          float *wm) {
+  if (is_k(type)) {
+    const uint8_t *sb = row + (b0 >> 3) * block_bytes(type);
+    if (type == Q6_K) {
+      const float d = half(sb + 208);
+      for (int j = 0; j < 8; j++)
+        ws[j] = d, wm[j] = 0.0f;
+      return;
+    }
+    const float d = half(sb), dmin = half(sb + 2);
+    for (int j = 0; j < 8; j++) {
+      int sc, mn;
+      k_scale_min(sb + 4, j, &sc, &mn);
+      ws[j] = d * (float)sc;
+      wm[j] = -dmin * (float)mn;
+    }
+    return;
+  }
+  const int64_t bytes = block_bytes(type);
+  const int has_min = type == Q4_1 || type == Q5_1;
+  for (int j = 0; j < g; j++) {
+    const uint8_t *blk = row + (b0 + j) * bytes;
+    ws[j] = half(blk);
+    wm[j] = has_min ? half(blk + 2) : 0.0f;
+  }
+  for (int j = g; j < 8; j++)
+    ws[j] = wm[j] = 0.0f;
+}
+
+/* --- the vector path: a run's weights widened to 16 bits, its dot with x, accumulated ------- */
+
+#ifdef __AVX512BW__
+typedef __m512i wvec; /* 32 int16 */
+typedef __m512 fvec;
+static inline wvec widen(__m256i q, int s0, int s1, const int scaled) {
+  const wvec w = _mm512_cvtepi8_epi16(q);
+  if (!scaled)
+    return w;
+  return _mm512_mullo_epi16(
+      w, _mm512_inserti64x4(_mm512_set1_epi16((short)s0), _mm256_set1_epi16((short)s1), 1));
+}
+static inline fvec fzero(void) { return _mm512_setzero_ps(); }
+static inline fvec dot_acc(fvec acc, wvec w, const int16_t *x, float scale) {
+#ifdef __AVX512VNNI__
+  const __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x));
+#else
+  const __m512i s = _mm512_madd_epi16(w, _mm512_loadu_si512(x));
+#endif
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(scale), acc);
+}
+static inline float fsum(fvec v) { return _mm512_reduce_add_ps(v); }
+/* 32 weights as floats: w * scale + min */
+static inline void wstore(float *dst, wvec w, float scale, float min) {
+  const __m512 s = _mm512_set1_ps(scale), m = _mm512_set1_ps(min);
+  _mm512_storeu_ps(dst, _mm512_fmadd_ps(
+      _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w))), s, m));
+  _mm512_storeu_ps(dst + 16, _mm512_fmadd_ps(
+      _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w, 1))), s, m));
+}
+#else
+typedef struct {
+  __m256i lo, hi; /* weights 0..15, 16..31 as int16 */
+} wvec;
+typedef __m256 fvec;
+static inline wvec widen(__m256i q, int s0, int s1, const int scaled) {
+  wvec w = {_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+            _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1))};
+  if (scaled) {
+    w.lo = _mm256_mullo_epi16(w.lo, _mm256_set1_epi16((short)s0));
+    w.hi = _mm256_mullo_epi16(w.hi, _mm256_set1_epi16((short)s1));
+  }
+  return w;
+}
+static inline fvec fzero(void) { return _mm256_setzero_ps(); }
+static inline fvec dot_acc(fvec acc, wvec w, const int16_t *x, float scale) {
+  const __m256i s = _mm256_add_epi32(
+      _mm256_madd_epi16(w.lo, _mm256_loadu_si256((const __m256i *)x)),
+      _mm256_madd_epi16(w.hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(scale), acc);
+}
+static inline float fsum(fvec v) { return hsum8(v); }
+static inline void wstore(float *dst, wvec w, float scale, float min) {
+  const __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(min);
+  const __m256i parts[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(w.lo)),
+                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(w.lo, 1)),
+                            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(w.hi)),
+                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(w.hi, 1))};
+  for (int j = 0; j < 4; j++)
+    _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(parts[j]), s, m));
+}
+#endif
+
+/* --- activations as 16-bit runs ------------------------------------------------------------- */
+
+typedef struct {
+  int16_t *q; /* [M, K] */
+  float *d;   /* [M, K/32] step of each run */
+  float *s;   /* [M, K/32] sum(x) of each run (for the minimums) */
+} qrows;
+
+static void release(qrows *r) { free(r->q), free(r->d), free(r->s); }
+
+static int quantize16(const float *x, int64_t m_rows, int64_t k, qrows *out) {
+  const int64_t nb = k / RUN;
+  out->q = scratch(sizeof(int16_t) * (size_t)(m_rows * k));
+  out->d = scratch(sizeof(float) * (size_t)(m_rows * nb));
+  out->s = scratch(sizeof(float) * (size_t)(m_rows * nb));
+  if (!out->q || !out->d || !out->s) {
+    release(out);
+    return -1;
+  }
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+#pragma omp parallel for schedule(static) if (m_rows * k > 65536)
+  for (int64_t i = 0; i < m_rows * nb; i++) {
+    const float *src = x + i * RUN;
+    __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    for (int j = 0; j < 4; j++) {
+      v[j] = _mm256_loadu_ps(src + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+      sum = _mm256_add_ps(sum, v[j]);
+    }
+    const float mx = hmax8(amax);
+    const __m256 inv = _mm256_set1_ps(mx > 0.0f ? 32767.0f / mx : 0.0f);
+    __m256i q32[4];
+    for (int j = 0; j < 4; j++)
+      q32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv)); /* round to nearest */
+    /* pack 32-bit lanes to 16 bits, then undo packs' lane interleaving */
+    const __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32[0], q32[1]), 0xD8);
+    const __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32[2], q32[3]), 0xD8);
+    _mm256_storeu_si256((__m256i *)(out->q + i * RUN), lo);
+    _mm256_storeu_si256((__m256i *)(out->q + i * RUN + 16), hi);
+    out->d[i] = mx / 32767.0f;
+    out->s[i] = hsum8(sum);
+  }
+  return 0;
+}
+
+/* --- the blocked product ------------------------------------------------------------------- */
+
+/* One tile: weight rows w0, w1 against NX rows of x (a constant, so the accumulators stay in
+ * registers), into sums[WR][NX]. */
+static inline __attribute__((always_inline)) void tile(const int type, const int NX,
+                                                       const uint8_t *w0, const uint8_t *w1,
+                                                       const qrows *xr, int64_t i0, int64_t nb,
+                                                       float sums[WR][XR]) {
+  const uint8_t *w[WR] = {w0, w1};
+  fvec acc[WR][XR];
+  __m256 macc[WR][XR];
+  for (int a = 0; a < WR; a++)
+    for (int c = 0; c < NX; c++)
+      acc[a][c] = fzero(), macc[a][c] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    const int g = nb - b0 < 8 ? (int)(nb - b0) : 8;
+    float ws[WR][8], wm[WR][8], scale[WR][XR][8];
+    for (int a = 0; a < WR; a++) {
+      scales8(type, w[a], b0, g, ws[a], wm[a]);
+      for (int c = 0; c < NX; c++) {
+        const float *xd = xr->d + (i0 + c) * nb + b0, *xs = xr->s + (i0 + c) * nb + b0;
+        if (g == 8) {
+          _mm256_storeu_ps(scale[a][c], _mm256_mul_ps(_mm256_loadu_ps(ws[a]),
+                                                      _mm256_loadu_ps(xd)));
+          macc[a][c] = _mm256_fmadd_ps(_mm256_loadu_ps(wm[a]), _mm256_loadu_ps(xs), macc[a][c]);
+        } else {
+          float m = 0.0f;
+          for (int j = 0; j < g; j++)
+            scale[a][c][j] = ws[a][j] * xd[j], m += wm[a][j] * xs[j];
+          macc[a][c] = _mm256_add_ps(macc[a][c], _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, m));
+        }
+      }
+    }
+    for (int j = 0; j < g; j++) {
+      const int64_t b = b0 + j;
+      wvec wv[WR];
+      for (int a = 0; a < WR; a++) {
+        int s0 = 0, s1 = 0;
+        const __m256i q = unpack(type, w[a], b, &s0, &s1);
+        wv[a] = widen(q, s0, s1, type == Q6_K);
+      }
+      for (int c = 0; c < NX; c++) {
+        const int16_t *xb = xr->q + ((i0 + c) * nb + b) * RUN;
+        for (int a = 0; a < WR; a++)
+          acc[a][c] = dot_acc(acc[a][c], wv[a], xb, scale[a][c][j]);
+      }
+    }
+  }
+  for (int a = 0; a < WR; a++)
+    for (int c = 0; c < NX; c++)
+      sums[a][c] = fsum(acc[a][c]) + hsum8(macc[a][c]);
+}
+
+/* y[i, r] (+)= x_i . W_r for r < n, rows of y ldy floats apart */
+static inline __attribute__((always_inline)) void blocked(const int type, const qrows *xr,
+                                                          int64_t m_rows, int64_t k,
+                                                          const uint8_t *w, int64_t row_bytes,
+                                                          int64_t n, float *y, int64_t ldy,
+                                                          int acc_into) {
+  const int64_t nb = k / RUN;
+#pragma omp parallel for schedule(static)
+  for (int64_t r0 = 0; r0 < n; r0 += WR) {
+    const int64_t r1 = r0 + 1 < n ? r0 + 1 : r0; /* an odd last row: computed twice, kept once */
+    const uint8_t *w0 = w + r0 * row_bytes, *w1 = w + r1 * row_bytes;
+    for (int64_t i0 = 0; i0 < m_rows; i0 += XR) {
+      const int nx = m_rows - i0 < XR ? (int)(m_rows - i0) : XR;
+      float sums[WR][XR];
+      switch (nx) {
+      case 1: tile(type, 1, w0, w1, xr, i0, nb, sums); break;
+      case 2: tile(type, 2, w0, w1, xr, i0, nb, sums); break;
+      case 3: tile(type, 3, w0, w1, xr, i0, nb, sums); break;
+      default: tile(type, 4, w0, w1, xr, i0, nb, sums);
+      }
+      for (int a = 0; a < (r1 > r0 ? WR : 1); a++)
+        for (int c = 0; c < nx; c++) {
+          float *out = y + (i0 + c) * ldy + r0 + a;
+          *out = (acc_into ? *out : 0.0f) + sums[a][c];
+        }
+    }
+  }
+}
+
+/* a float row's element j as float32 */
+static inline float float_at(int type, const uint8_t *row, int64_t j) {
+  if (type == F32) {
+    float f;
+    memcpy(&f, row + 4 * j, 4);
+    return f;
+  }
+  if (type == F16)
+    return half(row + 2 * j);
+  uint32_t bits = 0; /* BF16 */
+  memcpy(&bits, row + 2 * j, 2);
+  bits <<= 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+/* 8 elements of a float row from j as float32 */
+static inline __m256 float8(int type, const uint8_t *row, int64_t j) {
+  if (type == F32)
+    return _mm256_loadu_ps((const float *)(row + 4 * j));
+  const __m128i h = _mm_loadu_si128((const __m128i *)(row + 2 * j));
+  if (type == F16)
+    return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* y (+)= x @ W^T for float rows (F32, F16, BF16): plain float dots, four x rows at a time */
+static void floats_product(int type, const float *x, int64_t m_rows, int64_t k,
+                           const uint8_t *w, int64_t row_bytes, int64_t n, float *y, int64_t ldy,
+                           int acc_into) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < n; r++) {
+    const uint8_t *row = w + r * row_bytes;
+    for (int64_t i0 = 0; i0 < m_rows; i0 += XR) {
+      const int nx = m_rows - i0 < XR ? (int)(m_rows - i0) : XR;
+      __m256 acc[XR] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                        _mm256_setzero_ps()};
+      float tail[XR] = {0, 0, 0, 0};
+      int64_t j = 0;
+      for (; j + 8 <= k; j += 8) {
+        const __m256 wv = float8(type, row, j);
+        for (int c = 0; c < nx; c++)
+          acc[c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (i0 + c) * k + j), acc[c]);
+      }
+      for (; j < k; j++)
+        for (int c = 0; c < nx; c++)
+          tail[c] += float_at(type, row, j) * x[(i0 + c) * k + j];
+      for (int c = 0; c < nx; c++) {
+        float *out = y + (i0 + c) * ldy + r;
+        *out = (acc_into ? *out : 0.0f) + hsum8(acc[c]) + tail[c];
+      }
+    }
+  }
+}
+
+/* --- dequantizing ------------------------------------------------------------------------- */
+
+/* rows [r0, r0 + count) of W as float32 rows of k, into out (count * k floats) */
+static inline __attribute__((always_inline)) void dequant_rows_t(const int type, const uint8_t *w,
+                                                                 int64_t row_bytes, int64_t k,
+                                                                 const int64_t *ids, int64_t r0,
+                                                                 int64_t count, float *out) {
+  const int64_t nb = k / RUN;
+#pragma omp parallel for schedule(static) if (count * k > 65536)
+  for (int64_t i = 0; i < count; i++) {
+    const uint8_t *row = w + (ids ? ids[i] : r0 + i) * row_bytes;
+    float *dst = out + i * k;
+    if (type == F32 || type == F16 || type == BF16) {
+      int64_t j = 0;
+      for (; j + 8 <= k; j += 8)
+        _mm256_storeu_ps(dst + j, float8(type, row, j));
+      for (; j < k; j++)
+        dst[j] = float_at(type, row, j);
+      continue;
+    }
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+      const int g = nb - b0 < 8 ? (int)(nb - b0) : 8;
+      float ws[8], wm[8];
+      scales8(type, row, b0, g, ws, wm);
+      for (int j = 0; j < g; j++) {
+        int s0 = 0, s1 = 0;
+        const __m256i q = unpack(type, row, b0 + j, &s0, &s1);
+        wstore(dst + (b0 + j) * RUN, widen(q, s0, s1, type == Q6_K), ws[j], wm[j]);
+      }
+    }
+  }
+}
+
+#define BY_TYPE(call)                                                                         \
+  switch (type) {                                                                             \
+  case Q4_0: { const int T_ = Q4_0; call; } break;                                             \
+  case Q4_1: { const int T_ = Q4_1; call; } break;                                             \
+  case Q5_0: { const int T_ = Q5_0; call; } break;                                             \
+  case Q5_1: { const int T_ = Q5_1; call; } break;                                             \
+  case Q8_0: { const int T_ = Q8_0; call; } break;                                             \
+  case Q4_K: { const int T_ = Q4_K; call; } break;                                             \
+  case Q5_K: { const int T_ = Q5_K; call; } break;                                             \
+  case Q6_K: { const int T_ = Q6_K; call; } break;                                             \
+  case F32: { const int T_ = F32; call; } break;                                               \
+  case F16: { const int T_ = F16; call; } break;                                               \
+  case BF16: { const int T_ = BF16; call; } break;                                             \
+  default: return -2;                                                                          \
+  }
+
+/* rows of W (ids[i], or r0 + i when ids is NULL) as float32 [count, k]; -2: unknown type */
+int dequantize_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids,
+                    int64_t r0, int64_t count, float *out) {
+  BY_TYPE(dequant_rows_t(T_, w, row_bytes, k, ids, r0, count, out));
+  return 0;
+}
+
+/* --- the product, whatever the type and the row count ---------------------------------------- */
+
+typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *,
+                        const float *, const float *, const int *, const float *, const int *,
+                        const float *, float *, const int *);
+static sgemm_t sgemm = NULL;
+
+void set_sgemm(void *f) { sgemm = (sgemm_t)f; }
+
+typedef struct {
+  int64_t type;
+  const uint8_t *w;  /* [n] rows of row_bytes */
+  int64_t n, k, row_bytes;
+  const float *bias; /* [n] or NULL */
+} linear_t;
+
+/* the float product of many rows: W dequantized PANEL rows at a time, sgemm into y */
+static int dense_product(const linear_t *l, const float *x, int64_t m_rows, float *y,
+                         int64_t ldy, int acc_into) {
+  const int64_t panel = l->n < PANEL ? l->n : PANEL;
+  float *wf = scratch(sizeof(float) * (size_t)(panel * l->k));
+  if (!wf)
+    return -1;
+  for (int64_t r0 = 0; r0 < l->n; r0 += panel) {
+    const int count = (int)(l->n - r0 < panel ? l->n - r0 : panel);
+    dequantize_rows((int)l->type, l->w, l->row_bytes, l->k, NULL, r0, count, wf);
+    /* column-major: y^T[count, m] = wf[count, k] . x^T[k, m] */
+    const int m = (int)m_rows, k = (int)l->k, ld = (int)ldy;
+    const float one = 1.0f, beta = acc_into ? 1.0f : 0.0f;
+    sgemm("T", "N", &count, &m, &k, &one, wf, &k, x, &k, &beta, y + r0, &ld);
+  }
+  free(wf);
+  return 0;
+}
+
+/* y[:, 0:n] (+)= x @ W^T (+ bias) for x [m_rows, k]; y's rows ldy floats apart. xr: x already
+ * quantized (blocked types, fewer than DENSE_FROM rows), or NULL to quantize here. */
+static int product_q(const linear_t *l, const float *x, const qrows *xr, int64_t m_rows, float *y,
+                     int64_t ldy, int acc_into) {
+  const int type = (int)l->type;
+  int r = 0;
+  if (m_rows >= DENSE_FROM && sgemm) {
+    r = dense_product(l, x, m_rows, y, ldy, acc_into);
+  } else if (type == F32 || type == F16 || type == BF16) {
+    floats_product(type, x, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into);
+  } else {
+    qrows own;
+    if (!xr) {
+      if (quantize16(x, m_rows, l->k, &own))
+        return -1;
+      xr = &own;
+    }
+    switch (type) {
+    case Q4_0: blocked(Q4_0, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
+    case Q4_1: blocked(Q4_1, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
+    case Q5_0: blocked(Q5_0, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
+    case Q5_1: blocked(Q5_1, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
+    case Q8_0: blocked(Q8_0, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
+    case Q4_K: blocked(Q4_K, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
+    case Q5_K: blocked(Q5_K, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
+    case Q6_K: blocked(Q6_K, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
+    default: r = -2;
+    }
+    if (xr == &own)
+      release(&own);
+  }
+  if (r == 0 && l->bias)
+    for (int64_t t = 0; t < m_rows; t++)
+      for (int64_t j = 0; j < l->n; j++)
+        y[t * ldy + j] += l->bias[j];
+  return r;
+}
+
+/* Several products of the same x side by side (q|k|v, gate|up): x quantized once */
+static int products(const linear_t *parts, int64_t count, const float *x, int64_t m_rows,
+                    float *y, int64_t ldy) {
+  qrows xr;
+  const int blocked_x = m_rows < DENSE_FROM || !sgemm;
+  if (blocked_x && quantize16(x, m_rows, parts[0].k, &xr))
+    return -1;
+  int r = 0;
+  int64_t at = 0;
+  for (int64_t i = 0; i < count && r == 0; i++) {
+    const int floats = parts[i].type == F32 || parts[i].type == F16 || parts[i].type == BF16;
+    r = product_q(parts + i, x, blocked_x && !floats ? &xr : NULL, m_rows, y + at, ldy, 0);
+    at += parts[i].n;
+  }
+  if (blocked_x)
+    release(&xr);
+  return r;
+}
+
+int matmul(const linear_t *l, const float *x, int64_t m_rows, float *y, int acc_into) {
+  return product_q(l, x, NULL, m_rows, y, l->n, acc_into);
+}
+
+/* --- the rest of a layer -------------------------------------------------------------------- */
+
+/* out[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * w, for T rows of width h (in place allowed) */
+void rms_norm(const float *x, const float *w, int64_t t_rows, int64_t h, float eps, float *out) {
+  for (int64_t t = 0; t < t_rows; t++) {
+    const float *src = x + t * h;
+    float *dst = out + t * h;
+    __m256 ss = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= h; j += 8) {
+      const __m256 v = _mm256_loadu_ps(src + j);
+      ss = _mm256_fmadd_ps(v, v, ss);
+    }
+    float sum = hsum8(ss);
+    for (; j < h; j++)
+      sum += src[j] * src[j];
+    const float r = 1.0f / sqrtf(sum / (float)h + eps);
+    const __m256 rv = _mm256_set1_ps(r);
+    for (j = 0; j + 8 <= h; j += 8)
+      _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(src + j), rv),
+                                              _mm256_loadu_ps(w + j)));
+    for (; j < h; j++)
+      dst[j] = src[j] * r * w[j];
+  }
+}
+
+/* Rotary embedding in place, for the first `heads` heads of each of T rows (stride floats
+ * apart). Pair i of a head at position p turns by the angle whose cos and sin are
+ * table[p * half + i]; the pair is (2i, 2i+1) (interleaved: llama.cpp's Llama files) or
+ * (i, i + half) (neox: Hugging Face's layout, and every other family's files). */
+void rope(float *qk, int64_t t_rows, int64_t stride, int64_t heads, int64_t head_dim,
+          const int64_t *pos, const float *cos_t, const float *sin_t, int64_t neox) {
+  const int64_t half_dim = head_dim / 2;
+  const int64_t step = neox ? 1 : 2, other = neox ? half_dim : 1;
+  for (int64_t t = 0; t < t_rows; t++) {
+    const float *c = cos_t + pos[t] * half_dim, *s = sin_t + pos[t] * half_dim;
+    for (int64_t hd = 0; hd < heads; hd++) {
+      float *v = qk + t * stride + hd * head_dim;
+      for (int64_t i = 0; i < half_dim; i++) {
+        float *a = v + i * step, *b = a + other;
+        const float x0 = *a, x1 = *b;
+        *a = x0 * c[i] - x1 * s[i];
+        *b = x0 * s[i] + x1 * c[i];
+      }
+    }
+  }
+}
+
+/* exp(x) for 8 lanes: x = k ln2 + r, exp(r) by a degree-6 polynomial on |r| <= ln2/2, times
+ * 2^k through the exponent bits (relative error ~2e-7; under -87 it is 0, over 88 clamped) */
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k),
+                                                       _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* out[t] = act(gu[t, :i]) * gu[t, i:], act 0: silu (SwiGLU), 1: gelu, tanh approximation
+ * (GeGLU: gelu(g) = g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3))) */
+void glu(const float *gu, int64_t t_rows, int64_t inter, int64_t act, float *out) {
+#pragma omp parallel for schedule(static) if (t_rows * inter > 65536)
+  for (int64_t t = 0; t < t_rows; t++) {
+    const float *g = gu + t * 2 * inter, *u = g + inter;
+    float *o = out + t * inter;
+    int64_t j = 0;
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+    const __m256 c1 = _mm256_set1_ps(1.5957691216057308f), c3 = _mm256_set1_ps(0.044715f);
+    for (; j + 8 <= inter; j += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + j);
+      __m256 z = gv;
+      if (act) /* 2 sqrt(2/pi) (g + 0.044715 g^3) */
+        z = _mm256_mul_ps(c1, _mm256_fmadd_ps(_mm256_mul_ps(c3, gv), _mm256_mul_ps(gv, gv), gv));
+      const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(z, neg))));
+      _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + j)));
+    }
+    for (; j < inter; j++) {
+      const float z = act ? 1.5957691216057308f * (g[j] + 0.044715f * g[j] * g[j] * g[j]) : g[j];
+      o[j] = g[j] / (1.0f + expf(-z)) * u[j];
+    }
+  }
+}
+
+/* The g query heads of one kv head over cached positions first..last: o_i = softmax(q_i . k_j *
+ * scale) . v_j, each key and value (float16) read once for all g (head_dim a multiple of 8,
+ * g <= 8). Scores past a soft cap c become c * tanh(s / c) (Gemma 2). sc: g * n floats. */
+static void attend(const float *q, int64_t g, const uint16_t *keys, const uint16_t *vals,
+                   int64_t first, int64_t last, int64_t head_dim, float scale, float cap,
+                   float *sc, float *o) {
+  const int64_t n = last - first + 1;
+  for (int64_t j = 0; j < n; j++) {
+    const uint16_t *k = keys + (first + j) * head_dim;
+    __m256 a[8];
+    for (int i = 0; i < g; i++)
+      a[i] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < head_dim; e += 8) {
+      const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + e)));
+      for (int i = 0; i < g; i++)
+        a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * head_dim + e), kv, a[i]);
+    }
+    for (int i = 0; i < g; i++) {
+      const float s = hsum8(a[i]) * scale;
+      sc[i * n + j] = cap > 0.0f ? cap * tanhf(s / cap) : s;
+    }
+  }
+  for (int i = 0; i < g; i++) { /* softmax of each query's scores, in place */
+    float *row = sc + i * n, mx = -INFINITY, total;
+    int64_t j;
+    for (j = 0; j < n; j++)
+      mx = row[j] > mx ? row[j] : mx;
+    const __m256 mv = _mm256_set1_ps(mx);
+    __m256 tv = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+      const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), mv));
+      _mm256_storeu_ps(row + j, p);
+      tv = _mm256_add_ps(tv, p);
+    }
+    total = hsum8(tv);
+    for (; j < n; j++)
+      total += (row[j] = expf(row[j] - mx));
+    const float inv = 1.0f / total;
+    for (j = 0; j < n; j++)
+      row[j] *= inv;
+  }
+  memset(o, 0, sizeof(float) * (size_t)(g * head_dim));
+  for (int64_t j = 0; j < n; j++) { /* o_i += p_ij v_j, each value row read once */
+    const uint16_t *v = vals + (first + j) * head_dim;
+    for (int64_t e = 0; e < head_dim; e += 8) {
+      const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + e)));
+      for (int i = 0; i < g; i++) {
+        float *oi = o + i * head_dim + e;
+        _mm256_storeu_ps(oi, _mm256_fmadd_ps(_mm256_set1_ps(sc[i * n + j]), vv,
+                                             _mm256_loadu_ps(oi)));
+      }
+    }
+  }
+}
+
+/* Attention for T tokens of one forward. Token t (its q, k, v inside qkv, a row of `stride`
+ * floats) sits at position pos[t] of cache row rows[t]: first every token's key and value are
+ * written there (as float16), then each query head attends over positions 0..pos[t] of that row
+ * (the last `window` of them when window > 0: a sliding-window layer), query head h using kv
+ * head h / (heads / kv_heads): a decode row's history and a prompt chunk's causal mask alike.
+ * Cache of one layer: [cache rows, kv_heads, cap, head_dim] float16. out: [T, heads*head_dim]. */
+int attention(const float *qkv, int64_t t_rows, int64_t stride, int64_t heads, int64_t kv_heads,
+              int64_t head_dim, uint16_t *kc, uint16_t *vc, int64_t cap, const int64_t *rows,
+              const int64_t *pos, float scale, int64_t window, float softcap, float *out) {
+  const int64_t group = heads / kv_heads, row_size = kv_heads * cap * head_dim;
+  const float *kbase = qkv + heads * head_dim, *vbase = kbase + kv_heads * head_dim;
+  int64_t longest = 0;
+  for (int64_t t = 0; t < t_rows; t++) {
+    for (int64_t h = 0; h < kv_heads; h++) {
+      const int64_t at = rows[t] * row_size + h * cap * head_dim + pos[t] * head_dim;
+      const float *k = kbase + t * stride + h * head_dim, *v = vbase + t * stride + h * head_dim;
+      for (int64_t e = 0; e < head_dim; e += 8) {
+        _mm_storeu_si128((__m128i *)(kc + at + e), _mm256_cvtps_ph(_mm256_loadu_ps(k + e), 0));
+        _mm_storeu_si128((__m128i *)(vc + at + e), _mm256_cvtps_ph(_mm256_loadu_ps(v + e), 0));
+      }
+    }
+    longest = pos[t] + 1 > longest ? pos[t] + 1 : longest;
+  }
+  float *scores = scratch(sizeof(float) * (size_t)(t_rows * heads * longest));
+  if (!scores)
+    return -1;
+#pragma omp parallel for schedule(dynamic, 1) collapse(2)
+  for (int64_t t = 0; t < t_rows; t++)
+    for (int64_t h = 0; h < kv_heads; h++) {
+      const int64_t kv = rows[t] * row_size + h * cap * head_dim, first_head = h * group;
+      const int64_t first = window > 0 && pos[t] >= window ? pos[t] - window + 1 : 0;
+      for (int64_t i0 = 0; i0 < group; i0 += 8) { /* query heads in groups of at most 8 */
+        const int64_t g = group - i0 < 8 ? group - i0 : 8, qh = first_head + i0;
+        attend(qkv + t * stride + qh * head_dim, g, kc + kv, vc + kv, first, pos[t], head_dim,
+               scale, softcap, scores + (t * heads + qh) * longest,
+               out + t * heads * head_dim + qh * head_dim);
+      }
+    }
+  free(scores);
+  return 0;
+}
+
+/* --- a whole stack of layers in one call ------------------------------------------------------ */
+
+typedef struct {
+  const float *attn_norm, *mlp_norm;
+  const float *q_norm, *k_norm;               /* per-head RMSNorm of queries, keys; or NULL */
+  const float *post_attn_norm, *post_mlp_norm; /* norms of the branches' outputs; or NULL */
+  linear_t qkv[3], o, gate_up[2], down;
+  int64_t qkv_parts, gate_up_parts;
+  const float *cos, *sin; /* this layer's rotary tables [positions, head_dim / 2] */
+  int64_t window;         /* sliding window of this layer (0: none) */
+} layer_t;
+
+typedef struct {
+  int64_t layers, hidden, heads, kv_heads, head_dim, inter;
+  float eps, scale, softcap;
+  int64_t act, neox;
+  const layer_t *layer;
+} stack_t;
+
+/* branch output b [T, hidden] into the residual x: x += norm(b) (or b with no norm) */
+static void add_branch(float *x, float *b, const float *norm, int64_t t_rows, int64_t h,
+                       float eps) {
+  if (norm)
+    rms_norm(b, norm, t_rows, h, eps, b);
+  for (int64_t i = 0; i < t_rows * h; i++)
+    x[i] += b[i];
+}
+
+/* Every layer of the model over T tokens: x [T, hidden] in, the residual stream out (in place).
+ * Token t is at position pos[t] of cache row rows[t]. kc, vc: the cache, [layers, cache_rows,
+ * kv_heads, cap, head_dim] float16. A layer:
+ *     h = attn_norm(x); q|k|v = qkv(h); q, k = q_norm(q), k_norm(k); rope(q, k)
+ *     x += post_attn_norm(o(attention))          (the norm only where the family has it)
+ *     x += post_mlp_norm(down(act(gate) * up)),  gate|up = gate_up(mlp_norm(x)) */
+int layers_forward(const stack_t *s, float *x, int64_t t_rows, const int64_t *rows,
+                   const int64_t *pos, uint16_t *kc, uint16_t *vc, int64_t cache_rows,
+                   int64_t cap) {
+  const int64_t h = s->hidden, qd = s->heads * s->head_dim;
+  const int64_t qkv_n = (s->heads + 2 * s->kv_heads) * s->head_dim;
+  const int64_t layer_size = cache_rows * s->kv_heads * cap * s->head_dim;
+  float *norm = scratch(sizeof(float) * (size_t)(t_rows * h));
+  float *branch = scratch(sizeof(float) * (size_t)(t_rows * h));
+  float *qkv = scratch(sizeof(float) * (size_t)(t_rows * qkv_n));
+  float *attn = scratch(sizeof(float) * (size_t)(t_rows * qd));
+  float *gu = scratch(sizeof(float) * (size_t)(t_rows * 2 * s->inter));
+  float *act = scratch(sizeof(float) * (size_t)(t_rows * s->inter));
+  int r = (norm && branch && qkv && attn && gu && act) ? 0 : -1;
+  for (int64_t i = 0; i < s->layers && r == 0; i++) {
+    const layer_t *l = s->layer + i;
+    rms_norm(x, l->attn_norm, t_rows, h, s->eps, norm);
+    r |= products(l->qkv, l->qkv_parts, norm, t_rows, qkv, qkv_n);
+    for (int64_t t = 0; t < t_rows && (l->q_norm || l->k_norm); t++) {
+      float *row = qkv + t * qkv_n;
+      if (l->q_norm)
+        rms_norm(row, l->q_norm, s->heads, s->head_dim, s->eps, row);
+      if (l->k_norm)
+        rms_norm(row + qd, l->k_norm, s->kv_heads, s->head_dim, s->eps, row + qd);
+    }
+    rope(qkv, t_rows, qkv_n, s->heads + s->kv_heads, s->head_dim, pos, l->cos, l->sin, s->neox);
+    r |= attention(qkv, t_rows, qkv_n, s->heads, s->kv_heads, s->head_dim, kc + i * layer_size,
+                   vc + i * layer_size, cap, rows, pos, s->scale, l->window, s->softcap, attn);
+    if (l->post_attn_norm) {
+      r |= matmul(&l->o, attn, t_rows, branch, 0);
+      add_branch(x, branch, l->post_attn_norm, t_rows, h, s->eps);
+    } else {
+      r |= matmul(&l->o, attn, t_rows, x, 1);
+    }
+    rms_norm(x, l->mlp_norm, t_rows, h, s->eps, norm);
+    r |= products(l->gate_up, l->gate_up_parts, norm, t_rows, gu, 2 * s->inter);
+    glu(gu, t_rows, s->inter, s->act, act);
+    if (l->post_mlp_norm) {
+      r |= matmul(&l->down, act, t_rows, branch, 0);
+      add_branch(x, branch, l->post_mlp_norm, t_rows, h, s->eps);
+    } else {
+      r |= matmul(&l->down, act, t_rows, x, 1);
+    }
+  }
+  free(norm), free(branch), free(qkv), free(attn), free(gu), free(act);
+  return r;
+}
+
+/* for the loader's check that this library and torch share one OpenMP runtime */
+int threads(void) {
+  int t = 1;
+#pragma omp parallel
+#pragma omp single
+  t = omp_get_num_threads();
+  return t;
+}
+
+/* the vector width this build was made for: 256 (AVX2) or 512 (AVX-512), + 1 with VNNI */
+int vector_bits(void) {
+#ifdef __AVX512BW__
+#ifdef __AVX512VNNI__
+  return 513;
+#else
+  return 512;
+#endif
+#else
+  return 256;
+#endif
+}

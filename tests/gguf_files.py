@@ -1,0 +1,128 @@
+"""Tiny GGUF files for tests: a transformers model's weights written as llama.cpp writes them.
+
+`write(net, path, kind)` stores every matrix of a (tiny, random) Hugging Face model in the block
+type `kind` under llama.cpp's tensor names, with llama.cpp's conventions: Llama's q/k rows
+permuted to the interleaved rotary layout, Gemma's norms with their 1 added. For the types gguf's
+reference code can quantize (Q4_0 ... Q8_0, F16, BF16) the weights are quantized; for the K types
+it cannot, the blocks are random (valid by construction, tests/test_blocks.py). Either way the
+model's own weights are then replaced by exactly what the file holds, dequantized, so
+transformers' forward of `net` is the reference for our runner on the file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGUFWriter, quants
+
+from nodes.engine import blocks, families
+from nodes.engine.weights import GGUF_NAMES, HF_NAMES, HF_POST_NORM_NAMES
+
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+        "gemma2": "gemma2", "gemma3_text": "gemma3"}
+K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
+
+
+# where each type keeps its float16 scale (and minimum) inside a block
+SCALES = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
+          T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+def random_blocks(kind: T, n: int, k: int, seed: int = 0,
+                  scales: tuple[float, float] = (0.001, 0.05)) -> np.ndarray:
+    """uint8 [n, row_bytes]: random bits with every float16 scale drawn from `scales`."""
+    rng = np.random.default_rng(seed)
+    if kind in blocks.FLOATS:
+        w = rng.standard_normal((n, k)).astype(np.float32) * 0.1
+        if kind == T.F32:
+            return w.view(np.uint8)
+        if kind == T.F16:
+            return w.astype(np.float16).view(np.uint8)
+        return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    block, size = GGML_QUANT_SIZES[kind]
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    for at in SCALES[kind]:
+        raw[..., at:at + 2] = (rng.uniform(*scales, (n, k // block)).astype(np.float16)
+                               .view(np.uint8).reshape(n, k // block, 2))
+    return raw.reshape(n, -1)
+
+
+def interleave(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's permute of Llama q/k rows: half-split rotary pairs -> interleaved."""
+    n = w.shape[0]
+    return w.reshape(heads, 2, n // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def split(w: torch.Tensor, heads: int) -> torch.Tensor:
+    n = w.shape[0]
+    return w.reshape(heads, n // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def encode(w: torch.Tensor, kind: T, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """(the file's bytes [n, row_bytes], what they hold as float32 [n, k])."""
+    n, k = w.shape
+    if kind in K_TYPES:
+        raw = random_blocks(kind, n, k, seed, scales=(1e-4, 4e-4))  # weights within about +-1
+    elif kind == T.F32:
+        raw = w.float().numpy().view(np.uint8).reshape(n, -1)
+    else:
+        raw = np.asarray(quants.quantize(w.float().numpy(), kind)).view(np.uint8).reshape(n, -1)
+    back = torch.from_numpy(np.asarray(quants.dequantize(raw, kind), dtype=np.float32))
+    return np.ascontiguousarray(raw), back.reshape(n, k)
+
+
+def write(net, path, kind: T = T.F16) -> None:
+    """net's weights into a GGUF file at `path` (matrices in `kind`, vectors float32), then
+    net's weights replaced by what the file holds."""
+    config = net.config.get_text_config()
+    family = families.of(config)
+    arch = ARCH[config.model_type]
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    hf = HF_POST_NORM_NAMES if family.post_norms else HF_NAMES
+    state = net.state_dict()
+    writer = GGUFWriter(str(path), arch)
+    seed = 0
+
+    def matrix(hf_name: str, gguf_name: str, heads_of: int | None = None) -> None:
+        nonlocal seed
+        w = state[hf_name].float()
+        permute = arch == "llama" and heads_of is not None
+        raw, held = encode(interleave(w, heads_of) if permute else w, kind, seed)
+        seed += 1
+        writer.add_tensor(gguf_name, raw, raw_shape=raw.shape, raw_dtype=kind)
+        with torch.no_grad():
+            state[hf_name].copy_(split(held, heads_of) if permute else held)
+
+    def vector(hf_name: str, gguf_name: str, shift: float = 0.0) -> None:
+        v = state[hf_name].float().numpy() + shift
+        writer.add_tensor(gguf_name, np.ascontiguousarray(v, dtype=np.float32))
+
+    prefix = "model.language_model." if "model.language_model.embed_tokens.weight" in state \
+        else "model."
+    matrix(prefix + "embed_tokens.weight", "token_embd.weight")
+    vector(prefix + "norm.weight", "output_norm.weight", family.norm_shift)
+    if not config.tie_word_embeddings:
+        matrix("lm_head.weight", "output.weight")
+    for i in range(config.num_hidden_layers):
+        layer = f"{prefix}layers.{i}."
+        for part, hf_part in hf.items():
+            name = f"{layer}{hf_part}.weight"
+            gguf_name = f"blk.{i}.{GGUF_NAMES[part]}.weight"
+            if name not in state:
+                continue
+            if part.endswith("norm"):
+                vector(name, gguf_name, family.norm_shift)
+            else:
+                matrix(name, gguf_name, {"q": heads, "k": kv_heads}.get(part))
+            bias = f"{layer}{hf_part}.bias"
+            if bias in state:
+                b = state[bias].float()
+                if arch == "llama" and part in ("q", "k"):
+                    b = interleave(b, {"q": heads, "k": kv_heads}[part])
+                writer.add_tensor(f"blk.{i}.{GGUF_NAMES[part]}.bias",
+                                  np.ascontiguousarray(b.numpy(), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -1,0 +1,141 @@
+"""Every model family our runner serves, against transformers' own forward of the same weights.
+
+A tiny random model of each family, built from its transformers config, is served by our runner
+three ways: from its safetensors folder, from a GGUF file in F16 written as llama.cpp writes one
+(Llama's permuted q/k, Gemma's shifted norms), and from GGUF files in every block type (K types
+as random blocks: the reference model then gets exactly the file's weights). Each time the
+logits of a prompt prefilled in two chunks and of a decode step equal transformers', on our C
+kernels (a float16 KV cache) and on the torch path a GPU runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+import gguf_files
+from nodes.engine import families, weights
+from nodes.engine.blocks import kernels
+from nodes.engine.kvcache import RowCache
+from nodes.engine.llama import Batch, Chunk, CpuModel, TorchModel
+
+VOCAB = 512
+
+
+def tiny_config(kind: str, width: int = 64, tied: bool = True):
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
+                              Qwen2Config, Qwen3Config)
+    common = dict(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, tie_word_embeddings=tied, initializer_range=0.2,
+                  head_dim=width // 4)
+    if kind == "gemma3":
+        # a short window, so the prompt crosses it; layer 2 global with its own rotary base
+        return Gemma3TextConfig(**common, sliding_window=8, query_pre_attn_scalar=24,
+                                layer_types=["sliding_attention", "sliding_attention",
+                                             "full_attention"])
+    if kind == "gemma2":
+        return Gemma2Config(**common, sliding_window=8, query_pre_attn_scalar=24,
+                            attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                            layer_types=["sliding_attention", "full_attention",
+                                         "sliding_attention"])
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
+           "qwen3": Qwen3Config}[kind]
+    extra = {"sliding_window": None} if kind == "mistral" else {}
+    return cls(**common, **extra)
+
+
+def reference_net(config):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    if families.of(config).norm_shift:  # Gemma's zero-initialised norms: make them matter
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if "norm" in name:
+                    p.uniform_(-0.5, 0.5)
+    return net
+
+
+def serve(config, source, on_kernels: bool, monkeypatch):
+    if not on_kernels:
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    model = weights.build(config, source, mode="none", device=torch.device("cpu"),
+                          dtype=torch.float32)
+    assert isinstance(model, CpuModel if on_kernels else TorchModel)
+    s = model.shape
+    cache = RowCache(s.layers, s.kv_heads, s.head_dim, model.cache_dtype, torch.device("cpu"),
+                     4096, 256, 4)
+    cache.reshape(2, 64, 64, 0)
+    return model, cache
+
+
+def rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check_logits(net, model, cache, tol: float) -> None:
+    ids = torch.randint(0, VOCAB, (2, 20))
+    nxt = torch.randint(0, VOCAB, (2,))
+    with torch.no_grad():
+        ref = net(ids).logits
+        ref_next = net(torch.cat([ids, nxt[:, None]], 1)).logits[:, -1]
+        # row 0: all 20 prompt tokens in one chunk; row 1: a chunk of 12, in one forward
+        b = Batch(ids=torch.cat([ids[0], ids[1, :12]]),
+                  pos=torch.cat([torch.arange(20), torch.arange(12)]), decode=0,
+                  chunks=[Chunk(0, 0, 20), Chunk(1, 0, 12)], logits_at=torch.tensor([19, 31]))
+        first = model.forward(model.prepare(b), cache)
+        # row 1's last 8 tokens continue after its cached 12
+        b = Batch(ids=ids[1, 12:], pos=torch.arange(12, 20), decode=0, chunks=[Chunk(1, 12, 8)])
+        second = model.forward(model.prepare(b), cache)
+        # one decode token per row, both rows at once
+        b = Batch(ids=nxt, pos=torch.tensor([20, 20]), decode=2)
+        decoded = model.forward(model.prepare(b), cache)
+    assert rel(first[0], ref[0, 19]) < tol and rel(first[1], ref[1, 11]) < tol
+    assert rel(second, ref[1, 12:]) < tol
+    assert rel(decoded, ref_next) < tol
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
+PATHS = [pytest.param(True, id="c", marks=pytest.mark.skipif(
+    kernels.library() is None, reason="no AVX2 CPU or no C compiler here")),
+    pytest.param(False, id="torch")]
+
+
+@pytest.mark.parametrize("on_kernels", PATHS)
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_safetensors_folder_logits_equal_transformers(tmp_path, kind, on_kernels, monkeypatch):
+    config = tiny_config(kind, tied=kind != "llama")
+    net = reference_net(config)
+    net.save_pretrained(tmp_path)
+    source = weights.SafetensorsSource(tmp_path, families.of(config))
+    model, cache = serve(config, source, on_kernels, monkeypatch)
+    check_logits(net, model, cache, 3e-3 if on_kernels else 1e-4)
+
+
+@pytest.mark.parametrize("on_kernels", PATHS)
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_gguf_f16_logits_equal_transformers(tmp_path, kind, on_kernels, monkeypatch):
+    config = tiny_config(kind, tied=kind != "qwen2")
+    net = reference_net(config)
+    gguf_files.write(net, tmp_path / "model.gguf", T.F16)
+    model, cache = serve(config, weights.GGUFSource(tmp_path / "model.gguf"), on_kernels,
+                         monkeypatch)
+    check_logits(net, model, cache, 3e-3 if on_kernels else 1e-4)
+
+
+BLOCK_TYPES = [t for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K,
+                           T.BF16, T.F32)]
+
+
+@pytest.mark.parametrize("kind", BLOCK_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_every_block_type_in_a_file_gives_transformers_logits(tmp_path, family, kind,
+                                                              monkeypatch):
+    config = tiny_config(family, width=256)  # K super-blocks: rows of 256
+    net = reference_net(config)
+    gguf_files.write(net, tmp_path / "model.gguf", kind)
+    on_kernels = kernels.library() is not None
+    model, cache = serve(config, weights.GGUFSource(tmp_path / "model.gguf"), on_kernels,
+                         monkeypatch)
+    check_logits(net, model, cache, 5e-3)  # wide random blocks: larger logits
