@@ -59,11 +59,39 @@ def split(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, n // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def encode(w: torch.Tensor, kind: T, seed: int) -> tuple[np.ndarray, torch.Tensor]:
-    """(the file's bytes [n, row_bytes], what they hold as float32 [n, k])."""
+def quantize_q4_k(w: np.ndarray) -> np.ndarray:
+    """Float [n, k] -> Q4_K blocks [n, k/256 * 144] (a plain min/max quantizer: per run of 32 a
+    scale and a minimum, each 6 bits under the super-block's float16 d and dmin)."""
     n, k = w.shape
-    if kind in K_TYPES:
-        raw = random_blocks(kind, n, k, seed, scales=(1e-4, 4e-4))  # weights within about +-1
+    x = w.reshape(n, k // 256, 8, 32).astype(np.float32)
+    lo = np.minimum(x.min(-1), 0.0)
+    step = (x.max(-1) - lo) / 15
+    d = (step.max(-1) / 63).astype(np.float16)
+    dmin = ((-lo).max(-1) / 63).astype(np.float16)
+    safe = lambda v: np.where(v == 0, 1, v)  # noqa: E731
+    sc = np.clip(np.round(step / safe(d.astype(np.float32))[..., None]), 0, 63).astype(np.uint8)
+    mn = np.clip(np.round(-lo / safe(dmin.astype(np.float32))[..., None]), 0, 63).astype(np.uint8)
+    scale = d.astype(np.float32)[..., None] * sc
+    q = np.clip(np.round((x + (dmin.astype(np.float32)[..., None] * mn)[..., None])
+                         / safe(scale)[..., None]), 0, 15).astype(np.uint8)
+    packed = np.empty((n, k // 256, 12), np.uint8)  # ggml's get_scale_min_k4, inverted
+    packed[..., 0:4] = sc[..., :4] | ((sc[..., 4:] >> 4) << 6)
+    packed[..., 4:8] = mn[..., :4] | ((mn[..., 4:] >> 4) << 6)
+    packed[..., 8:12] = (sc[..., 4:] & 0xF) | ((mn[..., 4:] & 0xF) << 4)
+    qs = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).reshape(n, k // 256, 128)
+    return np.concatenate([d.view(np.uint8).reshape(n, -1, 2), dmin.view(np.uint8).reshape(
+        n, -1, 2), packed, qs], axis=-1).reshape(n, -1)
+
+
+def encode(w: torch.Tensor, kind: T, seed: int,
+           scales: tuple[float, float] | None = (1e-4, 4e-4)) -> tuple[np.ndarray, torch.Tensor]:
+    """(the file's bytes [n, row_bytes], what they hold as float32 [n, k]). K types are random
+    blocks with float16 scales drawn from `scales`; Q4_K with scales=None quantizes w."""
+    n, k = w.shape
+    if kind == T.Q4_K and scales is None:
+        raw = quantize_q4_k(w.float().numpy())
+    elif kind in K_TYPES:
+        raw = random_blocks(kind, n, k, seed, scales)  # by default weights within about +-1
     elif kind == T.F32:
         raw = w.float().numpy().view(np.uint8).reshape(n, -1)
     else:
@@ -72,9 +100,13 @@ def encode(w: torch.Tensor, kind: T, seed: int) -> tuple[np.ndarray, torch.Tenso
     return np.ascontiguousarray(raw), back.reshape(n, k)
 
 
-def write(net, path, kind: T = T.F16) -> None:
+def write(net, path, kind: T = T.F16, tokenizer_from=None,
+          scales: tuple[float, float] | None = (1e-4, 4e-4)) -> None:
     """net's weights into a GGUF file at `path` (matrices in `kind`, vectors float32), then
-    net's weights replaced by what the file holds."""
+    net's weights replaced by what the file holds. With `tokenizer_from` (a GGUF file) the file
+    also gets the architecture's metadata and that file's tokenizer: a whole model that
+    `treechat --model FILE` (and transformers) can load. `scales`: the range of the K types'
+    random float16 scales (None: Q4_K quantizes the model's own weights)."""
     config = net.config.get_text_config()
     family = families.of(config)
     arch = ARCH[config.model_type]
@@ -82,13 +114,15 @@ def write(net, path, kind: T = T.F16) -> None:
     hf = HF_POST_NORM_NAMES if family.post_norms else HF_NAMES
     state = net.state_dict()
     writer = GGUFWriter(str(path), arch)
+    if tokenizer_from is not None:
+        metadata(writer, arch, config, tokenizer_from)
     seed = 0
 
     def matrix(hf_name: str, gguf_name: str, heads_of: int | None = None) -> None:
         nonlocal seed
         w = state[hf_name].float()
         permute = arch == "llama" and heads_of is not None
-        raw, held = encode(interleave(w, heads_of) if permute else w, kind, seed)
+        raw, held = encode(interleave(w, heads_of) if permute else w, kind, seed, scales)
         seed += 1
         writer.add_tensor(gguf_name, raw, raw_shape=raw.shape, raw_dtype=kind)
         with torch.no_grad():
@@ -126,3 +160,27 @@ def write(net, path, kind: T = T.F16) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def metadata(writer: GGUFWriter, arch: str, config, tokenizer_from) -> None:
+    """The keys llama.cpp's converter writes for `config`, and the tokenizer.* keys of the GGUF
+    file `tokenizer_from` (its vocabulary must be the config's)."""
+    from gguf import GGUFReader, GGUFValueType
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for key, value in (("context_length", config.max_position_embeddings),
+                       ("embedding_length", config.hidden_size),
+                       ("block_count", config.num_hidden_layers),
+                       ("feed_forward_length", config.intermediate_size),
+                       ("attention.head_count", config.num_attention_heads),
+                       ("attention.head_count_kv", config.num_key_value_heads),
+                       ("attention.key_length", head_dim), ("attention.value_length", head_dim),
+                       ("rope.dimension_count", head_dim), ("vocab_size", config.vocab_size)):
+        writer.add_uint32(f"{arch}.{key}", value)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
+    writer.add_float32(f"{arch}.rope.freq_base", families.rope_parameters(config).get(
+        None, {}).get("rope_theta", 10000.0))
+    for key, field in GGUFReader(str(tokenizer_from)).fields.items():
+        if key.startswith("tokenizer."):
+            kind = field.types[0]
+            writer.add_key_value(key, field.contents(), kind,
+                                 field.types[-1] if kind == GGUFValueType.ARRAY else None)

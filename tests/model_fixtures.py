@@ -51,6 +51,35 @@ def tiny_model(tmp_path_factory, default_model_dir) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_kquant_gguf(tmp_path_factory, default_model_dir) -> tuple[str, str]:
+    """(a GGUF file, a folder of the same weights for transformers): a tiny random Qwen3 (not a
+    Llama: per-head q/k norms, neox rotary) whose every matrix is quantized to Q4_K, with the
+    default model's tokenizer and chat template, loadable with --model FILE."""
+    import torch
+    from gguf import GGMLQuantizationType as T
+    from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    import gguf_files
+    from nodes.engine import models
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    config = Qwen3Config(
+        vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        initializer_range=0.2)
+    torch.manual_seed(4321)
+    net = Qwen3ForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("tiny-qwen3-q4k")
+    path = folder / "tiny-qwen3-Q4_K.gguf"
+    gguf_files.write(net, path, T.Q4_K, tokenizer_from=models.default_gguf(), scales=None)
+    reference = folder / "reference"
+    net.save_pretrained(reference)  # the weights the file holds, for transformers
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(reference)
+    tok.save_pretrained(reference)
+    return str(path), str(reference)
+
+
 PARROT_TEXT = "naïve — 東京 🚀✨ end"
 
 

@@ -35,12 +35,27 @@ TIME = {"type": "function", "function": {
     "name": "get_time", "parameters": {"type": "object", "properties": {}, "required": []}}}
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model):
-    eng = HFEngine(HFEngineConfig(model=tiny_model, device="cpu", dtype="float32"))
+def start(model: str, reference: str) -> HFEngine:
+    eng = HFEngine(HFEngineConfig(model=model, device="cpu", dtype="float32"))
     from transformers import AutoModelForCausalLM
-    eng.reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    eng.reference = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
     return eng  # `reference`: transformers' own forward of the same weights
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3-q4k-gguf"])
+def engine(request, tiny_model):
+    """The tiny Llama folder, and a tiny Qwen3 GGUF file quantized to Q4_K (another family, a
+    K-quant file): every feature that does not lean on how one model behaves holds on both."""
+    if request.param == "llama":
+        return start(tiny_model, tiny_model)
+    return start(*request.getfixturevalue("tiny_kquant_gguf"))
+
+
+@pytest.fixture(scope="module")
+def llama_engine(tiny_model):
+    """The tiny Llama alone, for tests whose setup relies on its habits (it repeats a biased
+    token, it closes JSON strings within the token limit, its logits have no near ties)."""
+    return start(tiny_model, tiny_model)
 
 
 def run(engine: HFEngine, *reqs: Request | EngineRequest) -> dict[int, dict]:
@@ -78,10 +93,10 @@ def greedy(**kw) -> Request:
     return Request(**{"temperature": 0.0, **kw})
 
 
-# The engine's CPU path keeps keys and values in float16: its logprobs agree with a float32
-# forward to ~1e-3 (relative) on this tiny model, whose wide random weights make large
-# activations.
-KV_TOLERANCE = 2e-3
+# The engine's CPU path keeps keys and values in float16 (and its activations in 16-bit runs):
+# its logprobs agree with a float32 forward to a few 1e-3 on these tiny models, whose wide random
+# weights make large activations (a wrong kernel or layout is off by far more).
+KV_TOLERANCE = 5e-3
 
 
 def logits_after(engine: HFEngine, ids: list[int]) -> torch.Tensor:
@@ -135,7 +150,8 @@ def test_prompt_logprobs_cover_every_prompt_token(engine):
 
 # --- penalties, filters, bias --------------------------------------------------------------------
 
-def test_presence_and_frequency_penalties_match_their_formula(engine):
+def test_presence_and_frequency_penalties_match_their_formula(llama_engine):
+    engine = llama_engine
     prompt = "to be or not to be"
     ids = engine.tokenizer.encode(prompt)
     first = run(engine, greedy(prompt=prompt, max_tokens=1))[1]["ids"][0]
@@ -163,7 +179,8 @@ def test_presence_and_frequency_penalties_match_their_formula(engine):
                                  - 5.0 * (torch.arange(engine.vocab) == first))
 
 
-def test_repetition_penalty_equals_transformers(engine):
+def test_repetition_penalty_equals_transformers(llama_engine):
+    engine = llama_engine
     prompt = "to be or not to be"
     ids = engine.tokenizer.encode(prompt)
     first = run(engine, greedy(prompt=prompt, max_tokens=1))[1]["ids"][0]
@@ -234,7 +251,8 @@ def json_request(**kw) -> Request:
                                    "json_schema": {"name": "person", "schema": SCHEMA}}, **kw)
 
 
-def test_json_schema_answers_validate_greedy_and_sampled(engine):
+def test_json_schema_answers_validate_greedy_and_sampled(llama_engine):
+    engine = llama_engine
     got = run(engine, json_request(), json_request(temperature=1.0, seed=5),
               greedy(prompt="Data:", max_tokens=40, response_format={"type": "json_object"}))
     for i in (1, 2):
@@ -263,7 +281,8 @@ def test_a_bad_schema_is_a_bad_request(engine):
     assert err.value.code == ErrorCode.BAD_REQUEST and "frobnicate" in err.value.message
 
 
-def test_forced_tool_calls_parse_against_their_schema(engine):
+def test_forced_tool_calls_parse_against_their_schema(llama_engine):
+    engine = llama_engine
     chat = [{"role": "user", "content": "Weather in Paris?"}]
     got = run(engine,
               greedy(messages=chat, tools=[WEATHER, TIME], max_tokens=80,

@@ -201,11 +201,13 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
     else:
         gguf = default_gguf() if model is None else Path(model).expanduser()
         if gguf.suffix == ".gguf" and gguf.is_file():
-            folder = meta_folder(gguf, DEFAULT_MODEL if model is None else gguf.stem)
+            folder = meta_folder(gguf, DEFAULT_MODEL if model is None else
+                                 f"{gguf.stem}-{gguf.stat().st_size}")  # two files, two folders
             config = AutoConfig.from_pretrained(folder)
             why = families.unsupported(config)
             if why is None:
                 source = weights.open_gguf(gguf)  # a tensor type we do not read: an error here
+                config = with_file_values(config, source.meta)
             else:
                 log.warning("%s: %s, so it runs on transformers' own forward, the slow path "
                             "(its weights converted once to float32)", gguf.name, why)
@@ -235,6 +237,17 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
     else:
         loaded.net = transformers_model(config, folder, load_format, dev, dt)
     return loaded
+
+
+def with_file_values(config, meta: dict):
+    """The config with what the file says where transformers' reading of GGUF metadata falls
+    short (it takes Qwen3's head_dim from its own defaults, not the file's key_length)."""
+    arch = meta.get("general.architecture")
+    key_length = meta.get(f"{arch}.attention.key_length")
+    text = config.get_text_config()
+    if isinstance(key_length, int) and getattr(text, "head_dim", None) != key_length:
+        text.head_dim = key_length
+    return config
 
 
 def describe(source, mode: str) -> str:

@@ -128,7 +128,8 @@ class RandomSource:
 
     @staticmethod
     def parse(name: str) -> tuple[str, str]:
-        return tuple(name.split(".")[1:]) if "." in name else (name, "weight")
+        parts = name.split(".")
+        return (parts[1], parts[2]) if len(parts) == 3 else (name, "weight")
 
     def has(self, name: str) -> bool:
         part, what = self.parse(name)
@@ -136,7 +137,8 @@ class RandomSource:
             return self.family.qkv_bias and part in ("q", "k", "v")
         return {"q_norm": self.family.qk_norm, "k_norm": self.family.qk_norm,
                 "post_attn_norm": self.family.post_norms,
-                "post_mlp_norm": self.family.post_norms}.get(part, part not in ("qkv", "head"))
+                "post_mlp_norm": self.family.post_norms}.get(
+            part, part in self.shapes or part in ("attn_norm", "mlp_norm", "norm"))
 
     def get(self, name: str) -> torch.Tensor:
         part, what = self.parse(name)
@@ -204,6 +206,9 @@ def build(config, source, *, mode: str, device: torch.device, dtype: torch.dtype
         matrix(source.head, floor=T.Q8_0)
     norm = vector(source.norm)
     rope = rotary(config)
+    if source.has("rope_freqs.weight"):  # Llama 3's long-context scaling, as llama.cpp's files
+        factors = source.get("rope_freqs.weight").double()  # carry it: frequencies divided
+        rope = {t: (freq / factors, scale) for t, (freq, scale) in rope.items()}
     if on_kernels:
         return CpuModel(shape, embed, layers, norm, head, rope)
     return torch_model(shape, embed, layers, norm, head, rope, device, dtype)

@@ -157,15 +157,22 @@ static inline __attribute__((always_inline)) __m256i unpack(const int type, cons
   }
 }
 
-/* a K super-block's 6-bit scale and minimum of run j (ggml's get_scale_min_k4) */
-static inline void k_scale_min(const uint8_t *q, int j, int *sc, int *mn) {
-  if (j < 4) {
-    *sc = q[j] & 63;
-    *mn = q[j + 4] & 63;
-  } else {
-    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-    *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
+/* a K super-block's eight 6-bit scales and minimums (12 bytes) as floats times d and -dmin
+ * (the bit shuffle of ggml's get_scale_min_k4, for all eight at once) */
+static inline void k_scales(const uint8_t *q, float d, float dmin, float *ws, float *wm) {
+  uint32_t u[4];
+  memcpy(u, q, 12);
+  const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+  u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+  const uint32_t low_mins = u[1] & m1;
+  u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+  u[2] = low_mins;
+  u[0] &= m1; /* bytes 0..7: the scales, 8..15: the minimums */
+  const __m128i b = _mm_loadu_si128((const __m128i *)u);
+  const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+  const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+  _mm256_storeu_ps(ws, _mm256_mul_ps(sc, _mm256_set1_ps(d)));
+  _mm256_storeu_ps(wm, _mm256_mul_ps(mn, _mm256_set1_ps(-dmin)));
 }
 
 /* the float scale and minimum of runs b0 .. b0+g-1 (g <= 8; b0 a multiple of 8) */
@@ -180,13 +187,7 @@ static inline __attribute__((always_inline)) void scales8(const int type, const 
         ws[j] = d, wm[j] = 0.0f;
       return;
     }
-    const float d = half(sb), dmin = half(sb + 2);
-    for (int j = 0; j < 8; j++) {
-      int sc, mn;
-      k_scale_min(sb + 4, j, &sc, &mn);
-      ws[j] = d * (float)sc;
-      wm[j] = -dmin * (float)mn;
-    }
+    k_scales(sb + 4, half(sb), half(sb + 2), ws, wm);
     return;
   }
   const int64_t bytes = block_bytes(type);
