@@ -274,3 +274,57 @@ def test_quality_bench_tells_loops_from_answers():
     assert loops("Hola! 🌻👩❄️💡📐🎉🏼🔬🕈😍👨\u200d♀️👸👹👶👵👷👭👮👺👽👻👾👿💖📐🌟🎁")  # a salad
     assert not loops("The capital of France is Paris. Paris is also its largest city. 🇫🇷")
     assert not loops("1. Sleep at the same time.\n2. Sleep in the dark.\n3. Sleep without a screen.")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_random_weights_of_a_shape_are_a_gguf_llama_cpp_reads(name, tmp_path):
+    """bench.shapes writes what llama.cpp expects for the architecture: its tensor names and
+    shapes, its metadata keys, the default model's tokenizer padded to the vocabulary; and
+    llama.cpp's own quantizer (where the checkout has one) makes Q8_0 of it."""
+    import gguf
+    from bench.peer import file_facts
+    from bench.shapes import QUANTIZE, SHAPES, Header, quantize, write_gguf
+    shape = SHAPES[name]
+    path = write_gguf(name, tmp_path / f"{name}-F16.gguf", seed=1)
+    r = gguf.GGUFReader(path)
+    a = shape.arch
+    assert r.fields["general.architecture"].contents() == a
+    for key, want in [("embedding_length", shape.hidden), ("block_count", shape.layers),
+                      ("feed_forward_length", shape.intermediate),
+                      ("attention.head_count", shape.heads),
+                      ("attention.head_count_kv", shape.kv_heads),
+                      ("attention.key_length", shape.head_dim),
+                      ("context_length", shape.context)]:
+        assert r.fields[f"{a}.{key}"].contents() == want, key
+    assert r.fields[f"{a}.rope.freq_base"].contents() == shape.rope_theta
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == shape.vocab and tokens[-1] == f"<pad_{shape.vocab - 1}>"
+    assert tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    tensors = {t.name: t for t in r.tensors}
+    assert set(tensors) == {n for n, _ in shape.tensors()}
+    for n, dims in shape.tensors():
+        assert tuple(tensors[n].shape) == dims[::-1], n  # ggml order: columns first
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert (tensors["blk.0.attn_norm.weight"].data == 1).all()  # Gemma's +1 already added
+    w = tensors["blk.1.ffn_up.weight"].data.astype("float32")
+    assert abs(w.std() - 0.02) < 0.002 and abs(w.mean()) < 0.002
+    if a == "gemma3":
+        assert r.fields["gemma3.attention.sliding_window"].contents() == shape.sliding_window
+        assert {"blk.5.post_ffw_norm.weight", "blk.0.attn_k_norm.weight"} <= set(tensors)
+    else:
+        assert "output.weight" in tensors and "rope_freqs.weight" in tensors  # untied, Llama 3
+    h = Header(path)  # our quick reader sees what gguf's sees
+    assert [(n, d, t) for n, d, t in h.tensors] == [
+        (t.name, tuple(int(x) for x in t.shape), int(t.tensor_type)) for t in r.tensors]
+    assert h.tensor_bytes() == sum(int(t.n_bytes) for t in r.tensors)
+    facts = file_facts(str(path))
+    assert facts["parameters"] == sum(int(t.n_elements) for t in r.tensors)
+    embed = int(tensors["token_embd.weight"].n_bytes)
+    assert facts["decode_bytes"] == h.tensor_bytes() - (embed if a == "llama" else 0)
+    if not QUANTIZE.exists():
+        pytest.skip(f"no llama.cpp quantizer at {QUANTIZE}")
+    q8 = quantize(path, tmp_path / f"{name}-Q8_0.gguf", "Q8_0")
+    types = {n: gguf.GGMLQuantizationType(t).name for n, _, t in Header(q8).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
