@@ -88,15 +88,16 @@ CHAT_PROMPTS = [
 
 @dataclass(slots=True)
 class Item:
-    """One request to send: chat `messages` (or a plain `prompt`) and its max_tokens."""
+    """One request to send: chat `messages` (or a plain `prompt`: text, or token ids for
+    /v1/completions) and its max_tokens."""
 
     index: int
     messages: list[dict] | None
-    prompt: str | None
+    prompt: str | list[int] | None
     max_tokens: int
     prompt_words: int  # an estimate of prompt tokens, used when the server reports no usage
 
-    def text(self) -> str:
+    def text(self) -> str | list[int]:
         """The request as one plain prompt (for /v1/completions)."""
         if self.prompt is not None:
             return self.prompt
