@@ -1,21 +1,20 @@
-"""The CPU matrix-product kernels the llama runner could use, on the default model's shapes.
+"""The CPU matrix products our runner could use, per block type, on a real model's shapes.
 
-Process: `python -m bench.kernels [--rows 1,8,64] [--layers 30]`. One process, no server. For
-each kernel, the four products of a layer (fused q|k|v, o, fused gate|up, down of
-SmolLM2-135M: 960x576, 576x576, 3072x576, 576x1536) over `--layers` layers of distinct random
-weights (so, as in a real step, the weights do not sit in the cache), for 1, 8 and 64 rows of
-activations; best of 5 passes; and each kernel's error against the float32 product with the same
-(dequantized) weights:
+Process: `python -m bench.kernels [--rows 1,8,64] [--layers 4] [--shape llama-3.2-1b]`. One
+process, no server. For each kernel, the seven products of a layer (q, k, v, o, gate, up, down
+of the shape) over `--layers` layers of distinct random weights (so, as in a real step, the
+weights do not sit in the cache), for 1, 8 and 64 rows of activations; best of 5 passes; the
+weights' bytes read per second at 1 row; and each kernel's error against the float32 product
+with the same (dequantized) weights:
 
-    float32 (MKL)      F.linear on float32 weights                       (--quantization none)
-    torch int4         aten._weight_int4pack_mm_for_cpu, bfloat16 activations
-    torch int8         aten._weight_int8pack_mm, bfloat16 activations
-    fbgemm int8        quantized.linear_dynamic: int8 weights, activations quantized per call
-    ours Q4_1          kernels/blocks.c, 16-bit activations              (--quantization int4)
-    ours Q8_0          kernels/blocks.c                                  (--quantization int8)
-    ours -> float32    the blocks dequantized, then MKL (what ours does from DENSE_FROM rows)
+    float32 (MKL)        F.linear on float32 weights
+    torch int4 (bf16)    aten._weight_int4pack_mm_for_cpu: groups of 32 with a scale and a
+                         zero (Q4_1's information), bfloat16 activations
+    torch int8 (bf16)    aten._weight_int8pack_mm: one scale per row
+    ours TYPE            blocks/kernels.c over GGUF blocks of TYPE (random, valid blocks), the
+                         vector path this CPU has (TREECHAT_KERNELS=avx2 forces the narrower)
 
-Prints a markdown table (milliseconds for all layers' products; relative error).
+Prints a markdown table (milliseconds for all layers' products; GB/s; relative error).
 """
 
 from __future__ import annotations
@@ -23,90 +22,84 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from nodes.engine import kernels, quant
+from nodes.engine.blocks import Blocks, kernels
 
-SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
-
-
-def torch_int4(w):
-    qs, d, m = quant.quantize_q4_1(w)
-    d, m = d.float(), m.float()
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(quant.unpack(qs), 1)
-    sz = torch.stack([d, m + 8 * d], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.to(torch.bfloat16), packed, quant.GROUP, sz).float(), quant.dequantize_q4_1(qs, d, m)
+# (hidden, intermediate, q rows, kv rows) of published configs
+SHAPES = {"smollm2-135m": (576, 1536, 576, 192), "llama-3.2-1b": (2048, 8192, 2048, 512),
+          "qwen3-0.6b": (1024, 3072, 2048, 1024), "llama-3.2-3b": (3072, 8192, 3072, 1024)}
+OURS = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.F16)
 
 
-def torch_int8(w):
-    q, s = quant.int8_rows(w)
-    sb = s.to(torch.bfloat16)
-    return (lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, sb).float(),
-            q.float() * s[:, None])
+def matrices(shape: str) -> list[tuple[int, int]]:
+    h, inter, q, kv = SHAPES[shape]
+    return [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter)]
 
 
-def fbgemm_int8(w):
-    q, s = quant.int8_rows(w)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qt = torch._make_per_channel_quantized_tensor(q, s.double(),
-                                                      torch.zeros(q.shape[0], dtype=torch.long), 0)
-        packed = torch.ops.quantized.linear_prepack(qt, None)
-    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True), q.float() * s[:, None]
+def random_blocks(kind: T, n: int, k: int, rng) -> torch.Tensor:
+    """Valid blocks: random bits, every float16 scale a small positive number."""
+    if kind == T.F16:
+        return torch.from_numpy((rng.standard_normal((n, k)) * 0.05).astype(np.float16)
+                                .view(np.uint8))
+    block, size = GGML_QUANT_SIZES[kind]
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    scales = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q4_1: (0, 2)}.get(kind, (0,))
+    for at in scales:
+        raw[..., at:at + 2] = rng.uniform(1e-4, 1e-3, (n, k // block, 1)).astype(
+            np.float16).view(np.uint8)
+    return torch.from_numpy(raw.reshape(n, -1))
 
 
-def ours_q4(w):
-    layer = quant.Q4_1(*quant.quantize_q4_1(w))
-    return (lambda x: kernels.q4_1_matmul(x, layer.qs, layer.d, layer.m),
-            quant.dequantize_q4_1(layer.qs, layer.d, layer.m))
+def ours(kind: T):
+    def make(n: int, k: int, rng):
+        w = Blocks(kind, random_blocks(kind, n, k, rng), k)
+        return w, w.dequantize(), w.raw.numel()
+    return make
 
 
-def ours_q8(w):
-    layer = quant.Q8_0(*quant.quantize_q8_0(w))
-    return (lambda x: kernels.q8_0_matmul(x, layer.q, layer.d),
-            quant.dequantize_q8_0(layer.q, layer.d))
+def dense(n: int, k: int, rng):
+    w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32) * 0.05)
+    return (lambda x: F.linear(x, w)), w, w.numel() * 4
 
 
-def ours_dense(w):
-    layer = quant.Q4_1(*quant.quantize_q4_1(w))
-    k = 2 * layer.qs.shape[1]
-    return (lambda x: F.linear(x, kernels.dequantize(layer.qs, layer.d, layer.m, True, k)),
-            quant.dequantize_q4_1(layer.qs, layer.d, layer.m))
+def torch_int4(n: int, k: int, rng):
+    w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32) * 0.05)
+    g = w.reshape(n, k // 32, 32)
+    lo, hi = g.amin(-1), g.amax(-1)
+    d = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((g - lo[..., None]) / d[..., None]).clamp(0, 15).to(torch.int32)
+    ref = (q * d[..., None] + lo[..., None]).reshape(n, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k), 1)
+    sz = torch.stack([d, lo + 8 * d], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.to(torch.bfloat16), packed, 32, sz).float()), ref, n * k // 2 + sz.numel() * 2
 
 
-KERNELS = {
-    "float32 (MKL)": lambda w: ((lambda x, w=w: F.linear(x, w)), w),
-    "torch int4 (bf16)": torch_int4,
-    "torch int8 (bf16)": torch_int8,
-    "fbgemm int8 (dynamic)": fbgemm_int8,
-    "ours Q4_1": ours_q4,
-    "ours Q8_0": ours_q8,
-    "ours Q4_1 -> float32 + MKL": ours_dense,
-}
+def torch_int8(n: int, k: int, rng):
+    w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32) * 0.05)
+    scales = (w.abs().amax(1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    sb = scales.to(torch.bfloat16)
+    return (lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, sb).float()), \
+        q.float() * scales[:, None], n * k
 
 
-def available(name: str) -> bool:
-    if name.startswith("ours"):
-        return kernels.library() is not None
-    if name.startswith("fbgemm"):
-        return "fbgemm" in torch.backends.quantized.supported_engines
-    return True
-
-
-def measure(make, rows: list[int], layers: int) -> tuple[dict[int, float], float]:
-    torch.manual_seed(0)
-    built = [[make(torch.randn(n, k) * 0.05) for n, k in SHAPES] for _ in range(layers)]
+def measure(make, shape: str, rows: list[int], layers: int):
+    rng = np.random.default_rng(0)
+    built = [[make(n, k, rng) for n, k in matrices(shape)] for _ in range(layers)]
+    nbytes = sum(b for layer in built for _, _, b in layer)
     times, errors = {}, []
     for m in rows:
-        xs = {k: torch.randn(m, k) for k in (576, 1536)}
+        xs = {k: torch.randn(m, k) for _, k in matrices(shape)}
 
         def one_pass():
             for layer in built:
-                for (fn, _), (n, k) in zip(layer, SHAPES):
+                for (fn, _, _), (n, k) in zip(layer, matrices(shape)):
                     fn(xs[k])
         one_pass()
         best = float("inf")
@@ -115,30 +108,38 @@ def measure(make, rows: list[int], layers: int) -> tuple[dict[int, float], float
             one_pass()
             best = min(best, time.perf_counter() - t)
         times[m] = best
-        fn, ref_w = built[0][2]
-        ref = xs[576] @ ref_w.t()
-        errors.append(((fn(xs[576]) - ref).norm() / ref.norm()).item())
-    return times, max(errors)
+        fn, ref_w, _ = built[0][4]
+        k = matrices(shape)[4][1]
+        ref = xs[k] @ ref_w.t()
+        errors.append(((fn(xs[k]) - ref).norm() / ref.norm()).item())
+    return times, nbytes, max(errors)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="1,8,64")
-    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = [int(r) for r in a.rows.split(",")]
-    print("| kernel | " + " | ".join(f"{m} rows (ms)" for m in rows) + " | error |")
-    print("|---|" + "---:|" * (len(rows) + 1))
+    candidates = {"float32 (MKL)": dense, "torch int4 (bf16)": torch_int4,
+                  "torch int8 (bf16)": torch_int8}
+    if kernels.library() is not None:  # the K types need rows of a multiple of 256
+        widths = {k for _, k in matrices(a.shape)}
+        candidates.update({f"ours {t.name} ({kernels.vector_path()})": ours(t) for t in OURS
+                           if all(k % GGML_QUANT_SIZES[t][0] == 0 for k in widths)})
+    print(f"{a.layers} layers of {a.shape}'s products")
+    print("| kernel | " + " | ".join(f"{m} rows (ms)" for m in rows) + " | GB/s at 1 row | error |")
+    print("|---|" + "---:|" * (len(rows) + 2))
     with torch.inference_mode():
-        for name, make in KERNELS.items():
-            if not available(name):
-                continue
-            times, err = measure(make, rows, a.layers)
+        for name, make in candidates.items():
+            times, nbytes, err = measure(make, a.shape, rows, a.layers)
+            rate = f"{nbytes / times[rows[0]] / 1e9:.1f}" if rows[0] == 1 else ""
             print(f"| {name} | " + " | ".join(f"{1000 * times[m]:.1f}" for m in rows)
-                  + f" | {err:.1e} |", flush=True)
+                  + f" | {rate} | {err:.1e} |", flush=True)
     return 0
 
 

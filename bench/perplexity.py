@@ -1,4 +1,4 @@
-"""What quantization costs: perplexity of the llama runner on a fixed text, per precision.
+"""What quantization costs: perplexity of our runner on a fixed text, per precision.
 
 Process: `python -m bench.perplexity [--model PATH] [--modes none,int8,int4] [--window N]`.
 One process; the model is loaded once per mode and scores `bench/data/perplexity.txt` (about
@@ -11,6 +11,11 @@ with a download) in windows of `--window` tokens, each prefilled the way the eng
 Prints one line per mode and the ratio to `none` (float32): the quantized paths must stay
 within 2% of it (docs/benchmarks.md). With `--ask`, also the greedy answer to "What is the
 capital of France?" per mode.
+
+A GGUF file (`--model FILE.gguf`, any block types) is scored in two modes: `blocks`, our
+kernels over the file's own blocks (what a node serves), and `float32`, the same weights
+dequantized once to float32 and run by torch's operators with a float32 KV cache: the
+reference our kernels must not add error to (within 1%, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from nodes.engine import models  # noqa: E402
+from nodes.engine.blocks import kernels  # noqa: E402
 from nodes.engine.kvcache import RowCache  # noqa: E402
 from nodes.engine.llama import Batch, Chunk  # noqa: E402
 
@@ -77,7 +83,8 @@ def answer(loaded, question: str, tokens: int = 24) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct (its GGUF)")
-    ap.add_argument("--modes", default="none,int8,int4")
+    ap.add_argument("--modes", default=None,
+                    help="none,int8,int4 (a float model's default); float32,blocks (a GGUF's)")
     ap.add_argument("--window", type=int, default=512, help="tokens of context per window")
     ap.add_argument("--chunk", type=int, default=256, help="prefill chunk, as the engine cuts")
     ap.add_argument("--threads", type=int, default=None)
@@ -86,12 +93,22 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    gguf = a.model is None or a.model.endswith(".gguf")
+    modes = a.modes or ("float32,blocks" if gguf else "none,int8,int4")
     results = {}
     with torch.inference_mode():
-        for mode in a.modes.split(","):
+        for mode in modes.split(","):
             t = time.perf_counter()
-            loaded = models.load(a.model, device="cpu", dtype="auto", load_format="auto",
-                                 model_config=None, quantization=mode)
+            library = kernels.library
+            if mode == "float32":  # the file's weights dequantized: torch's float32 path
+                kernels.library = lambda: None
+            try:
+                loaded = models.load(a.model, device="cpu", dtype="auto", load_format="auto",
+                                     model_config=None,
+                                     quantization=mode if mode in ("none", "int8", "int4")
+                                     else "auto")
+            finally:
+                kernels.library = library
             ids = loaded.tokenizer.encode(TEXT.read_text())
             nll, n = score(loaded.model, ids, a.window, a.chunk)
             ppl = math.exp(nll / n)
@@ -99,7 +116,7 @@ def main(argv=None) -> int:
                              "seconds": round(time.perf_counter() - t, 1)}
             if a.ask:
                 results[mode]["france"] = answer(loaded, "What is the capital of France?")
-            base = results.get("none", {}).get("perplexity")
+            base = (results.get("none") or results.get("float32") or {}).get("perplexity")
             ratio = f"  {ppl / base:.4f}x float32" if base else ""
             print(f"{mode:5s} perplexity {ppl:8.4f} over {n} tokens{ratio}"
                   + (f"  France: {results[mode]['france']!r}" if a.ask else ""), flush=True)

@@ -49,6 +49,8 @@ class Blocks:
 
     def __init__(self, kind: T, raw: torch.Tensor, k: int, bias: torch.Tensor | None = None):
         block, size = GGML_QUANT_SIZES[kind]
+        if k % block:
+            raise ValueError(f"{kind.name} holds rows of a multiple of {block} weights, not {k}")
         if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] != k // block * size:
             raise ValueError(f"{kind.name} rows of {k} weights are {k // block * size} bytes, "
                              f"not {tuple(raw.shape)} {raw.dtype}")

@@ -12,9 +12,11 @@
  * (int8: q, or q - offset for the symmetric types), `scales8` gives eight runs' float scale and
  * minimum at once (a K super-block is exactly eight runs). Q6_K's two sub-block scales of a run
  * are folded into its integers (|q * s| <= 32 * 128 fits 16 bits). The activations are
- * quantized per row and run of 32 to 16-bit integers (step max|x| / 32767, so the product is the
- * float32 product to ~1e-5), and a run's dot product is integer arithmetic, scaled once:
+ * quantized per row and 256 values to 15-bit integers (14 on AVX2; step max|x| / 16383, so the
+ * product is the float32 product to ~1e-4), and a run's dot product is integer arithmetic:
  *       sum_runs  scale_w * scale_x * sum(q * qx)  +  min_w * sum(x)
+ * where a K super-block's eight runs, sharing scale_x and the weights' d, add up as integers
+ * first (each run's 6-bit scale folded into its weights) and are scaled once
  * (8-bit activations, llama.cpp's choice, are faster still but moved the 135M default model's
  * greedy answers; 16 bits do not.) Rows of x are taken four at a time and weight rows two at a
  * time, so a run is unpacked once per four rows and each x run loaded once for both weights.
@@ -213,13 +215,33 @@ static inline wvec widen(__m256i q, int s0, int s1, const int scaled) {
   return _mm512_mullo_epi16(
       w, _mm512_inserti64x4(_mm512_set1_epi16((short)s0), _mm256_set1_epi16((short)s1), 1));
 }
+typedef __m512i ivec; /* 16 int32 */
+#define XMAX 16383.0f /* activations' range: 16 products of a K super-block per int32 lane */
+static inline wvec wscale(wvec w, int s) { return _mm512_mullo_epi16(w, _mm512_set1_epi16((short)s)); }
+/* Q6_K: the sixteen sub-block scales as int16, and run r's pair of them spread over its 32
+ * weights (run r of half h uses scales 8h + 2(r % 4) and the next) by one permute */
+typedef __m512i svec;
+static inline svec q6_scales(const uint8_t *sb) {
+  return _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(sb + 192))));
+}
+static inline svec q6_none(void) { return _mm512_setzero_si512(); }
+static inline wvec q6_scale(wvec w, svec s, const int r) {
+  const int first = 8 * (r >> 2) + 2 * (r & 3);
+  const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi16((short)first),
+                                         _mm256_set1_epi16((short)(first + 1)), 1);
+  return _mm512_mullo_epi16(w, _mm512_permutexvar_epi16(idx, s));
+}
 static inline fvec fzero(void) { return _mm512_setzero_ps(); }
-static inline fvec dot_acc(fvec acc, wvec w, const int16_t *x, float scale) {
+static inline ivec izero(void) { return _mm512_setzero_si512(); }
+/* acc + the pairwise products of w and 32 activations, as 16 int32 */
+static inline ivec idot(ivec acc, wvec w, const int16_t *x) {
 #ifdef __AVX512VNNI__
-  const __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x));
+  return _mm512_dpwssd_epi32(acc, w, _mm512_loadu_si512(x));
 #else
-  const __m512i s = _mm512_madd_epi16(w, _mm512_loadu_si512(x));
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_loadu_si512(x)));
 #endif
+}
+static inline fvec fma_i(fvec acc, ivec s, float scale) {
   return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(scale), acc);
 }
 static inline float fsum(fvec v) { return _mm512_reduce_add_ps(v); }
@@ -245,11 +267,38 @@ static inline wvec widen(__m256i q, int s0, int s1, const int scaled) {
   }
   return w;
 }
+typedef __m256i ivec; /* 8 int32 */
+#define XMAX 8191.0f /* activations' range: 32 products of a K super-block per int32 lane */
+static inline wvec wscale(wvec w, int s) {
+  const __m256i v = _mm256_set1_epi16((short)s);
+  return (wvec){_mm256_mullo_epi16(w.lo, v), _mm256_mullo_epi16(w.hi, v)};
+}
+/* Q6_K: the sixteen sub-block scales as int16 (two vectors: 0..7, 8..15), run r's pair
+ * broadcast by byte shuffles */
+typedef struct {
+  __m256i lo, hi;
+} svec;
+static inline svec q6_scales(const uint8_t *sb) {
+  const __m256i all = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(sb + 192)));
+  return (svec){_mm256_permute2x128_si256(all, all, 0x00), _mm256_permute2x128_si256(all, all, 0x11)};
+}
+static inline svec q6_none(void) { return (svec){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline wvec q6_scale(wvec w, svec s, const int r) {
+  const int first = 2 * (r & 3); /* within the half's eight scales */
+  const __m256i src = r >> 2 ? s.hi : s.lo;
+  const __m256i i0 = _mm256_set1_epi16((short)((2 * first) | (2 * first + 1) << 8));
+  const __m256i i1 = _mm256_set1_epi16((short)((2 * first + 2) | (2 * first + 3) << 8));
+  return (wvec){_mm256_mullo_epi16(w.lo, _mm256_shuffle_epi8(src, i0)),
+                _mm256_mullo_epi16(w.hi, _mm256_shuffle_epi8(src, i1))};
+}
 static inline fvec fzero(void) { return _mm256_setzero_ps(); }
-static inline fvec dot_acc(fvec acc, wvec w, const int16_t *x, float scale) {
-  const __m256i s = _mm256_add_epi32(
+static inline ivec izero(void) { return _mm256_setzero_si256(); }
+static inline ivec idot(ivec acc, wvec w, const int16_t *x) {
+  return _mm256_add_epi32(acc, _mm256_add_epi32(
       _mm256_madd_epi16(w.lo, _mm256_loadu_si256((const __m256i *)x)),
-      _mm256_madd_epi16(w.hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
+      _mm256_madd_epi16(w.hi, _mm256_loadu_si256((const __m256i *)(x + 16)))));
+}
+static inline fvec fma_i(fvec acc, ivec s, float scale) {
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(scale), acc);
 }
 static inline float fsum(fvec v) { return hsum8(v); }
@@ -264,20 +313,26 @@ static inline void wstore(float *dst, wvec w, float scale, float min) {
 }
 #endif
 
-/* --- activations as 16-bit runs ------------------------------------------------------------- */
+/* --- activations as 16-bit integers ---------------------------------------------------------- */
+
+#define GROUP 8 /* runs per activation scale: 256 values, a K super-block */
 
 typedef struct {
   int16_t *q; /* [M, K] */
-  float *d;   /* [M, K/32] step of each run */
+  float *d;   /* [M, groups] the step of each group of 8 runs */
   float *s;   /* [M, K/32] sum(x) of each run (for the minimums) */
 } qrows;
 
 static void release(qrows *r) { free(r->q), free(r->d), free(r->s); }
 
+static inline int64_t groups_of(int64_t nb) { return (nb + GROUP - 1) / GROUP; }
+
+/* x [M, K] -> integers in +-XMAX, one step per 256 values (so a K super-block's dot products
+ * add up as integers), and each run's sum */
 static int quantize16(const float *x, int64_t m_rows, int64_t k, qrows *out) {
-  const int64_t nb = k / RUN;
+  const int64_t nb = k / RUN, ng = groups_of(nb);
   out->q = scratch(sizeof(int16_t) * (size_t)(m_rows * k));
-  out->d = scratch(sizeof(float) * (size_t)(m_rows * nb));
+  out->d = scratch(sizeof(float) * (size_t)(m_rows * ng));
   out->s = scratch(sizeof(float) * (size_t)(m_rows * nb));
   if (!out->q || !out->d || !out->s) {
     release(out);
@@ -285,75 +340,141 @@ static int quantize16(const float *x, int64_t m_rows, int64_t k, qrows *out) {
   }
   const __m256 sign = _mm256_set1_ps(-0.0f);
 #pragma omp parallel for schedule(static) if (m_rows * k > 65536)
-  for (int64_t i = 0; i < m_rows * nb; i++) {
-    const float *src = x + i * RUN;
-    __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-    for (int j = 0; j < 4; j++) {
-      v[j] = _mm256_loadu_ps(src + 8 * j);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
-      sum = _mm256_add_ps(sum, v[j]);
-    }
+  for (int64_t i = 0; i < m_rows * ng; i++) {
+    const int64_t row = i / ng, b0 = (i % ng) * GROUP;
+    const int64_t b1 = b0 + GROUP < nb ? b0 + GROUP : nb;
+    const float *src = x + row * k;
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t j = b0 * RUN; j < b1 * RUN; j += 8)
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + j)));
     const float mx = hmax8(amax);
-    const __m256 inv = _mm256_set1_ps(mx > 0.0f ? 32767.0f / mx : 0.0f);
-    __m256i q32[4];
-    for (int j = 0; j < 4; j++)
-      q32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv)); /* round to nearest */
-    /* pack 32-bit lanes to 16 bits, then undo packs' lane interleaving */
-    const __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32[0], q32[1]), 0xD8);
-    const __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32[2], q32[3]), 0xD8);
-    _mm256_storeu_si256((__m256i *)(out->q + i * RUN), lo);
-    _mm256_storeu_si256((__m256i *)(out->q + i * RUN + 16), hi);
-    out->d[i] = mx / 32767.0f;
-    out->s[i] = hsum8(sum);
+    const __m256 inv = _mm256_set1_ps(mx > 0.0f ? XMAX / mx : 0.0f);
+    for (int64_t b = b0; b < b1; b++) {
+      __m256 v[4], sum = _mm256_setzero_ps();
+      __m256i q32[4];
+      for (int j = 0; j < 4; j++) {
+        v[j] = _mm256_loadu_ps(src + b * RUN + 8 * j);
+        sum = _mm256_add_ps(sum, v[j]);
+        q32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv)); /* round to nearest */
+      }
+      /* pack 32-bit lanes to 16 bits, then undo packs' lane interleaving */
+      const __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32[0], q32[1]), 0xD8);
+      const __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32[2], q32[3]), 0xD8);
+      _mm256_storeu_si256((__m256i *)(out->q + row * k + b * RUN), lo);
+      _mm256_storeu_si256((__m256i *)(out->q + row * k + b * RUN + 16), hi);
+      out->s[row * nb + b] = hsum8(sum);
+    }
+    out->d[i] = mx / XMAX;
   }
   return 0;
 }
 
 /* --- the blocked product ------------------------------------------------------------------- */
 
+/* a K super-block's integer scales of its eight runs (Q4_K, Q5_K; Q6_K folds its own in
+ * unpack), its d, and its runs' minimums as floats */
+static inline __attribute__((always_inline)) void k_ints(const int type, const uint8_t *row,
+                                                         int64_t b0, int *sc, float *d,
+                                                         float *wm) {
+  const uint8_t *sb = row + (b0 >> 3) * block_bytes(type);
+  if (type == Q6_K) {
+    *d = half(sb + 208);
+    for (int j = 0; j < 8; j++)
+      sc[j] = 1, wm[j] = 0.0f;
+    return;
+  }
+  uint32_t u[4];
+  memcpy(u, sb + 4, 12); /* as k_scales: bytes 0..7 the scales, 8..15 the minimums */
+  const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+  u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+  const uint32_t low_mins = u[1] & m1;
+  u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+  u[2] = low_mins;
+  u[0] &= m1;
+  const uint8_t *bytes = (const uint8_t *)u;
+  const float dmin = half(sb + 2);
+  *d = half(sb);
+  for (int j = 0; j < 8; j++)
+    sc[j] = bytes[j], wm[j] = -dmin * (float)bytes[8 + j];
+}
+
 /* One tile: weight rows w0, w1 against NX rows of x (a constant, so the accumulators stay in
- * registers), into sums[WR][NX]. */
+ * registers), into sums[WR][NX]. A K super-block's eight runs share the activations' step and
+ * the weights' d, so their integer dot products (each run's scale folded into its weights) add
+ * up as integers and are scaled once; the other types scale each run. */
 static inline __attribute__((always_inline)) void tile(const int type, const int NX,
                                                        const uint8_t *w0, const uint8_t *w1,
                                                        const qrows *xr, int64_t i0, int64_t nb,
                                                        float sums[WR][XR]) {
   const uint8_t *w[WR] = {w0, w1};
+  const int64_t ng = groups_of(nb);
   fvec acc[WR][XR];
   __m256 macc[WR][XR];
   for (int a = 0; a < WR; a++)
     for (int c = 0; c < NX; c++)
       acc[a][c] = fzero(), macc[a][c] = _mm256_setzero_ps();
-  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
-    const int g = nb - b0 < 8 ? (int)(nb - b0) : 8;
-    float ws[WR][8], wm[WR][8], scale[WR][XR][8];
-    for (int a = 0; a < WR; a++) {
-      scales8(type, w[a], b0, g, ws[a], wm[a]);
-      for (int c = 0; c < NX; c++) {
-        const float *xd = xr->d + (i0 + c) * nb + b0, *xs = xr->s + (i0 + c) * nb + b0;
-        if (g == 8) {
-          _mm256_storeu_ps(scale[a][c], _mm256_mul_ps(_mm256_loadu_ps(ws[a]),
-                                                      _mm256_loadu_ps(xd)));
-          macc[a][c] = _mm256_fmadd_ps(_mm256_loadu_ps(wm[a]), _mm256_loadu_ps(xs), macc[a][c]);
-        } else {
-          float m = 0.0f;
-          for (int j = 0; j < g; j++)
-            scale[a][c][j] = ws[a][j] * xd[j], m += wm[a][j] * xs[j];
-          macc[a][c] = _mm256_add_ps(macc[a][c], _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, m));
+  for (int64_t b0 = 0; b0 < nb; b0 += GROUP) {
+    const int64_t grp = b0 / GROUP;
+    float xd[XR];
+    for (int c = 0; c < NX; c++)
+      xd[c] = xr->d[(i0 + c) * ng + grp];
+    if (is_k(type)) {
+      int sc[WR][8];
+      float d[WR], wm[WR][8];
+      ivec isum[WR][XR];
+      for (int a = 0; a < WR; a++) {
+        k_ints(type, w[a], b0, sc[a], &d[a], wm[a]);
+        for (int c = 0; c < NX; c++) {
+          isum[a][c] = izero();
+          if (type != Q6_K)
+            macc[a][c] = _mm256_fmadd_ps(_mm256_loadu_ps(wm[a]),
+                                         _mm256_loadu_ps(xr->s + (i0 + c) * nb + b0), macc[a][c]);
         }
       }
+      svec q6[WR]; /* Q6_K: the super-block's sixteen int8 scales, widened once */
+      for (int a = 0; a < WR; a++)
+        q6[a] = type == Q6_K ? q6_scales(w[a] + (b0 >> 3) * block_bytes(Q6_K)) : q6_none();
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; r++) {
+        wvec wv[WR];
+        for (int a = 0; a < WR; a++) {
+          int s0 = 0, s1 = 0;
+          const __m256i q = unpack(type, w[a], b0 + r, &s0, &s1);
+          wv[a] = type == Q6_K ? q6_scale(widen(q, 0, 0, 0), q6[a], r)
+                               : wscale(widen(q, 0, 0, 0), sc[a][r]);
+        }
+        for (int c = 0; c < NX; c++) {
+          const int16_t *xb = xr->q + (i0 + c) * nb * RUN + (b0 + r) * RUN;
+          for (int a = 0; a < WR; a++)
+            isum[a][c] = idot(isum[a][c], wv[a], xb);
+        }
+      }
+      for (int a = 0; a < WR; a++)
+        for (int c = 0; c < NX; c++)
+          acc[a][c] = fma_i(acc[a][c], isum[a][c], d[a] * xd[c]);
+      continue;
+    }
+    const int g = nb - b0 < GROUP ? (int)(nb - b0) : GROUP;
+    float ws[WR][8], wm[WR][8];
+    for (int a = 0; a < WR; a++) {
+      scales8(type, w[a], b0, g, ws[a], wm[a]);
+      if (type == Q4_1 || type == Q5_1)
+        for (int c = 0; c < NX; c++) {
+          const float *xs = xr->s + (i0 + c) * nb + b0;
+          float m = 0.0f;
+          for (int j = 0; j < g; j++)
+            m += wm[a][j] * xs[j];
+          macc[a][c] = _mm256_add_ps(macc[a][c], _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, m));
+        }
     }
     for (int j = 0; j < g; j++) {
-      const int64_t b = b0 + j;
       wvec wv[WR];
-      for (int a = 0; a < WR; a++) {
-        int s0 = 0, s1 = 0;
-        const __m256i q = unpack(type, w[a], b, &s0, &s1);
-        wv[a] = widen(q, s0, s1, type == Q6_K);
-      }
+      for (int a = 0; a < WR; a++)
+        wv[a] = widen(unpack(type, w[a], b0 + j, NULL, NULL), 0, 0, 0);
       for (int c = 0; c < NX; c++) {
-        const int16_t *xb = xr->q + ((i0 + c) * nb + b) * RUN;
+        const int16_t *xb = xr->q + (i0 + c) * nb * RUN + (b0 + j) * RUN;
         for (int a = 0; a < WR; a++)
-          acc[a][c] = dot_acc(acc[a][c], wv[a], xb, scale[a][c][j]);
+          acc[a][c] = fma_i(acc[a][c], idot(izero(), wv[a], xb), ws[a][j] * xd[c]);
       }
     }
   }
