@@ -65,6 +65,7 @@ PEERS = ("llama-server", "transformers-serve")
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 MAX_TOKENS = {"chat": 128, "completions": 64}
 BILLION = 1e9
+ROOFLINE_FROM = 0.95e9  # parameters: "1B and up" (Gemma 3 1B has 999.9 million)
 
 
 async def wait_http(url: str, path: str, timeout: float, child: Child) -> None:
@@ -338,7 +339,7 @@ def files_table(studies: list[dict], labels: list[str], bandwidth: float | None)
             mem = st["memory"]
             row.append(" / ".join(f"{mem[x]['rss_mb']:.0f} ({mem[x]['peak_mb']:.0f})"
                                   if mem.get(x) else "–" for x in labels))
-            if c == 1 and f["parameters"] >= BILLION:
+            if c == 1 and f["parameters"] >= ROOFLINE_FROM:
                 row.append(" / ".join(
                     f"{r / BILLION:.1f}" + (f" ({r / bandwidth:.0%})" if bandwidth else "")
                     if (r := decode_rate(st, x)) else "–" for x in labels))
@@ -358,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a server to run beside treechat (repeatable; default llama-server)")
     p.add_argument("--no-treechat", dest="treechat", action="store_false",
                    help="bench the peers alone")
-    p.add_argument("--workload", choices=list(ENDPOINTS), default="chat")
+    p.add_argument("--workload", choices=list(ENDPOINTS), default="chat",
+                   help="chat prompts, or random token ids on /v1/completions (issue 19's)")
     p.add_argument("--concurrency", default="1,8", help="requests open at once, per level")
     p.add_argument("--requests", default=None, metavar="N,N",
                    help="requests per level, one number per --concurrency level")
@@ -397,37 +399,36 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no such file: {', '.join(missing)}")
     report.check_plot(p, a.plot)
     bandwidth = None
-    if 1 in a.concurrency and any(Header(m).parameters() >= BILLION for m in a.models):
+    if 1 in a.concurrency and any(Header(m).parameters() >= ROOFLINE_FROM for m in a.models):
         bandwidth = copy_bandwidth()  # before any server starts: a quiet machine
         print(f"copy bandwidth: {bandwidth / BILLION:.1f} GB/s", file=sys.stderr, flush=True)
-    studies = []
-    for m in a.models:
-        print(f"=== {m}", file=sys.stderr, flush=True)
-        studies.append(asyncio.run(study(a, m)))
     what = (f"chat prompts, max_tokens {a.max_tokens}" if a.workload == "chat" else
             f"/v1/completions, {a.prompt_tokens} random token ids, max_tokens {a.max_tokens}")
-    for st in studies:
+    labels = (["treechat"] if a.treechat else []) + a.peer
+    studies, everything = [], []
+    for m in a.models:  # each file's tables as soon as it is done: a long run loses nothing
+        print(f"=== {m}", file=sys.stderr, flush=True)
+        st = asyncio.run(study(a, m))
+        studies.append(st)
         for c, runs in st["levels"].items():
             print(f"\n{st['file']['name']}, {c} open: {what} with ignore_eos, temperature 0, "
                   f"{len(runs[0]['records'])} requests per server in {a.rounds} alternating "
                   f"rounds after {a.warmup} warm-up; 'per round' is output tokens/s")
-            print(table(runs))
-    labels = (["treechat"] if a.treechat else []) + a.peer
+            print(table(runs), flush=True)
+        everything += [{**r, "label": f"{st['file']['name']}: {r['label']} ({c} open)",
+                        "file": st["file"], "open": c, "memory": st["memory"].get(r["label"], {})}
+                       for c, runs in st["levels"].items() for r in runs]
+        if a.save_result:
+            config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+            config["copy_bandwidth"] = bandwidth
+            config["failed"] = {s["file"]["name"]: s["failed"] for s in studies if s["failed"]}
+            report.save_result(a.save_result, config, everything)
     print(f"\nEvery file: {what}" + (f"; copy bandwidth {bandwidth / BILLION:.1f} GB/s (read + "
                                      "write)" if bandwidth else ""))
     print(files_table(studies, labels, bandwidth))
-    everything = [{**r, "label": f"{st['file']['name']}: {r['label']} ({c} open)",
-                   "file": st["file"], "open": c, "memory": st["memory"].get(r["label"], {})}
-                  for st in studies for c, runs in st["levels"].items() for r in runs]
-    if a.save_result:
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
-        config["copy_bandwidth"] = bandwidth
-        config["failed"] = {st["file"]["name"]: st["failed"] for st in studies if st["failed"]}
-        report.save_result(a.save_result, config, everything)
     if a.plot:
         report.plot(a.plot, everything, title="treechat vs its peers (same model files, CPU)")
     return 0 if everything else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -366,10 +366,10 @@ def make(out: Path, shapes: list[str], types: list[str], keep_f16: bool, seed: i
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.shapes", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="the folder for the files")
-    p.add_argument("--shape", action="append", choices=list(SHAPES), default=None,
-                   help=f"repeatable; default: {', '.join(REAL)}")
-    p.add_argument("--type", action="append", choices=TYPES, default=None,
-                   help="repeatable; default Q4_K_M")
+    p.add_argument("--shape", action="append", choices=list(SHAPES), default=None, metavar="NAME",
+                   help=f"repeatable: {', '.join(SHAPES)}; default: every one but tiny-*")
+    p.add_argument("--type", action="append", choices=TYPES, default=None, metavar="TYPE",
+                   help=f"repeatable: {', '.join(TYPES)}; default Q4_K_M")
     p.add_argument("--keep-f16", action="store_true",
                    help="keep the F16 file the other types are made from")
     p.add_argument("--seed", type=int, default=0)
