@@ -25,9 +25,10 @@
  * madd_epi16; built with -mavx512bw (and -mavx512vnni: vpdpwssd) one 512-bit. kernels.py builds
  * the one the CPU's flags allow (TREECHAT_KERNELS=avx2 forces the narrower).
  *
- * Products of 32 rows or more (prompt chunks) dequantize the weights in panels into float32 and
- * call the BLAS sgemm that torch carries (set by kernels.py): there a float GEMM is faster than
- * integer dots.
+ * Products of 128 rows or more (long prompt chunks) dequantize the weights in panels into
+ * float32 and call the BLAS sgemm that torch carries (set by kernels.py): there a float GEMM is
+ * faster than integer dots (on 2 EPYC cores: at 64 rows ours 43-54 Gmac/s, dequantize + sgemm
+ * 29-44; at 256 rows 43 against 80).
  *
  * Threads: OpenMP, linked by soname, so in a process where torch already loaded its libgomp the
  * two share one thread pool. Scratch is allocated per call, 64-byte aligned; a failed allocation
@@ -46,8 +47,10 @@ enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K 
 
 #define RUN 32       /* weights per run */
 #define XR 4         /* rows of x per pass over a weight row */
+#ifndef WR
 #define WR 2         /* weight rows per tile */
-#define DENSE_FROM 32 /* rows of x from which a product goes through sgemm */
+#endif
+#define DENSE_FROM 128 /* rows of x from which a product goes through sgemm */
 #define PANEL 256    /* weight rows dequantized at once for sgemm */
 
 static void *scratch(size_t bytes) {
@@ -417,10 +420,9 @@ static inline __attribute__((always_inline)) void k_ints(const int type, const u
  * the weights' d, so their integer dot products (each run's scale folded into its weights) add
  * up as integers and are scaled once; the other types scale each run. */
 static inline __attribute__((always_inline)) void tile(const int type, const int NX,
-                                                       const uint8_t *w0, const uint8_t *w1,
-                                                       const qrows *xr, int64_t i0, int64_t nb,
-                                                       int64_t ahead, float sums[WR][XR]) {
-  const uint8_t *w[WR] = {w0, w1};
+                                                       const uint8_t *const *w, const qrows *xr,
+                                                       int64_t i0, int64_t nb, int64_t ahead,
+                                                       float sums[WR][XR]) {
   const int64_t ng = groups_of(nb);
   fvec acc[WR][XR];
   __m256 macc[WR][XR];
@@ -519,18 +521,20 @@ static inline __attribute__((always_inline)) void blocked(const int type, const 
   const int64_t nb = k / RUN;
 #pragma omp parallel for schedule(static)
   for (int64_t r0 = 0; r0 < n; r0 += WR) {
-    const int64_t r1 = r0 + 1 < n ? r0 + 1 : r0; /* an odd last row: computed twice, kept once */
-    const uint8_t *w0 = w + r0 * row_bytes, *w1 = w + r1 * row_bytes;
+    const uint8_t *rows[WR]; /* past the last row: the last again, computed but not kept */
+    for (int a = 0; a < WR; a++)
+      rows[a] = w + (r0 + a < n ? r0 + a : n - 1) * row_bytes;
+    const int kept = n - r0 < WR ? (int)(n - r0) : WR;
     for (int64_t i0 = 0; i0 < m_rows; i0 += XR) {
       const int nx = m_rows - i0 < XR ? (int)(m_rows - i0) : XR;
       float sums[WR][XR];
       switch (nx) {
-      case 1: tile(type, 1, w0, w1, xr, i0, nb, WR * row_bytes, sums); break;
-      case 2: tile(type, 2, w0, w1, xr, i0, nb, WR * row_bytes, sums); break;
-      case 3: tile(type, 3, w0, w1, xr, i0, nb, WR * row_bytes, sums); break;
-      default: tile(type, 4, w0, w1, xr, i0, nb, WR * row_bytes, sums);
+      case 1: tile(type, 1, rows, xr, i0, nb, WR * row_bytes, sums); break;
+      case 2: tile(type, 2, rows, xr, i0, nb, WR * row_bytes, sums); break;
+      case 3: tile(type, 3, rows, xr, i0, nb, WR * row_bytes, sums); break;
+      default: tile(type, 4, rows, xr, i0, nb, WR * row_bytes, sums);
       }
-      for (int a = 0; a < (r1 > r0 ? WR : 1); a++)
+      for (int a = 0; a < kept; a++)
         for (int c = 0; c < nx; c++) {
           float *out = y + (i0 + c) * ldy + r0 + a;
           *out = (acc_into ? *out : 0.0f) + sums[a][c];
