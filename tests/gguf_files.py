@@ -90,8 +90,10 @@ def encode(w: torch.Tensor, kind: T, seed: int,
     n, k = w.shape
     if kind == T.Q4_K and scales is None:
         raw = quantize_q4_k(w.float().numpy())
-    elif kind in K_TYPES:
-        raw = random_blocks(kind, n, k, seed, scales)  # by default weights within about +-1
+    elif kind in K_TYPES:  # by default weights within about +-1 (Q6_K's int8 sub-scales reach
+        # 128, not 63: a tenth of the scale keeps its weights as small)
+        raw = random_blocks(kind, n, k, seed,
+                            tuple(v / 10 for v in scales) if kind == T.Q6_K else scales)
     elif kind == T.F32:
         raw = w.float().numpy().view(np.uint8).reshape(n, -1)
     else:

@@ -12,8 +12,8 @@
  * (int8: q, or q - offset for the symmetric types), `scales8` gives eight runs' float scale and
  * minimum at once (a K super-block is exactly eight runs). Q6_K's two sub-block scales of a run
  * are folded into its integers (|q * s| <= 32 * 128 fits 16 bits). The activations are
- * quantized per row and 256 values to 15-bit integers (14 on AVX2; step max|x| / 16383, so the
- * product is the float32 product to ~1e-4), and a run's dot product is integer arithmetic:
+ * quantized per row and 256 values to 16-bit integers (step max|x| / 32767, so the product is
+ * the float32 product to ~1e-4), and a run's dot product is integer arithmetic:
  *       sum_runs  scale_w * scale_x * sum(q * qx)  +  min_w * sum(x)
  * where a K super-block's eight runs, sharing scale_x and the weights' d, add up as integers
  * first (each run's 6-bit scale folded into its weights) and are scaled once
@@ -245,7 +245,7 @@ static inline wvec widen(__m256i q, int s0, int s1, const int scaled) {
       w, _mm512_inserti64x4(_mm512_set1_epi16((short)s0), _mm256_set1_epi16((short)s1), 1));
 }
 typedef __m512i ivec; /* 16 int32 */
-#define XMAX 16383.0f /* activations' range: 16 products of a K super-block per int32 lane */
+#define Q6_FLUSH 4 /* runs of Q6_K (|w| <= 4096) an int32 lane may add: 8 products */
 static inline wvec wscale(wvec w, int s) { return _mm512_mullo_epi16(w, _mm512_set1_epi16((short)s)); }
 /* Q6_K: the sixteen sub-block scales as int16, and run r's pair of them spread over its 32
  * weights (run r of half h uses scales 8h + 2(r % 4) and the next) by one permute */
@@ -297,7 +297,7 @@ static inline wvec widen(__m256i q, int s0, int s1, const int scaled) {
   return w;
 }
 typedef __m256i ivec; /* 8 int32 */
-#define XMAX 8191.0f /* activations' range: 32 products of a K super-block per int32 lane */
+#define Q6_FLUSH 2 /* runs of Q6_K (|w| <= 4096) an int32 lane may add: 8 products */
 static inline wvec wscale(wvec w, int s) {
   const __m256i v = _mm256_set1_epi16((short)s);
   return (wvec){_mm256_mullo_epi16(w.lo, v), _mm256_mullo_epi16(w.hi, v)};
@@ -345,6 +345,10 @@ static inline void wstore(float *dst, wvec w, float scale, float min) {
 /* --- activations as 16-bit integers ---------------------------------------------------------- */
 
 #define GROUP 8 /* runs per activation scale: 256 values, a K super-block */
+/* The activations' range. An int32 lane then holds 2^31 / (32767 * |w|) products: the 32 of a
+ * super-block of Q4_K (|w| <= 15 * 63) and Q5_K (31 * 63) on AVX2's 8 lanes, and Q6_K's
+ * (|(q - 32) * s| <= 32 * 128) in steps of Q6_FLUSH runs. */
+#define XMAX 32767.0f
 
 typedef struct {
   int16_t *q; /* [M, K] */
@@ -473,10 +477,13 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
           for (int a = 0; a < WR; a++)
             isum[a][c] = idot(isum[a][c], wv[a], xb);
         }
+        if (type == Q6_K ? r % Q6_FLUSH == Q6_FLUSH - 1 : r == 7)
+          for (int a = 0; a < WR; a++)
+            for (int c = 0; c < NX; c++) {
+              acc[a][c] = fma_i(acc[a][c], isum[a][c], d[a] * xd[c]);
+              isum[a][c] = izero();
+            }
       }
-      for (int a = 0; a < WR; a++)
-        for (int c = 0; c < NX; c++)
-          acc[a][c] = fma_i(acc[a][c], isum[a][c], d[a] * xd[c]);
       continue;
     }
     const int g = nb - b0 < GROUP ? (int)(nb - b0) : GROUP;
