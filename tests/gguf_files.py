@@ -22,11 +22,12 @@ from nodes.engine.weights import GGUF_NAMES, HF_NAMES, HF_POST_NORM_NAMES
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
         "gemma2": "gemma2", "gemma3_text": "gemma3"}
 K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
+RANDOM_ONLY = K_TYPES + (T.IQ4_NL, T.IQ4_XS)  # types gguf's reference code cannot quantize
 
 
 # where each type keeps its float16 scale (and minimum) inside a block
 SCALES = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
-          T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+          T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
 
 
 def random_blocks(kind: T, n: int, k: int, seed: int = 0,
@@ -90,10 +91,10 @@ def encode(w: torch.Tensor, kind: T, seed: int,
     n, k = w.shape
     if kind == T.Q4_K and scales is None:
         raw = quantize_q4_k(w.float().numpy())
-    elif kind in K_TYPES:  # by default weights within about +-1 (Q6_K's int8 sub-scales reach
-        # 128, not 63: a tenth of the scale keeps its weights as small)
-        raw = random_blocks(kind, n, k, seed,
-                            tuple(v / 10 for v in scales) if kind == T.Q6_K else scales)
+    elif kind in RANDOM_ONLY:  # by default weights within about +-1 (Q6_K's sub-scales reach
+        # 128 and IQ4's levels 127: a tenth of the scale keeps their weights as small)
+        wide = kind in (T.Q6_K, T.IQ4_NL, T.IQ4_XS)
+        raw = random_blocks(kind, n, k, seed, tuple(v / 10 for v in scales) if wide else scales)
     elif kind == T.F32:
         raw = w.float().numpy().view(np.uint8).reshape(n, -1)
     else:

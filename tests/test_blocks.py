@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants
 
 from gguf_files import random_blocks
@@ -37,7 +37,7 @@ def vector_path(request, monkeypatch):
 
 @pytest.mark.parametrize("kind", blocks.READ, ids=lambda t: t.name)
 def test_products_equal_gguf_dequantize_times_x(kind, vector_path):
-    k = 512 if kind in (T.Q4_K, T.Q5_K, T.Q6_K) else 576  # 576: a last group of 2 runs, not 8
+    k = 512 if GGML_QUANT_SIZES[kind][0] == 256 else 576  # 576: a last group of 2 runs, not 8
     n = 37  # odd: the kernels' last weight row alone
     raw = random_blocks(kind, n, k)
     w = blocks.Blocks(kind, torch.from_numpy(raw), k)
@@ -55,7 +55,7 @@ def test_products_equal_gguf_dequantize_times_x(kind, vector_path):
 
 @pytest.mark.parametrize("kind", blocks.READ, ids=lambda t: t.name)
 def test_dequantize_and_row_lookup_equal_gguf(kind, vector_path):
-    k = 256 if kind in (T.Q4_K, T.Q5_K, T.Q6_K) else 96
+    k = 256 if GGML_QUANT_SIZES[kind][0] == 256 else 96
     raw = random_blocks(kind, 9, k, seed=3)
     w = blocks.Blocks(kind, torch.from_numpy(raw), k)
     want = torch.from_numpy(np.asarray(quants.dequantize(raw, kind), dtype=np.float32))

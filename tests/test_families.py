@@ -124,8 +124,8 @@ def test_gguf_f16_logits_equal_transformers(tmp_path, kind, on_kernels, monkeypa
     check_logits(net, model, cache, 3e-3 if on_kernels else 1e-4)
 
 
-BLOCK_TYPES = [t for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K,
-                           T.BF16, T.F32)]
+BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL,
+               T.IQ4_XS, T.BF16, T.F32]
 
 
 @pytest.mark.parametrize("kind", BLOCK_TYPES, ids=lambda t: t.name)

@@ -6,6 +6,7 @@ converted), and its type. The types read (gguf.GGMLQuantizationType):
 
     Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   runs of 32 weights with a float16 scale (and minimum)
     Q4_K Q5_K Q6_K             super-blocks of 256 (what the _S/_M/_L mixes are made of)
+    IQ4_NL IQ4_XS              4-bit indices into sixteen non-linear levels
     F16 BF16 F32               plain rows
 
 On a CPU, products run on our kernels (kernels.c, read it for the arithmetic): `y = W(x)` and
@@ -26,7 +27,8 @@ from gguf import quants
 
 from nodes.engine.blocks import kernels
 
-READ = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
+READ = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K,
+        T.IQ4_NL, T.IQ4_XS)
 FLOATS = (T.F32, T.F16, T.BF16)
 
 

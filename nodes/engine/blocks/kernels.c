@@ -7,6 +7,8 @@
  *   Q4_K Q5_K                  super-blocks of 256: eight sub-blocks of 32, 6-bit scales and
  *                              minimums under a float16 scale of each
  *   Q6_K                       super-blocks of 256: sixteen sub-blocks of 16, int8 scales
+ *   IQ4_NL IQ4_XS              4-bit indices into sixteen non-linear levels, runs of 32 under a
+ *                              float16 scale (NL), or super-blocks of 256 with 6-bit scales (XS)
  *   F16 BF16 F32               plain rows (a separate, simple kernel)
  * Every blocked type is seen as runs of 32 weights: `unpack` turns one into 32 small integers
  * (int8: q, or q - offset for the symmetric types), `scales8` gives eight runs' float scale and
@@ -43,7 +45,11 @@
 
 /* GGUF's tensor types (gguf.GGMLQuantizationType) */
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13,
-       Q6_K = 14, BF16 = 30 };
+       Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23, BF16 = 30 };
+
+/* IQ4_NL's and IQ4_XS's sixteen levels (ggml's kvalues_iq4nl) */
+static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                      1,    13,   25,  38,  53,  69,  89,  113};
 
 #define RUN 32       /* weights per run */
 #define XR 4         /* rows of x per pass over a weight row */
@@ -91,11 +97,29 @@ static inline int64_t block_bytes(int type) {
   case Q4_K: return 144;
   case Q5_K: return 176;
   case Q6_K: return 210;
+  case IQ4_NL: return 18;
+  case IQ4_XS: return 136;
   default: return 0;
   }
 }
 
-static inline int is_k(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
+/* the super-block types: 256 weights, eight runs under one d */
+static inline int is_k(int type) {
+  return type == Q4_K || type == Q5_K || type == Q6_K || type == IQ4_XS;
+}
+
+/* 32 indices (0..15) -> IQ4's levels */
+static inline __m256i iq4_levels(__m256i idx) {
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
+  return _mm256_shuffle_epi8(table, idx);
+}
+
+/* IQ4_XS's 6-bit scale of run j, as stored (ls - 32 is the signed scale) */
+static inline int iq4xs_scale(const uint8_t *sb, int j) {
+  uint16_t h;
+  memcpy(&h, sb + 2, 2);
+  return ((sb[4 + j / 2] >> 4 * (j % 2)) & 0xF) | (((h >> 2 * j) & 3) << 4);
+}
 
 /* 32 bits -> 32 bytes, 0xFF where the bit is set (ggml's bytes_from_bits_32) */
 static inline __m256i bits_to_bytes(const uint8_t *p) {
@@ -126,6 +150,8 @@ static inline __attribute__((always_inline)) __m256i unpack_k(const int type, co
                                                               const int r, int *s0, int *s1) {
   if (type == Q4_K)
     return k_nibbles(sb + 16, r);
+  if (type == IQ4_XS) /* d, scales_h, scales_l[4], then 16 bytes of nibbles per run */
+    return iq4_levels(nibbles(sb + 8 + 16 * r));
   if (type == Q5_K) {
     const __m256i qh = _mm256_loadu_si256((const __m256i *)(sb + 16));
     const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(r)),
@@ -154,6 +180,7 @@ static inline __attribute__((always_inline)) __m256i unpack(const int type, cons
   const uint8_t *blk = row + b * block_bytes(type);
   switch (type) {
   case Q4_0: return _mm256_sub_epi8(nibbles(blk + 2), _mm256_set1_epi8(8));
+  case IQ4_NL: return iq4_levels(nibbles(blk + 2));
   case Q4_1: return nibbles(blk + 4);
   case Q5_0:
   case Q5_1: {
@@ -199,6 +226,12 @@ static inline __attribute__((always_inline)) void scales8(const int type, const 
       const float d = half(sb + 208);
       for (int j = 0; j < 8; j++)
         ws[j] = d, wm[j] = 0.0f;
+      return;
+    }
+    if (type == IQ4_XS) {
+      const float d = half(sb);
+      for (int j = 0; j < 8; j++)
+        ws[j] = d * (float)(iq4xs_scale(sb, j) - 32), wm[j] = 0.0f;
       return;
     }
     k_scales(sb + 4, half(sb), half(sb + 2), ws, wm);
@@ -412,6 +445,12 @@ static inline __attribute__((always_inline)) void k_ints(const int type, const u
     *d = half(sb + 208);
     return;
   }
+  if (type == IQ4_XS) {
+    for (int j = 0; j < 8; j++)
+      sc[j] = (int16_t)(iq4xs_scale(sb, j) - 32);
+    *d = half(sb);
+    return;
+  }
   const __m128i b = k_bytes(sb + 4);
   _mm_storeu_si128((__m128i *)sc, _mm_cvtepu8_epi16(b));
   _mm256_storeu_ps(wm, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))),
@@ -455,7 +494,7 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
         k_ints(type, sb[a], sc[a], &d[a], wm[a]);
         for (int c = 0; c < NX; c++) {
           isum[a][c] = izero();
-          if (type != Q6_K)
+          if (type == Q4_K || type == Q5_K)
             macc[a][c] = _mm256_fmadd_ps(_mm256_loadu_ps(wm[a]),
                                          _mm256_loadu_ps(xr->s + (i0 + c) * nb + b0), macc[a][c]);
         }
@@ -477,7 +516,7 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
           for (int a = 0; a < WR; a++)
             isum[a][c] = idot(isum[a][c], wv[a], xb);
         }
-        if (type == Q6_K ? r % Q6_FLUSH == Q6_FLUSH - 1 : r == 7)
+        if (type == Q6_K || type == IQ4_XS ? r % Q6_FLUSH == Q6_FLUSH - 1 : r == 7)
           for (int a = 0; a < WR; a++)
             for (int c = 0; c < NX; c++) {
               acc[a][c] = fma_i(acc[a][c], isum[a][c], d[a] * xd[c]);
@@ -649,6 +688,8 @@ static inline __attribute__((always_inline)) void dequant_rows_t(const int type,
   case Q4_K: { const int T_ = Q4_K; call; } break;                                             \
   case Q5_K: { const int T_ = Q5_K; call; } break;                                             \
   case Q6_K: { const int T_ = Q6_K; call; } break;                                             \
+  case IQ4_NL: { const int T_ = IQ4_NL; call; } break;                                         \
+  case IQ4_XS: { const int T_ = IQ4_XS; call; } break;                                         \
   case F32: { const int T_ = F32; call; } break;                                               \
   case F16: { const int T_ = F16; call; } break;                                               \
   case BF16: { const int T_ = BF16; call; } break;                                             \
@@ -723,6 +764,8 @@ static int product_q(const linear_t *l, const float *x, const qrows *xr, int64_t
     case Q4_K: blocked(Q4_K, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
     case Q5_K: blocked(Q5_K, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
     case Q6_K: blocked(Q6_K, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
+    case IQ4_NL: blocked(IQ4_NL, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
+    case IQ4_XS: blocked(IQ4_XS, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
     default: r = -2;
     }
     if (xr == &own)
