@@ -106,7 +106,7 @@ def peer_command(peer: str, port: int, gguf: str, a) -> tuple[list[str], str | N
 
 
 def default_model() -> str:
-    from bench.shapes import default_gguf
+    from nodes.engine.models import default_gguf
     return str(default_gguf())
 
 
