@@ -328,3 +328,27 @@ def test_random_weights_of_a_shape_are_a_gguf_llama_cpp_reads(name, tmp_path):
     types = {n: gguf.GGMLQuantizationType(t).name for n, _, t in Header(q8).tensors}
     assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == "Q8_0"
     assert types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_peer_bench_checks_its_flags_and_tables_every_file(capsys):
+    """bench.peer's own arithmetic, no server: bad flags are usage errors (after finding the
+    default model's file), prompts are exact token counts, and the table of every file says
+    which server failed and where the roofline column applies."""
+    from bench.metrics import Record
+    from bench.peer import files_table, main, token_prompts
+    with pytest.raises(SystemExit) as e:
+        main(["--concurrency", "1,8", "--requests", "3"])
+    assert e.value.code == 2 and "one positive number per --concurrency" in capsys.readouterr().err
+    items = token_prompts(3, 64, 64, seed=0)
+    assert [len(i.prompt) for i in items] == [64] * 3 and items[0].text() == items[0].prompt
+    assert all(1000 <= t < 10000 for i in items for t in i.prompt)
+    recs = [Record(0, start=0.0, ttft=0.1, itl=[0.05] * 9, end=0.55, output_tokens=10)]
+    summary = summarize(recs, 0.55)
+    big = {"file": {"name": "big", "bytes": 8e8, "parameters": 1.2e9, "decode_bytes": 8e8},
+           "levels": {1: [{"label": "llama-server", "summary": summary}]},
+           "memory": {"llama-server": {"rss_mb": 1500.0, "peak_mb": 1600.0}},
+           "failed": {"treechat": "did not start"}}
+    rows = files_table([big], ["treechat", "llama-server"], bandwidth=40e9).splitlines()[2:]
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[:4] == ["big", "0.80", "1", "failed / 18.2"]
+    assert cells[6] == "– / 1500 (1600)" and cells[7] == "– / 16.0 (40%)"  # 0.8 GB / 50 ms
