@@ -116,7 +116,8 @@ def measure(make, shape: str, rows: list[int], layers: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.kernels",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="1,8,64")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))

@@ -238,8 +238,8 @@ class HFEngine(Engine):
         return cls(HFEngineConfig(
             model=args.model, dtype=args.dtype, device=args.device, max_slots=args.max_slots,
             max_model_len=args.max_model_len, kv_budget=args.kv_budget,
-            kv_memory=args.kv_cache_memory, chat_template=args.chat_template, load_format=args.load_format,
-            model_config=args.model_config, threads=args.threads,
+            kv_memory=args.kv_cache_memory, chat_template=args.chat_template,
+            load_format=args.load_format, model_config=args.model_config, threads=args.threads,
             quantization=args.quantization, step_tokens=args.max_num_batched_tokens,
             cuda_graphs=not args.enforce_eager, repeat_penalty=args.repeat_penalty,
             repeat_last_n=args.repeat_last_n,

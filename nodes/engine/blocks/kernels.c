@@ -279,7 +279,9 @@ static inline wvec widen(__m256i q, int s0, int s1, const int scaled) {
 }
 typedef __m512i ivec; /* 16 int32 */
 #define Q6_FLUSH 4 /* runs of Q6_K (|w| <= 4096) an int32 lane may add: 8 products */
-static inline wvec wscale(wvec w, int s) { return _mm512_mullo_epi16(w, _mm512_set1_epi16((short)s)); }
+static inline wvec wscale(wvec w, int s) {
+  return _mm512_mullo_epi16(w, _mm512_set1_epi16((short)s));
+}
 /* Q6_K: the sixteen sub-block scales as int16, and run r's pair of them spread over its 32
  * weights (run r of half h uses scales 8h + 2(r % 4) and the next) by one permute */
 typedef __m512i svec;
