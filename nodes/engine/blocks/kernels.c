@@ -144,10 +144,10 @@ static inline __m256i k_nibbles(const uint8_t *qs, int r) {
   return _mm256_and_si256(r & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
 }
 
-/* Run r (0..7) of a K super-block at sb as 32 int8 (scales apart). Q6_K's sub-block scales
- * of the run are returned in *s0, *s1 (weights 0..15 and 16..31). */
+/* Run r (0..7) of a K super-block at sb as 32 int8 (scales apart: Q6_K's two sub-block scales
+ * of a run are applied by q6_scale) */
 static inline __attribute__((always_inline)) __m256i unpack_k(const int type, const uint8_t *sb,
-                                                              const int r, int *s0, int *s1) {
+                                                              const int r) {
   if (type == Q4_K)
     return k_nibbles(sb + 16, r);
   if (type == IQ4_XS) /* d, scales_h, scales_l[4], then 16 bytes of nibbles per run */
@@ -161,22 +161,19 @@ static inline __attribute__((always_inline)) __m256i unpack_k(const int type, co
   /* Q6_K: ql[128] qh[64] scales[16] d; run r of half h = r / 4 */
   const int h = r >> 2, part = r & 3;
   const uint8_t *ql = sb + 64 * h + 32 * (part & 1), *qh = sb + 128 + 32 * h;
-  const int8_t *sc = (const int8_t *)(sb + 192 + 8 * h);
   __m256i lo = _mm256_loadu_si256((const __m256i *)ql);
   lo = _mm256_and_si256(part & 2 ? _mm256_srli_epi16(lo, 4) : lo, _mm256_set1_epi8(0x0F));
   __m256i hi = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qh),
                                 _mm_cvtsi32_si128(2 * part));
   hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
-  *s0 = sc[2 * part];
-  *s1 = sc[2 * part + 1];
   return _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
 }
 
 /* The 32 weights of run b of a row as int8 (scale and minimum apart; see unpack_k). */
 static inline __attribute__((always_inline)) __m256i unpack(const int type, const uint8_t *row,
-                                                            int64_t b, int *s0, int *s1) {
+                                                            int64_t b) {
   if (is_k(type))
-    return unpack_k(type, row + (b >> 3) * block_bytes(type), (int)(b & 7), s0, s1);
+    return unpack_k(type, row + (b >> 3) * block_bytes(type), (int)(b & 7));
   const uint8_t *blk = row + b * block_bytes(type);
   switch (type) {
   case Q4_0: return _mm256_sub_epi8(nibbles(blk + 2), _mm256_set1_epi8(8));
@@ -270,13 +267,7 @@ static inline __attribute__((always_inline)) void scales8(const int type, const 
 #ifdef __AVX512BW__
 typedef __m512i wvec; /* 32 int16 */
 typedef __m512 fvec;
-static inline wvec widen(__m256i q, int s0, int s1, const int scaled) {
-  const wvec w = _mm512_cvtepi8_epi16(q);
-  if (!scaled)
-    return w;
-  return _mm512_mullo_epi16(
-      w, _mm512_inserti64x4(_mm512_set1_epi16((short)s0), _mm256_set1_epi16((short)s1), 1));
-}
+static inline wvec widen(__m256i q) { return _mm512_cvtepi8_epi16(q); }
 typedef __m512i ivec; /* 16 int32 */
 #define Q6_FLUSH 4 /* runs of Q6_K (|w| <= 4096) an int32 lane may add: 8 products */
 static inline wvec wscale(wvec w, int s) {
@@ -322,14 +313,9 @@ typedef struct {
   __m256i lo, hi; /* weights 0..15, 16..31 as int16 */
 } wvec;
 typedef __m256 fvec;
-static inline wvec widen(__m256i q, int s0, int s1, const int scaled) {
-  wvec w = {_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
-            _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1))};
-  if (scaled) {
-    w.lo = _mm256_mullo_epi16(w.lo, _mm256_set1_epi16((short)s0));
-    w.hi = _mm256_mullo_epi16(w.hi, _mm256_set1_epi16((short)s1));
-  }
-  return w;
+static inline wvec widen(__m256i q) {
+  return (wvec){_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+                _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1))};
 }
 typedef __m256i ivec; /* 8 int32 */
 #define Q6_FLUSH 2 /* runs of Q6_K (|w| <= 4096) an int32 lane may add: 8 products */
@@ -344,9 +330,12 @@ typedef struct {
 } svec;
 static inline svec q6_scales(const uint8_t *sb) {
   const __m256i all = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(sb + 192)));
-  return (svec){_mm256_permute2x128_si256(all, all, 0x00), _mm256_permute2x128_si256(all, all, 0x11)};
+  return (svec){_mm256_permute2x128_si256(all, all, 0x00),
+                _mm256_permute2x128_si256(all, all, 0x11)};
 }
-static inline svec q6_none(void) { return (svec){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline svec q6_none(void) {
+  return (svec){_mm256_setzero_si256(), _mm256_setzero_si256()};
+}
 static inline wvec q6_scale(wvec w, svec s, const int r) {
   const int first = 2 * (r & 3); /* within the half's eight scales */
   const __m256i src = r >> 2 ? s.hi : s.lo;
@@ -508,10 +497,8 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
       for (int r = 0; r < 8; r++) {
         wvec wv[WR];
         for (int a = 0; a < WR; a++) {
-          int s0 = 0, s1 = 0;
-          const __m256i q = unpack_k(type, sb[a], r, &s0, &s1);
-          wv[a] = type == Q6_K ? q6_scale(widen(q, 0, 0, 0), q6[a], r)
-                               : wscale(widen(q, 0, 0, 0), sc[a][r]);
+          const wvec q = widen(unpack_k(type, sb[a], r));
+          wv[a] = type == Q6_K ? q6_scale(q, q6[a], r) : wscale(q, sc[a][r]);
         }
         for (int c = 0; c < NX; c++) {
           const int16_t *xb = xr->q + (i0 + c) * nb * RUN + (b0 + r) * RUN;
@@ -547,7 +534,7 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
     for (int j = 0; j < g; j++) {
       wvec wv[WR];
       for (int a = 0; a < WR; a++)
-        wv[a] = widen(unpack(type, w[a], b0 + j, NULL, NULL), 0, 0, 0);
+        wv[a] = widen(unpack(type, w[a], b0 + j));
       for (int c = 0; c < NX; c++) {
         const int16_t *xb = xr->q + (i0 + c) * nb * RUN + (b0 + j) * RUN;
         for (int a = 0; a < WR; a++)
@@ -671,38 +658,31 @@ static inline __attribute__((always_inline)) void dequant_rows_t(const int type,
       const int g = nb - b0 < 8 ? (int)(nb - b0) : 8;
       float ws[8], wm[8];
       scales8(type, row, b0, g, ws, wm);
+      const svec q6 = type == Q6_K ? q6_scales(row + (b0 >> 3) * block_bytes(Q6_K)) : q6_none();
       for (int j = 0; j < g; j++) {
-        int s0 = 0, s1 = 0;
-        const __m256i q = unpack(type, row, b0 + j, &s0, &s1);
-        wstore(dst + (b0 + j) * RUN, widen(q, s0, s1, type == Q6_K), ws[j], wm[j]);
+        const wvec q = widen(unpack(type, row, b0 + j));
+        wstore(dst + (b0 + j) * RUN, type == Q6_K ? q6_scale(q, q6, j) : q, ws[j], wm[j]);
       }
     }
   }
 }
 
-#define BY_TYPE(call)                                                                         \
-  switch (type) {                                                                             \
-  case Q4_0: { const int T_ = Q4_0; call; } break;                                             \
-  case Q4_1: { const int T_ = Q4_1; call; } break;                                             \
-  case Q5_0: { const int T_ = Q5_0; call; } break;                                             \
-  case Q5_1: { const int T_ = Q5_1; call; } break;                                             \
-  case Q8_0: { const int T_ = Q8_0; call; } break;                                             \
-  case Q4_K: { const int T_ = Q4_K; call; } break;                                             \
-  case Q5_K: { const int T_ = Q5_K; call; } break;                                             \
-  case Q6_K: { const int T_ = Q6_K; call; } break;                                             \
-  case IQ4_NL: { const int T_ = IQ4_NL; call; } break;                                         \
-  case IQ4_XS: { const int T_ = IQ4_XS; call; } break;                                         \
-  case F32: { const int T_ = F32; call; } break;                                               \
-  case F16: { const int T_ = F16; call; } break;                                               \
-  case BF16: { const int T_ = BF16; call; } break;                                             \
-  default: return -2;                                                                          \
-  }
+/* every block type, for switches that build each one's code with its type a constant */
+#define EACH_BLOCK_TYPE(X)                                                                    \
+  X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q8_0) X(Q4_K) X(Q5_K) X(Q6_K) X(IQ4_NL) X(IQ4_XS)
 
 /* rows of W (ids[i], or r0 + i when ids is NULL) as float32 [count, k]; -2: unknown type */
 int dequantize_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids,
                     int64_t r0, int64_t count, float *out) {
-  BY_TYPE(dequant_rows_t(T_, w, row_bytes, k, ids, r0, count, out));
-  return 0;
+  switch (type) {
+#define DEQUANTIZE(T) case T: dequant_rows_t(T, w, row_bytes, k, ids, r0, count, out); return 0;
+    EACH_BLOCK_TYPE(DEQUANTIZE)
+#undef DEQUANTIZE
+  case F32:
+  case F16:
+  case BF16: dequant_rows_t(type, w, row_bytes, k, ids, r0, count, out); return 0;
+  default: return -2;
+  }
 }
 
 /* --- the product, whatever the type and the row count ---------------------------------------- */
@@ -758,16 +738,10 @@ static int product_q(const linear_t *l, const float *x, const qrows *xr, int64_t
       xr = &own;
     }
     switch (type) {
-    case Q4_0: blocked(Q4_0, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
-    case Q4_1: blocked(Q4_1, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
-    case Q5_0: blocked(Q5_0, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
-    case Q5_1: blocked(Q5_1, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
-    case Q8_0: blocked(Q8_0, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
-    case Q4_K: blocked(Q4_K, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
-    case Q5_K: blocked(Q5_K, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
-    case Q6_K: blocked(Q6_K, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
-    case IQ4_NL: blocked(IQ4_NL, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
-    case IQ4_XS: blocked(IQ4_XS, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
+#define BLOCKED(T)                                                                            \
+  case T: blocked(T, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
+      EACH_BLOCK_TYPE(BLOCKED)
+#undef BLOCKED
     default: r = -2;
     }
     if (xr == &own)
