@@ -39,6 +39,8 @@ def tiny_config(kind: str, width: int = 64, tied: bool = True):
                             attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                             layer_types=["sliding_attention", "full_attention",
                                          "sliding_attention"])
+    if kind == "llama-bias":  # biases on q, k, v and o (attention_bias)
+        return LlamaConfig(**common, attention_bias=True)
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
            "qwen3": Qwen3Config}[kind]
     extra = {"sliding_window": None} if kind == "mistral" else {}
@@ -49,11 +51,10 @@ def reference_net(config):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     net = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    if families.of(config).norm_shift:  # Gemma's zero-initialised norms: make them matter
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                if "norm" in name:
-                    p.uniform_(-0.5, 0.5)
+    with torch.no_grad():  # zero-initialised biases and Gemma's norms: make them matter
+        for name, p in net.named_parameters():
+            if name.endswith("bias") or ("norm" in name and families.of(config).norm_shift):
+                p.uniform_(-0.5, 0.5)
     return net
 
 
@@ -96,7 +97,7 @@ def check_logits(net, model, cache, tol: float) -> None:
     assert rel(decoded, ref_next) < tol
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
+FAMILIES = ["llama", "llama-bias", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
 PATHS = [pytest.param(True, id="c", marks=pytest.mark.skipif(
     kernels.library() is None, reason="no AVX2 CPU or no C compiler here")),
     pytest.param(False, id="torch")]

@@ -193,7 +193,8 @@ def build(config, source, *, mode: str, device: torch.device, dtype: torch.dtype
             gate_up = [matrix(name("gate")), matrix(name("up"))]
         else:  # gate and up fused in one matrix (Phi-3's ffn_up)
             gate_up = [matrix(name("up"))]
-        layers.append(Layer(attn_norm=vector(name("attn_norm")), qkv=qkv, o=matrix(name("o")),
+        layers.append(Layer(attn_norm=vector(name("attn_norm")), qkv=qkv,
+                            o=matrix(name("o"), name("o", "bias")),
                             mlp_norm=vector(name("mlp_norm")), gate_up=gate_up,
                             down=matrix(name("down")), q_norm=optional(i, "q_norm"),
                             k_norm=optional(i, "k_norm"),
@@ -233,6 +234,7 @@ def torch_model(shape, embed, layers, norm, head, rope, device, dtype) -> TorchM
         layer.qkv_bias = None if any(b is None for b in biases) else \
             torch.cat(biases).to(device=device, dtype=dtype)
         layer.qkv = torch.cat([dense(p, device, dtype) for p in layer.qkv])
+        layer.o_bias = None if layer.o.bias is None else layer.o.bias.to(device=device, dtype=dtype)
         layer.gate_up = torch.cat([dense(p, device, dtype) for p in layer.gate_up])
         layer.o, layer.down = dense(layer.o, device, dtype), dense(layer.down, device, dtype)
         for f in ("attn_norm", "mlp_norm", "q_norm", "k_norm", "post_attn_norm",
