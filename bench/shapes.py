@@ -252,7 +252,13 @@ def add_metadata(w, name: str, shape: Shape) -> None:
         w.add_uint32(f"{a}.rope.dimension_count", shape.head_dim)
     if shape.sliding_window:
         w.add_uint32(f"{a}.attention.sliding_window", shape.sliding_window)
-    for key, (vtype, value, sub) in tokenizer_kv(shape.vocab).items():
+    add_tokenizer(w, shape.vocab)
+
+
+def add_tokenizer(w, vocab: int) -> None:
+    """The default model's tokenizer into GGUFWriter `w`, padded to `vocab` tokens."""
+    import gguf
+    for key, (vtype, value, sub) in tokenizer_kv(vocab).items():
         value = value.tolist() if isinstance(value, np.ndarray) else value  # the writer wants lists
         w.add_key_value(key, value, gguf.GGUFValueType(vtype),
                         None if sub is None else gguf.GGUFValueType(sub))

@@ -103,11 +103,11 @@ def encode(w: torch.Tensor, kind: T, seed: int,
     return np.ascontiguousarray(raw), back.reshape(n, k)
 
 
-def write(net, path, kind: T = T.F16, tokenizer_from=None,
+def write(net, path, kind: T = T.F16, tokenizer: bool = False,
           scales: tuple[float, float] | None = (1e-4, 4e-4)) -> None:
     """net's weights into a GGUF file at `path` (matrices in `kind`, vectors float32), then
-    net's weights replaced by what the file holds. With `tokenizer_from` (a GGUF file) the file
-    also gets the architecture's metadata and that file's tokenizer: a whole model that
+    net's weights replaced by what the file holds. With `tokenizer` the file also gets the
+    architecture's metadata and the default model's tokenizer: a whole model that
     `treechat --model FILE` (and transformers) can load. `scales`: the range of the K types'
     random float16 scales (None: Q4_K quantizes the model's own weights)."""
     config = net.config.get_text_config()
@@ -117,8 +117,8 @@ def write(net, path, kind: T = T.F16, tokenizer_from=None,
     hf = HF_POST_NORM_NAMES if family.post_norms else HF_NAMES
     state = net.state_dict()
     writer = GGUFWriter(str(path), arch)
-    if tokenizer_from is not None:
-        metadata(writer, arch, config, tokenizer_from)
+    if tokenizer:
+        metadata(writer, arch, config)
     seed = 0
 
     def matrix(hf_name: str, gguf_name: str, heads_of: int | None = None) -> None:
@@ -165,10 +165,10 @@ def write(net, path, kind: T = T.F16, tokenizer_from=None,
     writer.close()
 
 
-def metadata(writer: GGUFWriter, arch: str, config, tokenizer_from) -> None:
-    """The keys llama.cpp's converter writes for `config`, and the tokenizer.* keys of the GGUF
-    file `tokenizer_from` (its vocabulary must be the config's)."""
-    from gguf import GGUFReader, GGUFValueType
+def metadata(writer: GGUFWriter, arch: str, config) -> None:
+    """The keys llama.cpp's converter writes for `config`, and the default model's tokenizer (the
+    config's vocabulary must be its size or more)."""
+    from bench.shapes import add_tokenizer
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for key, value in (("context_length", config.max_position_embeddings),
                        ("embedding_length", config.hidden_size),
@@ -182,8 +182,4 @@ def metadata(writer: GGUFWriter, arch: str, config, tokenizer_from) -> None:
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
     writer.add_float32(f"{arch}.rope.freq_base", families.rope_parameters(config).get(
         None, {}).get("rope_theta", 10000.0))
-    for key, field in GGUFReader(str(tokenizer_from)).fields.items():
-        if key.startswith("tokenizer."):
-            kind = field.types[0]
-            writer.add_key_value(key, field.contents(), kind,
-                                 field.types[-1] if kind == GGUFValueType.ARRAY else None)
+    add_tokenizer(writer, config.vocab_size)

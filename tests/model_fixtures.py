@@ -61,7 +61,6 @@ def tiny_kquant_gguf(tmp_path_factory, default_model_dir) -> tuple[str, str]:
     from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     import gguf_files
-    from nodes.engine import models
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     config = Qwen3Config(
         vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -72,7 +71,7 @@ def tiny_kquant_gguf(tmp_path_factory, default_model_dir) -> tuple[str, str]:
     net = Qwen3ForCausalLM(config).eval()
     folder = tmp_path_factory.mktemp("tiny-qwen3-q4k")
     path = folder / "tiny-qwen3-Q4_K.gguf"
-    gguf_files.write(net, path, T.Q4_K, tokenizer_from=models.default_gguf(), scales=None)
+    gguf_files.write(net, path, T.Q4_K, tokenizer=True, scales=None)
     reference = folder / "reference"
     net.save_pretrained(reference)  # the weights the file holds, for transformers
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(reference)
