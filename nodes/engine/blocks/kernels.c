@@ -29,8 +29,8 @@
  *
  * Products of 128 rows or more (long prompt chunks) dequantize the weights in panels into
  * float32 and call the BLAS sgemm that torch carries (set by kernels.py): there a float GEMM is
- * faster than integer dots (on 2 EPYC cores: at 64 rows ours 43-54 Gmac/s, dequantize + sgemm
- * 29-44; at 256 rows 43 against 80).
+ * faster than integer dots (on 2 AVX-512 EPYC cores, the two measured together: at 64 rows ours
+ * 43-54 Gmac/s, dequantize + sgemm 29-44; at 256 rows 43 against 80).
  *
  * Threads: OpenMP, linked by soname, so in a process where torch already loaded its libgomp the
  * two share one thread pool. Scratch is allocated per call, 64-byte aligned; a failed allocation
