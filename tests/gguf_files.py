@@ -49,6 +49,20 @@ def random_blocks(kind: T, n: int, k: int, seed: int = 0,
     return raw.reshape(n, -1)
 
 
+def rounded_like_the_kernels(x: torch.Tensor) -> torch.Tensor:
+    """x (rows of its last dimension) as our blocked products read it: each run of 32 rounded
+    to 8-bit integers on its own step, f / 128 of its 256 values' max|x| / 127, f in 1..128 the
+    smallest its own max fits (nodes/engine/blocks/kernels.c, quantize8)."""
+    out = []
+    for group in x.float().split(256, dim=-1):
+        top = group.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+        for run in group.split(32, dim=-1):
+            f = torch.ceil(128 * run.abs().amax(dim=-1, keepdim=True) / top).clamp(1, 128)
+            step = top / 127 * f / 128
+            out.append(torch.round(run * (1 / step)).double() * step.double())
+    return torch.cat(out, dim=-1).to(x.dtype)
+
+
 def interleave(w: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's permute of Llama q/k rows: half-split rotary pairs -> interleaved."""
     n = w.shape[0]

@@ -93,10 +93,16 @@ def greedy(**kw) -> Request:
     return Request(**{"temperature": 0.0, **kw})
 
 
-# The engine's CPU path keeps keys and values in float16 (and its activations in 16-bit runs):
-# its logprobs agree with a float32 forward to a few 1e-3 on these tiny models, whose wide random
-# weights make large activations (a wrong kernel or layout is off by far more).
-KV_TOLERANCE = 5e-3
+# The engine's CPU path keeps keys and values in float16: its logprobs agree with a float32
+# forward to a few 1e-3 on these tiny models, whose wide random weights make large activations.
+# Over a file's blocks it also rounds each product's activations to 8-bit runs (0.5% per product
+# on random weights, which amplify it: 0.1 in a logprob; on real models 0.05% in perplexity,
+# docs/benchmarks.md). A wrong kernel or layout is off by far more.
+def tolerance(engine: HFEngine) -> float:
+    return 0.15 if engine.quantization.startswith("gguf") else 5e-3
+
+
+REL = 5e-3
 
 
 def logits_after(engine: HFEngine, ids: list[int]) -> torch.Tensor:
@@ -126,10 +132,13 @@ def test_logprobs_are_the_models_log_softmax(engine):
         lp = torch.log_softmax(logits_after(engine, ids + got["ids"][:k]), dim=-1)
         tok = item[2][0]
         assert text == engine.tokenizer.decode([tok])
-        assert logprob == pytest.approx(lp[tok].item(), rel=1e-3, abs=KV_TOLERANCE)
+        assert logprob == pytest.approx(lp[tok].item(), rel=REL, abs=tolerance(engine))
+        # the three likeliest, each at the model's logprob (near ties may swap order)
         want = torch.topk(lp, 3)
-        assert [t for t, _ in top] == [engine.tokenizer.decode([i]) for i in want.indices.tolist()]
-        assert [v for _, v in top] == pytest.approx(want.values.tolist(), rel=1e-3, abs=KV_TOLERANCE)
+        assert [v for _, v in top] == pytest.approx(want.values.tolist(), rel=REL, abs=tolerance(engine))
+        for text_, value in top:
+            ids_ = [i for i in range(engine.vocab) if engine.tokenizer.decode([i]) == text_]
+            assert any(abs(lp[i].item() - value) <= tolerance(engine) + REL * abs(value) for i in ids_)
         assert top[0][1] == pytest.approx(logprob, abs=1e-6)  # greedy: the chosen is the likeliest
 
 
@@ -144,7 +153,7 @@ def test_prompt_logprobs_cover_every_prompt_token(engine):
     assert entries[0][1] is None
     for j in range(1, len(ids)):
         lp = torch.log_softmax(logits_after(engine, ids[:j]), dim=-1)
-        assert entries[j][1] == pytest.approx(lp[ids[j]].item(), rel=1e-3, abs=KV_TOLERANCE)
+        assert entries[j][1] == pytest.approx(lp[ids[j]].item(), rel=REL, abs=tolerance(engine))
         assert len(entries[j][2]) == 1
 
 

@@ -14,7 +14,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 import gguf_files
-from nodes.engine import families, weights
+from nodes.engine import blocks, families, weights
 from nodes.engine.blocks import kernels
 from nodes.engine.kvcache import RowCache
 from nodes.engine.llama import Batch, Chunk, CpuModel, TorchModel
@@ -139,7 +139,10 @@ def test_every_block_type_in_a_file_gives_transformers_logits(tmp_path, family, 
     on_kernels = kernels.library() is not None
     model, cache = serve(config, weights.GGUFSource(tmp_path / "model.gguf"), on_kernels,
                          monkeypatch)
-    check_logits(net, model, cache, 5e-3)  # wide random blocks: larger logits
+    # our kernels round a block type's activations to 8-bit runs: about 0.5% per product on
+    # random weights, which amplify it through the layers (a wrong block layout is off by ~1;
+    # the kernels' exact arithmetic is test_blocks', the cost on real models bench.perplexity's)
+    check_logits(net, model, cache, 0.1 if on_kernels and kind not in blocks.FLOATS else 5e-3)
 
 
 @pytest.mark.slow

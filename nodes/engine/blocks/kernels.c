@@ -10,22 +10,24 @@
  *   IQ4_NL IQ4_XS              4-bit indices into sixteen non-linear levels, runs of 32 under a
  *                              float16 scale (NL), or super-blocks of 256 with 6-bit scales (XS)
  *   F16 BF16 F32               plain rows (a separate, simple kernel)
- * Every blocked type is seen as runs of 32 weights: `unpack` turns one into 32 small integers
- * (int8: q, or q - offset for the symmetric types), `scales8` gives eight runs' float scale and
- * minimum at once (a K super-block is exactly eight runs). Q6_K's two sub-block scales of a run
- * are folded into its integers (|q * s| <= 32 * 128 fits 16 bits). The activations are
- * quantized per row and 256 values to 16-bit integers (step max|x| / 32767, so the product is
- * the float32 product to ~1e-4), and a run's dot product is integer arithmetic:
- *       sum_runs  scale_w * scale_x * sum(q * qx)  +  min_w * sum(x)
- * where a K super-block's eight runs, sharing scale_x and the weights' d, add up as integers
- * first (each run's 6-bit scale folded into its weights) and are scaled once
- * (8-bit activations, llama.cpp's choice, are faster still but moved the 135M default model's
- * greedy answers; 16 bits do not.) Rows of x are taken four at a time and weight rows two at a
- * time, so a run is unpacked once per four rows and each x run loaded once for both weights.
+ * Every blocked type is seen as runs of 32 weights: `codes` turns one into 32 bytes, unsigned
+ * (0..63: the symmetric Q4_0, Q5_0 and Q6_K keep an OFFSET, subtracted after as offset * sum(x))
+ * or, for Q8_0 and IQ4, signed as stored; `scales8` gives eight runs' float scale and minimum
+ * at once (a K super-block is exactly eight runs). The activations are rounded per row to 8-bit
+ * integers, each run of 32 on its own step (quantize8), so a run's dot product is one byte
+ * product (VNNI's vpdpbusd, or maddubs + madd) per 64 weights:
+ *       sum_runs  scale_w * step_x * sum(q * qx)  +  (min_w - offset * scale_w) * step_x * sum(qx)
+ * A K super-block's eight runs share the weights' d and, up to an integer factor each, the
+ * activations' step, so their integer dot products times each run's integer scale add up as
+ * integers and are scaled once. The product is exactly the dequantized weights times the rounded x: 8-bit
+ * activations per run of 32 keep perplexity within 0.1% of the float32 product (per 256 values
+ * as llama.cpp's K-quant path rounds them, 1.4-2.2% on the 135M model; docs/benchmarks.md).
+ * Rows of x are taken four at a time and weight rows two at a time, so a run is unpacked once
+ * per four rows and each x run loaded once for both weights.
  *
- * Vector paths, one source: built with -mavx2 the integer dot of a run is two 256-bit
- * madd_epi16; built with -mavx512bw (and -mavx512vnni: vpdpwssd) one 512-bit. kernels.py builds
- * the one the CPU's flags allow (TREECHAT_KERNELS=avx2 forces the narrower).
+ * Vector paths, one source: built with -mavx2 (maddubs + madd on 256 bits), -mavx512bw (the
+ * same on 512), or -mavx512vnni (vpdpbusd, and vpdpwssd for the integer scales). kernels.py
+ * builds the widest the CPU's flags allow (TREECHAT_KERNELS=avx2 or avx512 forces a narrower).
  *
  * Products of 128 rows or more (long prompt chunks) dequantize the weights in panels into
  * float32 and call the BLAS sgemm that torch carries (set by kernels.py): there a float GEMM is
@@ -144,10 +146,15 @@ static inline __m256i k_nibbles(const uint8_t *qs, int r) {
   return _mm256_and_si256(r & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
 }
 
-/* Run r (0..7) of a K super-block at sb as 32 int8 (scales apart: Q6_K's two sub-block scales
- * of a run are applied by q6_scale) */
-static inline __attribute__((always_inline)) __m256i unpack_k(const int type, const uint8_t *sb,
-                                                              const int r) {
+/* What a type's codes carry above its integers: Q4_0, Q5_0 and Q6_K keep theirs unsigned
+ * (products subtract offset * sum(x) after). Q8_0 and IQ4's are signed as they are. */
+static inline int OFFSET(const int type) {
+  return type == Q4_0 ? 8 : type == Q5_0 ? 16 : type == Q6_K ? 32 : 0;
+}
+
+/* Run r (0..7) of a K super-block at sb as 32 codes (scales and offset apart) */
+static inline __attribute__((always_inline)) __m256i codes_k(const int type, const uint8_t *sb,
+                                                             const int r) {
   if (type == Q4_K)
     return k_nibbles(sb + 16, r);
   if (type == IQ4_XS) /* d, scales_h, scales_l[4], then 16 bytes of nibbles per run */
@@ -166,29 +173,35 @@ static inline __attribute__((always_inline)) __m256i unpack_k(const int type, co
   __m256i hi = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qh),
                                 _mm_cvtsi32_si128(2 * part));
   hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
-  return _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
+  return _mm256_or_si256(lo, hi);
 }
 
-/* The 32 weights of run b of a row as int8 (scale and minimum apart; see unpack_k). */
-static inline __attribute__((always_inline)) __m256i unpack(const int type, const uint8_t *row,
-                                                            int64_t b) {
+/* The 32 codes of run b of a row (scale, minimum and offset apart) */
+static inline __attribute__((always_inline)) __m256i codes(const int type, const uint8_t *row,
+                                                           int64_t b) {
   if (is_k(type))
-    return unpack_k(type, row + (b >> 3) * block_bytes(type), (int)(b & 7));
+    return codes_k(type, row + (b >> 3) * block_bytes(type), (int)(b & 7));
   const uint8_t *blk = row + b * block_bytes(type);
   switch (type) {
-  case Q4_0: return _mm256_sub_epi8(nibbles(blk + 2), _mm256_set1_epi8(8));
+  case Q4_0:
+  case Q4_1: return nibbles(blk + (type == Q4_0 ? 2 : 4));
   case IQ4_NL: return iq4_levels(nibbles(blk + 2));
-  case Q4_1: return nibbles(blk + 4);
   case Q5_0:
   case Q5_1: {
     const int off = type == Q5_0 ? 2 : 4;
     const __m256i hi = _mm256_and_si256(bits_to_bytes(blk + off), _mm256_set1_epi8(0x10));
-    const __m256i q = _mm256_or_si256(nibbles(blk + off + 4), hi);
-    return type == Q5_0 ? _mm256_sub_epi8(q, _mm256_set1_epi8(16)) : q;
+    return _mm256_or_si256(nibbles(blk + off + 4), hi);
   }
   default: /* Q8_0 */
     return _mm256_loadu_si256((const __m256i *)(blk + 2));
   }
+}
+
+/* The 32 weights of run b of a row as int8 integers (scale and minimum apart) */
+static inline __attribute__((always_inline)) __m256i unpack(const int type, const uint8_t *row,
+                                                            int64_t b) {
+  const __m256i q = codes(type, row, b);
+  return OFFSET(type) ? _mm256_sub_epi8(q, _mm256_set1_epi8((char)OFFSET(type))) : q;
 }
 
 /* a K super-block's eight 6-bit scales and minimums (12 bytes) as floats times d and -dmin
@@ -262,44 +275,228 @@ static inline __attribute__((always_inline)) void scales8(const int type, const 
     ws[j] = wm[j] = 0.0f;
 }
 
-/* --- the vector path: a run's weights widened to 16 bits, its dot with x, accumulated ------- */
+/* --- the vector paths ---------------------------------------------------------------------- */
+
+/* Products take weights 64 at a time (two runs) as bytes: unsigned codes (u <= 63; the type's
+ * offset apart) or, for the signed types, |w| against x carrying w's signs. dot4 sums each group
+ * of four bytes' products into an int32 lane, so lanes 0..7 hold the first run's, 8..15 the
+ * second's (on AVX2: two vectors of eight lanes, one per run). */
+#ifdef __AVX512BW__
+typedef __m512i bvec; /* 64 bytes */
+typedef __m512i ivec; /* 16 int32 */
+typedef __m512 fvec;  /* 16 floats */
+static inline bvec bpair(__m256i a, __m256i b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+}
+static inline bvec bload(const int8_t *x) { return _mm512_loadu_si512(x); }
+static inline ivec izero(void) { return _mm512_setzero_si512(); }
+static inline fvec fzero(void) { return _mm512_setzero_ps(); }
+/* acc + in each int32 lane the sum of its four products u * x (u unsigned, x signed) */
+static inline ivec dot4(ivec acc, bvec u, bvec x) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpbusd_epi32(acc, u, x);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, x),
+                                                 _mm512_set1_epi16(1)));
+#endif
+}
+static inline bvec babs(bvec w) { return _mm512_abs_epi8(w); }
+/* x with w's signs (x where w > 0, -x where w < 0; where w is 0, |w| is too) */
+static inline bvec bsign(bvec x, bvec w) {
+  return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+}
+/* A K super-block's integer scales, widened once (kall), and a pair's per-lane scales (kscale):
+ * with VNNI each int32 lane's low 16 bits (vpdpwssd multiplies dot4's lanes, which fit 16 bits,
+ * by them), else the scale in both 16-bit halves (vpmaddwd of maddubs' pair sums). Q6_K: sixteen
+ * scales of 16 weights, four lanes each; the others: eight of 32, eight lanes each. */
+typedef __m512i kvec;
+typedef kvec kpair;
+static inline kvec kall(const int type, __m128i s) {
+  if (type != Q6_K) /* 0..63: the high halves are 0 */
+    return _mm512_cvtepu8_epi32(s);
+  const __m512i v = _mm512_and_si512(_mm512_cvtepi8_epi32(s), _mm512_set1_epi32(0xFFFF));
+#ifdef __AVX512VNNI__
+  return v;
+#else
+  return _mm512_or_si512(v, _mm512_slli_epi32(v, 16));
+#endif
+}
+static inline kvec kscale(const int type, kvec all, const int p) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i idx = type == Q6_K ? _mm512_add_epi32(_mm512_set1_epi32(4 * p), _mm512_srli_epi32(lane, 2))
+                                   : _mm512_add_epi32(_mm512_set1_epi32(2 * p), _mm512_srli_epi32(lane, 3));
+  const __m512i v = _mm512_permutexvar_epi32(idx, all);
+#ifdef __AVX512VNNI__
+  return v;
+#else
+  return type == Q6_K ? v : _mm512_or_si512(v, _mm512_slli_epi32(v, 16));
+#endif
+}
+/* the scales times the activations' run factors f (16 per run) */
+static inline kpair kmul(kpair s, const int16_t *f) {
+  return _mm512_mullo_epi16(s, _mm512_loadu_si512(f));
+}
+/* acc + each lane's four products u * x times its scale */
+static inline ivec kdot(ivec acc, bvec u, bvec x, kvec s) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpwssd_epi32(acc, _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x), s);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, x), s));
+#endif
+}
+/* a pair's float scales: s0 for the first run's lanes, s1 for the second's */
+typedef __m512 svec;
+static inline svec fscale(float s0, float s1) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(s0)),
+                                             _mm256_castps_pd(_mm256_set1_ps(s1)), 1));
+}
+static inline svec smul(svec a, svec b) { return _mm512_mul_ps(a, b); }
+static inline svec sload(const float *v) { return _mm512_loadu_ps(v); }
+/* v[j], v[j + 1] of eight floats spread over a pair's lanes */
+static inline svec spread(__m256 v, const int j) {
+  const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi32(j), _mm256_set1_epi32(j + 1), 1);
+  return _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(v));
+}
+/* Runs 2p and 2p + 1 of a K super-block, or runs b and b + 1 of a row of 32-blocks, at once:
+ * 64-byte loads and per-half shifts where the two runs share their bytes */
+static inline __attribute__((always_inline)) bvec pair_k(const int type, const uint8_t *sb,
+                                                         const int p) {
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  if (type == Q4_K) { /* 32 bytes: run 2p in the low nibbles, 2p + 1 in the high */
+    const __m512i raw = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * p)));
+    return _mm512_and_si512(_mm512_srlv_epi64(raw, _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4)), nib);
+  }
+  if (type == Q6_K) { /* runs 2p, 2p + 1: 64 bytes of ql (low or high nibbles), 32 of qh */
+    const int h = p >> 1, shift = 4 * (p & 1);
+    const __m512i lo = _mm512_and_si512(
+        _mm512_srli_epi16(_mm512_loadu_si512(sb + 64 * h), shift), nib);
+    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(sb + 128 + 32 * h)));
+    const long long s0 = 2 * (2 * p & 3);
+    const __m512i hi = _mm512_and_si512(
+        _mm512_srlv_epi64(qh, _mm512_setr_epi64(s0, s0, s0, s0, s0 + 2, s0 + 2, s0 + 2, s0 + 2)),
+        _mm512_set1_epi8(3));
+    return _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
+  }
+  return bpair(codes_k(type, sb, 2 * p), codes_k(type, sb, 2 * p + 1));
+}
+static inline __attribute__((always_inline)) bvec pair(const int type, const uint8_t *row,
+                                                       int64_t b) {
+  if (type == Q4_0 || type == Q4_1) { /* two blocks' 16 bytes of nibbles */
+    const int64_t bytes = block_bytes(type), at = type == Q4_0 ? 2 : 4;
+    const __m256i two = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(row + (b + 1) * bytes + at)),
+                                         _mm_loadu_si128((const __m128i *)(row + b * bytes + at)));
+    const __m512i raw = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
+                                                 _mm512_castsi256_si512(two));
+    return _mm512_and_si512(_mm512_srlv_epi64(raw, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
+                            _mm512_set1_epi8(0x0F));
+  }
+  return bpair(codes(type, row, b), codes(type, row, b + 1));
+}
+static inline fvec fdot(fvec acc, ivec t, svec s) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), s, acc);
+}
+static inline fvec fma_i(fvec acc, ivec t, float scale) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(scale), acc);
+}
+static inline float fsum(fvec v) { return _mm512_reduce_add_ps(v); }
+#else
+typedef struct {
+  __m256i a, b; /* the first run, the second */
+} bvec;
+typedef bvec ivec;
+typedef __m256 fvec;
+static inline bvec bpair(__m256i a, __m256i b) { return (bvec){a, b}; }
+static inline bvec bload(const int8_t *x) {
+  return (bvec){_mm256_loadu_si256((const __m256i *)x), _mm256_loadu_si256((const __m256i *)(x + 32))};
+}
+static inline ivec izero(void) { return (ivec){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline fvec fzero(void) { return _mm256_setzero_ps(); }
+static inline __m256i dot4_256(__m256i u, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+}
+static inline ivec dot4(ivec acc, bvec u, bvec x) {
+  return (ivec){_mm256_add_epi32(acc.a, dot4_256(u.a, x.a)),
+                _mm256_add_epi32(acc.b, dot4_256(u.b, x.b))};
+}
+static inline bvec babs(bvec w) { return (bvec){_mm256_abs_epi8(w.a), _mm256_abs_epi8(w.b)}; }
+static inline bvec bsign(bvec x, bvec w) {
+  return (bvec){_mm256_sign_epi8(x.a, w.a), _mm256_sign_epi8(x.b, w.b)};
+}
+/* the sixteen (Q6_K) or eight scales as int16, and a pair's: each run's 16-bit lanes (pair sums
+ * of 2 weights) scaled by its scale, or for Q6_K lanes 0..7 and 8..15 by their sub-block's */
+typedef __m256i kvec;
+static inline kvec kall(const int type, __m128i s) {
+  return type == Q6_K ? _mm256_cvtepi8_epi16(s) : _mm256_cvtepu8_epi16(s);
+}
+typedef struct {
+  __m256i a, b;
+} kpair;
+static inline __m256i k_spread(kvec all, const int first, const int second) {
+  const __m256i lo = _mm256_permute2x128_si256(all, all, 0x00), hi = _mm256_permute2x128_si256(all, all, 0x11);
+  const __m256i i0 = _mm256_set1_epi16((short)((2 * (first & 7)) | (2 * (first & 7) + 1) << 8));
+  const __m256i i1 = _mm256_set1_epi16((short)((2 * (second & 7)) | (2 * (second & 7) + 1) << 8));
+  const __m256i a = _mm256_shuffle_epi8(first < 8 ? lo : hi, i0);
+  const __m256i b = _mm256_shuffle_epi8(second < 8 ? lo : hi, i1);
+  return _mm256_permute2x128_si256(a, b, 0x20); /* a's low half, then b's */
+}
+static inline kpair kscale(const int type, kvec all, const int p) {
+  if (type == Q6_K)
+    return (kpair){k_spread(all, 4 * p, 4 * p + 1), k_spread(all, 4 * p + 2, 4 * p + 3)};
+  return (kpair){k_spread(all, 2 * p, 2 * p), k_spread(all, 2 * p + 1, 2 * p + 1)};
+}
+static inline kpair kmul(kpair s, const int16_t *f) {
+  return (kpair){_mm256_mullo_epi16(s.a, _mm256_loadu_si256((const __m256i *)f)),
+                 _mm256_mullo_epi16(s.b, _mm256_loadu_si256((const __m256i *)(f + 16)))};
+}
+static inline ivec kdot(ivec acc, bvec u, bvec x, kpair s) {
+  return (ivec){_mm256_add_epi32(acc.a, _mm256_madd_epi16(_mm256_maddubs_epi16(u.a, x.a), s.a)),
+                _mm256_add_epi32(acc.b, _mm256_madd_epi16(_mm256_maddubs_epi16(u.b, x.b), s.b))};
+}
+typedef struct {
+  __m256 a, b;
+} svec;
+static inline svec fscale(float s0, float s1) { return (svec){_mm256_set1_ps(s0), _mm256_set1_ps(s1)}; }
+static inline svec smul(svec a, svec b) { return (svec){_mm256_mul_ps(a.a, b.a), _mm256_mul_ps(a.b, b.b)}; }
+static inline svec sload(const float *v) { return (svec){_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8)}; }
+static inline svec spread(__m256 v, const int j) {
+  return (svec){_mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j)),
+                _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j + 1))};
+}
+static inline __attribute__((always_inline)) bvec pair_k(const int type, const uint8_t *sb,
+                                                         const int p) {
+  return bpair(codes_k(type, sb, 2 * p), codes_k(type, sb, 2 * p + 1));
+}
+static inline __attribute__((always_inline)) bvec pair(const int type, const uint8_t *row,
+                                                       int64_t b) {
+  return bpair(codes(type, row, b), codes(type, row, b + 1));
+}
+static inline fvec fdot(fvec acc, ivec t, svec s) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(t.b), s.b, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t.a), s.a, acc));
+}
+static inline fvec fma_i(fvec acc, ivec t, float scale) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(t.a, t.b)), _mm256_set1_ps(scale), acc);
+}
+static inline float fsum(fvec v) { return hsum8(v); }
+#endif
+
+/* --- dequantizing helpers: a run's 32 integers widened to 16 bits, scaled, stored as floats -- */
 
 #ifdef __AVX512BW__
 typedef __m512i wvec; /* 32 int16 */
-typedef __m512 fvec;
 static inline wvec widen(__m256i q) { return _mm512_cvtepi8_epi16(q); }
-typedef __m512i ivec; /* 16 int32 */
-#define Q6_FLUSH 4 /* runs of Q6_K (|w| <= 4096) an int32 lane may add: 8 products */
-static inline wvec wscale(wvec w, int s) {
-  return _mm512_mullo_epi16(w, _mm512_set1_epi16((short)s));
-}
 /* Q6_K: the sixteen sub-block scales as int16, and run r's pair of them spread over its 32
  * weights (run r of half h uses scales 8h + 2(r % 4) and the next) by one permute */
-typedef __m512i svec;
-static inline svec q6_scales(const uint8_t *sb) {
+typedef __m512i q6vec;
+static inline q6vec q6_scales(const uint8_t *sb) {
   return _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(sb + 192))));
 }
-static inline svec q6_none(void) { return _mm512_setzero_si512(); }
-static inline wvec q6_scale(wvec w, svec s, const int r) {
+static inline q6vec q6_none(void) { return _mm512_setzero_si512(); }
+static inline wvec q6_scale(wvec w, q6vec s, const int r) {
   const int first = 8 * (r >> 2) + 2 * (r & 3);
   const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi16((short)first),
                                          _mm256_set1_epi16((short)(first + 1)), 1);
   return _mm512_mullo_epi16(w, _mm512_permutexvar_epi16(idx, s));
 }
-static inline fvec fzero(void) { return _mm512_setzero_ps(); }
-static inline ivec izero(void) { return _mm512_setzero_si512(); }
-/* acc + the pairwise products of w and 32 activations, as 16 int32 */
-static inline ivec idot(ivec acc, wvec w, const int16_t *x) {
-#ifdef __AVX512VNNI__
-  return _mm512_dpwssd_epi32(acc, w, _mm512_loadu_si512(x));
-#else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_loadu_si512(x)));
-#endif
-}
-static inline fvec fma_i(fvec acc, ivec s, float scale) {
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(scale), acc);
-}
-static inline float fsum(fvec v) { return _mm512_reduce_add_ps(v); }
 /* 32 weights as floats: w * scale + min */
 static inline void wstore(float *dst, wvec w, float scale, float min) {
   const __m512 s = _mm512_set1_ps(scale), m = _mm512_set1_ps(min);
@@ -312,31 +509,24 @@ static inline void wstore(float *dst, wvec w, float scale, float min) {
 typedef struct {
   __m256i lo, hi; /* weights 0..15, 16..31 as int16 */
 } wvec;
-typedef __m256 fvec;
 static inline wvec widen(__m256i q) {
   return (wvec){_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
                 _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1))};
-}
-typedef __m256i ivec; /* 8 int32 */
-#define Q6_FLUSH 2 /* runs of Q6_K (|w| <= 4096) an int32 lane may add: 8 products */
-static inline wvec wscale(wvec w, int s) {
-  const __m256i v = _mm256_set1_epi16((short)s);
-  return (wvec){_mm256_mullo_epi16(w.lo, v), _mm256_mullo_epi16(w.hi, v)};
 }
 /* Q6_K: the sixteen sub-block scales as int16 (two vectors: 0..7, 8..15), run r's pair
  * broadcast by byte shuffles */
 typedef struct {
   __m256i lo, hi;
-} svec;
-static inline svec q6_scales(const uint8_t *sb) {
+} q6vec;
+static inline q6vec q6_scales(const uint8_t *sb) {
   const __m256i all = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(sb + 192)));
-  return (svec){_mm256_permute2x128_si256(all, all, 0x00),
-                _mm256_permute2x128_si256(all, all, 0x11)};
+  return (q6vec){_mm256_permute2x128_si256(all, all, 0x00),
+                 _mm256_permute2x128_si256(all, all, 0x11)};
 }
-static inline svec q6_none(void) {
-  return (svec){_mm256_setzero_si256(), _mm256_setzero_si256()};
+static inline q6vec q6_none(void) {
+  return (q6vec){_mm256_setzero_si256(), _mm256_setzero_si256()};
 }
-static inline wvec q6_scale(wvec w, svec s, const int r) {
+static inline wvec q6_scale(wvec w, q6vec s, const int r) {
   const int first = 2 * (r & 3); /* within the half's eight scales */
   const __m256i src = r >> 2 ? s.hi : s.lo;
   const __m256i i0 = _mm256_set1_epi16((short)((2 * first) | (2 * first + 1) << 8));
@@ -344,17 +534,6 @@ static inline wvec q6_scale(wvec w, svec s, const int r) {
   return (wvec){_mm256_mullo_epi16(w.lo, _mm256_shuffle_epi8(src, i0)),
                 _mm256_mullo_epi16(w.hi, _mm256_shuffle_epi8(src, i1))};
 }
-static inline fvec fzero(void) { return _mm256_setzero_ps(); }
-static inline ivec izero(void) { return _mm256_setzero_si256(); }
-static inline ivec idot(ivec acc, wvec w, const int16_t *x) {
-  return _mm256_add_epi32(acc, _mm256_add_epi32(
-      _mm256_madd_epi16(w.lo, _mm256_loadu_si256((const __m256i *)x)),
-      _mm256_madd_epi16(w.hi, _mm256_loadu_si256((const __m256i *)(x + 16)))));
-}
-static inline fvec fma_i(fvec acc, ivec s, float scale) {
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(scale), acc);
-}
-static inline float fsum(fvec v) { return hsum8(v); }
 static inline void wstore(float *dst, wvec w, float scale, float min) {
   const __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(min);
   const __m256i parts[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(w.lo)),
@@ -366,103 +545,156 @@ static inline void wstore(float *dst, wvec w, float scale, float min) {
 }
 #endif
 
-/* --- activations as 16-bit integers ---------------------------------------------------------- */
+/* --- activations as 8-bit integers --------------------------------------------------------- */
 
-#define GROUP 8 /* runs per activation scale: 256 values, a K super-block */
-/* The activations' range. An int32 lane then holds 2^31 / (32767 * |w|) products: the 32 of a
- * super-block of Q4_K (|w| <= 15 * 63) and Q5_K (31 * 63) on AVX2's 8 lanes, and Q6_K's
- * (|(q - 32) * s| <= 32 * 128) in steps of Q6_FLUSH runs. */
-#define XMAX 32767.0f
+#define GROUP 8 /* runs per activation step: 256 values, a K super-block */
 
+/* Each run of x is rounded to 8-bit integers on its own step: f / 128 of its group's (max|x| /
+ * 127 over 256 values), f in 1..128 the smallest that the run's own max fits. So one outlier
+ * costs only its run the precision (one step per 256 values cost the 135M model 1.4-2.2%
+ * perplexity at one row per product), and a K super-block's runs still add up as integers,
+ * each times its f. */
 typedef struct {
-  int16_t *q; /* [M, K] */
-  float *d;   /* [M, groups] the step of each group of 8 runs */
-  float *s;   /* [M, K/32] sum(x) of each run (for the minimums) */
+  int8_t *q;  /* [M, K] (and 64 bytes more: a pair's load past the last run) */
+  float *d;   /* [M, groups] the group's step over 128: run r's is d * f_r */
+  int16_t *f; /* [M, K/32, 16] f_r of run r, sixteen times (one per lane) */
+  float *rs;  /* [M, K/32, 8] each run's step, eight times (one per lane) */
+  float *o;   /* [M, K/32] step * sum(q) of each run: for the minimums and the codes' offsets */
+  float *o6;  /* [M, K/16] the same per 16 values: for Q6_K's offset, whose scales are per 16 */
 } qrows;
 
-static void release(qrows *r) { free(r->q), free(r->d), free(r->s); }
+static void release(qrows *r) {
+  free(r->q), free(r->d), free(r->f), free(r->rs), free(r->o), free(r->o6);
+}
 
 static inline int64_t groups_of(int64_t nb) { return (nb + GROUP - 1) / GROUP; }
 
-/* x [M, K] -> integers in +-XMAX, one step per 256 values (so a K super-block's dot products
- * add up as integers), and each run's sum */
-static int quantize16(const float *x, int64_t m_rows, int64_t k, qrows *out) {
+static inline int32_t hsum8i(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+static inline float run_max(const float *src) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps();
+  for (int j = 0; j < RUN; j += 8)
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + j)));
+  return hmax8(m);
+}
+
+/* x [M, K] -> the integers, steps and sums above */
+static int quantize8(const float *x, int64_t m_rows, int64_t k, qrows *out) {
   const int64_t nb = k / RUN, ng = groups_of(nb);
-  out->q = scratch(sizeof(int16_t) * (size_t)(m_rows * k));
+  out->q = scratch((size_t)(m_rows * k + 64));
   out->d = scratch(sizeof(float) * (size_t)(m_rows * ng));
-  out->s = scratch(sizeof(float) * (size_t)(m_rows * nb));
-  if (!out->q || !out->d || !out->s) {
+  out->f = scratch(sizeof(int16_t) * (size_t)(m_rows * nb * 16));
+  out->rs = scratch(sizeof(float) * (size_t)(m_rows * nb * 8));
+  out->o = scratch(sizeof(float) * (size_t)(m_rows * nb));
+  out->o6 = scratch(sizeof(float) * (size_t)(m_rows * nb * 2));
+  if (!out->q || !out->d || !out->f || !out->rs || !out->o || !out->o6) {
     release(out);
     return -1;
   }
-  const __m256 sign = _mm256_set1_ps(-0.0f);
+  memset(out->q + m_rows * k, 0, 64);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
 #pragma omp parallel for schedule(static) if (m_rows * k > 65536)
   for (int64_t i = 0; i < m_rows * ng; i++) {
     const int64_t row = i / ng, b0 = (i % ng) * GROUP;
     const int64_t b1 = b0 + GROUP < nb ? b0 + GROUP : nb;
     const float *src = x + row * k;
-    __m256 amax = _mm256_setzero_ps();
-    for (int64_t j = b0 * RUN; j < b1 * RUN; j += 8)
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + j)));
-    const float mx = hmax8(amax);
-    const __m256 inv = _mm256_set1_ps(mx > 0.0f ? XMAX / mx : 0.0f);
+    float mx[GROUP], gmax = 0.0f;
     for (int64_t b = b0; b < b1; b++) {
-      __m256 v[4], sum = _mm256_setzero_ps();
-      __m256i q32[4];
-      for (int j = 0; j < 4; j++) {
-        v[j] = _mm256_loadu_ps(src + b * RUN + 8 * j);
-        sum = _mm256_add_ps(sum, v[j]);
-        q32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv)); /* round to nearest */
-      }
-      /* pack 32-bit lanes to 16 bits, then undo packs' lane interleaving */
-      const __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32[0], q32[1]), 0xD8);
-      const __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32[2], q32[3]), 0xD8);
-      _mm256_storeu_si256((__m256i *)(out->q + row * k + b * RUN), lo);
-      _mm256_storeu_si256((__m256i *)(out->q + row * k + b * RUN + 16), hi);
-      out->s[row * nb + b] = hsum8(sum);
+      mx[b - b0] = run_max(src + b * RUN);
+      gmax = fmaxf(gmax, mx[b - b0]);
     }
-    out->d[i] = mx / XMAX;
+    const float step = gmax / 127.0f;
+    for (int64_t b = b0; b < b1; b++) {
+      /* f in 1..128: the run's step is f / 128 of the group's, the finest that its max fits */
+      const int f = gmax > 0.0f ? (int)fminf(128.0f, fmaxf(1.0f, ceilf(128.0f * mx[b - b0] / gmax))) : 128;
+      const float rstep = step * (float)f / 128.0f;
+      const __m256 inv = _mm256_set1_ps(gmax > 0.0f ? 1.0f / rstep : 0.0f);
+      __m256i q32[4];
+      for (int j = 0; j < 4; j++)
+        q32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + b * RUN + 8 * j), inv));
+      /* 32 int32 -> 32 int8; packs interleave 128-bit lanes, one permute puts them back */
+      const __m256i q8 = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(q32[0], q32[1]), _mm256_packs_epi32(q32[2], q32[3])),
+          order);
+      _mm256_storeu_si256((__m256i *)(out->q + row * k + b * RUN), q8);
+      _mm256_storeu_si256((__m256i *)(out->f + (row * nb + b) * 16), _mm256_set1_epi16((short)f));
+      const int32_t first = hsum8i(_mm256_add_epi32(q32[0], q32[1]));
+      const int32_t second = hsum8i(_mm256_add_epi32(q32[2], q32[3]));
+      _mm256_storeu_ps(out->rs + (row * nb + b) * 8, _mm256_set1_ps(rstep));
+      out->o[row * nb + b] = rstep * (float)(first + second);
+      out->o6[(row * nb + b) * 2] = rstep * (float)first;
+      out->o6[(row * nb + b) * 2 + 1] = rstep * (float)second;
+    }
+    out->d[i] = step / 128.0f;
   }
   return 0;
 }
 
 /* --- the blocked product ------------------------------------------------------------------- */
 
-/* a K super-block's integer scales of its eight runs as int16 (Q4_K, Q5_K; Q6_K folds its own
- * in q6_scale), its d, and its runs' minimums as floats */
-static inline __attribute__((always_inline)) void k_ints(const int type, const uint8_t *sb,
-                                                         int16_t *sc, float *d, float *wm) {
-  if (type == Q6_K) {
-    *d = half(sb + 208);
-    return;
-  }
-  if (type == IQ4_XS) {
-    for (int j = 0; j < 8; j++)
-      sc[j] = (int16_t)(iq4xs_scale(sb, j) - 32);
-    *d = half(sb);
-    return;
-  }
-  const __m128i b = k_bytes(sb + 4);
-  _mm_storeu_si128((__m128i *)sc, _mm_cvtepu8_epi16(b));
-  _mm256_storeu_ps(wm, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))),
-                                     _mm256_set1_ps(-half(sb + 2))));
-  *d = half(sb);
+/* every block type, for switches that build each one's code with its type a constant */
+#define EACH_BLOCK_TYPE(X)                                                                    \
+  X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q8_0) X(Q4_K) X(Q5_K) X(Q6_K) X(IQ4_NL) X(IQ4_XS)
+
+/* Inside a parallel region: this thread's share [begin, end) of n items, in whole units.
+ * (A type-specialized function is called inside the region, not inlined into it: GCC outlines
+ * a parallel loop's body before it inlines, so a type passed into the loop stays a variable.) */
+static inline void share(int64_t n, int64_t unit, int64_t *begin, int64_t *end) {
+  const int64_t units = (n + unit - 1) / unit, t = omp_get_num_threads(), i = omp_get_thread_num();
+  *begin = units * i / t * unit;
+  *end = units * (i + 1) / t * unit < n ? units * (i + 1) / t * unit : n;
 }
 
-/* One tile: weight rows w0, w1 against NX rows of x (a constant, so the accumulators stay in
- * registers), into sums[WR][NX]. A K super-block's eight runs share the activations' step and
- * the weights' d, so their integer dot products (each run's scale folded into its weights) add
- * up as integers and are scaled once; the other types scale each run. */
+
+/* Runs b, b + 1 of the 32-block types (b alone if !two: its pair's lanes get zeros) of WR
+ * weight rows against NX rows of x, into acc: each run's dot products times its float scale
+ * (ws[a][j], j = b's place in its group) and step */
+static inline __attribute__((always_inline)) void pairs(const int type, const int NX,
+                                                        const uint8_t *const *w, const qrows *xr,
+                                                        int64_t i0, int64_t nb, int64_t b,
+                                                        float ws[WR][8], const int j,
+                                                        const int two, fvec acc[WR][XR]) {
+  const int is_signed = type == Q8_0 || type == IQ4_NL || type == IQ4_XS;
+  bvec u[WR];
+  svec s[WR];
+  for (int a = 0; a < WR; a++) {
+    u[a] = two ? pair(type, w[a], b) : bpair(codes(type, w[a], b), _mm256_setzero_si256());
+    if (!two)
+      ws[a][j + 1] = 0.0f;
+    s[a] = spread(_mm256_loadu_ps(ws[a]), j);
+  }
+  for (int c = 0; c < NX; c++) {
+    const bvec xv = bload(xr->q + ((i0 + c) * nb + b) * RUN);
+    const svec steps = sload(xr->rs + ((i0 + c) * nb + b) * 8);
+    for (int a = 0; a < WR; a++)
+      acc[a][c] = fdot(acc[a][c], is_signed ? dot4(izero(), babs(u[a]), bsign(xv, u[a]))
+                                            : dot4(izero(), u[a], xv), smul(s[a], steps));
+  }
+}
+
+/* One tile: weight rows w[0..WR) against NX rows of x (a constant, so the accumulators stay in
+ * registers), into sums[WR][NX]. Per group of eight runs (a K super-block, or eight blocks):
+ *   Q4_K Q5_K Q6_K   each pair's dot products times the runs' integer scales (times the
+ *                    activations' run factors) add up as integers, scaled once by d and the
+ *                    activations' group step
+ *   the others       each pair's dot products times the runs' float scales and steps
+ * and beside them, in float, the minimums and the codes' offsets times the sums of the
+ * quantized x: so the product is exactly the dequantized weights times the quantized x. */
 static inline __attribute__((always_inline)) void tile(const int type, const int NX,
                                                        const uint8_t *const *w, const qrows *xr,
                                                        int64_t i0, int64_t nb, int64_t ahead,
                                                        float sums[WR][XR]) {
   const int64_t ng = groups_of(nb);
   fvec acc[WR][XR];
-  __m256 macc[WR][XR];
+  __m256 corr[WR][XR];
   for (int a = 0; a < WR; a++)
     for (int c = 0; c < NX; c++)
-      acc[a][c] = fzero(), macc[a][c] = _mm256_setzero_ps();
+      acc[a][c] = fzero(), corr[a][c] = _mm256_setzero_ps();
   const int64_t group_bytes = GROUP * block_bytes(type) / (is_k(type) ? GROUP : 1);
   for (int64_t b0 = 0; b0 < nb; b0 += GROUP) {
     const int64_t grp = b0 / GROUP;
@@ -472,90 +704,106 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
       for (int64_t off = 0; off < group_bytes; off += 64)
         _mm_prefetch((const char *)next + off, _MM_HINT_T0);
     }
-    float xd[XR];
+    const int8_t *xq[XR];
     for (int c = 0; c < NX; c++)
-      xd[c] = xr->d[(i0 + c) * ng + grp];
-    if (is_k(type)) {
-      int16_t sc[WR][8];
-      float d[WR], wm[WR][8];
-      ivec isum[WR][XR];
+      xq[c] = xr->q + (i0 + c) * nb * RUN + b0 * RUN;
+    if (type == Q4_K || type == Q5_K || type == Q6_K) {
       const uint8_t *sb[WR];
+      kvec all[WR];
+      float d[WR];
       for (int a = 0; a < WR; a++) {
         sb[a] = w[a] + (b0 >> 3) * block_bytes(type);
-        k_ints(type, sb[a], sc[a], &d[a], wm[a]);
-        for (int c = 0; c < NX; c++) {
-          isum[a][c] = izero();
-          if (type == Q4_K || type == Q5_K)
-            macc[a][c] = _mm256_fmadd_ps(_mm256_loadu_ps(wm[a]),
-                                         _mm256_loadu_ps(xr->s + (i0 + c) * nb + b0), macc[a][c]);
+        if (type == Q6_K) { /* offset 32 on every code: -32 d sum_j s_j (step sum q)_j */
+          const __m128i s8 = _mm_loadu_si128((const __m128i *)(sb[a] + 192));
+          d[a] = half(sb[a] + 208);
+          all[a] = kall(type, s8);
+          const __m256 m = _mm256_set1_ps(-32.0f * d[a]);
+          const __m256 lo = _mm256_mul_ps(m, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8)));
+          const __m256 hi = _mm256_mul_ps(m, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8))));
+          for (int c = 0; c < NX; c++) {
+            const float *o = xr->o6 + ((i0 + c) * nb + b0) * 2;
+            corr[a][c] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(o), corr[a][c]);
+            corr[a][c] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(o + 8), corr[a][c]);
+          }
+        } else { /* the runs' minimums: -dmin m_r (step sum q)_r */
+          const __m128i b = k_bytes(sb[a] + 4);
+          d[a] = half(sb[a]);
+          all[a] = kall(type, b);
+          const __m256 m = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))),
+                                         _mm256_set1_ps(-half(sb[a] + 2)));
+          for (int c = 0; c < NX; c++)
+            corr[a][c] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xr->o + (i0 + c) * nb + b0), corr[a][c]);
         }
       }
-      svec q6[WR]; /* Q6_K: the super-block's sixteen int8 scales, widened once */
+      ivec isum[WR][XR];
       for (int a = 0; a < WR; a++)
-        q6[a] = type == Q6_K ? q6_scales(sb[a]) : q6_none();
-#pragma GCC unroll 8
-      for (int r = 0; r < 8; r++) {
-        wvec wv[WR];
+        for (int c = 0; c < NX; c++)
+          isum[a][c] = izero();
+#pragma GCC unroll 4
+      for (int p = 0; p < 4; p++) {
+        bvec u[WR];
+        kpair ks[WR];
         for (int a = 0; a < WR; a++) {
-          const wvec q = widen(unpack_k(type, sb[a], r));
-          wv[a] = type == Q6_K ? q6_scale(q, q6[a], r) : wscale(q, sc[a][r]);
+          u[a] = pair_k(type, sb[a], p);
+          ks[a] = kscale(type, all[a], p);
         }
         for (int c = 0; c < NX; c++) {
-          const int16_t *xb = xr->q + (i0 + c) * nb * RUN + (b0 + r) * RUN;
+          const bvec xv = bload(xq[c] + 64 * p);
+          const int16_t *f = xr->f + ((i0 + c) * nb + b0 + 2 * p) * 16;
           for (int a = 0; a < WR; a++)
-            isum[a][c] = idot(isum[a][c], wv[a], xb);
+            isum[a][c] = kdot(isum[a][c], u[a], xv, kmul(ks[a], f));
         }
-        if (type == Q6_K || type == IQ4_XS ? r % Q6_FLUSH == Q6_FLUSH - 1 : r == 7)
-          for (int a = 0; a < WR; a++)
-            for (int c = 0; c < NX; c++) {
-              acc[a][c] = fma_i(acc[a][c], isum[a][c], d[a] * xd[c]);
-              isum[a][c] = izero();
-            }
       }
+      for (int a = 0; a < WR; a++)
+        for (int c = 0; c < NX; c++)
+          acc[a][c] = fma_i(acc[a][c], isum[a][c], d[a] * xr->d[(i0 + c) * ng + grp]);
       continue;
     }
     const int g = nb - b0 < GROUP ? (int)(nb - b0) : GROUP;
     float ws[WR][8], wm[WR][8];
     for (int a = 0; a < WR; a++) {
       scales8(type, w[a], b0, g, ws[a], wm[a]);
-      if (type == Q4_1 || type == Q5_1)
+      const float off = (float)OFFSET(type);
+      if (type == Q4_1 || type == Q5_1 || off > 0.0f) {
+        const float *xs = xr->o + i0 * nb + b0;
+        __m256 m = _mm256_loadu_ps(off > 0.0f ? ws[a] : wm[a]);
+        if (off > 0.0f)
+          m = _mm256_mul_ps(m, _mm256_set1_ps(-off));
         for (int c = 0; c < NX; c++) {
-          const float *xs = xr->s + (i0 + c) * nb + b0;
           if (g == GROUP) {
-            macc[a][c] = _mm256_fmadd_ps(_mm256_loadu_ps(wm[a]), _mm256_loadu_ps(xs), macc[a][c]);
+            corr[a][c] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xs + c * nb), corr[a][c]);
           } else {
-            float m = 0.0f;
+            float mv[8], t = 0.0f;
+            _mm256_storeu_ps(mv, m);
             for (int j = 0; j < g; j++)
-              m += wm[a][j] * xs[j];
-            macc[a][c] = _mm256_add_ps(macc[a][c], _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, m));
+              t += mv[j] * xs[c * nb + j];
+            corr[a][c] = _mm256_add_ps(corr[a][c], _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, t));
           }
         }
-    }
-    for (int j = 0; j < g; j++) {
-      wvec wv[WR];
-      for (int a = 0; a < WR; a++)
-        wv[a] = widen(unpack(type, w[a], b0 + j));
-      for (int c = 0; c < NX; c++) {
-        const int16_t *xb = xr->q + (i0 + c) * nb * RUN + (b0 + j) * RUN;
-        for (int a = 0; a < WR; a++)
-          acc[a][c] = fma_i(acc[a][c], idot(izero(), wv[a], xb), ws[a][j] * xd[c]);
       }
+    }
+    if (g == GROUP) {
+#pragma GCC unroll 4
+      for (int j = 0; j < GROUP; j += 2)
+        pairs(type, NX, w, xr, i0, nb, b0 + j, ws, j, 1, acc);
+    } else {
+      for (int j = 0; j < g; j += 2)
+        pairs(type, NX, w, xr, i0, nb, b0 + j, ws, j, j + 1 < g, acc);
     }
   }
   for (int a = 0; a < WR; a++)
     for (int c = 0; c < NX; c++)
-      sums[a][c] = fsum(acc[a][c]) + hsum8(macc[a][c]);
+      sums[a][c] = fsum(acc[a][c]) + hsum8(corr[a][c]);
 }
 
-/* y[i, r] (+)= x_i . W_r for r < n, rows of y ldy floats apart */
-static inline __attribute__((always_inline)) void blocked(const int type, const qrows *xr,
-                                                          int64_t m_rows, int64_t k,
-                                                          const uint8_t *w, int64_t row_bytes,
-                                                          int64_t n, float *y, int64_t ldy,
-                                                          int acc_into) {
+/* y[i, r] (+)= x_i . W_r for r in [r_begin, r_end) (a multiple of WR apart), rows of y ldy
+ * floats apart */
+static inline __attribute__((always_inline)) void blocked_rows(
+    const int type, const qrows *xr, int64_t m_rows, int64_t k, const uint8_t *w,
+    int64_t row_bytes, int64_t n, float *y, int64_t ldy, int acc_into, int64_t r_begin,
+    int64_t r_end) {
   const int64_t nb = k / RUN;
-#pragma omp parallel for schedule(static)
-  for (int64_t r0 = 0; r0 < n; r0 += WR) {
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += WR) {
     const uint8_t *rows[WR]; /* past the last row: the last again, computed but not kept */
     for (int a = 0; a < WR; a++)
       rows[a] = w + (r0 + a < n ? r0 + a : n - 1) * row_bytes;
@@ -576,6 +824,40 @@ static inline __attribute__((always_inline)) void blocked(const int type, const 
         }
     }
   }
+}
+
+#define BLOCKED_ROWS(T)                                                                       \
+  static void blocked_##T(const qrows *xr, int64_t m_rows, int64_t k, const uint8_t *w,       \
+                          int64_t row_bytes, int64_t n, float *y, int64_t ldy, int acc_into,  \
+                          int64_t r_begin, int64_t r_end) {                                  \
+    blocked_rows(T, xr, m_rows, k, w, row_bytes, n, y, ldy, acc_into, r_begin, r_end);        \
+  }
+EACH_BLOCK_TYPE(BLOCKED_ROWS)
+#undef BLOCKED_ROWS
+
+/* y[i, r] (+)= x_i . W_r for r < n, the weight rows shared among the threads; -2: not a
+ * blocked type */
+static int blocked(int type, const qrows *xr, int64_t m_rows, int64_t k, const uint8_t *w,
+                   int64_t row_bytes, int64_t n, float *y, int64_t ldy, int acc_into) {
+  switch (type) {
+#define KNOWN(T) case T:
+    EACH_BLOCK_TYPE(KNOWN)
+#undef KNOWN
+    break;
+  default: return -2;
+  }
+#pragma omp parallel
+  {
+    int64_t begin, end;
+    share(n, WR, &begin, &end);
+    switch (type) {
+#define CALL(T)                                                                               \
+  case T: blocked_##T(xr, m_rows, k, w, row_bytes, n, y, ldy, acc_into, begin, end); break;
+      EACH_BLOCK_TYPE(CALL)
+#undef CALL
+    }
+  }
+  return 0;
 }
 
 /* a float row's element j as float32 */
@@ -636,14 +918,13 @@ static void floats_product(int type, const float *x, int64_t m_rows, int64_t k,
 
 /* --- dequantizing ------------------------------------------------------------------------- */
 
-/* rows [r0, r0 + count) of W as float32 rows of k, into out (count * k floats) */
-static inline __attribute__((always_inline)) void dequant_rows_t(const int type, const uint8_t *w,
-                                                                 int64_t row_bytes, int64_t k,
-                                                                 const int64_t *ids, int64_t r0,
-                                                                 int64_t count, float *out) {
+/* rows i in [i_begin, i_end) of W's rows (ids[i], or r0 + i when ids is NULL) as float32
+ * rows of k, into out + i * k */
+static inline __attribute__((always_inline)) void dequant_rows_t(
+    const int type, const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids,
+    int64_t r0, float *out, int64_t i_begin, int64_t i_end) {
   const int64_t nb = k / RUN;
-#pragma omp parallel for schedule(static) if (count * k > 65536)
-  for (int64_t i = 0; i < count; i++) {
+  for (int64_t i = i_begin; i < i_end; i++) {
     const uint8_t *row = w + (ids ? ids[i] : r0 + i) * row_bytes;
     float *dst = out + i * k;
     if (type == F32 || type == F16 || type == BF16) {
@@ -658,7 +939,7 @@ static inline __attribute__((always_inline)) void dequant_rows_t(const int type,
       const int g = nb - b0 < 8 ? (int)(nb - b0) : 8;
       float ws[8], wm[8];
       scales8(type, row, b0, g, ws, wm);
-      const svec q6 = type == Q6_K ? q6_scales(row + (b0 >> 3) * block_bytes(Q6_K)) : q6_none();
+      const q6vec q6 = type == Q6_K ? q6_scales(row + (b0 >> 3) * block_bytes(Q6_K)) : q6_none();
       for (int j = 0; j < g; j++) {
         const wvec q = widen(unpack(type, row, b0 + j));
         wstore(dst + (b0 + j) * RUN, type == Q6_K ? q6_scale(q, q6, j) : q, ws[j], wm[j]);
@@ -667,22 +948,36 @@ static inline __attribute__((always_inline)) void dequant_rows_t(const int type,
   }
 }
 
-/* every block type, for switches that build each one's code with its type a constant */
-#define EACH_BLOCK_TYPE(X)                                                                    \
-  X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q8_0) X(Q4_K) X(Q5_K) X(Q6_K) X(IQ4_NL) X(IQ4_XS)
+#define EACH_TYPE(X) EACH_BLOCK_TYPE(X) X(F32) X(F16) X(BF16)
+#define DEQUANT_ROWS(T)                                                                       \
+  static void dequant_##T(const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids, \
+                          int64_t r0, float *out, int64_t i_begin, int64_t i_end) {           \
+    dequant_rows_t(T, w, row_bytes, k, ids, r0, out, i_begin, i_end);                         \
+  }
+EACH_TYPE(DEQUANT_ROWS)
+#undef DEQUANT_ROWS
 
 /* rows of W (ids[i], or r0 + i when ids is NULL) as float32 [count, k]; -2: unknown type */
 int dequantize_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids,
                     int64_t r0, int64_t count, float *out) {
   switch (type) {
-#define DEQUANTIZE(T) case T: dequant_rows_t(T, w, row_bytes, k, ids, r0, count, out); return 0;
-    EACH_BLOCK_TYPE(DEQUANTIZE)
-#undef DEQUANTIZE
-  case F32:
-  case F16:
-  case BF16: dequant_rows_t(type, w, row_bytes, k, ids, r0, count, out); return 0;
+#define KNOWN(T) case T:
+    EACH_TYPE(KNOWN)
+#undef KNOWN
+    break;
   default: return -2;
   }
+#pragma omp parallel if (count * k > 65536)
+  {
+    int64_t begin, end;
+    share(count, 1, &begin, &end);
+    switch (type) {
+#define CALL(T) case T: dequant_##T(w, row_bytes, k, ids, r0, out, begin, end); break;
+      EACH_TYPE(CALL)
+#undef CALL
+    }
+  }
+  return 0;
 }
 
 /* --- the product, whatever the type and the row count ---------------------------------------- */
@@ -733,17 +1028,11 @@ static int product_q(const linear_t *l, const float *x, const qrows *xr, int64_t
   } else {
     qrows own;
     if (!xr) {
-      if (quantize16(x, m_rows, l->k, &own))
+      if (quantize8(x, m_rows, l->k, &own))
         return -1;
       xr = &own;
     }
-    switch (type) {
-#define BLOCKED(T)                                                                            \
-  case T: blocked(T, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into); break;
-      EACH_BLOCK_TYPE(BLOCKED)
-#undef BLOCKED
-    default: r = -2;
-    }
+    r = blocked(type, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into);
     if (xr == &own)
       release(&own);
   }
@@ -759,7 +1048,7 @@ static int products(const linear_t *parts, int64_t count, const float *x, int64_
                     float *y, int64_t ldy) {
   qrows xr;
   const int blocked_x = m_rows < DENSE_FROM || !sgemm;
-  if (blocked_x && quantize16(x, m_rows, parts[0].k, &xr))
+  if (blocked_x && quantize8(x, m_rows, parts[0].k, &xr))
     return -1;
   int r = 0;
   int64_t at = 0;

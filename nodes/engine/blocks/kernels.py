@@ -1,8 +1,9 @@
 """kernels.c, compiled once on first use for this CPU's widest vector path, called through ctypes.
 
-Two builds of one source: `avx512` (-mavx512bw, with -mavx512vnni where the CPU has VNNI) on a
-CPU with AVX-512BW/VL, else `avx2` (needs AVX2, FMA, F16C). TREECHAT_KERNELS=avx2 forces the
-narrower one (the tests run both where the CPU has both); TREECHAT_NO_KERNELS=1, or a CPU
+Three builds of one source: `avx512vnni` (-mavx512bw -mavx512vnni) on a CPU with AVX-512BW/VL
+and VNNI, `avx512` on one without VNNI, else `avx2` (needs AVX2, FMA, F16C).
+TREECHAT_KERNELS=avx2 (or avx512) forces a narrower one (the tests run each the CPU has);
+TREECHAT_NO_KERNELS=1, or a CPU
 without AVX2, or no C compiler, means no library: the runner then dequantizes the weights to
 float once at load and runs torch's own operators (slower, and the weights' memory in float).
 
@@ -35,7 +36,7 @@ log = logging.getLogger("treechat.engine")
 
 SOURCE = Path(__file__).with_name("kernels.c")
 BASE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-PATHS = ("avx2", "avx512")
+PATHS = ("avx2", "avx512", "avx512vnni")
 P, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
@@ -48,29 +49,34 @@ def cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
+def paths_here() -> list[str]:
+    """The vector paths this CPU runs, narrowest first."""
+    flags = cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma", "f16c"} <= flags:
+        return []
+    if not {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        return ["avx2"]
+    return ["avx2", "avx512"] + (["avx512vnni"] if "avx512_vnni" in flags else [])
+
+
 def vector_path() -> str | None:
     """The widest path this CPU runs (or the one TREECHAT_KERNELS asks for), None if none."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    flags = cpu_flags()
-    if not {"avx2", "fma", "f16c"} <= flags:
+    has = paths_here()
+    if not has:
         return None
     asked = os.environ.get("TREECHAT_KERNELS")
-    wide = {"avx512f", "avx512bw", "avx512vl"} <= flags
     if asked:
         if asked not in PATHS:
             raise ValueError(f"TREECHAT_KERNELS={asked}: use one of {', '.join(PATHS)}")
-        if asked == "avx512" and not wide:
-            raise ValueError("TREECHAT_KERNELS=avx512: this CPU has no AVX-512BW/VL")
+        if asked not in has:
+            raise ValueError(f"TREECHAT_KERNELS={asked}: this CPU has only {', '.join(has)}")
         return asked
-    return "avx512" if wide else "avx2"
+    return has[-1]
 
 
 def build_flags(path: str) -> list[str]:
-    if path == "avx2":
-        return BASE_FLAGS
-    vnni = ["-mavx512vnni"] if "avx512_vnni" in cpu_flags() else []
-    return BASE_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", *vnni]
+    wide = ["-mavx512f", "-mavx512bw", "-mavx512vl"]
+    return BASE_FLAGS + {"avx2": [], "avx512": wide, "avx512vnni": wide + ["-mavx512vnni"]}[path]
 
 
 class Linear(ctypes.Structure):
