@@ -32,7 +32,8 @@ def completion_logprobs(entries: list, offset: int) -> dict:
     for text, logprob, top in entries:
         out["tokens"].append(text)
         out["token_logprobs"].append(logprob)
-        out["top_logprobs"].append(dict(top) if logprob is not None else None)
+        # vLLM's: with logprobs 0 (no alternatives) a position still names the sampled token
+        out["top_logprobs"].append((dict(top) or {text: logprob}) if logprob is not None else None)
         out["text_offset"].append(offset)
         offset += len(text)
     return out

@@ -10,6 +10,7 @@ StatusReply, Heartbeat in). Routes:
     GET  /static/...            the files of web/
     POST /v1/chat/completions   OpenAI chat completions, streamed (SSE) or whole  (completions.py)
     POST /v1/completions        OpenAI text completions                          (completions.py)
+    POST /v1/messages[/count_tokens]   Anthropic's Messages API                   (anthropic.py)
     GET  /v1/models[/ID], /v1/tree   models served, one model, the live tree     (info.py)
     POST /arranca               the original JSON contract, XSRF-protected       (arranca.py)
     GET  /healthz (/health), /readyz, /metrics
@@ -42,6 +43,7 @@ import web
 from broker import security
 from broker.client import RootClient
 from broker.quiet import Quiet
+from gateways.http.anthropic import CountTokensHandler, MessagesHandler
 from gateways.http.arranca import ArrancaHandler
 from gateways.http.base import Gateway, GatewayConfig, NotFoundHandler
 from gateways.http.completions import ChatCompletionsHandler, CompletionsHandler
@@ -111,7 +113,7 @@ FULL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n
 
 def log_request(metrics: Metrics):
     """The access log (Tornado's `log_function`): every response counted by status, successes at
-    INFO, refusals rate-limited, 503/504 (overload, shutting down, deadlines) only counted."""
+    INFO, refusals rate-limited, 503/504/529 (overload, shutting down, deadlines) only counted."""
     quiet = Quiet(access_log)
 
     def log(handler: tornado.web.RequestHandler) -> None:
@@ -121,7 +123,7 @@ def log_request(metrics: Metrics):
         if status < 400:
             ms = 1000.0 * handler.request.request_time()
             access_log.info("%d %s %.2fms", status, summary, ms)
-        elif status in (503, 504):
+        elif status in (503, 504, 529):  # 529: Anthropic's "overloaded"
             access_log.debug("%d %s", status, summary)
         elif status < 500:
             quiet.warning(f"{status} responses", handler.request.remote_ip, "%d %s",
@@ -207,6 +209,8 @@ def make_app(client: RootClient, settings: GatewayConfig, metrics: Metrics | Non
         (r"/metrics", MetricsHandler, a),
         (r"/v1/chat/completions", ChatCompletionsHandler, a),
         (r"/v1/completions", CompletionsHandler, a),
+        (r"/v1/messages", MessagesHandler, a),
+        (r"/v1/messages/count_tokens", CountTokensHandler, a),
         (r"/v1/models", ModelsHandler, a),
         (r"/v1/models/(.+)", ModelHandler, a),
         (r"/v1/tree", TreeHandler, a),
