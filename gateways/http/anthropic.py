@@ -15,9 +15,11 @@ cancel-on-disconnect are the chat path's own. What maps to what:
     disable_parallel_tool_use            parallel_tool_calls: false
     stop_sequences, max_tokens, temperature, top_p, top_k, model: the same fields
 
-`metadata` and `service_tier` change nothing here and are accepted; an image or document block, a
-server tool, or extended `thinking` is a 400 saying so; any other top-level field is a 400 naming
-it. Fields of a message or a block that Anthropic does not define (an `id`, ...) are dropped and
+    output_config.format (json_schema)   response_format json_schema: the answer follows it
+
+`metadata`, `service_tier`, `cache_control`, `speed`, `output_config.effort` and the like change
+nothing here and are accepted; an image or document block, a server tool (or its `container`), or
+extended `thinking` is a 400 saying so; any other top-level field is a 400 naming it. Fields of a message or a block that Anthropic does not define (an `id`, ...) are dropped and
 counted, as on the chat path; its own `cache_control` and `citations` are dropped silently. `count_tokens` runs the prompt through the tree for
 one token and answers its `usage`'s prompt tokens: the count comes from the node that would serve
 the request, with its own tokenizer and chat template, tools included (the gateway holds none),
@@ -39,7 +41,10 @@ from gateways.http.errors import ApiError, bad_request
 from gateways.http.openai_schema import Parsed, one_request
 
 FIELDS = {"model", "messages", "max_tokens", "system", "stop_sequences", "temperature", "top_p",
-          "top_k", "stream", "tools", "tool_choice", "metadata", "service_tier", "thinking"}
+          "top_k", "stream", "tools", "tool_choice", "thinking", "output_config", "output_format"}
+# Anthropic's fields that change nothing here: billing, routing, caching and speed hints
+IGNORED = {"metadata", "service_tier", "cache_control", "inference_geo", "speed",
+           "user_profile_id", "workspace_id", "diagnostics"}
 # A block's fields; Anthropic's `cache_control` and `citations` change nothing here (not counted)
 BLOCK_FIELDS = {"text": {"type", "text", "cache_control", "citations"},
                 "tool_use": {"type", "id", "name", "input", "cache_control"},
@@ -61,15 +66,13 @@ def parse_messages(body: Any, *, counting: bool = False) -> Parsed:
     if not isinstance(body, dict):
         raise bad_request(None, "the request body must be a JSON object")
     body = {k: v for k, v in body.items() if v is not None}  # null means absent
-    unknown = sorted(body.keys() - FIELDS)
+    unknown = sorted(body.keys() - FIELDS - IGNORED)
     if unknown:
         raise bad_request(unknown[0], f"unknown field '{unknown[0]}'", code="unknown_field")
     thinking = body.get("thinking", {"type": "disabled"})
     if not isinstance(thinking, dict) or thinking.get("type") != "disabled":
         raise bad_request("thinking", "extended thinking is not supported by this server's "
                                       "model; leave 'thinking' out")
-    if not isinstance(body.get("metadata", {}), dict):
-        raise bad_request("metadata", "'metadata' must be an object")
     messages, ignored = _messages(body.get("system"), body.get("messages"))
     core: dict = {"messages": messages}
     for name in ("model", "temperature", "top_p", "top_k"):
@@ -91,6 +94,16 @@ def parse_messages(body: Any, *, counting: bool = False) -> Parsed:
         core["tools"] = _tools(body["tools"])
     if "tool_choice" in body:
         core.update(_tool_choice(body["tool_choice"]))
+    output = body.get("output_config", {})
+    if not isinstance(output, dict):
+        raise bad_request("output_config", "'output_config' must be an object")
+    fmt = output.get("format") or body.get("output_format")  # the latter: the beta's name
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+            raise bad_request("output_config.format", "'format' must be {\"type\": "
+                                                      "\"json_schema\", \"schema\": {...}}")
+        core["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "output", "schema": fmt.get("schema")}}
     stream = body.get("stream", False)
     if counting and stream:
         raise bad_request("stream", "count_tokens does not stream")
