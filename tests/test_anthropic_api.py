@@ -221,3 +221,8 @@ def test_completions_logprobs_zero_names_the_sampled_token(up):
                       json={"prompt": "one two", "logprobs": 0})
     lp = r.json()["choices"][0]["logprobs"]
     assert [list(top) for top in lp["top_logprobs"]] == [[t] for t in lp["tokens"]]
+
+
+def test_tokenize_without_a_tokenizer_says_so(up):
+    r = requests.post(f"{up.http}/tokenize", json={"prompt": "hi"}, headers=HEADERS, timeout=30)
+    assert r.status_code == 501 and "--tokenizer" in r.json()["error"]["message"]

@@ -11,6 +11,7 @@ StatusReply, Heartbeat in). Routes:
     POST /v1/chat/completions   OpenAI chat completions, streamed (SSE) or whole  (completions.py)
     POST /v1/completions        OpenAI text completions                          (completions.py)
     POST /v1/messages[/count_tokens]   Anthropic's Messages API                   (anthropic.py)
+    POST /tokenize, /detokenize vLLM's, with --tokenizer's tokenizer              (tokens.py)
     GET  /v1/models[/ID], /v1/tree   models served, one model, the live tree     (info.py)
     POST /arranca               the original JSON contract, XSRF-protected       (arranca.py)
     GET  /healthz (/health), /readyz, /metrics
@@ -50,6 +51,7 @@ from gateways.http.completions import ChatCompletionsHandler, CompletionsHandler
 from gateways.http.info import (HealthHandler, IndexHandler, MetricsHandler, ModelHandler,
                                 ModelsHandler, ReadyHandler, TreeHandler)
 from gateways.http.metrics import Metrics
+from gateways.http.tokens import DetokenizeHandler, TokenizeHandler, Tokenizer
 from gateways.http.treeview import TreeView
 from broker.errors import Fatal
 from treechat.tls import add_server_args, server_context
@@ -158,6 +160,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="let pages of ORIGIN (https://host[:port], or *) call the API: CORS "
                         "(repeatable; default none)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL",
+                   help="the tree's model (as a node's --model; 'default': the shipped one) whose "
+                        "tokenizer serves /tokenize and /detokenize (default: none, 501)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="the nodes' --chat-template, for /tokenize of chat messages")
     g = p.add_argument_group("connections")
     g.add_argument("--header-timeout", type=float, default=30.0,
                    help="seconds a connection may take to send a request's head; also how long "
@@ -195,7 +202,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 
 def make_app(client: RootClient, settings: GatewayConfig, metrics: Metrics | None = None,
-             tree: TreeView | None = None) -> tornado.web.Application:
+             tree: TreeView | None = None,
+             tokenizer: Tokenizer | None = None) -> tornado.web.Application:
     metrics = metrics or Metrics()
     tree = tree or TreeView(client, metrics, settings.status_every)
     gw = Gateway(client=client, cfg=settings, metrics=metrics, tree=tree)
@@ -211,6 +219,8 @@ def make_app(client: RootClient, settings: GatewayConfig, metrics: Metrics | Non
         (r"/v1/completions", CompletionsHandler, a),
         (r"/v1/messages", MessagesHandler, a),
         (r"/v1/messages/count_tokens", CountTokensHandler, a),
+        (r"/tokenize", TokenizeHandler, {**a, "tokenizer": tokenizer}),
+        (r"/detokenize", DetokenizeHandler, {**a, "tokenizer": tokenizer}),
         (r"/v1/models", ModelsHandler, a),
         (r"/v1/models/(.+)", ModelHandler, a),
         (r"/v1/tree", TreeHandler, a),
@@ -237,7 +247,11 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
     if not await client.wait_connected(2.0):
         log.warning("no root answers at %s yet; serving anyway (/readyz says 503 until it does)",
                     args.root)
-    app = make_app(client, settings)
+    tokenizer = None
+    if args.tokenizer:
+        model = None if args.tokenizer == "default" else args.tokenizer
+        tokenizer = Tokenizer(model, args.chat_template)
+    app = make_app(client, settings, tokenizer=tokenizer)
     gw: Gateway = app.settings["gateway"]
     server = Server(app, max_body_size=settings.max_body * BODY_CAP,
                     idle_connection_timeout=args.header_timeout, body_timeout=args.body_timeout,
