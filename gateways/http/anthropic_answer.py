@@ -20,6 +20,10 @@ Tool calls are read from the text by `gateways.tools.ToolCalls`, as for OpenAI's
 call's arguments stream as generated. The prompt's token count comes with the tree's final event,
 so message_start says 0 input tokens and message_delta gives the real usage (the SDKs take it).
 
+A text delta is the hot path, one per token: its event is framed from bytes made once per
+content block index (`delta_frame`, shared by every message: the event names no message) around
+the JSON string of the text, as the chat path's `sse.Shape.delta_event` is.
+
 `stop_reason`: the tree says only "stop" for an end of turn and a stop string alike, so a request
 with `stop_sequences` asks for each token's text (logprobs 0): the text the engine held back after
 the answer's last delivered character starts with the stop sequence that ended it.
@@ -27,15 +31,46 @@ the answer's last delivered character starts with the stop sequence that ended i
 
 from __future__ import annotations
 
+import functools
+
 import orjson
 
 from broker.client import Event
 from gateways import tools
+from gateways.http import sse
 from gateways.http.sse import new_id
+
+# A content block's type -> its delta's type and the delta's field that carries the text
+DELTAS = {"text": ("text_delta", "text"), "tool_use": ("input_json_delta", "partial_json")}
 
 
 def sse_event(name: str, data: dict) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+MESSAGE_STOP = sse_event("message_stop", {"type": "message_stop"})
+
+
+# The events that depend on a block's index alone, made once per index (a message with many tool
+# calls has many blocks; the cache keeps the first 256 indexes' bytes).
+@functools.lru_cache(maxsize=256)
+def delta_frame(index: int, kind: str) -> tuple[bytes, bytes]:
+    """A content_block_delta's bytes before and after the JSON string of its text."""
+    delta_type, name = DELTAS[kind]
+    return sse.split(sse_event("content_block_delta", {
+        "type": "content_block_delta", "index": index,
+        "delta": {"type": delta_type, name: sse.MARK}}))
+
+
+@functools.lru_cache(maxsize=256)
+def text_start(index: int) -> bytes:
+    return sse_event("content_block_start", {"type": "content_block_start", "index": index,
+                                             "content_block": {"type": "text", "text": ""}})
+
+
+@functools.lru_cache(maxsize=256)
+def block_stop(index: int) -> bytes:
+    return sse_event("content_block_stop", {"type": "content_block_stop", "index": index})
 
 
 def _input(arguments: str) -> dict:
@@ -63,6 +98,7 @@ class Message:
         self.parts: list[str] = []  # whole: the delivered text
         self.index = -1  # streamed: the open content block's index
         self.kind: str | None = None  # streamed: the open block's type
+        self.frame = (b"", b"")  # streamed: the open block's delta_frame
         self.reason: str | None = None
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
 
@@ -87,19 +123,20 @@ class Message:
             text, calls = self.tools.finish()
             out = self._text(text) + self._calls(calls)
         if self.index < 0:  # nothing was said: one empty text block, as the whole message has
-            out += self._open("text", {"type": "text", "text": ""})
+            out += self._open("text")
         reason, sequence = self.stop_reason(bool(self.tools and self.tools.calls))
         return out + self._close() + [
             sse_event("message_delta", {"type": "message_delta",
                                         "delta": {"stop_reason": reason, "stop_sequence": sequence},
                                         "usage": self.usage()}),
-            sse_event("message_stop", {"type": "message_stop"})]
+            MESSAGE_STOP]
 
     def _text(self, text: str) -> list[bytes]:
         if not text:
             return []
-        out = self._open("text", {"type": "text", "text": ""}) if self.kind != "text" else []
-        return out + [self._delta({"type": "text_delta", "text": text})]
+        if self.kind == "text":
+            return [self._delta(text)]
+        return self._open("text") + [self._delta(text)]
 
     def _calls(self, deltas: list[dict]) -> list[bytes]:
         out = []
@@ -108,14 +145,17 @@ class Message:
                 out += self._open("tool_use", {"type": "tool_use", "id": _tool_id(d["id"]),
                                                "name": d["function"]["name"], "input": {}})
             if d["function"]["arguments"]:
-                out.append(self._delta({"type": "input_json_delta",
-                                        "partial_json": d["function"]["arguments"]}))
+                out.append(self._delta(d["function"]["arguments"]))
         return out
 
-    def _open(self, kind: str, block: dict) -> list[bytes]:
+    def _open(self, kind: str, block: dict | None = None) -> list[bytes]:
+        """Close the open block, open the next: a text block, or `block` (a tool_use)."""
         out = self._close()
         self.index += 1
         self.kind = kind
+        self.frame = delta_frame(self.index, kind)
+        if block is None:
+            return out + [text_start(self.index)]
         return out + [sse_event("content_block_start", {"type": "content_block_start",
                                                         "index": self.index,
                                                         "content_block": block})]
@@ -124,12 +164,11 @@ class Message:
         if self.kind is None:
             return []
         self.kind = None
-        return [sse_event("content_block_stop", {"type": "content_block_stop",
-                                                 "index": self.index})]
+        return [block_stop(self.index)]
 
-    def _delta(self, delta: dict) -> bytes:
-        return sse_event("content_block_delta", {"type": "content_block_delta",
-                                                 "index": self.index, "delta": delta})
+    def _delta(self, text: str) -> bytes:
+        """The open block's content_block_delta for `text` (its text or its partial_json)."""
+        return self.frame[0] + orjson.dumps(text) + self.frame[1]
 
     # --- whole ---------------------------------------------------------------------------------
 
