@@ -233,6 +233,8 @@ class MessagesTarget(HTTPTarget):
                       "messages": item.messages or [{"role": "user", "content": item.prompt}]}
         if self.model:
             body["model"] = self.model
+        if self.ignore_eos:
+            body["ignore_eos"] = True  # treechat's extension, as on the chat path
         return body
 
     def on_event(self, event: dict, rec: Record, last: list[float]) -> None:

@@ -99,6 +99,12 @@ def test_stop_reasons(up):
     assert r["stop_reason"] == "end_turn" and r["stop_sequence"] is None
 
 
+def test_ignore_eos_is_the_chat_paths_extension(up):
+    r = post(up, {**SAY, "max_tokens": 5, "ignore_eos": True}).json()
+    assert r["stop_reason"] == "max_tokens"
+    assert r["content"][0]["text"] == "hello there world hello there "
+
+
 def test_tool_history_and_count_tokens(up):
     turns = [{"role": "user", "content": "weather in Paris"},
              {"role": "assistant", "content": [

@@ -14,6 +14,7 @@ cancel-on-disconnect are the chat path's own. What maps to what:
     tool_choice auto | any | tool | none auto | required | {"function": {"name"}} | none
     disable_parallel_tool_use            parallel_tool_calls: false
     stop_sequences, max_tokens, temperature, top_p, top_k, model: the same fields
+    ignore_eos (treechat's extension, as on the chat path: benchmarks) the same field
 
     output_config.format (json_schema)   response_format json_schema: the answer follows it
 
@@ -41,7 +42,8 @@ from gateways.http.errors import ApiError, bad_request
 from gateways.http.openai_schema import Parsed, one_request
 
 FIELDS = {"model", "messages", "max_tokens", "system", "stop_sequences", "temperature", "top_p",
-          "top_k", "stream", "tools", "tool_choice", "thinking", "output_config", "output_format"}
+          "top_k", "stream", "tools", "tool_choice", "thinking", "output_config", "output_format",
+          "ignore_eos"}
 # Anthropic's fields that change nothing here: billing, routing, caching and speed hints
 IGNORED = {"metadata", "service_tier", "cache_control", "inference_geo", "speed",
            "user_profile_id", "workspace_id", "diagnostics"}
@@ -75,7 +77,7 @@ def parse_messages(body: Any, *, counting: bool = False) -> Parsed:
                                       "model; leave 'thinking' out")
     messages, ignored = _messages(body.get("system"), body.get("messages"))
     core: dict = {"messages": messages}
-    for name in ("model", "temperature", "top_p", "top_k"):
+    for name in ("model", "temperature", "top_p", "top_k", "ignore_eos"):
         if name in body:
             core[name] = body[name]
     if counting:
