@@ -19,7 +19,6 @@ gateways/http/anthropic.py.)
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 from gateways.http.base import BodyHandler, Gateway
@@ -45,18 +44,10 @@ class Tokenizer:
         from transformers import AutoConfig, AutoTokenizer
 
         from nodes.engine import models, templates
-        path = Path(self.model).expanduser() if self.model else models.default_gguf()
-        if path.suffix == ".gguf" and path.is_file():  # named as models.load names it
-            folder = models.meta_folder(path, models.DEFAULT_MODEL if self.model is None else
-                                        f"{path.stem}-{path.stat().st_size}")
-        else:
-            folder = models.local_folder(self.model)
+        gguf = models.gguf_file(self.model)  # found and named as models.load does
+        folder = models.meta_folder(*gguf) if gguf else models.local_folder(self.model)
         tok = AutoTokenizer.from_pretrained(folder)
-        # The engine's choice (HFEngine._chat_template): the file, the tokenizer's, the family's
-        template = Path(self.chat_template).read_text() if self.chat_template else None
-        if template is None and not tok.chat_template:
-            picked = templates.pick(AutoConfig.from_pretrained(folder), tok)
-            template = picked[0].template if picked else None
+        template, _ = templates.choose(self.chat_template, AutoConfig.from_pretrained(folder), tok)
         return tok, template or tok.chat_template
 
 
