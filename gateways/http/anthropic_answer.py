@@ -38,6 +38,7 @@ import orjson
 from broker.client import Event
 from gateways import tools
 from gateways.http import sse
+from gateways.http.answers import Answer
 from gateways.http.sse import new_id
 
 # A content block's type -> its delta's type and the delta's field that carries the text
@@ -86,7 +87,7 @@ def _tool_id(call_id: str) -> str:
     return "toolu_" + call_id.removeprefix("call_")
 
 
-class Message:
+class Message(Answer):
     def __init__(self, model: str, request: dict):
         self.id = "msg_" + new_id()
         self.model = model
@@ -99,8 +100,6 @@ class Message:
         self.index = -1  # streamed: the open content block's index
         self.kind: str | None = None  # streamed: the open block's type
         self.frame = (b"", b"")  # streamed: the open block's delta_frame
-        self.reason: str | None = None
-        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
 
     # --- streamed ------------------------------------------------------------------------------
 
@@ -175,11 +174,6 @@ class Message:
     def add(self, ev: Event) -> None:
         self._note(ev)
         self.parts.append(ev.text)
-
-    def finish(self, ev: Event) -> None:
-        self.reason = ev.finish_reason or "stop"
-        self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
-        self.cached_tokens = ev.cached_tokens
 
     def whole(self) -> dict:
         text, calls = "".join(self.parts), []
