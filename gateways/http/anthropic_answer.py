@@ -52,8 +52,8 @@ def sse_event(name: str, data: dict) -> bytes:
 MESSAGE_STOP = sse_event("message_stop", {"type": "message_stop"})
 
 
-# The events that depend on a block's index alone, made once per index (a message with many tool
-# calls has many blocks; the cache keeps the first 256 indexes' bytes).
+# The events that depend on a block's index alone, made once per index and kept for the 256 used
+# last (a message has one block per tool call: a bounded cache, not one entry per index ever seen).
 @functools.lru_cache(maxsize=256)
 def delta_frame(index: int, kind: str) -> tuple[bytes, bytes]:
     """A content_block_delta's bytes before and after the JSON string of its text."""
