@@ -216,3 +216,36 @@ def http_failure(status: int, body: bytes) -> Failure:
     except (ValueError, KeyError, TypeError, AttributeError):
         code, message = None, body[:200].decode(errors="replace")
     return Failure(f"http_{status}" + (f" {code}" if code else ""), message or f"HTTP {status}")
+
+
+class MessagesTarget(HTTPTarget):
+    """Anthropic's POST /v1/messages, streamed: text from content_block_delta's text_delta, the
+    end and the usage from message_delta (the events' `data:` lines; `event:` lines skipped)."""
+
+    name = "anthropic"
+
+    def __init__(self, base_url: str, **kw):
+        super().__init__(base_url, **kw)
+        self.endpoint = "/v1/messages"
+
+    def payload(self, item: Item) -> dict:
+        body: dict = {"max_tokens": item.max_tokens, "stream": True, **self.extra,
+                      "messages": item.messages or [{"role": "user", "content": item.prompt}]}
+        if self.model:
+            body["model"] = self.model
+        if self.ignore_eos:
+            body["ignore_eos"] = True  # treechat's extension, as on the chat path
+        return body
+
+    def on_event(self, event: dict, rec: Record, last: list[float]) -> None:
+        kind = event.get("type")
+        if kind == "content_block_delta" and event["delta"].get("type") == "text_delta":
+            self.on_text(rec, event["delta"]["text"], last)
+        elif kind == "message_delta":
+            rec.finish_reason = event["delta"].get("stop_reason")
+            usage = event.get("usage") or {}
+            rec.prompt_tokens = usage.get("input_tokens", rec.prompt_tokens)
+            rec.output_tokens = usage.get("output_tokens", rec.output_tokens)
+        elif kind == "error":
+            err = event.get("error") or {}
+            raise Failure(f"stream {err.get('type', 'error')}", str(err.get("message", "")))

@@ -186,6 +186,7 @@ def test_ctrl_c_at_the_first_prompt_quits(up, kind):
     try:
         term.wait_for(b"you> ")
         term.write(b"\x03")
+        term.wait_for(b"[Ctrl-C at the prompt quits, as Ctrl-D does")  # not silently
         assert term.proc.wait(30) == 0  # not a traceback out of the Ctrl-C handler (exit 1)
     finally:
         term.close()

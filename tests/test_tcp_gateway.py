@@ -9,6 +9,7 @@ replayed as a test.
 from __future__ import annotations
 
 import re
+import select
 import signal
 import socket
 import struct
@@ -19,6 +20,7 @@ import orjson
 import pytest
 
 from conftest import REPO, Cluster, connect, run
+from gateways.tcp_mobile.text import HINT
 
 FAKE = ("--engine", "fake", "--fake-delay", "0.005", "--max-slots", "8", "--nodes", "1")
 LONG = {"ignore_eos": True, "max_tokens": 100000}  # runs until cancelled
@@ -430,6 +432,43 @@ def test_text_mode_through_a_raw_socket(tree):
     conn.send("naïve café ✓\n".encode())
     assert conn.raw_line().decode() == "naïve café ✓ "
     assert conn.raw_line() == b""
+    conn.send(b"\n")  # Enter alone: a hint, not silence
+    assert conn.raw_line().decode() == HINT
+    assert conn.raw_line() == b""
+
+
+def test_a_burst_of_1000_connections_each_get_their_hello(tree):
+    """1000 clients connect at once (non-blocking connects in one tight loop), and every one
+    reads its hello line within 5 s: the kernel queues them all (--backlog 1024). With Tornado's
+    default backlog of 128 the queue overflows, and the clients whose handshake the kernel dropped
+    wait for a SYN retransmission (1 s, 3 s, 7 s ...) or forever."""
+    socks = []
+    try:
+        for _ in range(1000):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", tree.tcp_port))
+            socks.append(sock)
+        waiting = {sock.fileno(): sock for sock in socks}
+        got: dict[int, bytes] = {}
+        poller = select.poll()
+        for fd in waiting:
+            poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + 5
+        while waiting and time.monotonic() < deadline:
+            for fd, _ in poller.poll(100):
+                try:
+                    got[fd] = got.get(fd, b"") + waiting[fd].recv(4096)
+                except OSError:
+                    continue
+                if b"\n" in got[fd]:
+                    poller.unregister(fd)
+                    del waiting[fd]
+        assert not waiting, f"{len(waiting)} of 1000 connections got no hello within 5 s"
+        assert all(line.startswith(b'{"hello"') for line in got.values())
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def test_idle_connection_times_out(tree):

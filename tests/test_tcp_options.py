@@ -1,6 +1,7 @@
 """The TCP line protocol carries the same request options as the HTTP API (fake engine):
-logprobs on delta lines, tool calls on the final line, structured answers, stop strings, and
-the same field policy (an unknown field inside a message is refused, like one at the top)."""
+logprobs on delta lines, tool calls on the final line, structured answers, stop strings; its
+field policy is stricter than HTTP's (docs/protocol.md): an unknown field inside a message is
+refused, like one at the top, where HTTP drops and counts it."""
 
 from __future__ import annotations
 

@@ -77,6 +77,21 @@ def test_nothing_fits_an_unknown_family():
     assert templates.pick(config("gpt2"), Vocab("<|endoftext|>")) is None
 
 
+def test_choose_takes_the_file_then_the_tokenizers_own_then_the_familys(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    vocab = Vocab("<|im_start|>", "<|im_end|>")
+    vocab.chat_template = None
+    assert templates.choose(str(template), config("llama"), vocab) == ("{{ messages }}", None)
+    chosen, (family, why) = templates.choose(None, config("llama"), vocab)
+    assert chosen == templates.CHATML.template and family is templates.CHATML and why
+    bare = Vocab("<|endoftext|>")
+    bare.chat_template = None
+    assert templates.choose(None, config("gpt2"), bare) == (None, None)  # nothing fits
+    vocab.chat_template = "{{ own }}"  # the tokenizer's own: None, as the engine keeps it
+    assert templates.choose(None, config("llama"), vocab) == (None, None)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_no_template):
     from transformers import AutoTokenizer
@@ -199,6 +214,9 @@ def test_the_served_name_is_a_files_stem_or_a_folders_name(tmp_path, tiny_model)
     gguf = tmp_path / "gemma-3-270m-q4_k_m.gguf"
     gguf.write_bytes(b"GGUF")
     assert models.model_name(str(gguf)) == "gemma-3-270m-q4_k_m"
+    # its cached folders are named by stem and size (two files, two folders); a folder has none
+    assert models.gguf_file(str(gguf)) == (gguf, "gemma-3-270m-q4_k_m-4")
+    assert models.gguf_file(tiny_model) is None
     assert models.model_name(tiny_model) == Path(tiny_model).name
     assert models.model_name(tiny_model + "/") == Path(tiny_model).name
     assert models.model_name("HuggingFaceTB/SmolLM2-135M-Instruct") == \

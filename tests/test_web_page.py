@@ -342,6 +342,11 @@ def test_settings_are_sent(desk):
     models = desk.page.locator("#model option").all_inner_texts()
     assert models and all(m.strip() for m in models)
     desk.button("Settings").click()
+    temp = desk.page.get_by_label("Temperature", exact=True)
+    label = desk.page.locator("#temp-out")
+    assert "model default" in label.inner_text() and "unset" in temp.get_attribute("class")
+    temp.fill("1.2")  # moving the slider sets a value, and the label says it
+    assert label.inner_text() == "1.20" and "unset" not in temp.get_attribute("class")
     desk.page.get_by_label("System prompt", exact=True).fill("You are terse.")
     desk.page.get_by_label("Max tokens", exact=True).fill("3")
     desk.button("Save settings").click()

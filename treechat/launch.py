@@ -165,6 +165,10 @@ class Launcher:
                         for value in getattr(a, flag) or []:
                             argv += ["--" + flag.replace("_", "-"), value]
                     argv += ["--grace", str(a.grace)]
+                    if a.engine == "hf":  # /tokenize reads the nodes' tokenizer
+                        argv += ["--tokenizer", a.model or "default"]
+                        if a.chat_template:
+                            argv += ["--chat-template", a.chat_template]
                 else:
                     argv += ["--drain", str(a.grace)]
                     if a.metrics_port:

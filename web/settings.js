@@ -29,6 +29,7 @@ export class Settings {
     $("set-temp").addEventListener("input", (e) => {
       this.temperature = Number(e.target.value);
       $("temp-out").textContent = this.temperature.toFixed(2);
+      e.target.classList.remove("unset");
     });
     $("close-settings").addEventListener("click", () => this.dlg.close());
     $("reset-settings").addEventListener("click", () => this.fill({ ...store.settings, ...DEFAULT_SETTINGS, model: store.settings.model, apiKey: store.settings.apiKey }));
@@ -65,9 +66,12 @@ export class Settings {
     fillModels($("set-model"), this.models.length ? this.models : [s.model].filter(Boolean), s.model);
     $("set-system").value = s.systemPrompt;
     // null until the slider is moved: requests carry no temperature, the server uses the model's.
+    // The slider then shows no value of its own (dimmed), so it never contradicts its label.
     this.temperature = s.temperature;
+    const unset = s.temperature == null;
     $("set-temp").value = String(s.temperature ?? 0.7);
-    $("temp-out").textContent = s.temperature == null ? "model default" : Number(s.temperature).toFixed(2);
+    $("set-temp").classList.toggle("unset", unset);
+    $("temp-out").textContent = unset ? "model default (move the slider to set one)" : Number(s.temperature).toFixed(2);
     $("set-max").value = String(s.maxTokens);
     $("set-key").value = s.apiKey;
   }

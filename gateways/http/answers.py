@@ -32,13 +32,27 @@ def completion_logprobs(entries: list, offset: int) -> dict:
     for text, logprob, top in entries:
         out["tokens"].append(text)
         out["token_logprobs"].append(logprob)
-        out["top_logprobs"].append(dict(top) if logprob is not None else None)
+        # vLLM's: with logprobs 0 (no alternatives) a position still names the sampled token
+        out["top_logprobs"].append((dict(top) or {text: logprob}) if logprob is not None else None)
         out["text_offset"].append(offset)
         offset += len(text)
     return out
 
 
-class Choice:
+class Answer:
+    """What every dialect's answer keeps from its request's final event (`done`): why it ended
+    and its token counts (the base of `Choice` and of anthropic_answer.Message)."""
+
+    reason: str | None = None
+    prompt_tokens = completion_tokens = cached_tokens = 0
+
+    def finish(self, ev: Event) -> None:
+        self.reason = ev.finish_reason or "stop"
+        self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
+        self.cached_tokens = ev.cached_tokens
+
+
+class Choice(Answer):
     def __init__(self, index: int, shape: sse.Shape, request: dict, echo: str | None = None,
                  logprobs: bool = False):
         self.index = index
@@ -52,8 +66,6 @@ class Choice:
         self.parts: list[str] = [echo] if echo else []
         self.length = len(echo or "")  # characters of text so far (completions' text_offset)
         self.entries: list = []  # every token's logprobs entry, prompt's first (echo)
-        self.reason: str | None = None
-        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
 
     # --- streamed ------------------------------------------------------------------------------
 
@@ -139,11 +151,6 @@ class Choice:
         self.parts.append(ev.text)
         if self.logprobs and ev.logprobs:
             self.entries.extend(ev.logprobs)
-
-    def finish(self, ev: Event) -> None:
-        self.reason = ev.finish_reason or "stop"
-        self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
-        self.cached_tokens = ev.cached_tokens
 
     def whole(self) -> dict:
         text = "".join(self.parts)

@@ -5,7 +5,7 @@ client, the tree view, the metrics, the config, and the set of requests in progr
 for them). `BaseHandler` renders every error, Tornado's own included, as OpenAI's
 `{"error": {...}}`, gives every response an `X-Request-Id` (the client's own, or a new one) and,
 for origins the operator allows (`--allowed-origin`), CORS headers and preflight answers;
-`ApiHandler` adds Bearer keys; `BodyHandler` the body size limit, checked as the body streams in
+`ApiHandler` adds API keys (`Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`); `BodyHandler` the body size limit, checked as the body streams in
 (`stream_request_body`): a body over the limit is read and dropped, never stored, then answered
 with a clear 413 instead of a dropped connection. Every refusal of a body handler (XSRF, a foreign
 origin, a bad key, 413, 415) waits until the body is read, so the connection stays usable.
@@ -34,7 +34,7 @@ log = logging.getLogger("treechat.http")
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to echo
 ORIGIN = re.compile(r"^https?://[^/\s]+$")
 CORS_METHODS = "GET, POST, OPTIONS"
-CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-XSRFToken"
+CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-XSRFToken, X-Api-Key, Anthropic-Version"
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,11 @@ class BaseHandler(tornado.web.RequestHandler):
         if header:
             self.set_header("Retry-After", header)
         self.set_header("Content-Type", "application/json")
-        self.finish(orjson.dumps(exc.body()))
+        self.finish(orjson.dumps(self.error_body(exc)))
+
+    def error_body(self, exc: ApiError) -> dict:
+        """The JSON of an error: OpenAI's envelope here; a dialect's handler renders its own."""
+        return exc.body()
 
 
 class ApiHandler(BaseHandler):
@@ -167,10 +171,12 @@ class ApiHandler(BaseHandler):
         if self.xsrf_always:
             return super().check_xsrf_cookie()
         # API clients authenticate with a Bearer header, which a cross-site form or fetch cannot
-        # add without a CORS preflight this server never grants; a request with no `_xsrf` cookie
-        # is not a browser session either. A browser request carrying the page's cookie must
-        # carry the matching X-XSRFToken header too (the page sends it).
-        if self.request.headers.get("Authorization") or "_xsrf" not in self.request.cookies:
+        # add without a CORS preflight this server never grants (x-api-key alike); a request with
+        # no `_xsrf` cookie is not a browser session either. A browser request carrying the page's
+        # cookie must carry the matching X-XSRFToken header too (the page sends it).
+        headers = self.request.headers
+        if headers.get("Authorization") or headers.get("X-Api-Key") \
+                or "_xsrf" not in self.request.cookies:
             return
         super().check_xsrf_cookie()
 
@@ -183,10 +189,11 @@ class ApiHandler(BaseHandler):
         if not keys:
             return
         scheme, _, key = self.request.headers.get("Authorization", "").partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            raise ApiError(401, "missing API key: send 'Authorization: Bearer YOUR_KEY'",
-                           code="invalid_api_key")
+        key = key.strip() if scheme.lower() == "bearer" else ""
+        key = key or self.request.headers.get("X-Api-Key", "").strip()  # Anthropic's clients
+        if not key:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer YOUR_KEY' (or "
+                                "'x-api-key: YOUR_KEY')", code="invalid_api_key")
         if not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
             raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
 

@@ -10,12 +10,18 @@ sooner; then each choice's opening chunk, chunks as deltas arrive (deltas alread
 coalesced into one flush), `: keep-alive` comments every `--keepalive` seconds while nothing
 arrives (queue, prefill), each choice's closing chunk with its `finish_reason`, the usage chunk
 when asked, and `data: [DONE]`. What each chunk holds is `gateways.http.answers.Choice`'s work.
+
+Another dialect (gateways/http/anthropic.py) is a subclass: its own `parse` into the same
+`Parsed`, its own answer objects (with Choice's methods: opening, delta, done, add, finish,
+whole), and its own `whole`, `ending`, `error_event` and `keepalive`; the relay, the stream loop,
+the metrics and cancel-on-disconnect stay these.
 """
 
 from __future__ import annotations
 
 from gateways.http import sse
 from gateways.http.answers import Choice
+from gateways.http.errors import ApiError
 from gateways.http.openai_schema import Parsed, parse_chat, parse_completion
 from gateways.http.relay import RelayHandler
 from gateways.http.treeview import resolve_model
@@ -25,88 +31,108 @@ class CompletionsHandler(RelayHandler):
     """POST /v1/completions."""
 
     shape_class = sse.CompletionShape
+    keepalive = sse.KEEPALIVE  # what a quiet stream sends every --keepalive seconds
 
     def parse(self, body) -> Parsed:
         return parse_completion(body)
 
+    def answers(self, parsed: Parsed, model: str) -> list:
+        shape = self.shape_class(model)
+        return [Choice(i, shape, r, parsed.echo[i], parsed.logprobs)
+                for i, r in enumerate(parsed.requests)]
+
+    def whole(self, answers: list, parsed: Parsed) -> dict:
+        return answers[0].shape.whole([c.whole() for c in answers], *usage(answers, parsed.n))
+
+    def ending(self, answers: list, parsed: Parsed, completed: bool) -> bytes:
+        """What ends a stream: the usage chunk (when asked and every choice ended), [DONE]."""
+        if completed and parsed.include_usage:
+            return sse.event(answers[0].shape.usage_chunk(*usage(answers, parsed.n))) + sse.DONE
+        return sse.DONE
+
+    def error_event(self, error: ApiError) -> bytes:
+        return sse.event(error.body())
+
     async def post(self) -> None:
         parsed = self.parse(self.read_json())
+        if parsed.ignored:
+            self.gw.metrics.ignored_fields.inc(parsed.ignored)
+        answers = self.answers(parsed, await self.route(parsed))
+        await self.open_streams(parsed.requests, parsed.timeout)
+        if parsed.stream:
+            await self.stream_events(answers, parsed)
+        else:
+            await self.collect(answers)
+            if not self.client_gone:
+                self.write_json(self.whole(answers, parsed))
+
+    async def route(self, parsed: Parsed) -> str:
+        """The model's name as the client asked for it (404/503 when no node serves it)."""
         model, route = await resolve_model(self.gw.tree, parsed.model, self.gw.cfg.served_names)
         for request in parsed.requests:
             if route is not None:
                 request["model"] = route  # a --served-model-name runs on the tree's model
-        shape = self.shape_class(model)
-        choices = [Choice(i, shape, r, parsed.echo[i], parsed.logprobs)
-                   for i, r in enumerate(parsed.requests)]
-        await self.open_streams(parsed.requests, parsed.timeout)
-        if parsed.stream:
-            await self.stream_events(shape, choices, parsed)
-        else:
-            await self.collect(choices)
-            if not self.client_gone:
-                self.write_json(shape.whole([c.whole() for c in choices],
-                                            *usage(choices, parsed.n)))
+        return model
 
-    async def collect(self, choices: list[Choice]) -> None:
-        """Every choice's whole answer; an "error" event raises ApiError."""
+    async def collect(self, answers: list) -> None:
+        """Every answer whole; an "error" event raises ApiError."""
         while self.open:
             index, ev = await self.next_event(None)
             if ev.kind == "delta":
                 self.delta(index, ev)
-                choices[index].add(ev)
+                answers[index].add(ev)
             elif ev.kind == "done":
                 self.finished(index, ev)
-                choices[index].finish(ev)
+                answers[index].finish(ev)
             elif ev.kind == "error":
                 self.cancel_all()
                 raise self.failed(ev, max(index, 0))
 
-    async def stream_events(self, shape, choices: list[Choice], parsed: Parsed) -> None:
-        started = False
+    async def stream_events(self, answers: list, parsed: Parsed) -> None:
+        started = completed = False
         while self.open:
             got = await self.next_event(self.gw.cfg.keepalive)
             if not started:
                 if got is not None and got[1].kind == "error":
                     self.cancel_all()
                     raise self.failed(got[1], max(got[0], 0))  # nothing sent yet: a real status
-                self.open_sse(choices)
+                self.open_sse(answers)
                 started = True
             if got is None:
-                self.write(sse.KEEPALIVE)
+                self.write(self.keepalive)
                 await self.send()
                 continue
             index, ev = got
             if ev.kind == "delta":
                 self.delta(index, ev)
-                events = choices[index].delta(ev)
+                events = answers[index].delta(ev)
                 if events and not self.client_gone:
                     self.write(b"".join(events))
                     if self.idle():  # coalesce what is already queued
                         await self.send()
             elif ev.kind == "done":
                 self.finished(index, ev)
-                self.write(b"".join(choices[index].done(ev)))
+                self.write(b"".join(answers[index].done(ev)))
             elif ev.kind == "error":
                 self.cancel_all()
-                self.write(sse.event(self.failed(ev, max(index, 0)).body()))
+                self.write(self.error_event(self.failed(ev, max(index, 0))))
                 break
         else:
-            if parsed.include_usage:
-                self.write(sse.event(shape.usage_chunk(*usage(choices, parsed.n))))
+            completed = True
         if not self.client_gone:
-            self.write(sse.DONE)
+            self.write(self.ending(answers, parsed, completed))
             await self.send()
 
     def idle(self) -> bool:
         queue = self.merged if self.merged is not None else self.stream.queue
         return queue.empty()
 
-    def open_sse(self, choices: list[Choice]) -> None:
+    def open_sse(self, answers: list) -> None:
         """Commit to 200 and SSE: at the first delta, or when the first keep-alive is due."""
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")  # tell proxies not to buffer the stream
-        self.write(b"".join(e for c in choices for e in c.opening()))
+        self.write(b"".join(e for a in answers for e in a.opening()))
 
 
 def usage(choices: list[Choice], n: int) -> tuple[int, int, int]:

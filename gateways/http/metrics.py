@@ -56,6 +56,9 @@ class Metrics:
         self.responses = Counter("treechat:http_responses", "HTTP responses, by status code "
                                  "(refusals such as 503 are counted here, not logged).",
                                  ["status"], registry=r)
+        self.ignored_fields = Counter("treechat:ignored_fields", "Fields inside messages and "
+                                      "content parts that no dialect defines, dropped.",
+                                      registry=r)
         self.refused_connections = Counter("treechat:http_refused_connections",
                                            "Connections closed at once: --max-connections open.",
                                            registry=r)

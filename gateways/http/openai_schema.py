@@ -12,8 +12,13 @@ The field policy (the table in docs/http-api.md): a field we implement is used; 
 OpenAI field that changes nothing here (`user`, `store`, `metadata`, `service_tier`, ...) is
 accepted and ignored; a documented field that would change the answer in a way we do not
 implement (audio output, `suffix`, `best_of` above `n`, ...) is a 400 naming it; any other field
-is a 400 `unknown_field` — at every level, a message's own fields included. A field sent as
-`null` counts as absent, as in OpenAI's API.
+is a 400 `unknown_field`, at the top level and in `stream_options`. Inside messages and content
+parts clients are sloppy (LiteLLM and Cline send `cache_control`, others replay an `id`): a field
+no dialect defines there is dropped and counted (`Parsed.ignored`, the gateway's
+`treechat:ignored_fields` metric). A field sent as `null` counts as absent, as in OpenAI's API.
+
+`one_request(core, stream)` is how another dialect (gateways/http/anthropic.py) ends: its body
+translated into one core request, validated like chat's.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-from broker.request import MAX_LOGPROBS, SEED_RANGE, BadRequest, Request
+from broker.request import (MAX_LOGPROBS, MESSAGE_FIELDS, ROLE_FIELDS, SEED_RANGE, BadRequest,
+                            Request)
 from gateways.http.errors import bad_request
 
 MAX_CHOICES = 16  # n
@@ -38,6 +44,7 @@ class Parsed:
     n: int = 1  # choices per prompt (prompt i's choices are requests[i * n:(i + 1) * n])
     echo: list[str | None] = field(default_factory=list)  # per choice: the prompt text to echo
     logprobs: bool = False  # the answer carries logprobs
+    ignored: int = 0  # fields inside messages and content parts that were dropped
 
 
 def _always(_v: Any) -> bool:
@@ -91,7 +98,7 @@ def parse_chat(body: Any) -> Parsed:
         body.pop("audio")  # audio settings without audio output change nothing
     _check_fields(body, CHAT_FIELDS, IGNORED_CHAT)
     core = {k: body[k] for k in PASSED if k in body}
-    core["messages"] = _messages(body.get("messages"))
+    core["messages"], ignored = _messages(body.get("messages"))
     limit = body.get("max_completion_tokens")
     if limit is not None:
         if "max_tokens" in core and core["max_tokens"] != limit:
@@ -121,7 +128,16 @@ def parse_chat(body: Any) -> Parsed:
     elif wants:
         core["logprobs"] = 0
     n = _choices(body)
-    return _finish(body, [core], n, [None], wants)
+    parsed = _finish(body, [core], n, [None], wants)
+    parsed.ignored = ignored
+    return parsed
+
+
+def one_request(core: dict, stream: bool, ignored: int = 0) -> Parsed:
+    """A core request another dialect translated its body into, validated as chat's are."""
+    parsed = _finish({"stream": stream}, [core], 1, [None], False)
+    parsed.ignored = ignored
+    return parsed
 
 
 def parse_completion(body: Any) -> Parsed:
@@ -198,12 +214,17 @@ def _choices(body: dict) -> int:
     return n
 
 
-def _messages(messages: Any) -> Any:
-    """Flatten OpenAI content parts ([{"type": "text", "text": ...}]) into one string."""
+def _messages(messages: Any) -> tuple[Any, int]:
+    """Flatten OpenAI content parts ([{"type": "text", "text": ...}]) into one string, and drop
+    the fields no dialect defines in a message or a part: (messages, how many were dropped)."""
     if not isinstance(messages, list):
-        return messages  # Request.validate names the problem
-    out = []
+        return messages, 0  # Request.validate names the problem
+    out, ignored = [], 0
     for i, m in enumerate(messages):
+        if isinstance(m, dict) and isinstance(m.get("role"), str):
+            known = MESSAGE_FIELDS | ROLE_FIELDS.get(m["role"], set())
+            ignored += len(m.keys() - known)
+            m = {k: v for k, v in m.items() if k in known}
         if isinstance(m, dict) and isinstance(m.get("content"), list):
             texts = []
             for j, part in enumerate(m["content"]):
@@ -213,10 +234,11 @@ def _messages(messages: Any) -> Any:
                 if kind != "text" or not isinstance(part.get("text"), str):
                     raise bad_request(f"messages[{i}].content[{j}]",
                                       "only text content parts are supported")
+                ignored += len(part) - 2  # cache_control, annotations, ...
                 texts.append(part["text"])
             m = {**m, "content": "\n".join(texts)}
         out.append(m)
-    return out
+    return out, ignored
 
 
 def _finish(body: dict, cores: list[dict], n: int, echo: list, logprobs: bool) -> Parsed:

@@ -10,6 +10,8 @@ StatusReply, Heartbeat in). Routes:
     GET  /static/...            the files of web/
     POST /v1/chat/completions   OpenAI chat completions, streamed (SSE) or whole  (completions.py)
     POST /v1/completions        OpenAI text completions                          (completions.py)
+    POST /v1/messages[/count_tokens]   Anthropic's Messages API                   (anthropic.py)
+    POST /tokenize, /detokenize vLLM's, with --tokenizer's tokenizer              (tokens.py)
     GET  /v1/models[/ID], /v1/tree   models served, one model, the live tree     (info.py)
     POST /arranca               the original JSON contract, XSRF-protected       (arranca.py)
     GET  /healthz (/health), /readyz, /metrics
@@ -42,12 +44,14 @@ import web
 from broker import security
 from broker.client import RootClient
 from broker.quiet import Quiet
+from gateways.http.anthropic import CountTokensHandler, MessagesHandler
 from gateways.http.arranca import ArrancaHandler
 from gateways.http.base import Gateway, GatewayConfig, NotFoundHandler
 from gateways.http.completions import ChatCompletionsHandler, CompletionsHandler
 from gateways.http.info import (HealthHandler, IndexHandler, MetricsHandler, ModelHandler,
                                 ModelsHandler, ReadyHandler, TreeHandler)
 from gateways.http.metrics import Metrics
+from gateways.http.tokens import DetokenizeHandler, TokenizeHandler, Tokenizer
 from gateways.http.treeview import TreeView
 from broker.errors import Fatal
 from treechat.tls import add_server_args, server_context
@@ -111,7 +115,7 @@ FULL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n
 
 def log_request(metrics: Metrics):
     """The access log (Tornado's `log_function`): every response counted by status, successes at
-    INFO, refusals rate-limited, 503/504 (overload, shutting down, deadlines) only counted."""
+    INFO, refusals rate-limited, 503/504/529 (overload, shutting down, deadlines) only counted."""
     quiet = Quiet(access_log)
 
     def log(handler: tornado.web.RequestHandler) -> None:
@@ -121,7 +125,7 @@ def log_request(metrics: Metrics):
         if status < 400:
             ms = 1000.0 * handler.request.request_time()
             access_log.info("%d %s %.2fms", status, summary, ms)
-        elif status in (503, 504):
+        elif status in (503, 504, 529):  # 529: Anthropic's "overloaded"
             access_log.debug("%d %s", status, summary)
         elif status < 500:
             quiet.warning(f"{status} responses", handler.request.remote_ip, "%d %s",
@@ -156,6 +160,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="let pages of ORIGIN (https://host[:port], or *) call the API: CORS "
                         "(repeatable; default none)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL",
+                   help="the tree's model (as a node's --model; 'default': the shipped one) whose "
+                        "tokenizer serves /tokenize and /detokenize (default: none, 501)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="the nodes' --chat-template, for /tokenize of chat messages")
     g = p.add_argument_group("connections")
     g.add_argument("--header-timeout", type=float, default=30.0,
                    help="seconds a connection may take to send a request's head; also how long "
@@ -193,7 +202,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 
 def make_app(client: RootClient, settings: GatewayConfig, metrics: Metrics | None = None,
-             tree: TreeView | None = None) -> tornado.web.Application:
+             tree: TreeView | None = None,
+             tokenizer: Tokenizer | None = None) -> tornado.web.Application:
     metrics = metrics or Metrics()
     tree = tree or TreeView(client, metrics, settings.status_every)
     gw = Gateway(client=client, cfg=settings, metrics=metrics, tree=tree)
@@ -207,6 +217,10 @@ def make_app(client: RootClient, settings: GatewayConfig, metrics: Metrics | Non
         (r"/metrics", MetricsHandler, a),
         (r"/v1/chat/completions", ChatCompletionsHandler, a),
         (r"/v1/completions", CompletionsHandler, a),
+        (r"/v1/messages", MessagesHandler, a),
+        (r"/v1/messages/count_tokens", CountTokensHandler, a),
+        (r"/tokenize", TokenizeHandler, {**a, "tokenizer": tokenizer}),
+        (r"/detokenize", DetokenizeHandler, {**a, "tokenizer": tokenizer}),
         (r"/v1/models", ModelsHandler, a),
         (r"/v1/models/(.+)", ModelHandler, a),
         (r"/v1/tree", TreeHandler, a),
@@ -233,7 +247,11 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
     if not await client.wait_connected(2.0):
         log.warning("no root answers at %s yet; serving anyway (/readyz says 503 until it does)",
                     args.root)
-    app = make_app(client, settings)
+    tokenizer = None
+    if args.tokenizer:
+        model = None if args.tokenizer == "default" else args.tokenizer
+        tokenizer = Tokenizer(model, args.chat_template)
+    app = make_app(client, settings, tokenizer=tokenizer)
     gw: Gateway = app.settings["gateway"]
     server = Server(app, max_body_size=settings.max_body * BODY_CAP,
                     idle_connection_timeout=args.header_timeout, body_timeout=args.body_timeout,

@@ -67,14 +67,20 @@ def fingerprint(model: str) -> str:
     return "fp_" + digest[:10]
 
 
-MARK = "\x00"  # stands for a delta's text in `delta_frame`
+MARK = "\x00"  # stands for a delta's text in a frame (`split`)
+
+
+def split(frame: bytes) -> tuple[bytes, bytes]:
+    """An event built around MARK as the last string in it (only nulls, numbers and closing
+    brackets follow it; hence rpartition): its bytes before and after that JSON string, so that
+    `head + orjson.dumps(text) + tail` is the event for `text`."""
+    head, _, tail = frame.rpartition(orjson.dumps(MARK))
+    return head, tail
 
 
 def delta_frame(shape, index: int) -> tuple[bytes, bytes]:
     """The SSE bytes of a delta chunk before and after the JSON string of its text."""
-    # The text is the last string of the chunk (only nulls follow it), hence rpartition.
-    head, _, tail = event(shape.chunk(MARK, index=index)).rpartition(orjson.dumps(MARK))
-    return head, tail
+    return split(event(shape.chunk(MARK, index=index)))
 
 
 class Shape:

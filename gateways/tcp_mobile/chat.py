@@ -409,9 +409,12 @@ def converse(chat, messages: list[dict], start: list[dict], params: dict, tty: b
     while True:
         try:
             line = read("you> " if tty else "")
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, KeyboardInterrupt) as e:
             if tty:
                 print()
+            if isinstance(e, KeyboardInterrupt):  # not silently: say what Ctrl-C does here
+                print("[Ctrl-C at the prompt quits, as Ctrl-D does; during an answer it cancels "
+                      "the answer]", file=sys.stderr)
             return 0
         if not line.strip():
             continue

@@ -75,12 +75,13 @@ class TcpConfig:
     auth_timeout: float = 10.0
     resume_window: float = 30.0
     drain: float = 30.0
+    backlog: int = 1024  # as the HTTP gateway's: a burst of 1000 clients all get their hello
     api_keys: frozenset[str] = frozenset()
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be 0..65535, not {self.port}")
-        for name in ("max_line", "max_inflight", "max_write_buffer"):
+        for name in ("max_line", "max_inflight", "max_write_buffer", "backlog"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("idle_timeout", "auth_timeout", "resume_window", "drain"):
@@ -116,6 +117,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "(0: cancel them at once)")
     parser.add_argument("--drain", type=float, default=d.drain,
                         help="seconds SIGTERM waits for running requests before cancelling them")
+    parser.add_argument("--backlog", type=int, default=d.backlog,
+                        help="connections the kernel queues before they are accepted (default "
+                             "1024; Tornado's own 128 left clients of a burst without a hello)")
     add_key_args(parser)
     add_server_args(parser)
     add_metrics_arg(parser)
@@ -378,7 +382,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event, ready) -> None:
     cfg = TcpConfig.from_args(args)
     tls = server_context(args.tls_cert, args.tls_key)  # bad files fail here, before anything runs
     try:
-        sockets = bind_sockets(cfg.port, cfg.host)
+        sockets = bind_sockets(cfg.port, cfg.host, backlog=cfg.backlog)
     except OSError as e:
         raise Fatal(f"the TCP gateway cannot listen on {cfg.host}:{cfg.port}: {e}") from None
     port = sockets[0].getsockname()[1]

@@ -5,7 +5,9 @@ start with "{"): that line is then the first prompt. From then on each line is a
 conversation (the connection keeps the history, so follow-ups have context). The answer streams
 back as plain UTF-8 text and ends with an empty line. So that an empty line can only mean "end of
 answer", a blank line inside an answer is sent as a line holding one space. Errors are one line
-`[error CODE: message]`, then the empty line. Lines typed while an answer streams wait their turn.
+`[error CODE: message]`, then the empty line. An empty line gets a hint (`HINT`), then the empty
+line, so a person pressing Enter sees the connection is alive. Lines typed while an answer streams
+wait their turn.
 A dropped connection cancels the running answer at once (text mode does not resume).
 
 API keys: a gateway with keys wants the first line to be `TEXT KEY`. Until a line like that
@@ -22,6 +24,7 @@ from gateways.tcp_mobile.lines import TOO_LONG
 from gateways.tcp_mobile.protocol import Code
 
 SWITCH = re.compile(rb"\s*TEXT(?:[ \t]+(\S+))?\s*", re.I)  # TEXT, or TEXT KEY
+HINT = "[type a message and press Enter; close the connection (Ctrl-C, Ctrl-D) to quit]"
 
 
 class TextChat:
@@ -42,6 +45,9 @@ class TextChat:
                                     f"a line may hold at most {self.conn.cfg.max_line} bytes")
             elif raw is not None and raw.strip():
                 await self.answer(raw)
+            elif raw is not None:
+                self.write(HINT + "\n")
+                self.end()
             raw = await self.conn.reader.read_line()
 
     async def log_in(self, raw) -> bytes | None:

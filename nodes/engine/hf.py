@@ -216,17 +216,14 @@ class HFEngine(Engine):
         tokenizer has none, its family's built-in one (templates.py), said once in the log. The
         end-of-turn tokens of the template in use (Gemma's <end_of_turn>, ChatML's <|im_end|>,
         ...) stop generation like EOS: a file's EOS is often another token."""
-        chosen = Path(self.config.chat_template).read_text() if self.config.chat_template else None
-        if chosen is None and not self.tokenizer.chat_template:
-            picked = templates.pick(config, self.tokenizer)
-            if picked is None:
-                log.warning("%s has no chat template and no built-in one fits it: chat requests "
-                            "need --chat-template FILE (plain prompts work)", self.model)
-            else:
-                family, why = picked
-                chosen = family.template
-                log.info("chat template: %s has none; using the built-in %s template (%s); %s "
-                         "ends a turn", self.model, family.name, why, family.end)
+        chosen, picked = templates.choose(self.config.chat_template, config, self.tokenizer)
+        if picked is not None:
+            family, why = picked
+            log.info("chat template: %s has none; using the built-in %s template (%s); %s "
+                     "ends a turn", self.model, family.name, why, family.end)
+        elif chosen is None and not self.tokenizer.chat_template:
+            log.warning("%s has no chat template and no built-in one fits it: chat requests "
+                        "need --chat-template FILE (plain prompts work)", self.model)
         self.eos_ids = self.eos_ids | templates.end_ids(chosen or self.tokenizer.chat_template,
                                                         self.tokenizer)
         return chosen

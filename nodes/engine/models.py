@@ -65,6 +65,16 @@ def default_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
 
 
+def gguf_file(model: str | None) -> tuple[Path, str] | None:
+    """The GGUF file `model` names (None: the default model's) and the name its folders in the
+    cache go by (the default model's name, else the file's stem and size: two files, two
+    folders); None for a folder or a Hub name."""
+    path = default_gguf() if model is None else Path(model).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        return None
+    return path, DEFAULT_MODEL if model is None else f"{path.stem}-{path.stat().st_size}"
+
+
 def resolve(model: str | None) -> str:
     """A name or folder transformers can load as is (None = the default model), converting
     GGUF once: for what needs transformers' own model (tests' references, `transformers serve`)."""
@@ -202,10 +212,10 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
         if families.unsupported(config) is None:
             source = weights.RandomSource(llama.Shape.of(config), dev)
     else:
-        gguf = default_gguf() if model is None else Path(model).expanduser()
-        if gguf.suffix == ".gguf" and gguf.is_file():
-            folder = meta_folder(gguf, DEFAULT_MODEL if model is None else
-                                 f"{gguf.stem}-{gguf.stat().st_size}")  # two files, two folders
+        found = gguf_file(model)
+        if found is not None:
+            gguf, cached = found
+            folder = meta_folder(gguf, cached)
             config = AutoConfig.from_pretrained(folder)
             why = families.unsupported(config)
             if why is None:
@@ -214,7 +224,7 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
             else:
                 log.warning("%s: %s, so it runs on transformers' own forward, the slow path "
                             "(its weights converted once to float32)", gguf.name, why)
-                folder = convert_gguf(gguf, f"{gguf.stem}-{gguf.stat().st_size}")
+                folder = convert_gguf(gguf, cached)
         else:
             folder = local_folder(model)
             config = AutoConfig.from_pretrained(folder)

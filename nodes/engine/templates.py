@@ -22,6 +22,9 @@ ChatML renders them itself (Qwen 2.5's and Qwen 3's trained format, the same con
 others never name them and so take the written-out path. Every role the API accepts renders:
 developer as system, tool (written out) as user.
 
+`choose` is the engine's whole choice (a --chat-template file, else the tokenizer's own, else
+`pick`'s), which the HTTP gateway's /tokenize makes too (gateways/http/tokens.py).
+
 `end_ids` gives the end-of-turn tokens a template writes (Gemma's <end_of_turn>, ChatML's
 <|im_end|>, ...): they stop generation like EOS, or a model whose EOS is another token talks on
 past its turn (llama.cpp treats them the same way).
@@ -30,6 +33,7 @@ past its turn (llama.cpp treats them the same way).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,18 @@ def pick(config, tokenizer) -> tuple[Family, str] | None:
     if typed("llama"):
         return LLAMA2, f"model_type {kind} without Llama 3's or ChatML's turn markers"
     return None
+
+
+def choose(file: str | None, config, tokenizer) -> tuple[str | None, tuple[Family, str] | None]:
+    """(the chat template a model runs with, `pick`'s (family, why) when it came from there):
+    --chat-template's `file`; else None, which means the tokenizer's own; else, when the
+    tokenizer has none, its family's built-in one (None still when no family fits)."""
+    if file:
+        return Path(file).read_text(), None
+    if tokenizer.chat_template:
+        return None, None
+    picked = pick(config, tokenizer)
+    return (picked[0].template if picked else None), picked
 
 
 def end_ids(template, tokenizer) -> frozenset[int]:
