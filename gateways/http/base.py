@@ -33,7 +33,7 @@ log = logging.getLogger("treechat.http")
 
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to echo
 ORIGIN = re.compile(r"^https?://[^/\s]+$")
-CORS_METHODS = "GET, POST, OPTIONS"
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-XSRFToken"
 
 
@@ -155,7 +155,11 @@ class BaseHandler(tornado.web.RequestHandler):
         if header:
             self.set_header("Retry-After", header)
         self.set_header("Content-Type", "application/json")
-        self.finish(orjson.dumps(exc.body()))
+        self.finish(orjson.dumps(self.error_body(exc)))
+
+    def error_body(self, error: ApiError) -> dict:
+        """An error as this endpoint's dialect shows it (OpenAI's envelope here)."""
+        return error.body()
 
 
 class ApiHandler(BaseHandler):

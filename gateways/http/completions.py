@@ -25,18 +25,25 @@ class CompletionsHandler(RelayHandler):
     """POST /v1/completions."""
 
     shape_class = sse.CompletionShape
+    choice_class = Choice
+    keepalive = sse.KEEPALIVE  # sent while nothing arrives (b"": a dialect without comments)
+    stream_end = sse.DONE
 
     def parse(self, body) -> Parsed:
         return parse_completion(body)
 
     async def post(self) -> None:
-        parsed = self.parse(self.read_json())
+        await self.relay(self.parse(self.read_json()))
+
+    async def relay(self, parsed: Parsed) -> None:
+        """Run a parsed request in the tree and answer it, streamed or whole. Another dialect's
+        handler (responses.py, ollama.py) parses its own body into a `Parsed` and comes here."""
         model, route = await resolve_model(self.gw.tree, parsed.model, self.gw.cfg.served_names)
         for request in parsed.requests:
             if route is not None:
                 request["model"] = route  # a --served-model-name runs on the tree's model
         shape = self.shape_class(model)
-        choices = [Choice(i, shape, r, parsed.echo[i], parsed.logprobs)
+        choices = [self.choice_class(i, shape, r, parsed.echo[i], parsed.logprobs)
                    for i, r in enumerate(parsed.requests)]
         await self.open_streams(parsed.requests, parsed.timeout)
         if parsed.stream:
@@ -44,8 +51,11 @@ class CompletionsHandler(RelayHandler):
         else:
             await self.collect(choices)
             if not self.client_gone:
-                self.write_json(shape.whole([c.whole() for c in choices],
-                                            *usage(choices, parsed.n)))
+                await self.respond(shape, choices, parsed)
+
+    async def respond(self, shape, choices: list[Choice], parsed: Parsed) -> None:
+        """The whole answer, once every choice ended."""
+        self.write_json(shape.whole([c.whole() for c in choices], *usage(choices, parsed.n)))
 
     async def collect(self, choices: list[Choice]) -> None:
         """Every choice's whole answer; an "error" event raises ApiError."""
@@ -72,7 +82,7 @@ class CompletionsHandler(RelayHandler):
                 self.open_sse(choices)
                 started = True
             if got is None:
-                self.write(sse.KEEPALIVE)
+                self.write(self.keepalive)
                 await self.send()
                 continue
             index, ev = got
@@ -88,22 +98,33 @@ class CompletionsHandler(RelayHandler):
                 self.write(b"".join(choices[index].done(ev)))
             elif ev.kind == "error":
                 self.cancel_all()
-                self.write(sse.event(self.failed(ev, max(index, 0)).body()))
+                self.write(self.error_event(self.failed(ev, max(index, 0)), choices))
                 break
         else:
-            if parsed.include_usage:
-                self.write(sse.event(shape.usage_chunk(*usage(choices, parsed.n))))
+            self.write(await self.tail(shape, choices, parsed))
         if not self.client_gone:
-            self.write(sse.DONE)
+            self.write(self.stream_end)
             await self.send()
+
+    def error_event(self, error, choices: list[Choice]) -> bytes:
+        """An error after the stream started: OpenAI's error object as one more event."""
+        return sse.event(error.body())
+
+    async def tail(self, shape, choices: list[Choice], parsed: Parsed) -> bytes:
+        """What a stream sends after every choice ended well: the usage chunk when asked."""
+        if not parsed.include_usage:
+            return b""
+        return sse.event(shape.usage_chunk(*usage(choices, parsed.n)))
 
     def idle(self) -> bool:
         queue = self.merged if self.merged is not None else self.stream.queue
         return queue.empty()
 
+    content_type = "text/event-stream; charset=utf-8"
+
     def open_sse(self, choices: list[Choice]) -> None:
         """Commit to 200 and SSE: at the first delta, or when the first keep-alive is due."""
-        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Content-Type", self.content_type)
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")  # tell proxies not to buffer the stream
         self.write(b"".join(e for c in choices for e in c.opening()))
