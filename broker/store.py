@@ -75,6 +75,7 @@ class Store:
 
     def _load(self) -> None:
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             text = self.path.read_bytes()
         except FileNotFoundError:
             return
@@ -113,7 +114,6 @@ class Store:
         """The live entries only, written beside the file and renamed over it (never half)."""
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 for key, (at, value) in self.items.items():
                     f.write(orjson.dumps({"k": key, "t": at, "v": value}) + b"\n")

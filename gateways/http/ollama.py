@@ -47,7 +47,8 @@ LOAD_OPTIONS = {"num_keep", "num_batch", "num_gpu", "main_gpu", "low_vram", "voc
 # options that change the answer unless at their neutral value, which we accept
 NEUTRAL = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0}
 MIROSTAT = {"mirostat_tau", "mirostat_eta"}  # only read with mirostat on
-COMMON = {"model", "format", "options", "stream", "keep_alive", "think", "images"}
+COMMON = {"model", "format", "options", "stream", "keep_alive", "think", "images", "logprobs",
+          "top_logprobs"}
 CHAT_FIELDS = COMMON | {"messages", "tools"}
 GENERATE_FIELDS = COMMON | {"prompt", "suffix", "system", "template", "raw", "context"}
 
@@ -66,6 +67,10 @@ def common(body: Any, known: set[str]) -> tuple[dict, dict]:
         raise bad_request("images", "images are not supported: this model reads text only")
     if body.get("think") not in (None, False):
         raise bad_request("think", f"\"{body['model']}\" does not support thinking")
+    for name in ("logprobs", "top_logprobs"):
+        if body.get(name):
+            raise bad_request(name, f"'{name}' is not supported by this server's Ollama API "
+                                    "(/v1/chat/completions has logprobs)")
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
         raise bad_request("stream", "'stream' must be true or false")
