@@ -5,6 +5,8 @@ that starts, one after another, on free 127.0.0.1 ports:
 
     bare tornado     `python -m bench.bare tornado`: a minimal Tornado SSE handler, no tree
     http+root+node   `treechat up --engine fake --fake-delay 0 --nodes 1`, through the HTTP gateway
+                     (chat completions, then the same tree through /v1/responses and Ollama's
+                     /api/chat: what each dialect's translation costs, `bench.dialects`)
     root+node        the same tree through `broker.client.RootClient` (no gateway)
     root+3 levels    root -> node-1 (no engine) -> node-2 (no engine) -> node-3 (fake): every
                      request crosses three tree levels before it runs
@@ -31,6 +33,7 @@ from bench import report
 from bench.clients import RootTarget
 from bench.http_client import HTTPTarget
 from bench.compare import Up, tree_alive
+from bench.dialects import OllamaTarget, ResponsesTarget
 from bench.metrics import Record, summarize
 from bench.procs import Child
 from bench.run import run
@@ -113,6 +116,10 @@ async def study(args, c: int) -> list[dict]:
                   via="http") as up:
         runs.append(await measure("http gateway+root+node", HTTPTarget(up.base_url, ignore_eos=True),
                                   items, warmup, c))
+        for label, dialect in (("http /v1/responses", ResponsesTarget),
+                               ("http /api/chat (Ollama)", OllamaTarget)):
+            runs.append(await measure(label, dialect(up.base_url, ignore_eos=True), items,
+                                      warmup, c))
         runs.append(await measure("root+node (RootClient)", RootTarget(up.root, ignore_eos=True),
                                   items, warmup, c))
     root, procs = await chain(fake + ["--grace", "2"])

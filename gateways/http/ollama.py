@@ -39,7 +39,8 @@ from gateways.http.treeview import resolve_model
 # options -> our field (same meaning, same value)
 OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
            "seed": "seed", "stop": "stop", "repeat_penalty": "repetition_penalty",
-           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+           "ignore_eos": "ignore_eos"}  # the last: treechat's own (benchmarks)
 # options that only say how to load or run the model: nothing to do here
 LOAD_OPTIONS = {"num_keep", "num_batch", "num_gpu", "main_gpu", "low_vram", "vocab_only",
                 "use_mmap", "use_mlock", "num_thread", "numa", "f16_kv", "logits_all",
