@@ -187,6 +187,17 @@ def test_hang_up_cancels_the_request(fake):
     assert after == before + 1
 
 
+def test_an_error_mid_stream_is_one_more_line(cluster):
+    tree = cluster.tree(["node-1"])
+    _, url, _ = gateway(cluster, tree.root, "--request-timeout", "0.5")
+    r = requests.post(f"{url}/api/chat", timeout=30, json={
+        "model": "fake", "messages": [{"role": "user", "content": "story " * 2000}]})
+    assert r.status_code == 200
+    lines = [json.loads(ln) for ln in r.text.splitlines()]
+    assert lines[0]["done"] is False and set(lines[-1]) == {"error"}
+    assert "deadline" in lines[-1]["error"] or "time" in lines[-1]["error"]
+
+
 def test_a_full_tree_is_503(cluster):
     tree = cluster.tree(["node-1"], "--max-slots", "1", root_args=("--max-queue", "0"))
     _, url, port = gateway(cluster, tree.root)

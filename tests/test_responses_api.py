@@ -205,6 +205,17 @@ def test_hang_up_cancels_the_request(fake):
     assert after == before + 1
 
 
+def test_an_error_mid_stream_is_response_failed(fake):
+    r = requests.post(f"{fake.http}/v1/responses", timeout=30, json={
+        "input": "on and on", "ignore_eos": True, "max_output_tokens": 100_000, "timeout": 0.3,
+        "stream": True})
+    assert r.status_code == 200
+    last = [json.loads(ln[len("data: "):]) for ln in r.text.splitlines()
+            if ln.startswith("data: ")][-1]
+    assert last["type"] == "response.failed" and last["response"]["status"] == "failed"
+    assert last["response"]["error"]["code"] == "timeout"
+
+
 def test_a_full_tree_is_503(cluster):
     tree = cluster.tree(["node-1"], "--max-slots", "1", root_args=("--max-queue", "0"))
     _, url, port = gateway(cluster, tree.root)
