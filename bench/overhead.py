@@ -5,8 +5,9 @@ that starts, one after another, on free 127.0.0.1 ports:
 
     bare tornado     `python -m bench.bare tornado`: a minimal Tornado SSE handler, no tree
     http+root+node   `treechat up --engine fake --fake-delay 0 --nodes 1`, through the HTTP gateway
-    http /v1/messages  the same, through Anthropic's dialect (a translation into the chat path),
-                     the same workload (ignore_eos: treechat's extension on both dialects)
+                     (chat completions, then the same tree through /v1/messages, /v1/responses
+                     and Ollama's /api/chat, the same workload with `ignore_eos`: what each
+                     dialect's translation costs; `bench.http_client`, `bench.dialects`)
     root+node        the same tree through `broker.client.RootClient` (no gateway)
     root+3 levels    root -> node-1 (no engine) -> node-2 (no engine) -> node-3 (fake): every
                      request crosses three tree levels before it runs
@@ -33,6 +34,7 @@ from bench import report
 from bench.clients import RootTarget
 from bench.http_client import HTTPTarget, MessagesTarget
 from bench.compare import Up, tree_alive
+from bench.dialects import OllamaTarget, ResponsesTarget
 from bench.metrics import Record, summarize
 from bench.procs import Child
 from bench.run import run
@@ -117,6 +119,10 @@ async def study(args, c: int) -> list[dict]:
                                   items, warmup, c))
         runs.append(await measure("http /v1/messages+root+node",
                                   MessagesTarget(up.base_url, ignore_eos=True), items, warmup, c))
+        for label, dialect in (("http /v1/responses", ResponsesTarget),
+                               ("http /api/chat (Ollama)", OllamaTarget)):
+            runs.append(await measure(label, dialect(up.base_url, ignore_eos=True), items,
+                                      warmup, c))
         runs.append(await measure("root+node (RootClient)", RootTarget(up.root, ignore_eos=True),
                                   items, warmup, c))
     root, procs = await chain(fake + ["--grace", "2"])

@@ -198,6 +198,17 @@ class RootClient:
         finally:
             self._queries.pop(ref, None)
 
+    async def keep(self, op: str, key: str, value: dict | None = None,
+                   timeout: float = 3.0) -> tuple[bool, dict | None]:
+        """The root's store of kept responses (broker/store.py): op "put", "get" or "delete";
+        (whether the key was there, its value for "get")."""
+        ref = next(self.refs)
+        fut = self._queries[ref] = asyncio.get_running_loop().create_future()
+        try:
+            return await self._ask(p.Keep(ref=ref, op=op, key=key, value=value), fut, timeout)
+        finally:
+            self._queries.pop(ref, None)
+
     async def lookup(self, name: str | None = None, timeout: float = 3.0) -> list[dict]:
         self._found = asyncio.get_running_loop().create_future()
         return await self._ask(p.Lookup(name=name), self._found, timeout)
@@ -264,6 +275,10 @@ class RootClient:
             fut = self._queries.get(msg.ref)
             if fut is not None and not fut.done():
                 fut.set_result(msg.tree)
+        elif isinstance(msg, p.Kept):
+            fut = self._queries.get(msg.ref)
+            if fut is not None and not fut.done():
+                fut.set_result((msg.found, msg.value))
         elif isinstance(msg, p.Found):
             if self._found is not None and not self._found.done():
                 self._found.set_result(msg.entries)

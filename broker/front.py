@@ -1,8 +1,8 @@
 """The root's gateway side: the front socket (part of `broker.root.Root`).
 
-    gateway -> root:  Hello, Heartbeat, Submit, Cancel, StatusQuery, Lookup, Bye
+    gateway -> root:  Hello, Heartbeat, Submit, Cancel, StatusQuery, Lookup, Keep, Bye
     root -> gateway:  Heartbeat, Deltas (one per gateway per loop turn), Done, Error, StatusReply,
-                      Found, Reregister
+                      Found, Kept, Reregister
 
 A gateway is known from its first message. It is lost when its connection closes (the socket's
 monitor sees the close, a probe finds which one), when it stops beating, or when it says Bye; its
@@ -59,6 +59,8 @@ class Front:
             self.front.send(p.StatusReply(ref=msg.ref, tree=self.status()), ident)
         elif isinstance(msg, p.Lookup):
             self.front.send(p.Found(entries=self.registry.lookup(msg.name)), ident)
+        elif isinstance(msg, p.Keep):
+            self.front.send(self.keep(msg), ident)
         elif isinstance(msg, p.Bye):
             self.lose_gateway(gw, "left")
         elif not isinstance(msg, p.Heartbeat):
@@ -99,6 +101,16 @@ class Front:
         if self.queue or not self.dispatch(req):
             self.queue.append(req)
             self.pump()
+
+    def keep(self, msg: p.Keep) -> p.Kept:
+        """The store of kept responses (broker/store.py); asking twice is harmless."""
+        if msg.op == "put" and msg.value is not None:
+            self.store.put(msg.key, msg.value)
+            return p.Kept(ref=msg.ref, found=True)
+        if msg.op == "delete":
+            return p.Kept(ref=msg.ref, found=self.store.delete(msg.key))
+        value = self.store.get(msg.key) if msg.op == "get" else None
+        return p.Kept(ref=msg.ref, found=value is not None, value=value)
 
     def cancel_ref(self, gateway: bytes, ref: int) -> None:
         req = self.table.by_ref.get((gateway, ref))

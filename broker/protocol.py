@@ -14,9 +14,10 @@ fields are ignored so a newer peer can append fields; fields are only ever appen
 Who sends what (`rid` is the root's id of one dispatch; a re-dispatch gets a new one, so a late
 result from a node declared dead matches nothing and is dropped; `ref` is the gateway's own id):
 
-    gateway -> root (front):  Hello, Heartbeat, Submit (or resubmit), Cancel, StatusQuery, Bye
+    gateway -> root (front):  Hello, Heartbeat, Submit (or resubmit), Cancel, StatusQuery, Keep,
+                              Bye
     root -> gateway:          Heartbeat, Deltas (admissions, deltas, finishes), Done, Error,
-                              StatusReply, Reregister
+                              StatusReply, Kept, Reregister
     parent -> child (tree):   Heartbeat, Dispatch
     child -> parent:          Heartbeat (the child's registered incarnation, its subtree Load)
     node -> root (results):   Register, Lookup, Heartbeat (with the rids it holds), Acks, Tokens,
@@ -283,6 +284,25 @@ class StatusReply:
     """Root -> asker: the live tree, as `/v1/tree` shows it."""
     ref: int
     tree: dict
+
+
+@message(b"K")
+class Keep:
+    """Gateway -> root: the root's store of kept responses (broker/store.py). `op` "put" keeps
+    `value` under `key`, "get" asks for it, "delete" drops it; the root answers with Kept."""
+    ref: int
+    op: str
+    key: str
+    value: dict | None = None
+
+
+@message(b"V")
+class Kept:
+    """Root -> gateway: the answer to Keep `ref`: the value ("get"; null when there is none, or it
+    expired) and whether the key was there ("get", "delete"; true for "put")."""
+    ref: int
+    found: bool
+    value: dict | None = None
 
 
 @message(b"y")

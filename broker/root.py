@@ -34,6 +34,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import zmq
 
@@ -46,6 +47,7 @@ from broker.quiet import Quiet
 from broker.registry import Registry
 from broker.routing import POLICIES, Children
 from broker.sockets import Channel, bind, make_socket
+from broker.store import Store
 
 log = logging.getLogger("treechat.root")
 
@@ -70,6 +72,9 @@ class RootConfig:
     curve: str | None = None  # a `treechat keys` folder: encrypt and authenticate every socket
     deadline: float = 600.0  # seconds a request may take unless it sets its own timeout; 0: none
     insecure: bool = False  # allow listening on a non-loopback address without keys
+    state_dir: str | None = None  # kept responses persist here (None: in memory, as long as we run)
+    store_max: int = 10_000  # kept responses at most (the oldest go first)
+    store_max_age: float = 30 * 86400.0  # seconds a kept response lives (OpenAI keeps 30 days)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -88,6 +93,8 @@ class RootConfig:
                                             and self.ldap_password_file):
             raise ValueError("--registry ldap needs --ldap-url, --ldap-bind-dn and "
                              "--ldap-password-file")
+        if self.store_max < 1 or self.store_max_age <= 0:
+            raise ValueError("--store-max and --store-max-age must be positive")
         security.require_keys(self.host, bool(self.curve), self.insecure,
                               "CurveZMQ keys (--curve DIR)")
 
@@ -109,6 +116,8 @@ class Root(Front, NodeSide):
         self.epoch = secrets.randbits(24) + 1  # tells peers a restarted root from the old one
         self.next_request_id = 0
         self.registry = Registry(cfg.dead_after)
+        path = Path(cfg.state_dir, f"responses-{cfg.port}.jsonl") if cfg.state_dir else None
+        self.store = Store(cfg.store_max, cfg.store_max_age, path)
         self.children = Children(cfg.policy)
         self.table = Table()
         self.queue: deque[InFlight] = deque()

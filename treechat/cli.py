@@ -40,6 +40,14 @@ def add_root_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline", type=float, default=600.0,
                    help="seconds every request may take before it fails with `timeout`, unless "
                         "it sets its own timeout (default 600; 0: none)")
+    g = p.add_argument_group("kept responses (POST /v1/responses with store)")
+    g.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="keep stored responses in DIR/responses-PORT.jsonl across restarts "
+                        "(default: in the root's memory while it runs)")
+    g.add_argument("--store-max", type=int, default=10_000,
+                   help="stored responses kept at most; the oldest go first (default 10000)")
+    g.add_argument("--store-max-age", type=float, default=30.0, metavar="DAYS",
+                   help="days a stored response is kept (default 30)")
     g = p.add_argument_group("registry")
     g.add_argument("--registry", choices=("builtin", "ldap"), default="builtin",
                    help="builtin (in the root) or ldap (also written to an LDAP directory)")
@@ -96,7 +104,9 @@ def cmd_root(args) -> int:
                      heartbeat=args.heartbeat, grace=args.grace, registry=args.registry,
                      ldap_url=args.ldap_url, ldap_base=args.ldap_base,
                      ldap_bind_dn=args.ldap_bind_dn, ldap_password_file=args.ldap_password_file,
-                     curve=args.curve, deadline=args.deadline, insecure=args.insecure)
+                     curve=args.curve, deadline=args.deadline, insecure=args.insecure,
+                     state_dir=args.state_dir, store_max=args.store_max,
+                     store_max_age=args.store_max_age * 86400.0)
     return serve(lambda stop, ready: Root(cfg).run(stop, ready))
 
 

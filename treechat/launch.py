@@ -110,7 +110,10 @@ class Launcher:
         curve = (["--curve", keys] if keys else []) + (["--insecure"] if a.insecure else [])
         common = ["--heartbeat", str(a.heartbeat), "--grace", str(a.grace), "--policy", a.policy,
                   "--log-level", a.log_level] + curve
-        registry = ["--registry", a.registry]
+        registry = ["--registry", a.registry, "--store-max", str(a.store_max),
+                    "--store-max-age", str(a.store_max_age)]
+        if a.state_dir is not None:
+            registry += ["--state-dir", a.state_dir]
         for flag in ("ldap_url", "ldap_base", "ldap_bind_dn", "ldap_password_file"):
             if getattr(a, flag) is not None:
                 registry += ["--" + flag.replace("_", "-"), getattr(a, flag)]

@@ -76,21 +76,25 @@ class Choice(Answer):
         entries = ev.logprobs if self.logprobs else None
         if self.tools is not None:
             text, calls = self.tools.feed(ev.text)
-            return self._events(text, calls, entries)
+            return self.render(text, calls, entries)
         self.parts.append(ev.text)
-        return self._events(ev.text, [], entries)
+        return self.render(ev.text, [], entries)
 
     def done(self, ev: Event) -> list[bytes]:
         """The events that end this choice: what tool parsing held back, then finish_reason."""
         self.finish(ev)
         out = []
         if self.tools is not None:
-            out = self._events(*self.tools.finish(), None)
+            out = self.render(*self.tools.finish(), None)
             if self.tools.calls and self.reason == "stop":
                 self.reason = "tool_calls"
-        return out + [sse.event(self.shape.closing(self.reason, self.index))]
+        return out + self.closing()
 
-    def _events(self, text: str, calls: list[dict], entries: list | None) -> list[bytes]:
+    def closing(self) -> list[bytes]:
+        """The last event of this choice, which carries its finish_reason."""
+        return [sse.event(self.shape.closing(self.reason, self.index))]
+
+    def render(self, text: str, calls: list[dict], entries: list | None) -> list[bytes]:
         out = []
         if calls and text:
             out.append(sse.event(self.shape.chunk(text, index=self.index)))

@@ -263,10 +263,10 @@ class MessagesHandler(ChatCompletionsHandler):
     def whole(self, answers: list[Message], parsed: Parsed) -> dict:
         return answers[0].whole()
 
-    def ending(self, answers: list[Message], parsed: Parsed, completed: bool) -> bytes:
+    async def ending(self, answers: list[Message], parsed: Parsed, completed: bool) -> bytes:
         return b""  # message_stop (or the error event) already ended it
 
-    def error_event(self, error: ApiError) -> bytes:
+    def error_event(self, error: ApiError, answers: list[Message]) -> bytes:
         return sse_event("error", error_body(error))
 
     def error_body(self, exc: ApiError) -> dict:

@@ -33,7 +33,7 @@ log = logging.getLogger("treechat.http")
 
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to echo
 ORIGIN = re.compile(r"^https?://[^/\s]+$")
-CORS_METHODS = "GET, POST, OPTIONS"
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-XSRFToken, X-Api-Key, Anthropic-Version"
 
 

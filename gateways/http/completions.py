@@ -11,10 +11,11 @@ coalesced into one flush), `: keep-alive` comments every `--keepalive` seconds w
 arrives (queue, prefill), each choice's closing chunk with its `finish_reason`, the usage chunk
 when asked, and `data: [DONE]`. What each chunk holds is `gateways.http.answers.Choice`'s work.
 
-Another dialect (gateways/http/anthropic.py) is a subclass: its own `parse` into the same
-`Parsed`, its own answer objects (with Choice's methods: opening, delta, done, add, finish,
-whole), and its own `whole`, `ending`, `error_event` and `keepalive`; the relay, the stream loop,
-the metrics and cancel-on-disconnect stay these.
+Every other dialect (anthropic.py, responses.py, ollama.py) is a subclass: its own body parsed
+into the same `Parsed`, then `relay`; its own answer objects (`answers`, or just `choice_class`:
+Choice's methods opening, delta, done, add, finish, whole), and where it differs its own
+`respond` (a whole answer), `ending` (what ends a stream), `error_event`, `keepalive` and
+`content_type`. The relay, the stream loop, the metrics and cancel-on-disconnect stay these.
 """
 
 from __future__ import annotations
@@ -31,30 +32,40 @@ class CompletionsHandler(RelayHandler):
     """POST /v1/completions."""
 
     shape_class = sse.CompletionShape
-    keepalive = sse.KEEPALIVE  # what a quiet stream sends every --keepalive seconds
+    choice_class = Choice
+    keepalive = sse.KEEPALIVE  # what a quiet stream sends every --keepalive seconds (b"": none)
+    content_type = "text/event-stream; charset=utf-8"
 
     def parse(self, body) -> Parsed:
         return parse_completion(body)
 
     def answers(self, parsed: Parsed, model: str) -> list:
         shape = self.shape_class(model)
-        return [Choice(i, shape, r, parsed.echo[i], parsed.logprobs)
+        return [self.choice_class(i, shape, r, parsed.echo[i], parsed.logprobs)
                 for i, r in enumerate(parsed.requests)]
+
+    async def respond(self, answers: list, parsed: Parsed) -> None:
+        """The whole answer, once every choice ended."""
+        self.write_json(self.whole(answers, parsed))
 
     def whole(self, answers: list, parsed: Parsed) -> dict:
         return answers[0].shape.whole([c.whole() for c in answers], *usage(answers, parsed.n))
 
-    def ending(self, answers: list, parsed: Parsed, completed: bool) -> bytes:
+    async def ending(self, answers: list, parsed: Parsed, completed: bool) -> bytes:
         """What ends a stream: the usage chunk (when asked and every choice ended), [DONE]."""
         if completed and parsed.include_usage:
             return sse.event(answers[0].shape.usage_chunk(*usage(answers, parsed.n))) + sse.DONE
         return sse.DONE
 
-    def error_event(self, error: ApiError) -> bytes:
+    def error_event(self, error: ApiError, answers: list) -> bytes:
+        """An error after the stream started: OpenAI's error object as one more event."""
         return sse.event(error.body())
 
     async def post(self) -> None:
-        parsed = self.parse(self.read_json())
+        await self.relay(self.parse(self.read_json()))
+
+    async def relay(self, parsed: Parsed) -> None:
+        """Run a parsed request in the tree and answer it, streamed or whole."""
         if parsed.ignored:
             self.gw.metrics.ignored_fields.inc(parsed.ignored)
         answers = self.answers(parsed, await self.route(parsed))
@@ -64,7 +75,7 @@ class CompletionsHandler(RelayHandler):
         else:
             await self.collect(answers)
             if not self.client_gone:
-                self.write_json(self.whole(answers, parsed))
+                await self.respond(answers, parsed)
 
     async def route(self, parsed: Parsed) -> str:
         """The model's name as the client asked for it (404/503 when no node serves it)."""
@@ -115,12 +126,13 @@ class CompletionsHandler(RelayHandler):
                 self.write(b"".join(answers[index].done(ev)))
             elif ev.kind == "error":
                 self.cancel_all()
-                self.write(self.error_event(self.failed(ev, max(index, 0))))
+                self.write(self.error_event(self.failed(ev, max(index, 0)), answers))
                 break
         else:
             completed = True
+        end = await self.ending(answers, parsed, completed)  # a dialect may store the answer
         if not self.client_gone:
-            self.write(self.ending(answers, parsed, completed))
+            self.write(end)
             await self.send()
 
     def idle(self) -> bool:
@@ -129,7 +141,7 @@ class CompletionsHandler(RelayHandler):
 
     def open_sse(self, answers: list) -> None:
         """Commit to 200 and SSE: at the first delta, or when the first keep-alive is due."""
-        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Content-Type", self.content_type)
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")  # tell proxies not to buffer the stream
         self.write(b"".join(e for a in answers for e in a.opening()))

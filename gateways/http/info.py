@@ -1,6 +1,7 @@
 """The small GET endpoints: the page, health, readiness, models, the live tree, metrics.
 
-    GET /          web/index.html (sets the `_xsrf` cookie the page echoes in X-XSRFToken)
+    GET /          web/index.html (sets the `_xsrf` cookie the page echoes in X-XSRFToken);
+                   HEAD / 200 (Ollama's clients probe it)
     GET /healthz   200 while the process runs                               (public)
     GET /readyz    200 when the root answers and an alive node has an engine (public)
     GET /metrics   Prometheus text format                                  (public)
@@ -37,6 +38,11 @@ class IndexHandler(BaseHandler):
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.finish(page)
+
+    def head(self) -> None:
+        """Ollama's clients probe a server with `HEAD /`: it is up."""
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish()
 
 
 class HealthHandler(BaseHandler):

@@ -14,6 +14,8 @@ StatusReply, Heartbeat in). Routes:
     POST /tokenize, /detokenize vLLM's, with --tokenizer's tokenizer              (tokens.py)
     GET  /v1/models[/ID], /v1/tree   models served, one model, the live tree     (info.py)
     POST /arranca               the original JSON contract, XSRF-protected       (arranca.py)
+    POST /v1/responses, GET|DELETE /v1/responses/ID   OpenAI Responses      (responses.py)
+    POST /api/chat, /api/generate, GET /api/tags, ...  Ollama's API  (ollama.py, ollama_info.py)
     GET  /healthz (/health), /readyz, /metrics
 
 SIGTERM: stop accepting connections, refuse new requests (503 shutting_down), let open requests
@@ -44,6 +46,7 @@ import web
 from broker import security
 from broker.client import RootClient
 from broker.quiet import Quiet
+from gateways.http import ollama_info
 from gateways.http.anthropic import CountTokensHandler, MessagesHandler
 from gateways.http.arranca import ArrancaHandler
 from gateways.http.base import Gateway, GatewayConfig, NotFoundHandler
@@ -51,6 +54,7 @@ from gateways.http.completions import ChatCompletionsHandler, CompletionsHandler
 from gateways.http.info import (HealthHandler, IndexHandler, MetricsHandler, ModelHandler,
                                 ModelsHandler, ReadyHandler, TreeHandler)
 from gateways.http.metrics import Metrics
+from gateways.http.responses import ResponsesHandler, StoredResponseHandler
 from gateways.http.tokens import DetokenizeHandler, TokenizeHandler, Tokenizer
 from gateways.http.treeview import TreeView
 from broker.errors import Fatal
@@ -225,6 +229,9 @@ def make_app(client: RootClient, settings: GatewayConfig, metrics: Metrics | Non
         (r"/v1/models/(.+)", ModelHandler, a),
         (r"/v1/tree", TreeHandler, a),
         (r"/arranca", ArrancaHandler, a),
+        (r"/v1/responses", ResponsesHandler, a),
+        (r"/v1/responses/([^/]+)", StoredResponseHandler, a),
+        *ollama_info.routes(a),
     ]
     web = settings.web_dir
     if web and os.path.isdir(web):
