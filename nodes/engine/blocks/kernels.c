@@ -305,16 +305,15 @@ static inline bvec babs(bvec w) { return _mm512_abs_epi8(w); }
 static inline bvec bsign(bvec x, bvec w) {
   return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
 }
-/* A K super-block's integer scales, widened once (kall), and a pair's per-lane scales (kscale):
- * with VNNI each int32 lane's low 16 bits (vpdpwssd multiplies dot4's lanes, which fit 16 bits,
- * by them), else the scale in both 16-bit halves (vpmaddwd of maddubs' pair sums). Q6_K: sixteen
- * scales of 16 weights, four lanes each; the others: eight of 32, eight lanes each. */
+/* A K super-block's integer scales times the activations' run factors (kfold, below), widened
+ * once (kall), and a pair's per-lane scales (kscale): with VNNI each int32 lane's low 16 bits
+ * (vpdpwssd multiplies dot4's lanes, which fit 16 bits, by them), else the scale in both 16-bit
+ * halves (vpmaddwd of maddubs' pair sums). Q6_K: sixteen scales of 16 weights, four lanes each;
+ * the others: eight of 32, eight lanes each. */
 typedef __m512i kvec;
 typedef kvec kpair;
-static inline kvec kall(const int type, __m128i s) {
-  if (type != Q6_K) /* 0..63: the high halves are 0 */
-    return _mm512_cvtepu8_epi32(s);
-  const __m512i v = _mm512_and_si512(_mm512_cvtepi8_epi32(s), _mm512_set1_epi32(0xFFFF));
+static inline kvec kall(__m256i s16) {
+  const __m512i v = _mm512_cvtepu16_epi32(s16); /* the bits in the low half, 0 in the high */
 #ifdef __AVX512VNNI__
   return v;
 #else
@@ -325,16 +324,7 @@ static inline kvec kscale(const int type, kvec all, const int p) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i idx = type == Q6_K ? _mm512_add_epi32(_mm512_set1_epi32(4 * p), _mm512_srli_epi32(lane, 2))
                                    : _mm512_add_epi32(_mm512_set1_epi32(2 * p), _mm512_srli_epi32(lane, 3));
-  const __m512i v = _mm512_permutexvar_epi32(idx, all);
-#ifdef __AVX512VNNI__
-  return v;
-#else
-  return type == Q6_K ? v : _mm512_or_si512(v, _mm512_slli_epi32(v, 16));
-#endif
-}
-/* the scales times the activations' run factors f (16 per run) */
-static inline kpair kmul(kpair s, const int16_t *f) {
-  return _mm512_mullo_epi16(s, _mm512_loadu_si512(f));
+  return _mm512_permutexvar_epi32(idx, all);
 }
 /* acc + each lane's four products u * x times its scale */
 static inline ivec kdot(ivec acc, bvec u, bvec x, kvec s) {
@@ -425,9 +415,7 @@ static inline bvec bsign(bvec x, bvec w) {
 /* the sixteen (Q6_K) or eight scales as int16, and a pair's: each run's 16-bit lanes (pair sums
  * of 2 weights) scaled by its scale, or for Q6_K lanes 0..7 and 8..15 by their sub-block's */
 typedef __m256i kvec;
-static inline kvec kall(const int type, __m128i s) {
-  return type == Q6_K ? _mm256_cvtepi8_epi16(s) : _mm256_cvtepu8_epi16(s);
-}
+static inline kvec kall(__m256i s16) { return s16; }
 typedef struct {
   __m256i a, b;
 } kpair;
@@ -443,10 +431,6 @@ static inline kpair kscale(const int type, kvec all, const int p) {
   if (type == Q6_K)
     return (kpair){k_spread(all, 4 * p, 4 * p + 1), k_spread(all, 4 * p + 2, 4 * p + 3)};
   return (kpair){k_spread(all, 2 * p, 2 * p), k_spread(all, 2 * p + 1, 2 * p + 1)};
-}
-static inline kpair kmul(kpair s, const int16_t *f) {
-  return (kpair){_mm256_mullo_epi16(s.a, _mm256_loadu_si256((const __m256i *)f)),
-                 _mm256_mullo_epi16(s.b, _mm256_loadu_si256((const __m256i *)(f + 16)))};
 }
 static inline ivec kdot(ivec acc, bvec u, bvec x, kpair s) {
   return (ivec){_mm256_add_epi32(acc.a, _mm256_madd_epi16(_mm256_maddubs_epi16(u.a, x.a), s.a)),
@@ -545,6 +529,16 @@ static inline void wstore(float *dst, wvec w, float scale, float min) {
 }
 #endif
 
+/* A K super-block's integer scales times its eight runs' activation factors f, as 16 int16:
+ * Q4_K, Q5_K lanes 0..7 (s_r f_r <= 63 * 128); Q6_K lanes 0..15 (s_j f_(j/2), |.| <= 128 * 128) */
+static inline __m256i kfold(const int type, __m128i scale_bytes, const int16_t *f) {
+  const __m128i f8 = _mm_loadu_si128((const __m128i *)f);
+  if (type != Q6_K)
+    return _mm256_zextsi128_si256(_mm_mullo_epi16(_mm_cvtepu8_epi16(scale_bytes), f8));
+  const __m256i f16 = _mm256_set_m128i(_mm_unpackhi_epi16(f8, f8), _mm_unpacklo_epi16(f8, f8));
+  return _mm256_mullo_epi16(_mm256_cvtepi8_epi16(scale_bytes), f16);
+}
+
 /* --- activations as 8-bit integers --------------------------------------------------------- */
 
 #define GROUP 8 /* runs per activation step: 256 values, a K super-block */
@@ -557,7 +551,7 @@ static inline void wstore(float *dst, wvec w, float scale, float min) {
 typedef struct {
   int8_t *q;  /* [M, K] (and 64 bytes more: a pair's load past the last run) */
   float *d;   /* [M, groups] the group's step over 128: run r's is d * f_r */
-  int16_t *f; /* [M, K/32, 16] f_r of run r, sixteen times (one per lane) */
+  int16_t *f; /* [M, K/32] f_r of each run */
   float *rs;  /* [M, K/32, 8] each run's step, eight times (one per lane) */
   float *o;   /* [M, K/32] step * sum(q) of each run: for the minimums and the codes' offsets */
   float *o6;  /* [M, K/16] the same per 16 values: for Q6_K's offset, whose scales are per 16 */
@@ -588,7 +582,7 @@ static int quantize8(const float *x, int64_t m_rows, int64_t k, qrows *out) {
   const int64_t nb = k / RUN, ng = groups_of(nb);
   out->q = scratch((size_t)(m_rows * k + 64));
   out->d = scratch(sizeof(float) * (size_t)(m_rows * ng));
-  out->f = scratch(sizeof(int16_t) * (size_t)(m_rows * nb * 16));
+  out->f = scratch(sizeof(int16_t) * (size_t)(m_rows * nb));
   out->rs = scratch(sizeof(float) * (size_t)(m_rows * nb * 8));
   out->o = scratch(sizeof(float) * (size_t)(m_rows * nb));
   out->o6 = scratch(sizeof(float) * (size_t)(m_rows * nb * 2));
@@ -622,7 +616,7 @@ static int quantize8(const float *x, int64_t m_rows, int64_t k, qrows *out) {
           _mm256_packs_epi16(_mm256_packs_epi32(q32[0], q32[1]), _mm256_packs_epi32(q32[2], q32[3])),
           order);
       _mm256_storeu_si256((__m256i *)(out->q + row * k + b * RUN), q8);
-      _mm256_storeu_si256((__m256i *)(out->f + (row * nb + b) * 16), _mm256_set1_epi16((short)f));
+      out->f[row * nb + b] = (int16_t)f;
       const int32_t first = hsum8i(_mm256_add_epi32(q32[0], q32[1]));
       const int32_t second = hsum8i(_mm256_add_epi32(q32[2], q32[3]));
       _mm256_storeu_ps(out->rs + (row * nb + b) * 8, _mm256_set1_ps(rstep));
@@ -662,15 +656,18 @@ static inline __attribute__((always_inline)) void pairs(const int type, const in
   const int is_signed = type == Q8_0 || type == IQ4_NL || type == IQ4_XS;
   bvec u[WR];
   svec s[WR];
+#pragma GCC unroll 4
   for (int a = 0; a < WR; a++) {
     u[a] = two ? pair(type, w[a], b) : bpair(codes(type, w[a], b), _mm256_setzero_si256());
     if (!two)
       ws[a][j + 1] = 0.0f;
     s[a] = spread(_mm256_loadu_ps(ws[a]), j);
   }
+#pragma GCC unroll 4
   for (int c = 0; c < NX; c++) {
     const bvec xv = bload(xr->q + ((i0 + c) * nb + b) * RUN);
     const svec steps = sload(xr->rs + ((i0 + c) * nb + b) * 8);
+#pragma GCC unroll 4
     for (int a = 0; a < WR; a++)
       acc[a][c] = fdot(acc[a][c], is_signed ? dot4(izero(), babs(u[a]), bsign(xv, u[a]))
                                             : dot4(izero(), u[a], xv), smul(s[a], steps));
@@ -692,12 +689,15 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
   const int64_t ng = groups_of(nb);
   fvec acc[WR][XR];
   __m256 corr[WR][XR];
+#pragma GCC unroll 4
   for (int a = 0; a < WR; a++)
+#pragma GCC unroll 4
     for (int c = 0; c < NX; c++)
       acc[a][c] = fzero(), corr[a][c] = _mm256_setzero_ps();
   const int64_t group_bytes = GROUP * block_bytes(type) / (is_k(type) ? GROUP : 1);
   for (int64_t b0 = 0; b0 < nb; b0 += GROUP) {
     const int64_t grp = b0 / GROUP;
+#pragma GCC unroll 4
     for (int a = 0; a < WR; a++) { /* the next tile's blocks: the hardware prefetcher alone
                                       left a decode step waiting on memory (3x slower on Q6_K) */
       const uint8_t *next = w[a] + grp * group_bytes + ahead;
@@ -705,62 +705,72 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
         _mm_prefetch((const char *)next + off, _MM_HINT_T0);
     }
     const int8_t *xq[XR];
+#pragma GCC unroll 4
     for (int c = 0; c < NX; c++)
       xq[c] = xr->q + (i0 + c) * nb * RUN + b0 * RUN;
     if (type == Q4_K || type == Q5_K || type == Q6_K) {
       const uint8_t *sb[WR];
-      kvec all[WR];
+      kvec all[WR][XR];
       float d[WR];
+#pragma GCC unroll 4
       for (int a = 0; a < WR; a++) {
         sb[a] = w[a] + (b0 >> 3) * block_bytes(type);
+        __m128i scales;
         if (type == Q6_K) { /* offset 32 on every code: -32 d sum_j s_j (step sum q)_j */
-          const __m128i s8 = _mm_loadu_si128((const __m128i *)(sb[a] + 192));
+          scales = _mm_loadu_si128((const __m128i *)(sb[a] + 192));
           d[a] = half(sb[a] + 208);
-          all[a] = kall(type, s8);
           const __m256 m = _mm256_set1_ps(-32.0f * d[a]);
-          const __m256 lo = _mm256_mul_ps(m, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8)));
-          const __m256 hi = _mm256_mul_ps(m, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8))));
+          const __m256 lo = _mm256_mul_ps(m, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scales)));
+          const __m256 hi = _mm256_mul_ps(m, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(scales, 8))));
+#pragma GCC unroll 4
           for (int c = 0; c < NX; c++) {
             const float *o = xr->o6 + ((i0 + c) * nb + b0) * 2;
             corr[a][c] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(o), corr[a][c]);
             corr[a][c] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(o + 8), corr[a][c]);
           }
         } else { /* the runs' minimums: -dmin m_r (step sum q)_r */
-          const __m128i b = k_bytes(sb[a] + 4);
+          scales = k_bytes(sb[a] + 4);
           d[a] = half(sb[a]);
-          all[a] = kall(type, b);
-          const __m256 m = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))),
+          const __m256 m = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scales, 8))),
                                          _mm256_set1_ps(-half(sb[a] + 2)));
+#pragma GCC unroll 4
           for (int c = 0; c < NX; c++)
             corr[a][c] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xr->o + (i0 + c) * nb + b0), corr[a][c]);
         }
+#pragma GCC unroll 4
+        for (int c = 0; c < NX; c++)
+          all[a][c] = kall(kfold(type, scales, xr->f + (i0 + c) * nb + b0));
       }
       ivec isum[WR][XR];
+#pragma GCC unroll 4
       for (int a = 0; a < WR; a++)
+#pragma GCC unroll 4
         for (int c = 0; c < NX; c++)
           isum[a][c] = izero();
 #pragma GCC unroll 4
       for (int p = 0; p < 4; p++) {
         bvec u[WR];
-        kpair ks[WR];
-        for (int a = 0; a < WR; a++) {
+#pragma GCC unroll 4
+        for (int a = 0; a < WR; a++)
           u[a] = pair_k(type, sb[a], p);
-          ks[a] = kscale(type, all[a], p);
-        }
+#pragma GCC unroll 4
         for (int c = 0; c < NX; c++) {
           const bvec xv = bload(xq[c] + 64 * p);
-          const int16_t *f = xr->f + ((i0 + c) * nb + b0 + 2 * p) * 16;
+#pragma GCC unroll 4
           for (int a = 0; a < WR; a++)
-            isum[a][c] = kdot(isum[a][c], u[a], xv, kmul(ks[a], f));
+            isum[a][c] = kdot(isum[a][c], u[a], xv, kscale(type, all[a][c], p));
         }
       }
+#pragma GCC unroll 4
       for (int a = 0; a < WR; a++)
+#pragma GCC unroll 4
         for (int c = 0; c < NX; c++)
           acc[a][c] = fma_i(acc[a][c], isum[a][c], d[a] * xr->d[(i0 + c) * ng + grp]);
       continue;
     }
     const int g = nb - b0 < GROUP ? (int)(nb - b0) : GROUP;
     float ws[WR][8], wm[WR][8];
+#pragma GCC unroll 4
     for (int a = 0; a < WR; a++) {
       scales8(type, w[a], b0, g, ws[a], wm[a]);
       const float off = (float)OFFSET(type);
@@ -769,6 +779,7 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
         __m256 m = _mm256_loadu_ps(off > 0.0f ? ws[a] : wm[a]);
         if (off > 0.0f)
           m = _mm256_mul_ps(m, _mm256_set1_ps(-off));
+#pragma GCC unroll 4
         for (int c = 0; c < NX; c++) {
           if (g == GROUP) {
             corr[a][c] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xs + c * nb), corr[a][c]);
@@ -791,7 +802,9 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
         pairs(type, NX, w, xr, i0, nb, b0 + j, ws, j, j + 1 < g, acc);
     }
   }
+#pragma GCC unroll 4
   for (int a = 0; a < WR; a++)
+#pragma GCC unroll 4
     for (int c = 0; c < NX; c++)
       sums[a][c] = fsum(acc[a][c]) + hsum8(corr[a][c]);
 }
@@ -1093,12 +1106,13 @@ void rms_norm(const float *x, const float *w, int64_t t_rows, int64_t h, float e
 }
 
 /* Rotary embedding in place, for the first `heads` heads of each of T rows (stride floats
- * apart). Pair i of a head at position p turns by the angle whose cos and sin are
- * table[p * half + i]; the pair is (2i, 2i+1) (interleaved: llama.cpp's Llama files) or
+ * apart), over the first `rot` dimensions of each head (the rest pass: Phi-4's partial rotary).
+ * Pair i of a head at position p turns by the angle whose cos and sin are table[p * half + i]
+ * (half = rot / 2); the pair is (2i, 2i+1) (interleaved: llama.cpp's Llama files) or
  * (i, i + half) (neox: Hugging Face's layout, and every other family's files). */
 void rope(float *qk, int64_t t_rows, int64_t stride, int64_t heads, int64_t head_dim,
-          const int64_t *pos, const float *cos_t, const float *sin_t, int64_t neox) {
-  const int64_t half_dim = head_dim / 2;
+          int64_t rot, const int64_t *pos, const float *cos_t, const float *sin_t, int64_t neox) {
+  const int64_t half_dim = rot / 2;
   const int64_t step = neox ? 1 : 2, other = neox ? half_dim : 1;
   for (int64_t t = 0; t < t_rows; t++) {
     const float *c = cos_t + pos[t] * half_dim, *s = sin_t + pos[t] * half_dim;
@@ -1264,14 +1278,14 @@ typedef struct {
   const float *post_attn_norm, *post_mlp_norm; /* norms of the branches' outputs; or NULL */
   linear_t qkv[3], o, gate_up[2], down;
   int64_t qkv_parts, gate_up_parts;
-  const float *cos, *sin; /* this layer's rotary tables [positions, head_dim / 2] */
+  const float *cos, *sin; /* this layer's rotary tables [positions, rot / 2] */
   int64_t window;         /* sliding window of this layer (0: none) */
 } layer_t;
 
 typedef struct {
   int64_t layers, hidden, heads, kv_heads, head_dim, inter;
   float eps, scale, softcap;
-  int64_t act, neox;
+  int64_t act, neox, rot; /* rot: rotary dimensions of a head */
   const layer_t *layer;
 } stack_t;
 
@@ -1314,7 +1328,8 @@ int layers_forward(const stack_t *s, float *x, int64_t t_rows, const int64_t *ro
       if (l->k_norm)
         rms_norm(row + qd, l->k_norm, s->kv_heads, s->head_dim, s->eps, row + qd);
     }
-    rope(qkv, t_rows, qkv_n, s->heads + s->kv_heads, s->head_dim, pos, l->cos, l->sin, s->neox);
+    rope(qkv, t_rows, qkv_n, s->heads + s->kv_heads, s->head_dim, s->rot, pos, l->cos, l->sin,
+         s->neox);
     r |= attention(qkv, t_rows, qkv_n, s->heads, s->kv_heads, s->head_dim, kc + i * layer_size,
                    vc + i * layer_size, cap, rows, pos, s->scale, l->window, s->softcap, attn);
     if (l->post_attn_norm) {

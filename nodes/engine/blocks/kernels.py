@@ -93,7 +93,7 @@ class Layer(ctypes.Structure):
 class Stack(ctypes.Structure):
     _fields_ = [("layers", I), ("hidden", I), ("heads", I), ("kv_heads", I), ("head_dim", I),
                 ("inter", I), ("eps", F), ("scale", F), ("softcap", F), ("act", I), ("neox", I),
-                ("layer", ctypes.POINTER(Layer))]
+                ("rot", I), ("layer", ctypes.POINTER(Layer))]
 
 
 @cache
@@ -122,7 +122,7 @@ def library() -> ctypes.CDLL | None:
     lib.matmul.argtypes = [ctypes.POINTER(Linear), P_, I_, P_, ctypes.c_int]
     lib.dequantize_rows.argtypes = [ctypes.c_int, P_, I_, I_, P_, I_, I_, P_]
     lib.rms_norm.argtypes = [P_, P_, I_, I_, F, P_]
-    lib.rope.argtypes = [P_, I_, I_, I_, I_, P_, P_, P_, I_]
+    lib.rope.argtypes = [P_, I_, I_, I_, I_, I_, P_, P_, P_, I_]
     lib.glu.argtypes = [P_, I_, I_, I_, P_]
     lib.attention.argtypes = [P_, I_, I_, I_, I_, I_, P_, P_, I_, P_, P_, F, I_, F, P_]
     lib.layers_forward.argtypes = [ctypes.POINTER(Stack), P_, I_, P_, P_, P_, P_, I_, I_]
