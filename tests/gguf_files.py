@@ -20,7 +20,7 @@ from nodes.engine import blocks, families
 from nodes.engine.weights import GGUF_NAMES, HF_NAMES, HF_POST_NORM_NAMES
 
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-        "gemma2": "gemma2", "gemma3_text": "gemma3"}
+        "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
 K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
 RANDOM_ONLY = K_TYPES + (T.IQ4_NL, T.IQ4_XS)  # types gguf's reference code cannot quantize
 

@@ -24,7 +24,7 @@ VOCAB = 512
 
 def tiny_config(kind: str, width: int = 64, tied: bool = True):
     from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
-                              Qwen2Config, Qwen3Config)
+                              Phi3Config, Qwen2Config, Qwen3Config)
     common = dict(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width,
                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, tie_word_embeddings=tied, initializer_range=0.2,
@@ -39,6 +39,15 @@ def tiny_config(kind: str, width: int = 64, tied: bool = True):
                             attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                             layer_types=["sliding_attention", "full_attention",
                                          "sliding_attention"])
+    if kind == "phi3":  # Phi-4-mini's shape: fused q|k|v and gate|up, LongRoPE on 3/4 of a head
+        rot = int(common["head_dim"] * 0.75)
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                "short_factor": [1.0 + 0.2 * i for i in range(rot // 2)],
+                "long_factor": [2.0 + i for i in range(rot // 2)]}
+        common = {k: v for k, v in common.items() if k != "head_dim"}
+        return Phi3Config(**common, partial_rotary_factor=0.75, rope_parameters=rope,
+                          original_max_position_embeddings=64, sliding_window=None,
+                          pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if kind == "llama-bias":  # biases on q, k, v and o (attention_bias)
         return LlamaConfig(**common, attention_bias=True)
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
@@ -97,7 +106,7 @@ def check_logits(net, model, cache, tol: float) -> None:
     assert rel(decoded, ref_next) < tol
 
 
-FAMILIES = ["llama", "llama-bias", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
+FAMILIES = ["llama", "llama-bias", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 PATHS = [pytest.param(True, id="c", marks=pytest.mark.skipif(
     kernels.library() is None, reason="no AVX2 CPU or no C compiler here")),
     pytest.param(False, id="torch")]
@@ -188,3 +197,46 @@ def test_the_real_gemma_3_file_answers_from_its_own_blocks(gemma_gguf, tmp_path,
     asyncio.run(main())
     assert "Paris" in answers[1]
     assert answers[2].strip()  # the chat template renders and the model answers
+
+
+def test_phi_long_context_turns_by_the_long_factors(tmp_path, monkeypatch):
+    """LongRoPE: a node whose context passes the original one (64 here) turns by the long
+    factors, as transformers does for sequences that long (llama.cpp chooses by its context)."""
+    from nodes.engine.llama import rotary
+    config = tiny_config("phi3")
+    short, long = rotary(config)[None], rotary(config, context=256)[None]
+    assert not torch.allclose(short[0], long[0])
+    net = reference_net(config)
+    net.save_pretrained(tmp_path)
+    model, cache = serve(config, weights.SafetensorsSource(tmp_path, families.of(config)), True,
+                         monkeypatch)
+    model.fit_context(config, 256)
+    assert torch.equal(model.rope[None][0], long[0])
+    ids = torch.randint(0, VOCAB, (1, 80))  # past the original 64: transformers' long factors
+    with torch.no_grad():
+        ref = net(ids).logits[0, -1]
+        b = Batch(ids=ids[0], pos=torch.arange(80), decode=0, chunks=[Chunk(0, 0, 80)],
+                  logits_at=torch.tensor([79]))
+        cache.reshape(1, 128, 128, 0)
+        got = model.forward(model.prepare(b), cache)[0]
+    assert rel(got, ref) < 3e-3
+
+
+def test_a_phi_files_metadata_gives_partial_rotary_and_longrope():
+    """transformers' GGUF reader drops Phi's rope.dimension_count and the LongRoPE factors,
+    which llama.cpp's files keep as tensors: models.with_file_values puts them back."""
+    import types
+
+    import numpy as np
+    from nodes.engine.models import with_file_values
+    config = tiny_config("phi3")
+    config.partial_rotary_factor, config.rope_parameters = None, {"rope_theta": 10000.0}
+    meta = {"general.architecture": "phi3", "phi3.rope.dimension_count": 12,
+            "phi3.rope.freq_base": 10000.0, "phi3.rope.scaling.original_context_length": 64}
+    factors = {f"rope_factors_{k}.weight": types.SimpleNamespace(data=np.arange(6) + v)
+               for k, v in (("short", 1.0), ("long", 2.0))}
+    text = with_file_values(config, meta, factors).get_text_config()
+    assert text.partial_rotary_factor == 0.75
+    assert text.rope_parameters["rope_type"] == "longrope"
+    assert text.rope_parameters["long_factor"] == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert text.original_max_position_embeddings == 64

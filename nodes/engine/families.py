@@ -16,6 +16,8 @@ with the parts a family lacks left out, and what it changes said here:
                      beside global ones; soft-capped attention scores and logits
     gemma3           gemma2 without the soft caps, with q/k norms, and the local layers' own
                      rotary base
+    phi3             q|k|v and gate|up each one fused matrix (weights.py reads either way);
+                     LongRoPE; Phi-4-mini turns only part of each head (partial rotary)
 Per-model values (sliding windows and which layers have them, each layer type's rotary
 frequencies, the attention scale) come from the config, in `Shape.of` (llama.py).
 
@@ -51,6 +53,7 @@ FAMILIES = {
     "gemma2": GEMMA2,
     "gemma3_text": Family(act="gelu_tanh", qk_norm=True, post_norms=True, embed_scale=True,
                           norm_shift=1.0),
+    "phi3": Family(),
 }
 
 

@@ -185,6 +185,8 @@ class HFEngine(Engine):
         self.max_model_len = config.max_model_len or (own if fits is None else min(own, fits))
         if self.max_model_len > own:
             raise ValueError(f"--max-model-len {self.max_model_len} exceeds the model's {own}")
+        if hasattr(loaded.model, "fit_context"):  # our runner (not transformers' forward)
+            loaded.model.fit_context(loaded.config, self.max_model_len)
         self.runner, self.kv_budget = self.worker.call(
             models.make_runner, loaded, slots=self.slots, max_model_len=self.max_model_len,
             kv_budget=kv_budget, cuda_graphs=config.cuda_graphs)

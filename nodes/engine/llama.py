@@ -58,6 +58,7 @@ class Shape:
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
     neox: bool = True  # rope pairs (i, i + half); False: (2i, 2i + 1)
+    rot: int = 0  # rotary dimensions of a head (Phi-4's partial rotary: fewer than head_dim)
 
     @classmethod
     def of(cls, config, neox: bool = True) -> "Shape":
@@ -87,15 +88,26 @@ class Shape:
                    attn_softcap=(getattr(c, "attn_logit_softcapping", None) or 0.0)
                    if family.softcaps else 0.0,
                    final_softcap=(getattr(c, "final_logit_softcapping", None) or 0.0)
-                   if family.softcaps else 0.0, neox=neox)
+                   if family.softcaps else 0.0, neox=neox, rot=rotary_dims(c, head_dim))
 
 
-def rotary(config) -> dict:
-    """Each layer type's (inverse frequencies [head_dim/2] float64, attention factor), through
-    transformers' own rope code for the scaled kinds (llama3, linear, yarn, longrope)."""
+def rotary_dims(c, head_dim: int) -> int:
+    """The dimensions of a head that rope turns: all, or the config's partial_rotary_factor of
+    them (transformers keeps it on the config or in its rope parameters)."""
+    factor = getattr(c, "partial_rotary_factor", None)
+    for params in families.rope_parameters(c).values():
+        factor = factor or params.get("partial_rotary_factor")
+    return int(head_dim * (factor or 1.0))
+
+
+def rotary(config, context: int | None = None) -> dict:
+    """Each layer type's (inverse frequencies [rot/2] float64, attention factor), through
+    transformers' own rope code for the scaled kinds (llama3, linear, yarn, longrope). LongRoPE
+    (Phi-3, Phi-4) has two sets of factors: the long ones where `context` passes the original
+    context, as llama.cpp chooses by its context (the short ones up to it)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     c = families.text_config(config)
-    dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    dim = rotary_dims(c, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     out = {}
     for layer_type, params in families.rope_parameters(c).items():
         kind = params.get("rope_type", params.get("type", "default"))
@@ -104,8 +116,9 @@ def rotary(config) -> dict:
             freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
             out[layer_type] = (freq, 1.0)
         else:
-            freq, factor = ROPE_INIT_FUNCTIONS[kind](c, "cpu", layer_type=layer_type) \
-                if layer_type else ROPE_INIT_FUNCTIONS[kind](c, "cpu")
+            extra = {"seq_len": context} if kind == "longrope" and context else {}
+            freq, factor = ROPE_INIT_FUNCTIONS[kind](c, "cpu", layer_type=layer_type, **extra) \
+                if layer_type else ROPE_INIT_FUNCTIONS[kind](c, "cpu", **extra)
             out[layer_type] = (freq.double(), float(factor))
     return out
 
@@ -170,6 +183,17 @@ class Model:
         self.group = shape.heads // shape.kv_heads
         self.embed_scale = shape.hidden ** 0.5 if shape.family.embed_scale else 1.0
 
+    def fit_context(self, config, context: int) -> None:
+        """The rotary frequencies for a node's context (LongRoPE's long factors past the
+        original context; nothing changes for other kinds)."""
+        kinds = {p.get("rope_type") for p in
+                 families.rope_parameters(families.text_config(config)).values()}
+        if "longrope" in kinds:
+            self.set_rope(rotary(config, context))
+
+    def set_rope(self, rope: dict) -> None:
+        self.rope = rope
+
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.shape.final_softcap
         return logits if not cap else torch.tanh(logits / cap) * cap
@@ -185,8 +209,11 @@ class CpuModel(Model):
         from nodes.engine.blocks import kernels
         self.k = kernels
         self.layers = layers
-        self.tables: dict = {}  # layer type -> (cos, sin) [positions, head_dim/2] float32
+        self.tables: dict = {}  # layer type -> (cos, sin) [positions, rot/2] float32
         self.stack = self._stack()
+
+    def set_rope(self, rope: dict) -> None:
+        self.rope, self.tables = rope, {}
 
     def _stack(self):
         k, s = self.k, self.shape
@@ -207,7 +234,7 @@ class CpuModel(Model):
                 len(layer.gate_up), None, None, s.windows[i])
         act = {"silu": 0, "gelu_tanh": 1}[s.family.act]
         view = k.Stack(s.layers, s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate,
-                       s.eps, s.scale, s.attn_softcap, act, int(s.neox), array)
+                       s.eps, s.scale, s.attn_softcap, act, int(s.neox), s.rot, array)
         view.keep = array  # the array lives as long as the view
         return view
 
@@ -262,7 +289,10 @@ class TorchModel(Model):
                  rope: dict, device: torch.device, dtype: torch.dtype):
         super().__init__(shape, embed, norm, lm_head, rope, device, dtype)
         self.layers = layers
-        self.rope = {t: (f.to(device), a) for t, (f, a) in rope.items()}
+        self.set_rope(rope)
+
+    def set_rope(self, rope: dict) -> None:
+        self.rope = {t: (f.to(self.device), a) for t, (f, a) in rope.items()}
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -391,8 +421,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
-    """Rotary embedding of x [T, heads, head_dim] by cos, sin [T, head_dim/2]: pairs (i, i+half)
-    (neox) or (2i, 2i+1)."""
+    """Rotary embedding of x [T, heads, head_dim] by cos, sin [T, rot/2]: pairs (i, i+half)
+    (neox) or (2i, 2i+1) of the first rot dimensions; the rest pass."""
+    rot = 2 * cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([rotate(x[..., :rot], cos, sin, neox), x[..., rot:]], dim=-1)
     cos, sin = cos[:, None], sin[:, None]
     if neox:
         a, b = x.chunk(2, dim=-1)

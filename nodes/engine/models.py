@@ -220,7 +220,7 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
             why = families.unsupported(config)
             if why is None:
                 source = weights.open_gguf(gguf)  # a tensor type we do not read: an error here
-                config = with_file_values(config, source.meta)
+                config = with_file_values(config, source.meta, source.tensors)
             else:
                 log.warning("%s: %s, so it runs on transformers' own forward, the slow path "
                             "(its weights converted once to float32)", gguf.name, why)
@@ -252,14 +252,33 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
     return loaded
 
 
-def with_file_values(config, meta: dict):
+def with_file_values(config, meta: dict, tensors: dict | None = None):
     """The config with what the file says where transformers' reading of GGUF metadata falls
-    short (it takes Qwen3's head_dim from its own defaults, not the file's key_length)."""
+    short: Qwen3's head_dim (it takes its own default, not the file's key_length); Phi's
+    partial rotary (rope.dimension_count) and LongRoPE, whose factors llama.cpp's files keep as
+    the tensors rope_factors_short and rope_factors_long."""
     arch = meta.get("general.architecture")
     key_length = meta.get(f"{arch}.attention.key_length")
     text = config.get_text_config()
     if isinstance(key_length, int) and getattr(text, "head_dim", None) != key_length:
         text.head_dim = key_length
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    rot = meta.get(f"{arch}.rope.dimension_count")
+    if isinstance(rot, int) and 0 < rot < head_dim:
+        text.partial_rotary_factor = rot / head_dim
+    tensors = tensors or {}
+    if "rope_factors_short.weight" in tensors and "rope_factors_long.weight" in tensors:
+        original = meta.get(f"{arch}.rope.scaling.original_context_length")
+        params = {"rope_type": "longrope", "rope_theta": meta.get(f"{arch}.rope.freq_base",
+                                                                  10000.0),
+                  "short_factor": [float(v) for v in tensors["rope_factors_short.weight"].data],
+                  "long_factor": [float(v) for v in tensors["rope_factors_long.weight"].data]}
+        if meta.get(f"{arch}.rope.scaling.attn_factor") is not None:
+            params["attention_factor"] = float(meta[f"{arch}.rope.scaling.attn_factor"])
+        if original:
+            text.original_max_position_embeddings = int(original)
+            params["original_max_position_embeddings"] = int(original)
+        text.rope_parameters = params
     return config
 
 

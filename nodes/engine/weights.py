@@ -38,12 +38,13 @@ GGUF_NAMES = {"attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn
               "qkv": "attn_qkv", "o": "attn_output", "q_norm": "attn_q_norm",
               "k_norm": "attn_k_norm", "post_attn_norm": "post_attention_norm",
               "mlp_norm": "ffn_norm", "post_mlp_norm": "post_ffw_norm", "gate": "ffn_gate",
-              "up": "ffn_up", "down": "ffn_down"}
+              "up": "ffn_up", "gate_up": "ffn_up", "down": "ffn_down"}
 HF_NAMES = {"attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
             "v": "self_attn.v_proj", "qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj",
             "q_norm": "self_attn.q_norm",
             "k_norm": "self_attn.k_norm", "mlp_norm": "post_attention_layernorm",
-            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "gate_up": "mlp.gate_up_proj",
+            "down": "mlp.down_proj"}
 HF_POST_NORM_NAMES = {**HF_NAMES, "post_attn_norm": "post_attention_layernorm",
                       "mlp_norm": "pre_feedforward_layernorm",
                       "post_mlp_norm": "post_feedforward_layernorm"}
@@ -191,8 +192,8 @@ def build(config, source, *, mode: str, device: torch.device, dtype: torch.dtype
             qkv = [matrix(name(p), name(p, "bias")) for p in "qkv"]
         if source.has(name("gate")):
             gate_up = [matrix(name("gate")), matrix(name("up"))]
-        else:  # gate and up fused in one matrix (Phi-3's ffn_up)
-            gate_up = [matrix(name("up"))]
+        else:  # gate and up fused in one matrix (Phi-3's gate_up_proj, its files' ffn_up)
+            gate_up = [matrix(name("gate_up"))]
         layers.append(Layer(attn_norm=vector(name("attn_norm")), qkv=qkv,
                             o=matrix(name("o"), name("o", "bias")),
                             mlp_norm=vector(name("mlp_norm")), gate_up=gate_up,
