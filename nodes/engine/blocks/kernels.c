@@ -19,11 +19,13 @@
  *       sum_runs  scale_w * step_x * sum(q * qx)  +  (min_w - offset * scale_w) * step_x * sum(qx)
  * A K super-block's eight runs share the weights' d and, up to an integer factor each, the
  * activations' step, so their integer dot products times each run's integer scale add up as
- * integers and are scaled once. The product is exactly the dequantized weights times the rounded x: 8-bit
- * activations per run of 32 keep perplexity within 0.1% of the float32 product (per 256 values
- * as llama.cpp's K-quant path rounds them, 1.4-2.2% on the 135M model; docs/benchmarks.md).
- * Rows of x are taken four at a time and weight rows two at a time, so a run is unpacked once
- * per four rows and each x run loaded once for both weights.
+ * integers and are scaled once. The product is exactly the dequantized weights times the
+ * rounded x: 8-bit activations per run of 32 keep perplexity within 0.1% of the float32 product
+ * (per 256 values, as llama.cpp's K-quant path rounds them, 1.4-2.2% on the 135M model;
+ * docs/benchmarks.md).
+ * Rows of x are taken four at a time, so a run is unpacked once per four rows; each thread
+ * streams its own share of weight rows one after another (two rows at a time, interleaved,
+ * read Q6_K at 23 GB/s where one at a time reads it at 37, on 2 EPYC cores).
  *
  * Vector paths, one source: built with -mavx2 (maddubs + madd on 256 bits), -mavx512bw (the
  * same on 512), or -mavx512vnni (vpdpbusd, and vpdpwssd for the integer scales). kernels.py
@@ -56,7 +58,7 @@ static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
 #define RUN 32       /* weights per run */
 #define XR 4         /* rows of x per pass over a weight row */
 #ifndef WR
-#define WR 2         /* weight rows per tile */
+#define WR 1         /* weight rows per tile */
 #endif
 #define DENSE_FROM 128 /* rows of x from which a product goes through sgemm */
 #define PANEL 256    /* weight rows dequantized at once for sgemm */
@@ -322,8 +324,9 @@ static inline kvec kall(__m256i s16) {
 }
 static inline kvec kscale(const int type, kvec all, const int p) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i idx = type == Q6_K ? _mm512_add_epi32(_mm512_set1_epi32(4 * p), _mm512_srli_epi32(lane, 2))
-                                   : _mm512_add_epi32(_mm512_set1_epi32(2 * p), _mm512_srli_epi32(lane, 3));
+  const __m512i idx = type == Q6_K
+                          ? _mm512_add_epi32(_mm512_set1_epi32(4 * p), _mm512_srli_epi32(lane, 2))
+                          : _mm512_add_epi32(_mm512_set1_epi32(2 * p), _mm512_srli_epi32(lane, 3));
   return _mm512_permutexvar_epi32(idx, all);
 }
 /* acc + each lane's four products u * x times its scale */
@@ -353,14 +356,16 @@ static inline __attribute__((always_inline)) bvec pair_k(const int type, const u
                                                          const int p) {
   const __m512i nib = _mm512_set1_epi8(0x0F);
   if (type == Q4_K) { /* 32 bytes: run 2p in the low nibbles, 2p + 1 in the high */
-    const __m512i raw = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * p)));
+    const __m512i raw =
+        _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * p)));
     return _mm512_and_si512(_mm512_srlv_epi64(raw, _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4)), nib);
   }
   if (type == Q6_K) { /* runs 2p, 2p + 1: 64 bytes of ql (low or high nibbles), 32 of qh */
     const int h = p >> 1, shift = 4 * (p & 1);
     const __m512i lo = _mm512_and_si512(
         _mm512_srli_epi16(_mm512_loadu_si512(sb + 64 * h), shift), nib);
-    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(sb + 128 + 32 * h)));
+    const __m512i qh =
+        _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(sb + 128 + 32 * h)));
     const long long s0 = 2 * (2 * p & 3);
     const __m512i hi = _mm512_and_si512(
         _mm512_srlv_epi64(qh, _mm512_setr_epi64(s0, s0, s0, s0, s0 + 2, s0 + 2, s0 + 2, s0 + 2)),
@@ -373,12 +378,28 @@ static inline __attribute__((always_inline)) bvec pair(const int type, const uin
                                                        int64_t b) {
   if (type == Q4_0 || type == Q4_1) { /* two blocks' 16 bytes of nibbles */
     const int64_t bytes = block_bytes(type), at = type == Q4_0 ? 2 : 4;
-    const __m256i two = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(row + (b + 1) * bytes + at)),
-                                         _mm_loadu_si128((const __m128i *)(row + b * bytes + at)));
+    const uint8_t *b0 = row + b * bytes + at, *b1 = b0 + bytes;
+    const __m256i two = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)b1),
+                                         _mm_loadu_si128((const __m128i *)b0));
     const __m512i raw = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
                                                  _mm512_castsi256_si512(two));
     return _mm512_and_si512(_mm512_srlv_epi64(raw, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
                             _mm512_set1_epi8(0x0F));
+  }
+  if (type == Q5_0 || type == Q5_1) { /* the same nibbles, and the fifth bits as a mask */
+    const int64_t bytes = block_bytes(type), at = type == Q5_0 ? 2 : 4;
+    const uint8_t *b0 = row + b * bytes + at, *b1 = b0 + bytes;
+    const __m256i two = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(b1 + 4)),
+                                         _mm_loadu_si128((const __m128i *)(b0 + 4)));
+    const __m512i raw = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
+                                                 _mm512_castsi256_si512(two));
+    const __m512i lo = _mm512_and_si512(
+        _mm512_srlv_epi64(raw, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(0x0F));
+    uint32_t h0, h1;
+    memcpy(&h0, b0, 4);
+    memcpy(&h1, b1, 4);
+    return _mm512_or_si512(lo, _mm512_maskz_mov_epi8((__mmask64)h0 | (__mmask64)h1 << 32,
+                                                     _mm512_set1_epi8(0x10)));
   }
   return bpair(codes(type, row, b), codes(type, row, b + 1));
 }
@@ -397,7 +418,8 @@ typedef bvec ivec;
 typedef __m256 fvec;
 static inline bvec bpair(__m256i a, __m256i b) { return (bvec){a, b}; }
 static inline bvec bload(const int8_t *x) {
-  return (bvec){_mm256_loadu_si256((const __m256i *)x), _mm256_loadu_si256((const __m256i *)(x + 32))};
+  return (bvec){_mm256_loadu_si256((const __m256i *)x),
+                _mm256_loadu_si256((const __m256i *)(x + 32))};
 }
 static inline ivec izero(void) { return (ivec){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
 static inline fvec fzero(void) { return _mm256_setzero_ps(); }
@@ -420,7 +442,8 @@ typedef struct {
   __m256i a, b;
 } kpair;
 static inline __m256i k_spread(kvec all, const int first, const int second) {
-  const __m256i lo = _mm256_permute2x128_si256(all, all, 0x00), hi = _mm256_permute2x128_si256(all, all, 0x11);
+  const __m256i lo = _mm256_permute2x128_si256(all, all, 0x00);
+  const __m256i hi = _mm256_permute2x128_si256(all, all, 0x11);
   const __m256i i0 = _mm256_set1_epi16((short)((2 * (first & 7)) | (2 * (first & 7) + 1) << 8));
   const __m256i i1 = _mm256_set1_epi16((short)((2 * (second & 7)) | (2 * (second & 7) + 1) << 8));
   const __m256i a = _mm256_shuffle_epi8(first < 8 ? lo : hi, i0);
@@ -439,9 +462,15 @@ static inline ivec kdot(ivec acc, bvec u, bvec x, kpair s) {
 typedef struct {
   __m256 a, b;
 } svec;
-static inline svec fscale(float s0, float s1) { return (svec){_mm256_set1_ps(s0), _mm256_set1_ps(s1)}; }
-static inline svec smul(svec a, svec b) { return (svec){_mm256_mul_ps(a.a, b.a), _mm256_mul_ps(a.b, b.b)}; }
-static inline svec sload(const float *v) { return (svec){_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8)}; }
+static inline svec fscale(float s0, float s1) {
+  return (svec){_mm256_set1_ps(s0), _mm256_set1_ps(s1)};
+}
+static inline svec smul(svec a, svec b) {
+  return (svec){_mm256_mul_ps(a.a, b.a), _mm256_mul_ps(a.b, b.b)};
+}
+static inline svec sload(const float *v) {
+  return (svec){_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8)};
+}
 static inline svec spread(__m256 v, const int j) {
   return (svec){_mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j)),
                 _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j + 1))};
@@ -455,10 +484,12 @@ static inline __attribute__((always_inline)) bvec pair(const int type, const uin
   return bpair(codes(type, row, b), codes(type, row, b + 1));
 }
 static inline fvec fdot(fvec acc, ivec t, svec s) {
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(t.b), s.b, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t.a), s.a, acc));
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t.a), s.a, acc);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(t.b), s.b, acc);
 }
 static inline fvec fma_i(fvec acc, ivec t, float scale) {
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(t.a, t.b)), _mm256_set1_ps(scale), acc);
+  const __m256 sum = _mm256_cvtepi32_ps(_mm256_add_epi32(t.a, t.b));
+  return _mm256_fmadd_ps(sum, _mm256_set1_ps(scale), acc);
 }
 static inline float fsum(fvec v) { return hsum8(v); }
 #endif
@@ -605,16 +636,17 @@ static int quantize8(const float *x, int64_t m_rows, int64_t k, qrows *out) {
     const float step = gmax / 127.0f;
     for (int64_t b = b0; b < b1; b++) {
       /* f in 1..128: the run's step is f / 128 of the group's, the finest that its max fits */
-      const int f = gmax > 0.0f ? (int)fminf(128.0f, fmaxf(1.0f, ceilf(128.0f * mx[b - b0] / gmax))) : 128;
+      const int f =
+          gmax > 0.0f ? (int)fminf(128.0f, fmaxf(1.0f, ceilf(128.0f * mx[b - b0] / gmax))) : 128;
       const float rstep = step * (float)f / 128.0f;
       const __m256 inv = _mm256_set1_ps(gmax > 0.0f ? 1.0f / rstep : 0.0f);
       __m256i q32[4];
       for (int j = 0; j < 4; j++)
         q32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + b * RUN + 8 * j), inv));
       /* 32 int32 -> 32 int8; packs interleave 128-bit lanes, one permute puts them back */
-      const __m256i q8 = _mm256_permutevar8x32_epi32(
-          _mm256_packs_epi16(_mm256_packs_epi32(q32[0], q32[1]), _mm256_packs_epi32(q32[2], q32[3])),
-          order);
+      const __m256i q16a = _mm256_packs_epi32(q32[0], q32[1]);
+      const __m256i q16b = _mm256_packs_epi32(q32[2], q32[3]);
+      const __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16a, q16b), order);
       _mm256_storeu_si256((__m256i *)(out->q + row * k + b * RUN), q8);
       out->f[row * nb + b] = (int16_t)f;
       const int32_t first = hsum8i(_mm256_add_epi32(q32[0], q32[1]));
@@ -721,7 +753,8 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
           d[a] = half(sb[a] + 208);
           const __m256 m = _mm256_set1_ps(-32.0f * d[a]);
           const __m256 lo = _mm256_mul_ps(m, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scales)));
-          const __m256 hi = _mm256_mul_ps(m, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(scales, 8))));
+          const __m256 hi = _mm256_mul_ps(
+              m, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(scales, 8))));
 #pragma GCC unroll 4
           for (int c = 0; c < NX; c++) {
             const float *o = xr->o6 + ((i0 + c) * nb + b0) * 2;
@@ -731,11 +764,13 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
         } else { /* the runs' minimums: -dmin m_r (step sum q)_r */
           scales = k_bytes(sb[a] + 4);
           d[a] = half(sb[a]);
-          const __m256 m = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scales, 8))),
-                                         _mm256_set1_ps(-half(sb[a] + 2)));
+          const __m256i mins = _mm256_cvtepu8_epi32(_mm_srli_si128(scales, 8));
+          const __m256 m =
+              _mm256_mul_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(-half(sb[a] + 2)));
 #pragma GCC unroll 4
           for (int c = 0; c < NX; c++)
-            corr[a][c] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xr->o + (i0 + c) * nb + b0), corr[a][c]);
+            corr[a][c] =
+                _mm256_fmadd_ps(m, _mm256_loadu_ps(xr->o + (i0 + c) * nb + b0), corr[a][c]);
         }
 #pragma GCC unroll 4
         for (int c = 0; c < NX; c++)
