@@ -28,7 +28,9 @@ SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "min_p": (0.0
                    "repetition_penalty": (0.01, 10.0)}
 MAX_LOGPROBS = 20
 SEED_RANGE = (-2**63, 2**63 - 1)  # OpenAI's: a signed 64-bit integer
-ROLES = ("system", "user", "assistant", "developer", "tool")
+# Any role a chat template may render (ipython, function, observation, ...) passes: the node's
+# template decides, and one it cannot render is a 400 from there (nodes/engine/prompt.py).
+ROLE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,31}$")
 # A message's fields, per role; `name`, `refusal`, `audio`, `function_call` change nothing here.
 MESSAGE_FIELDS = {"role", "content", "name"}
 ROLE_FIELDS = {"assistant": {"tool_calls", "refusal", "audio", "function_call", "reasoning_content"},
@@ -188,8 +190,9 @@ def check_messages(messages: Any, strict: bool) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(where, "each message needs a string 'role' and a string 'content'")
         role = m["role"]
-        if role not in ROLES:
-            raise BadRequest(f"{where}.role", f"unknown role '{role}'")
+        if not ROLE.match(role):
+            raise BadRequest(f"{where}.role", f"'{role[:40]}' is not a role name (a letter, then "
+                             "up to 31 letters, digits, '_' or '-')")
         if strict:
             unknown = sorted(set(m) - MESSAGE_FIELDS - ROLE_FIELDS.get(role, set()))
             if unknown:

@@ -116,7 +116,7 @@ def test_openai_client_unchanged(up):
      "invalid_value"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": {"x": 1}},
      "stream_options.x", "unknown_field"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "invalid_value"),
+    ({"messages": [{"role": "<wizard>", "content": "hi"}]}, "messages[0].role", "invalid_value"),
     ({"prompt": "not a chat"}, "prompt", "unknown_field"),
     ({"model": "fake"}, "messages", "invalid_value"),
 ])

@@ -32,6 +32,18 @@ def test_prompt_over_the_context_is_400(up):
     assert "64" in err["message"]  # vLLM's wording names the limit
 
 
+def test_a_role_the_template_renders_is_passed_to_it(up):
+    """Roles beyond OpenAI's (Llama 3's ipython, GLM's observation) go to the model's chat
+    template, which renders them (ChatML here: any role); a malformed role is a 400."""
+    r = requests.post(f"{up.http}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "ipython", "content": "42"}, {"role": "user", "content": "hi"}],
+        "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    r = requests.post(f"{up.http}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "<|im_start|>", "content": "x"}], "max_tokens": 2})
+    assert r.status_code == 400 and "role" in error_of(r)["message"], r.text
+
+
 def test_short_prompt_answers_with_usage(up):
     r = requests.post(f"{up.http}/v1/chat/completions", timeout=60, json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "ignore_eos": True})
