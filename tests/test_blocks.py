@@ -2,9 +2,10 @@
 
 For every block type treechat reads: random blocks, valid by construction (random bits, scales
 set to sane float16 values), multiplied by random activations on our kernels equal gguf's
-`dequantize` times the same activations, on each vector path this CPU has (AVX2, and AVX-512
-where present, forced by TREECHAT_KERNELS), for one row (a decode step), a few (a batch: every
-tile shape), and many (a prompt chunk, through sgemm)."""
+`dequantize` times the same activations (rounded as the kernels round them: 8-bit runs), on each
+vector path this CPU has (AVX2, AVX-512, AVX-512 with VNNI, forced by TREECHAT_KERNELS), for one
+row (a decode step), a few (a batch: every tile shape), and many (a prompt chunk, through
+sgemm)."""
 
 from __future__ import annotations
 
