@@ -183,8 +183,9 @@ def generate_request(body: Any) -> tuple[dict, dict]:
     return body, chat
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+def stamp(t: float) -> str:
+    """Ollama's `created_at` for the time `t` (seconds since the epoch), in UTC."""
+    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def tool_calls(calls: list[dict]) -> list[dict]:
@@ -208,15 +209,28 @@ class ChatOutput(Choice):
         super().__init__(index, shape, request)
         self.started = time.perf_counter()
         self.first: float | None = None  # when the first text arrived: prompt eval ends
+        self.second, self.time = self.clock(time.time())
         self.head = b'{"model":' + orjson.dumps(shape.model) + b',"created_at":' + \
-            orjson.dumps(now()) + b',"' + self.key.encode() + b'":'
+            orjson.dumps(self.time) + b',"' + self.key.encode() + b'":'
+
+    @staticmethod
+    def clock(t: float) -> tuple[int, str]:
+        return int(t), stamp(t)
+
+    def created_at(self) -> str:
+        """The time for a line: the request's own while its second lasts (a line per token
+        formats no date), then the current one."""
+        t = time.time()
+        if int(t) != self.second:
+            self.second, self.time = self.clock(t)
+        return self.time
 
     def opening(self) -> list[bytes]:
         return []
 
     def line(self, fields: dict, done: bool = False) -> bytes:
-        obj = {"model": self.shape.model, "created_at": now(), self.key: self.value(fields),
-               "done": done}
+        obj = {"model": self.shape.model, "created_at": self.created_at(),
+               self.key: self.value(fields), "done": done}
         return orjson.dumps(obj) + b"\n"
 
     def value(self, fields: dict):
@@ -247,8 +261,8 @@ class ChatOutput(Choice):
         end = time.perf_counter()
         first = self.first or end
         reason = "length" if self.reason == "length" else "stop"
-        return {"model": self.shape.model, "created_at": now(), self.key: self.value(fields),
-                "done": True, "done_reason": reason,
+        return {"model": self.shape.model, "created_at": self.created_at(),
+                self.key: self.value(fields), "done": True, "done_reason": reason,
                 "total_duration": int((end - self.started) * 1e9), "load_duration": 0,
                 "prompt_eval_count": self.prompt_tokens,
                 "prompt_eval_duration": int((first - self.started) * 1e9),

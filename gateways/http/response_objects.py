@@ -17,10 +17,18 @@ Responses events instead of chat chunks (the tool-call reading stays Choice's). 
 each `data:` object carrying its `type` and a `sequence_number` counted from 0. A response cut by
 `max_output_tokens` ends with `response.incomplete`, one that fails mid-way with
 `response.failed`.
+
+A delta (of text or of a call's arguments) is the hot path, one per token: its event is framed
+from bytes made once per output item around its sequence number and the JSON string of its text,
+as the chat path's `sse.Shape.delta_event` is. A message item's other events are bytes made once
+per output index (`message_events`) with its id and text put in (`pieces`, `fill`), and
+`response.created` and `response.in_progress` share one serialized response. The same bytes as
+building each event's object.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 
 import orjson
@@ -30,6 +38,47 @@ from gateways.http import sse
 from gateways.http.answers import Choice
 
 _ids = random.Random()  # seeded from os.urandom; item ids must be unique, not secret
+
+
+def sse_event(kind: str, seq, fields: dict) -> bytes:
+    data = orjson.dumps({"type": kind, "sequence_number": seq, **fields})
+    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def pieces(kind: str, **fields) -> tuple[bytes, ...]:
+    """An event's bytes split where sse.MARK stands (the sequence number first, then each MARK
+    in `fields` in order): `fill(pieces, seq, *values)` puts JSON values back in those places."""
+    return tuple(sse_event(kind, sse.MARK, fields).split(orjson.dumps(sse.MARK)))
+
+
+def fill(pieces: tuple[bytes, ...], seq: int, *values: bytes) -> bytes:
+    out = [pieces[0], b"%d" % seq]
+    for piece, value in zip(pieces[1:], values):
+        out += (piece, value)
+    out.append(pieces[-1])
+    return b"".join(out)
+
+
+# A message item's events depend on its output index alone, besides the sequence number, its
+# id and its text: made once per index, kept for the 256 used last (as anthropic_answer's).
+@functools.lru_cache(maxsize=256)
+def message_events(index: int) -> dict[str, tuple[bytes, ...]]:
+    """`pieces` of each event of a message item at `index`, MARK standing for its id (and text)."""
+    mark, where = sse.MARK, {"item_id": sse.MARK, "output_index": index, "content_index": 0}
+    return {
+        "added": pieces("response.output_item.added", output_index=index,
+                        item=message_item(mark, "", "in_progress")),
+        "part": pieces("response.content_part.added", **where, part=text_part("")),
+        "delta": pieces("response.output_text.delta", **where, delta=mark, logprobs=[]),
+        "text": pieces("response.output_text.done", **where, text=mark, logprobs=[]),
+        "part_done": pieces("response.content_part.done", **where, part=text_part(mark)),
+        "done": pieces("response.output_item.done", output_index=index,
+                       item=message_item(mark, mark)),
+    }
+
+
+CREATED = pieces("response.created", response=sse.MARK)
+IN_PROGRESS = pieces("response.in_progress", response=sse.MARK)
 
 
 def item_id(prefix: str) -> str:
@@ -98,16 +147,25 @@ class ResponseOutput(Choice):
         self.items: list[dict] = []  # output items so far, the last one maybe still open
         self.open_item: dict | None = None
         self.texts: list[str] = []  # the open message's text so far
+        self.frame = (b"", b"", b"")  # the open item's delta `frame`
 
     def event(self, kind: str, **fields) -> bytes:
-        data = orjson.dumps({"type": kind, "sequence_number": self.seq, **fields})
         self.seq += 1
-        return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+        return sse_event(kind, self.seq - 1, fields)
+
+    def delta_event(self, text: str) -> bytes:
+        """The open item's delta event for `text`, from its frame."""
+        head, mid, tail = self.frame
+        self.seq += 1
+        return head + b"%d" % (self.seq - 1) + mid + orjson.dumps(text) + tail
+
+    def filled(self, pieces: tuple[bytes, ...], *values: bytes) -> bytes:
+        self.seq += 1
+        return fill(pieces, self.seq - 1, *values)
 
     def opening(self) -> list[bytes]:
-        response = self.shape.response("in_progress", [])
-        return [self.event("response.created", response=response),
-                self.event("response.in_progress", response=response)]
+        response = orjson.dumps(self.shape.response("in_progress", []))
+        return [self.filled(CREATED, response), self.filled(IN_PROGRESS, response)]
 
     def render(self, text: str, calls: list[dict], entries: list | None) -> list[bytes]:
         out = []
@@ -116,9 +174,7 @@ class ResponseOutput(Choice):
                 out += self.close_item()
                 out += self.open_message()
             self.texts.append(text)
-            out.append(self.event("response.output_text.delta", item_id=self.open_item["id"],
-                                  output_index=len(self.items) - 1, content_index=0,
-                                  delta=text, logprobs=[]))
+            out.append(self.delta_event(text))
         for call in calls:
             if "id" in call:  # a new call; its arguments may follow in later deltas
                 out += self.close_item()
@@ -128,25 +184,26 @@ class ResponseOutput(Choice):
             if arguments:
                 if "id" not in call:
                     self.open_item["arguments"] += arguments
-                out.append(self.event("response.function_call_arguments.delta",
-                                      item_id=self.open_item["id"],
-                                      output_index=len(self.items) - 1, delta=arguments))
+                out.append(self.delta_event(arguments))
         return out
 
     def open_message(self) -> list[bytes]:
         self.texts = []
         self.open_item = message_item(item_id("msg"), "", "in_progress")
         self.items.append(self.open_item)
-        where = {"item_id": self.open_item["id"], "output_index": len(self.items) - 1}
-        return [self.event("response.output_item.added", output_index=where["output_index"],
-                           item=self.open_item),
-                self.event("response.content_part.added", **where, content_index=0,
-                           part=text_part(""))]
+        events, id_ = message_events(len(self.items) - 1), orjson.dumps(self.open_item["id"])
+        head, mid, tail = events["delta"][0], events["delta"][1:3], events["delta"][3]
+        self.frame = (head, mid[0] + id_ + mid[1], tail)
+        return [self.filled(events["added"], id_), self.filled(events["part"], id_)]
 
     def open_call(self, call: dict) -> list[bytes]:
         self.open_item = call_item(item_id("fc"), call, "in_progress")
         self.items.append(self.open_item)
         added = {**self.open_item, "arguments": ""}
+        head, mid, tail = pieces("response.function_call_arguments.delta",
+                                 item_id=self.open_item["id"], output_index=len(self.items) - 1,
+                                 delta=sse.MARK)
+        self.frame = (head, mid, tail)
         return [self.event("response.output_item.added", output_index=len(self.items) - 1,
                            item=added)]
 
@@ -158,12 +215,11 @@ class ResponseOutput(Choice):
         item["status"] = "completed"
         if item["type"] == "message":
             text = "".join(self.texts)
-            part = text_part(text)
-            item["content"] = [part]
-            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
-            return [self.event("response.output_text.done", **where, text=text, logprobs=[]),
-                    self.event("response.content_part.done", **where, part=part),
-                    self.event("response.output_item.done", output_index=index, item=item)]
+            item["content"] = [text_part(text)]
+            events, id_, text_ = message_events(index), orjson.dumps(item["id"]), orjson.dumps(text)
+            return [self.filled(events["text"], id_, text_),
+                    self.filled(events["part_done"], id_, text_),
+                    self.filled(events["done"], id_, text_)]
         return [self.event("response.function_call_arguments.done", item_id=item["id"],
                            output_index=index, name=item["name"], arguments=item["arguments"]),
                 self.event("response.output_item.done", output_index=index, item=item)]
