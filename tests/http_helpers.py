@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import socket
 import time
+from contextlib import contextmanager
 
 import orjson
 import requests
+from pydantic import BaseModel, Field
 
 from conftest import Cluster
 
@@ -20,6 +22,32 @@ def start_up(tmp_path_factory, name: str, *args: str, timeout: float = 60.0):
     except Exception:
         cluster.close()
         raise
+
+
+@contextmanager
+def tiny_tree(tmp_path_factory, tiny_model: str, name: str, *args: str):
+    """`treechat up` with the tiny real model on CPU, for one test module's fixture."""
+    cluster, up = start_up(tmp_path_factory, name, "--engine", "hf", "--model", tiny_model,
+                           "--device", "cpu", *args, timeout=240)
+    try:
+        yield up
+    finally:
+        cluster.close()
+
+
+class Person(BaseModel):
+    """A small structured answer the tiny model can fill within a few tokens."""
+
+    name: str = Field(max_length=8)
+    age: int = Field(ge=0, le=120)
+
+
+def openai_client(up):
+    """The openai SDK on the tree's HTTP gateway, with the served model's name as `.model`."""
+    import openai
+    c = openai.OpenAI(base_url=f"{up.http}/v1", api_key="x", max_retries=0, timeout=120)
+    c.model = c.models.list().data[0].id
+    return c
 
 
 def chat(url: str, content: str = "hello there world", **fields) -> requests.Response:

@@ -21,7 +21,7 @@ import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from http_helpers import start_up
+from http_helpers import tiny_tree
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -37,10 +37,8 @@ GREEDY = {"temperature": 0}  # today's SDK has no sampling arguments; the API st
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory, tiny_model):
-    cluster, up = start_up(tmp_path_factory, "anthropic-sdk", "--engine", "hf", "--model",
-                           tiny_model, "--device", "cpu", timeout=240)
-    yield up
-    cluster.close()
+    with tiny_tree(tmp_path_factory, tiny_model, "anthropic-sdk") as tree:
+        yield tree
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import math
 from typing import Literal
 
 import jsonschema
-import openai
 import orjson
 import pytest
 import requests
@@ -20,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
-from http_helpers import events, start_up
+from http_helpers import events, openai_client, tiny_tree
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,17 +43,13 @@ class Person(BaseModel):
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory, tiny_model):
-    cluster, up = start_up(tmp_path_factory, "http-features", "--engine", "hf", "--model",
-                           tiny_model, "--device", "cpu", timeout=240)
-    yield up
-    cluster.close()
+    with tiny_tree(tmp_path_factory, tiny_model, "http-features") as tree:
+        yield tree
 
 
 @pytest.fixture(scope="module")
 def client(up):
-    c = openai.OpenAI(base_url=f"{up.http}/v1", api_key="x", max_retries=0, timeout=120)
-    c.model = c.models.list().data[0].id
-    return c
+    return openai_client(up)
 
 
 def test_pydantic_parse_whole_and_streamed(client):

@@ -20,9 +20,8 @@ import pytest
 import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel, Field
 
-from http_helpers import RawStream, poll, start_up
+from http_helpers import Person, RawStream, poll, start_up, tiny_tree
 from test_http_api import metric, tree_idle
 from test_http_limits import SAY, gateway
 
@@ -37,17 +36,10 @@ FEW = {"num_predict": 5, "temperature": 0, "seed": 3}
 NPM_OLLAMA = "ollama@0.6.4"
 
 
-class Person(BaseModel):
-    name: str = Field(max_length=8)
-    age: int = Field(ge=0, le=120)
-
-
 @pytest.fixture(scope="module")
 def up(tmp_path_factory, tiny_model):
-    cluster, up = start_up(tmp_path_factory, "ollama", "--engine", "hf", "--model", tiny_model,
-                           "--device", "cpu", timeout=240)
-    yield up
-    cluster.close()
+    with tiny_tree(tmp_path_factory, tiny_model, "ollama") as tree:
+        yield tree
 
 
 @pytest.fixture(scope="module")

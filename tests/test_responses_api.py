@@ -18,10 +18,10 @@ import pytest
 import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from conftest import HB, free_ports
-from http_helpers import RawStream, error_of, poll, start_up
+from conftest import free_ports
+from http_helpers import Person, RawStream, error_of, openai_client, poll, start_up, tiny_tree
 from test_http_api import metric, tree_idle
 from test_http_limits import SAY, gateway
 
@@ -35,24 +35,15 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "The weathe
 ASK = "What is the weather in Paris?"
 
 
-class Person(BaseModel):
-    name: str = Field(max_length=8)
-    age: int = Field(ge=0, le=120)
-
-
 @pytest.fixture(scope="module")
 def up(tmp_path_factory, tiny_model):
-    cluster, up = start_up(tmp_path_factory, "responses", "--engine", "hf", "--model", tiny_model,
-                           "--device", "cpu", timeout=240)
-    yield up
-    cluster.close()
+    with tiny_tree(tmp_path_factory, tiny_model, "responses") as tree:
+        yield tree
 
 
 @pytest.fixture(scope="module")
 def client(up):
-    c = openai.OpenAI(base_url=f"{up.http}/v1", api_key="x", max_retries=0, timeout=120)
-    c.model = c.models.list().data[0].id
-    return c
+    return openai_client(up)
 
 
 def sdk(url: str) -> openai.OpenAI:

@@ -7,17 +7,15 @@ from __future__ import annotations
 import pytest
 import requests
 
-from http_helpers import start_up
+from http_helpers import tiny_tree
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory, tiny_model):
-    cluster, up = start_up(tmp_path_factory, "tokenize", "--engine", "hf", "--model", tiny_model,
-                           "--device", "cpu", timeout=240)
-    yield up
-    cluster.close()
+    with tiny_tree(tmp_path_factory, tiny_model, "tokenize") as tree:
+        yield tree
 
 
 def post(up, path: str, body: dict) -> requests.Response:
