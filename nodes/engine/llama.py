@@ -58,7 +58,7 @@ class Shape:
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
     neox: bool = True  # rope pairs (i, i + half); False: (2i, 2i + 1)
-    rot: int = 0  # rotary dimensions of a head (Phi-4's partial rotary: fewer than head_dim)
+    rot: int = 0  # rotary dimensions of a head, 0: all (Phi-4's partial rotary turns fewer)
 
     @classmethod
     def of(cls, config, neox: bool = True) -> "Shape":
@@ -234,7 +234,8 @@ class CpuModel(Model):
                 len(layer.gate_up), None, None, s.windows[i])
         act = {"silu": 0, "gelu_tanh": 1}[s.family.act]
         view = k.Stack(s.layers, s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate,
-                       s.eps, s.scale, s.attn_softcap, act, int(s.neox), s.rot, array)
+                       s.eps, s.scale, s.attn_softcap, act, int(s.neox), s.rot or s.head_dim,
+                       array)
         view.keep = array  # the array lives as long as the view
         return view
 
