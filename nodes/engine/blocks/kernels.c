@@ -33,8 +33,9 @@
  *
  * Products of 128 rows or more (long prompt chunks) dequantize the weights in panels into
  * float32 and call the BLAS sgemm that torch carries (set by kernels.py): there a float GEMM is
- * faster than integer dots (on 2 AVX-512 EPYC cores, the two measured together: at 64 rows ours
- * 43-54 Gmac/s, dequantize + sgemm 29-44; at 256 rows 43 against 80).
+ * faster than integer dots (on 2 AVX-512 EPYC cores, measured with the 16-bit activations these
+ * kernels had before the 8-bit ones: at 64 rows ours 43-54 Gmac/s, dequantize + sgemm 29-44; at
+ * 256 rows 43 against 80; not measured again since).
  *
  * Threads: OpenMP, linked by soname, so in a process where torch already loaded its libgomp the
  * two share one thread pool. Scratch is allocated per call, 64-byte aligned; a failed allocation
@@ -374,32 +375,30 @@ static inline __attribute__((always_inline)) bvec pair_k(const int type, const u
   }
   return bpair(codes_k(type, sb, 2 * p), codes_k(type, sb, 2 * p + 1));
 }
+/* two 32-blocks' 16 bytes of nibbles each (q0, q1) as their 64 weights, as `nibbles` lays a run */
+static inline bvec nibble_pair(const uint8_t *q0, const uint8_t *q1) {
+  const __m256i two = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)q1),
+                                       _mm_loadu_si128((const __m128i *)q0));
+  const __m512i raw = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
+                                               _mm512_castsi256_si512(two));
+  return _mm512_and_si512(_mm512_srlv_epi64(raw, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
+                          _mm512_set1_epi8(0x0F));
+}
 static inline __attribute__((always_inline)) bvec pair(const int type, const uint8_t *row,
                                                        int64_t b) {
-  if (type == Q4_0 || type == Q4_1) { /* two blocks' 16 bytes of nibbles */
-    const int64_t bytes = block_bytes(type), at = type == Q4_0 ? 2 : 4;
-    const uint8_t *b0 = row + b * bytes + at, *b1 = b0 + bytes;
-    const __m256i two = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)b1),
-                                         _mm_loadu_si128((const __m128i *)b0));
-    const __m512i raw = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
-                                                 _mm512_castsi256_si512(two));
-    return _mm512_and_si512(_mm512_srlv_epi64(raw, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
-                            _mm512_set1_epi8(0x0F));
+  const int64_t bytes = block_bytes(type);
+  if (type == Q4_0 || type == Q4_1) {
+    const uint8_t *q0 = row + b * bytes + (type == Q4_0 ? 2 : 4);
+    return nibble_pair(q0, q0 + bytes);
   }
   if (type == Q5_0 || type == Q5_1) { /* the same nibbles, and the fifth bits as a mask */
-    const int64_t bytes = block_bytes(type), at = type == Q5_0 ? 2 : 4;
-    const uint8_t *b0 = row + b * bytes + at, *b1 = b0 + bytes;
-    const __m256i two = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(b1 + 4)),
-                                         _mm_loadu_si128((const __m128i *)(b0 + 4)));
-    const __m512i raw = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
-                                                 _mm512_castsi256_si512(two));
-    const __m512i lo = _mm512_and_si512(
-        _mm512_srlv_epi64(raw, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(0x0F));
-    uint32_t h0, h1;
-    memcpy(&h0, b0, 4);
-    memcpy(&h1, b1, 4);
-    return _mm512_or_si512(lo, _mm512_maskz_mov_epi8((__mmask64)h0 | (__mmask64)h1 << 32,
-                                                     _mm512_set1_epi8(0x10)));
+    const uint8_t *h0 = row + b * bytes + (type == Q5_0 ? 2 : 4), *h1 = h0 + bytes;
+    uint32_t bits0, bits1;
+    memcpy(&bits0, h0, 4);
+    memcpy(&bits1, h1, 4);
+    return _mm512_or_si512(nibble_pair(h0 + 4, h1 + 4),
+                           _mm512_maskz_mov_epi8((__mmask64)bits0 | (__mmask64)bits1 << 32,
+                                                 _mm512_set1_epi8(0x10)));
   }
   return bpair(codes(type, row, b), codes(type, row, b + 1));
 }
@@ -676,14 +675,13 @@ static inline void share(int64_t n, int64_t unit, int64_t *begin, int64_t *end) 
   *end = units * (i + 1) / t * unit < n ? units * (i + 1) / t * unit : n;
 }
 
-
 /* Runs b, b + 1 of the 32-block types (b alone if !two: its pair's lanes get zeros) of WR
  * weight rows against NX rows of x, into acc: each run's dot products times its float scale
  * (ws[a][j], j = b's place in its group) and step */
 static inline __attribute__((always_inline)) void pairs(const int type, const int NX,
                                                         const uint8_t *const *w, const qrows *xr,
                                                         int64_t i0, int64_t nb, int64_t b,
-                                                        float ws[WR][8], const int j,
+                                                        const float ws[WR][8], const int j,
                                                         const int two, fvec acc[WR][XR]) {
   const int is_signed = type == Q8_0 || type == IQ4_NL || type == IQ4_XS;
   bvec u[WR];
@@ -691,9 +689,7 @@ static inline __attribute__((always_inline)) void pairs(const int type, const in
 #pragma GCC unroll 4
   for (int a = 0; a < WR; a++) {
     u[a] = two ? pair(type, w[a], b) : bpair(codes(type, w[a], b), _mm256_setzero_si256());
-    if (!two)
-      ws[a][j + 1] = 0.0f;
-    s[a] = spread(_mm256_loadu_ps(ws[a]), j);
+    s[a] = spread(_mm256_loadu_ps(ws[a]), j); /* scales8 set ws past the group's runs to 0 */
   }
 #pragma GCC unroll 4
   for (int c = 0; c < NX; c++) {
@@ -874,6 +870,8 @@ static inline __attribute__((always_inline)) void blocked_rows(
   }
 }
 
+typedef void (*blocked_fn)(const qrows *, int64_t, int64_t, const uint8_t *, int64_t, int64_t,
+                           float *, int64_t, int, int64_t, int64_t);
 #define BLOCKED_ROWS(T)                                                                       \
   static void blocked_##T(const qrows *xr, int64_t m_rows, int64_t k, const uint8_t *w,       \
                           int64_t row_bytes, int64_t n, float *y, int64_t ldy, int acc_into,  \
@@ -887,23 +885,18 @@ EACH_BLOCK_TYPE(BLOCKED_ROWS)
  * blocked type */
 static int blocked(int type, const qrows *xr, int64_t m_rows, int64_t k, const uint8_t *w,
                    int64_t row_bytes, int64_t n, float *y, int64_t ldy, int acc_into) {
+  blocked_fn rows;
   switch (type) {
-#define KNOWN(T) case T:
-    EACH_BLOCK_TYPE(KNOWN)
-#undef KNOWN
-    break;
+#define PICK(T) case T: rows = blocked_##T; break;
+    EACH_BLOCK_TYPE(PICK)
+#undef PICK
   default: return -2;
   }
 #pragma omp parallel
   {
     int64_t begin, end;
     share(n, WR, &begin, &end);
-    switch (type) {
-#define CALL(T)                                                                               \
-  case T: blocked_##T(xr, m_rows, k, w, row_bytes, n, y, ldy, acc_into, begin, end); break;
-      EACH_BLOCK_TYPE(CALL)
-#undef CALL
-    }
+    rows(xr, m_rows, k, w, row_bytes, n, y, ldy, acc_into, begin, end);
   }
   return 0;
 }
@@ -997,6 +990,8 @@ static inline __attribute__((always_inline)) void dequant_rows_t(
 }
 
 #define EACH_TYPE(X) EACH_BLOCK_TYPE(X) X(F32) X(F16) X(BF16)
+typedef void (*dequant_fn)(const uint8_t *, int64_t, int64_t, const int64_t *, int64_t, float *,
+                           int64_t, int64_t);
 #define DEQUANT_ROWS(T)                                                                       \
   static void dequant_##T(const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids, \
                           int64_t r0, float *out, int64_t i_begin, int64_t i_end) {           \
@@ -1008,22 +1003,18 @@ EACH_TYPE(DEQUANT_ROWS)
 /* rows of W (ids[i], or r0 + i when ids is NULL) as float32 [count, k]; -2: unknown type */
 int dequantize_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids,
                     int64_t r0, int64_t count, float *out) {
+  dequant_fn rows;
   switch (type) {
-#define KNOWN(T) case T:
-    EACH_TYPE(KNOWN)
-#undef KNOWN
-    break;
+#define PICK(T) case T: rows = dequant_##T; break;
+    EACH_TYPE(PICK)
+#undef PICK
   default: return -2;
   }
 #pragma omp parallel if (count * k > 65536)
   {
     int64_t begin, end;
     share(count, 1, &begin, &end);
-    switch (type) {
-#define CALL(T) case T: dequant_##T(w, row_bytes, k, ids, r0, out, begin, end); break;
-      EACH_TYPE(CALL)
-#undef CALL
-    }
+    rows(w, row_bytes, k, ids, r0, out, begin, end);
   }
   return 0;
 }
