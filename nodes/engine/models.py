@@ -78,11 +78,10 @@ def gguf_file(model: str | None) -> tuple[Path, str] | None:
 def resolve(model: str | None) -> str:
     """A name or folder transformers can load as is (None = the default model), converting
     GGUF once: for what needs transformers' own model (tests' references, `transformers serve`)."""
-    if model is None:
-        return str(convert_gguf(default_gguf(), DEFAULT_MODEL))
+    found = gguf_file(model)
+    if found is not None:
+        return str(convert_gguf(*found))
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return str(convert_gguf(path, f"{path.stem}-{path.stat().st_size}"))
     return str(path) if path.exists() else model
 
 
