@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateways.http.base import ApiHandler, BaseHandler
 from gateways.http.errors import ApiError, root_unreachable
-from gateways.http.treeview import is_ready, models_of, serving_nodes
+from gateways.http.treeview import is_ready, model_infos, models_of, serving_nodes
 
 STARTED = int(time.time())
 
@@ -77,15 +77,14 @@ class ModelsHandler(ApiHandler):
         status = await self.gw.tree.recent(max_age=1.0)
         if status is None:
             raise root_unreachable()
-        infos = {}
-        for node in serving_nodes(status):
-            infos.setdefault(node.get("model") or node.get("engine"), node.get("info") or {})
+        infos = model_infos(status, self.gw.cfg.served_names)
         models = models_of(status)
-        aliases = [(n, models[0]) for n in self.gw.cfg.served_names if models and n not in models]
-        return [{"id": m, "object": "model", "created": STARTED, "owned_by": "treechat",
-                 "root": root, "max_model_len": infos.get(root, {}).get("max_model_len"),
-                 "max_tokens_default": infos.get(root, {}).get("max_tokens_default")}
-                for m, root in [(m, m) for m in models] + aliases]
+        aliases = [n for n in infos if n not in models]  # --served-model-name's, in order
+        return [{"id": name, "object": "model", "created": STARTED, "owned_by": "treechat",
+                 "root": name if name in models else models[0],
+                 "max_model_len": infos[name].get("max_model_len"),
+                 "max_tokens_default": infos[name].get("max_tokens_default")}
+                for name in models + aliases]
 
 
 class ModelHandler(ModelsHandler):

@@ -21,7 +21,7 @@ from gateways.http.base import ApiHandler, BodyHandler
 from gateways.http.errors import ApiError, bad_request, root_unreachable
 from gateways.http.info import STARTED
 from gateways.http.ollama import ChatHandler, GenerateHandler, OllamaErrors, model_name
-from gateways.http.treeview import models_of, serving_nodes
+from gateways.http.treeview import model_infos
 
 VERSION = "0.12.0"  # the Ollama API this gateway follows (clients compare versions for features)
 CAPABILITIES = ["completion", "tools"]
@@ -33,14 +33,7 @@ class OllamaInfo(OllamaErrors, ApiHandler):
         status = await self.gw.tree.recent(max_age=1.0)
         if status is None:
             raise root_unreachable()
-        infos: dict[str, dict] = {}
-        for node in serving_nodes(status):
-            infos.setdefault(node.get("model") or node.get("engine"), node.get("info") or {})
-        models = models_of(status)
-        for name in self.gw.cfg.served_names:
-            if models and name not in infos:
-                infos[name] = infos.get(models[0], {})
-        return infos
+        return model_infos(status, self.gw.cfg.served_names)
 
     def entry(self, name: str, info: dict) -> dict:
         quant = info.get("quantization") or ""

@@ -71,6 +71,19 @@ def models_of(status: dict | None) -> list[str]:
     return sorted({n.get("model") or n.get("engine") for n in serving_nodes(status)})
 
 
+def model_infos(status: dict | None, served_names: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Each model the tree serves -> the info of a node serving it (the first); each
+    --served-model-name that is not one of them -> the default model's."""
+    infos: dict[str, dict] = {}
+    for node in serving_nodes(status):
+        infos.setdefault(node.get("model") or node.get("engine"), node.get("info") or {})
+    models = models_of(status)
+    for name in served_names:
+        if models and name not in infos:
+            infos[name] = infos[models[0]]
+    return infos
+
+
 def is_ready(status: dict | None) -> bool:
     return bool(serving_nodes(status)) and bool(status.get("root", {}).get("children"))
 
