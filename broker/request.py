@@ -27,6 +27,7 @@ SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "min_p": (0.0
                    "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0),
                    "repetition_penalty": (0.01, 10.0)}
 MAX_LOGPROBS = 20
+MAX_SESSION = 256  # characters of a session name
 SEED_RANGE = (-2**63, 2**63 - 1)  # OpenAI's: a signed 64-bit integer
 # Any role a chat template may render (ipython, function, observation, ...) passes: the node's
 # template decides, and one it cannot render is a 400 from there (nodes/engine/prompt.py).
@@ -80,12 +81,16 @@ class Request:
     tools: list | None = None  # OpenAI tool definitions, rendered by the chat template
     tool_choice: str | dict | None = None  # "auto" | "none" | "required" | {"type": "function", ...}
     parallel_tool_calls: bool | None = None  # False: at most one call (None: OpenAI's true)
+    # The conversation this request continues, named by its client (OpenAI's `user` or
+    # `prompt_cache_key`, an `X-Session-Id` header, a TCP or page conversation): the tree sends it
+    # where the conversation's earlier turns ran, so their cached prefix is reused.
+    session: str | None = None
 
     FIELDS: ClassVar[frozenset[str]] = frozenset(
         ["messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
          "ignore_eos", "model", "presence_penalty", "frequency_penalty", "repetition_penalty",
          "min_p", "logit_bias", "logprobs", "prompt_logprobs", "response_format", "tools",
-         "tool_choice", "parallel_tool_calls"])
+         "tool_choice", "parallel_tool_calls", "session"])
 
     @classmethod
     def from_dict(cls, data: dict, *, strict: bool = True) -> "Request":
@@ -132,6 +137,10 @@ class Request:
                 raise BadRequest(name, f"'{name}' must be true or false")
         if self.model is not None and not isinstance(self.model, str):
             raise BadRequest("model", "'model' must be a string")
+        if self.session is not None and not (isinstance(self.session, str)
+                                             and 0 < len(self.session) <= MAX_SESSION):
+            raise BadRequest("session", f"'session' must be a string of 1 to {MAX_SESSION} "
+                             "characters")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
