@@ -78,17 +78,18 @@ class Front:
             request = p.Request.from_dict(msg.request)
         except p.BadRequest as e:
             return refuse(p.ErrorCode.BAD_REQUEST, str(e))
+        model = self.resolve(request.model)
         if not msg.resubmit:  # a resubmitted request was admitted before: it gets back in
-            models = self.registry.models()
-            if request.model and models and request.model not in models:
-                return refuse(p.ErrorCode.UNKNOWN_MODEL, f"the model '{request.model}' does not "
+            models = self.models()
+            if model is not None and models and model not in models:
+                return refuse(p.ErrorCode.UNKNOWN_MODEL, f"the model '{model}' does not "
                               f"exist here; this tree serves {', '.join(sorted(models))}")
-            if not self.has_room() and len(self.queue) >= self.cfg.max_queue:
+            if not self.has_room(model) and len(self.queues.get(model, ())) >= self.cfg.max_queue:
                 return refuse(p.ErrorCode.OVERLOADED, "every node is busy and the queue is full; "
                               "try again shortly", 1.0)
         self.next_request_id += 1
         req = InFlight(self.next_request_id, gw.identity, msg.ref, msg.request,
-                       ids=list(msg.resume_ids), text=msg.resume_text)
+                       ids=list(msg.resume_ids), text=msg.resume_text, model=model)
         timeout = msg.timeout or self.cfg.deadline
         if timeout:
             req.deadline = time.monotonic() + timeout
@@ -98,8 +99,8 @@ class Front:
             # Resubmitted with every token it may have: only its finish was lost.
             return self.finish(req, p.Done(id=msg.ref, finish_reason="length",
                                            completion_tokens=len(req.ids)))
-        if self.queue or not self.dispatch(req):
-            self.queue.append(req)
+        if self.queues.get(model) or not self.dispatch(req):
+            self.enqueue(req)
             self.pump()
 
     def keep(self, msg: p.Keep) -> p.Kept:

@@ -34,6 +34,9 @@ class InFlight:
     deadline: float | None = None
     first_token_at: float | None = None
     moved_at: float = 0.0
+    model: str | None = None  # the model it must run on (None: any), resolved at admission
+    keys: list[bytes] | None = None  # its conversation's keys (broker/affinity.py), made once
+    home: str | None = None  # the node its dispatch is routed to (its conversation's home)
 
 
 class Table:
@@ -56,7 +59,7 @@ class Table:
     def unplace(self, req: InFlight) -> None:
         if req.rid is not None:
             self.by_rid.pop(req.rid, None)
-        req.rid, req.holder, req.state, req.to = None, None, "queued_at_root", None
+        req.rid, req.holder, req.state, req.to, req.home = None, None, "queued_at_root", None, None
 
     def remove(self, req: InFlight) -> None:
         self.unplace(req)
@@ -67,6 +70,14 @@ class Table:
         """Requests a lost node held: running or queued there, or on their way to it."""
         return [r for r in self.by_rid.values()
                 if r.holder == name or (r.state == "forwarded" and r.to == name)]
+
+    def placed(self) -> dict[str, int]:
+        """node -> requests running or queued there, or on their way to it as their home."""
+        counts: dict[str, int] = {}
+        for r in self.by_rid.values():
+            node = (r.home or r.to) if r.state == "forwarded" else r.holder
+            counts[node] = counts.get(node, 0) + 1
+        return counts
 
     def unacknowledged(self, older_than: float) -> list[InFlight]:
         """Dispatches sent down a link and not acknowledged further since `older_than`."""

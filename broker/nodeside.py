@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 
+from broker import affinity
 from broker import protocol as p
 from broker.inflight import InFlight
 from broker.registry import Entry
@@ -165,6 +166,10 @@ class NodeSide:
             req.text += text
             if req.first_token_at is None:
                 req.first_token_at = time.monotonic()
+                if self.cfg.affinity:  # its node will hold its prompt: the conversation's home
+                    if req.keys is None:
+                        req.keys = affinity.keys(req.model, req.request)
+                    self.homes.note(req.keys, name)
             self.outbox(req.gateway).items.append(
                 [req.ref, text, len(ids), item[3] if len(item) > 3 else None, ids])
         for rid, reason, prompt_tokens, completion_tokens, *cached in msg.done:
@@ -216,6 +221,7 @@ class NodeSide:
             self.registry.mark_dead(entry)
         self.children.remove(name)
         self.vouch(entry.parent, name, 0)
+        self.node_lost_model(name, entry.model)
         for req in held:
             self.redispatch(req, f"node {name} {why}")
         self.pump()

@@ -151,12 +151,17 @@ class Dispatch:
     """Root -> child and node -> child: run or place this request.
 
     `hop` counts the edges travelled (for ack ordering); `resume_ids`/`resume_text` are the tokens
-    and text the client already has when a request is re-dispatched after a node was lost."""
+    and text the client already has when a request is re-dispatched after a node was lost.
+    `model`: only a node of this model may run it (null: any). `route`: the names of the nodes
+    from the top-level one down to the node that holds the request's conversation (its home), so
+    route[hop - 1] is the receiver; a parent prefers the next one when it has a free slot."""
     rid: int
     request: dict
     hop: int = 1
     resume_ids: list[int] = field(default_factory=list)
     resume_text: str = ""
+    model: str | None = None
+    route: list | None = None
 
 
 @message(b"k")

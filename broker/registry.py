@@ -99,6 +99,17 @@ class Registry:
             name = entry.parent
         return False
 
+    def path(self, name: str) -> list[str] | None:
+        """The live nodes from a top-level one down to `name`; None when one of them is not."""
+        path: list[str] = []
+        while name is not None and len(path) < 64:  # a parent loop must not hang the root
+            entry = self.entries.get(name)
+            if entry is None or entry.state != "alive":
+                return None
+            path.append(name)
+            name = entry.parent
+        return path[::-1] if name is None else None
+
     def children_of(self, name: str) -> list[Entry]:
         return [e for e in self.entries.values() if e.parent == name and e.state != "dead"]
 

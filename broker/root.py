@@ -21,8 +21,17 @@ This module is the core: lifecycle, heartbeats, admission and placement, endings
 is `broker/front.py`, the node side (registration, adoption, acks, results, fencing)
 `broker/nodeside.py`.
 
-Admission is bounded: a request goes down only when the tree reports room; otherwise it waits in
-the root's queue (`max_queue`); when that is full too the gateway gets `overloaded` at once.
+A tree may serve several models (each node one). A request runs only on a node of its model: the
+root resolves its `model` at admission and every parent routes by the per-model capacity its
+children report. Admission is per model and bounded: a request goes down only when a subtree of
+its model has room; otherwise it waits in its model's queue at the root (`max_queue` each, so one
+model's flood never holds back another's requests); when that is full too the gateway gets
+`overloaded` at once. When the last node of a model is lost, that model's requests wait
+`model_wait` seconds for one to come back (`up` restarts a node that dies), then fail clearly.
+
+A request whose conversation ran on some node before goes back there when that node is not much
+busier than the others (broker/affinity.py): its `route` names the way down.
+
 Every request ends by its deadline (its own `timeout`, else `deadline`), with a `timeout` error.
 """
 
@@ -38,6 +47,7 @@ from pathlib import Path
 
 import zmq
 
+from broker import affinity
 from broker import protocol as p
 from broker import security
 from broker.front import Front
@@ -75,6 +85,8 @@ class RootConfig:
     state_dir: str | None = None  # kept responses persist here (None: in memory, as long as we run)
     store_max: int = 10_000  # kept responses at most (the oldest go first)
     store_max_age: float = 30 * 86400.0  # seconds a kept response lives (OpenAI keeps 30 days)
+    affinity: bool = True  # send a conversation's turns to the node that holds its cache
+    model_wait: float = 30.0  # seconds a model's requests wait for a node after its last is lost
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -87,6 +99,8 @@ class RootConfig:
             raise ValueError("--heartbeat must be positive")
         if self.deadline < 0:
             raise ValueError("--deadline cannot be negative (0: none)")
+        if self.model_wait < 0:
+            raise ValueError("--model-wait cannot be negative")
         if self.registry not in ("builtin", "ldap"):
             raise ValueError("--registry must be builtin or ldap")
         if self.registry == "ldap" and not (self.ldap_url and self.ldap_bind_dn
@@ -120,7 +134,9 @@ class Root(Front, NodeSide):
         self.store = Store(cfg.store_max, cfg.store_max_age, path)
         self.children = Children(cfg.policy)
         self.table = Table()
-        self.queue: deque[InFlight] = deque()
+        self.queues: dict[str | None, deque[InFlight]] = {}  # per model, oldest first
+        self.homes = affinity.Homes()
+        self.lost_models: dict[str, tuple[float, str]] = {}  # model -> (when, its last node)
         self.gateways: dict = {}
         self.dropped: dict[bytes, float] = {}  # gateways declared lost: told to register again
         self._outboxes: dict[bytes, p.Deltas] = {}
@@ -165,9 +181,10 @@ class Root(Front, NodeSide):
     async def drain(self) -> None:
         """SIGTERM: refuse new work, let what runs finish (up to `grace`), fail the rest clearly."""
         self.draining = True
-        for req in list(self.queue):
-            self.fail(req, p.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-        self.queue.clear()
+        for queue in list(self.queues.values()):
+            for req in list(queue):
+                self.fail(req, p.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        self.queues.clear()
         if self.table.requests:
             self.idle.clear()
             try:
@@ -203,6 +220,7 @@ class Root(Front, NodeSide):
         self.probe("results")
         self.take_back(now - self.cfg.ack_timeout)
         self.expire_deadlines(now)
+        self.give_up_models(now - self.cfg.model_wait)
         self.forget_dropped(now)
 
     def on_event(self, socket: str, event: int) -> None:
@@ -231,11 +249,51 @@ class Root(Front, NodeSide):
 
     # --- down the tree --------------------------------------------------------------------------
 
-    def has_room(self) -> bool:
+    # --- models ---------------------------------------------------------------------------------
+
+    def models(self) -> set[str]:
+        """The models some live node serves, and those whose last node may still come back."""
+        return self.registry.models() | set(self.lost_models)
+
+    def resolve(self, model: str | None) -> str | None:
+        """The model a request runs on: the one it names, else the tree's first (as the gateways
+        show it), else any (None: no node yet, as after a root restart)."""
+        if model is not None:
+            return model
+        return min(self.models(), default=None)
+
+    def node_lost_model(self, name: str, model: str | None) -> None:
+        """Node `name` of `model` is gone: when it was the model's last, its requests wait."""
+        if model and model not in self.registry.models():
+            log.warning("model %s has no node left (its last, %s, was lost); its requests wait "
+                        "%.0fs for one", model, name, self.cfg.model_wait)
+            self.lost_models[model] = (time.monotonic(), name)
+
+    def give_up_models(self, older_than: float) -> None:
+        for model, (at, name) in list(self.lost_models.items()):
+            if model in self.registry.models():
+                del self.lost_models[model]
+            elif at < older_than:
+                del self.lost_models[model]
+                for req in [r for r in self.table.requests.values() if r.model == model]:
+                    self.fail(req, p.ErrorCode.NODE_LOST, f"no node serves the model '{model}' "
+                              f"any more (its last node, {name}, was lost)")
+
+    # --- down the tree --------------------------------------------------------------------------
+
+    def has_room(self, model: str | None) -> bool:
         if self.cfg.policy == "seed":
-            total = self.children.total()
-            return total.free + total.room > 0
-        return any(c.load.free > 0 and not c.load.draining for c in self.children)
+            total = self.children.total().of(model)
+            return total is not None and total.free + total.room > 0
+        return any((load := c.load.of(model)) is not None and load.free > 0 and not c.load.draining
+                   for c in self.children)
+
+    def queued(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def enqueue(self, req: InFlight, first: bool = False) -> None:
+        queue = self.queues.setdefault(req.model, deque())
+        queue.appendleft(req) if first else queue.append(req)
 
     def new_rid(self) -> int:
         """A random 63-bit rid: a node that sees some rids cannot guess another request's."""
@@ -244,28 +302,58 @@ class Root(Front, NodeSide):
             if rid and rid not in self.table.by_rid:
                 return rid
 
+    def home_route(self, req: InFlight) -> list[str] | None:
+        """The way down to the node that ran `req`'s conversation, when it may take one more
+        request (broker/affinity.py); None: let the policy choose."""
+        if not self.cfg.affinity:
+            return None
+        if req.keys is None:
+            req.keys = affinity.keys(req.model, req.request)
+
+        def serves(name: str) -> bool:
+            entry = self.registry.entries.get(name)
+            return entry is not None and entry.state == "alive" and entry.model == req.model
+        home = self.homes.find(req.keys, serves)
+        if home is None:
+            return None
+        peers = [e for e in self.registry.entries.values()
+                 if e.state == "alive" and e.model == req.model and e.slots > 0]
+        placed = self.table.placed()
+        if not affinity.fits(placed.get(home, 0), self.registry.entries[home].slots,
+                             sum(placed.get(e.name, 0) for e in peers), len(peers)):
+            return None
+        return self.registry.path(home)
+
     def dispatch(self, req: InFlight) -> bool:
         """Send `req` to a child; False when no child has room (the caller queues it)."""
-        while self.has_room():
-            child = self.children.pick(need_free=True)
+        route = self.home_route(req) if self.has_room(req.model) else None
+        while self.has_room(req.model):
+            child = self.children.pick(req.model, need_free=True,
+                                       prefer=route[0] if route else None)
             if child is None:
                 return False
+            if route and child.name != route[0]:
+                route = None  # its home's subtree is full: wherever the policy says
             rid = self.new_rid()
             msg = p.Dispatch(rid=rid, request=req.request, hop=1, resume_ids=req.ids,
-                             resume_text=req.text)
+                             resume_text=req.text, model=req.model, route=route)
             if self.tree.send(msg, child.identity):
-                self.children.note_sent(child)
+                self.children.note_sent(child, req.model)
                 self.table.place(req, rid, holder="root", state="forwarded", to=child.name,
                                  now=time.monotonic())
+                req.home = route[-1] if route else None
                 return True
             log.info("top-level node %s is unreachable; removing it", child.name)
             self.children.remove(child.name)
         return False
 
     def pump(self) -> None:
-        """Room appeared somewhere: send queued requests down, oldest first."""
-        while self.queue and self.dispatch(self.queue[0]):
-            self.queue.popleft()
+        """Room appeared somewhere: send queued requests down, each model's oldest first."""
+        for model, queue in list(self.queues.items()):
+            while queue and self.dispatch(queue[0]):
+                queue.popleft()
+            if not queue:
+                del self.queues[model]
 
     def redispatch(self, req: InFlight, why: str) -> None:
         self.cancel_at_node(req)  # wherever a copy may still run, it stops
@@ -277,7 +365,7 @@ class Root(Front, NodeSide):
         log.info("request %d: dispatching again after %d tokens (%s)", req.request_id,
                  len(req.ids), why)
         if not self.dispatch(req):
-            self.queue.appendleft(req)  # it was admitted long ago: first in line
+            self.enqueue(req, first=True)  # it was admitted long ago: first in line
 
     def take_back(self, older_than: float) -> None:
         for req in self.table.unacknowledged(older_than):
@@ -290,8 +378,9 @@ class Root(Front, NodeSide):
         gateway is gone). `stop_node`: the node still works on it and must be told to cancel."""
         if stop_node and req.rid is not None:
             self.cancel_at_node(req)
-        if req.rid is None and req in self.queue:  # never dispatched: it waits at the root
-            self.queue.remove(req)
+        queue = self.queues.get(req.model)
+        if req.rid is None and queue and req in queue:  # never dispatched: it waits at the root
+            queue.remove(req)
         self.table.remove(req)
         if final is not None:
             self.to_gateway(final, req.gateway)
@@ -306,7 +395,9 @@ class Root(Front, NodeSide):
             self.fail(req, p.ErrorCode.TIMEOUT, "the request passed its deadline")
 
     def status(self) -> dict:
-        return {"root": {"epoch": self.epoch, "policy": self.cfg.policy, "queued": len(self.queue),
+        return {"root": {"epoch": self.epoch, "policy": self.cfg.policy, "queued": self.queued(),
+                         "queued_by_model": {m or "any": len(q) for m, q in self.queues.items()},
+                         "affinity": self.cfg.affinity,
                          "max_queue": self.cfg.max_queue, "in_flight": len(self.table.requests),
                          "deadline": self.cfg.deadline or None,
                          "gateways": sorted(g.name for g in self.gateways.values()),

@@ -99,6 +99,7 @@ class Node(Links):
         self.engine = engine
         self.metrics = metrics  # nodes.metrics.NodeMetrics (--metrics-port) or None
         self.instance = uuid.uuid4().hex
+        self.model = engine.describe().get("model") if engine is not None else None
         self.children = Children(cfg.policy)
         self.queue: deque[p.Dispatch] = deque()
         self.running: dict[int, p.Dispatch] = {}
@@ -209,14 +210,33 @@ class Node(Links):
     def engine_free(self) -> bool:
         return self.engine is not None and not self.draining and len(self.running) < self.engine.slots
 
+    def can_run(self, d: p.Dispatch) -> bool:
+        """A free engine slot here, of the request's model."""
+        return self.engine_free() and d.model in (None, self.model)
+
+    def serves(self, model: str | None) -> bool:
+        """Is there a node of `model` here or below?"""
+        return model in (None, self.model) or self.children.total().of(model) is not None
+
+    def home_child(self, d: p.Dispatch) -> str | None:
+        """The child on the way to the node that holds `d`'s conversation, if any (see Dispatch)."""
+        route = d.route or []
+        return route[d.hop] if len(route) > d.hop and route[d.hop - 1] == self.cfg.name else None
+
     def place(self, d: p.Dispatch) -> None:
-        """The original algorithm: run it if idle, else a child (per policy), else queue it."""
+        """The original algorithm: run it if idle, else a child (per policy), else queue it.
+        Only a node of the request's model runs it; a conversation's home is preferred."""
         if self.draining:
             return self.hand_back(d)
-        if self.engine_free():
+        if self.can_run(d) and self.home_child(d) is None:
             return self.run_here(d)
         if self.children and self.forward(d, need_free=True):
             return
+        if self.can_run(d):  # its home below is full: here is as good as anywhere
+            return self.run_here(d)
+        if not self.serves(d.model):  # our report was stale: the root places it again
+            return self.send_result(p.Error(id=d.rid, code=p.ErrorCode.OVERLOADED, message=(
+                f"node {self.cfg.name} has no node of model '{d.model}' below it")))
         if len(self.queue) < self.cfg.max_queue:
             self.queue.append(d)
             self.ack(d, "queued")
@@ -227,11 +247,12 @@ class Node(Links):
                                  message=f"node {self.cfg.name} is full"))
 
     def forward(self, d: p.Dispatch, need_free: bool) -> bool:
-        while (child := self.children.pick(need_free=need_free)) is not None:
+        while (child := self.children.pick(d.model, need_free=need_free,
+                                           prefer=self.home_child(d))) is not None:
             msg = p.Dispatch(rid=d.rid, request=d.request, hop=d.hop + 1, resume_ids=d.resume_ids,
-                             resume_text=d.resume_text)
+                             resume_text=d.resume_text, model=d.model, route=d.route)
             if self.down.send(msg, child.identity):
-                self.children.note_sent(child)
+                self.children.note_sent(child, d.model)
                 self.ack(d, "forwarded", child.name)
                 self.report_load()
                 return True
@@ -252,17 +273,20 @@ class Node(Links):
         self.report_load()
 
     def pump(self) -> None:
-        """Slots freed here or below: move queued requests into the engine or down to children."""
-        while self.queue and not self.draining:
-            if self.engine_free():
-                self.run_here(self.queue.popleft())
-            elif self.children and self.children.total().free > 0:
-                d = self.queue.popleft()
-                if not self.forward(d, need_free=True):
-                    self.queue.appendleft(d)
-                    return
-            else:
-                return
+        """Slots freed here or below: move queued requests into the engine or down to children,
+        oldest first; a request whose model has no free slot anywhere below keeps its place."""
+        if self.draining or not self.queue:
+            return
+        waiting: deque[p.Dispatch] = deque()
+        while self.queue:
+            d = self.queue.popleft()
+            if self.can_run(d):
+                self.run_here(d)
+                continue
+            below = self.children.total().of(d.model) if self.children else None
+            if below is None or below.free <= 0 or not self.forward(d, need_free=True):
+                waiting.append(d)
+        self.queue = waiting
 
     def hand_back(self, d: p.Dispatch) -> None:
         self.send_result(p.Error(id=d.rid, code=p.ErrorCode.HANDED_BACK,
@@ -310,18 +334,22 @@ class Node(Links):
         slots = self.engine.slots if self.engine is not None else 0
         free = 0 if self.draining else max(0, slots - len(self.running))
         room = 0 if self.draining else self.cfg.max_queue - len(self.queue)
-        return Load(slots=slots, free=free, queued=len(self.queue), room=room,
+        load = Load(slots=slots, free=free, queued=len(self.queue), room=room,
                     running=len(self.running), draining=self.draining)
+        if self.engine is not None:
+            load.models[self.model] = Load(slots=slots, free=free, running=len(self.running))
+        return load
 
     def subtree_load(self) -> Load:
+        """Our engine's and our children's capacity, in all and per model; our queue takes
+        requests of any model served here or below, so its room counts for each."""
         load = self.own_load()
+        room = load.room
         if not self.draining:
-            kids = self.children.total()
-            load.slots += kids.slots
-            load.free += kids.free
-            load.queued += kids.queued
-            load.room += kids.room
-            load.running += kids.running
+            load.add(self.children.total())
+        for model, part in load.models.items():
+            part.room += room
+            part.queued += sum(1 for d in self.queue if d.model == model)
         return load
 
     def report_load(self, force: bool = False) -> None:

@@ -40,6 +40,12 @@ def add_root_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline", type=float, default=600.0,
                    help="seconds every request may take before it fails with `timeout`, unless "
                         "it sets its own timeout (default 600; 0: none)")
+    p.add_argument("--no-affinity", dest="affinity", action="store_false",
+                   help="send each request where the policy says, not to the node that ran its "
+                        "conversation's earlier turns (which holds their cache)")
+    p.add_argument("--model-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="when a model's last node is lost, its requests wait this long for one "
+                        "(a restart) before they fail (default 30)")
     g = p.add_argument_group("kept responses (POST /v1/responses with store)")
     g.add_argument("--state-dir", default=None, metavar="DIR",
                    help="keep stored responses in DIR/responses-PORT.jsonl across restarts "
@@ -106,7 +112,8 @@ def cmd_root(args) -> int:
                      ldap_bind_dn=args.ldap_bind_dn, ldap_password_file=args.ldap_password_file,
                      curve=args.curve, deadline=args.deadline, insecure=args.insecure,
                      state_dir=args.state_dir, store_max=args.store_max,
-                     store_max_age=args.store_max_age * 86400.0)
+                     store_max_age=args.store_max_age * 86400.0, affinity=args.affinity,
+                     model_wait=args.model_wait)
     return serve(lambda stop, ready: Root(cfg).run(stop, ready))
 
 

@@ -119,7 +119,8 @@ class Launcher:
                 registry += ["--" + flag.replace("_", "-"), getattr(a, flag)]
         root = Child("root", py + ["root", "--host", a.host, "--port", str(a.port),
                                    "--max-queue", str(a.max_queue),
-                                   "--deadline", str(a.deadline)] + registry + common)
+                                   "--deadline", str(a.deadline), "--model-wait", str(a.model_wait)]
+                     + ([] if a.affinity else ["--no-affinity"]) + registry + common)
         engine = ["--engine", a.engine, "--fake-delay", str(a.fake_delay), "--dtype", a.dtype,
                   "--device", a.device, "--load-format", a.load_format,
                   "--node-queue", str(a.node_queue), "--quantization", a.quantization,

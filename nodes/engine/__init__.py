@@ -27,7 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fake-delay", type=float, default=0.02,
                    help="fake engine: seconds per step (one token for every running request)")
     g.add_argument("--model", default=None,
-                   help="hf: a Hub name, a local folder or a .gguf file (default: SmolLM2-135M-Instruct, offline)")
+                   help="hf: a Hub name, a local folder or a .gguf file (default: SmolLM2-135M-Instruct, "
+                        "offline); fake: the name it serves under (default: fake)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="hf: activations and dense weights (auto: float32 on CPU, bfloat16 on GPU)")
     g.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
@@ -87,7 +88,7 @@ def make_engine(args: argparse.Namespace) -> Engine | None:
     if args.engine == "fake":
         from nodes.engine.fake import FakeEngine
         return FakeEngine(slots=args.max_slots or 4, delay=args.fake_delay,
-                          max_tokens_default=args.max_tokens_default or 0)
+                          model=args.model or "fake", max_tokens_default=args.max_tokens_default or 0)
     from nodes.engine.hf import HFEngine  # imports torch: only for nodes that run a model
     engine = HFEngine.from_args(args)
     engine.warm()
