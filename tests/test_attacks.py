@@ -39,6 +39,13 @@ def up(tmp_path_factory):
     cluster.close()
 
 
+def capacity(n: int, **extra) -> dict:
+    """A load report claiming `n` free slots of the fake engine's model (so a parent that took
+    it at its word would send work there)."""
+    room = {"slots": n, "free": n, "room": extra.pop("room", n)}
+    return {**room, "models": {"fake": room}, **extra}
+
+
 def raw(endpoint: str, keys=None, member: str = security.CLIENT, identity: bytes | None = None,
         tree_keys=None):
     """A bare DEALER, as an attacker would write it, with `keys`'s client key (and the server
@@ -116,7 +123,7 @@ def test_a_ghost_child_and_an_identity_takeover_get_no_work(up, who):
              raw(node1, keys, tree_keys=up.keys),
              raw(node1, keys, identity=b"node-3", tree_keys=up.keys)]
     ghost = p.Heartbeat(sender="node-1", incarnation=secrets.randbits(63),
-                        load={"slots": 99, "free": 99, "room": 99, "link": 10**9})
+                        load=capacity(99, link=10**9))
 
     def beat():
         for sock in socks:
@@ -152,7 +159,7 @@ def test_an_insider_cannot_pose_as_a_child(up):
         def beat():
             for sock, name in socks:
                 forged = p.Heartbeat(sender=name, incarnation=secrets.randbits(63),
-                                     load={"slots": 99, "free": 99, "room": 99, "link": 10**9})
+                                     load=capacity(99, link=10**9))
                 sock.send_multipart(forged.frames(), zmq.NOBLOCK)
         await legit_answers(up, 20, during=beat)
         for sock, name in socks:
@@ -221,7 +228,7 @@ def test_request_ids_are_not_predictable_and_swallowed_dispatches_come_back(up):
         assert node.poll(5000)
         welcome = received(node)[0]
         up_link = raw(port(up.root, 1), up.keys, "cli")
-        free = {"slots": 50, "free": 50, "room": 0, "link": 1, "recv": 0}
+        free = capacity(50, room=0, link=1, recv=0)
         rids = []
         streams = []
         deadline = time.monotonic() + 20
