@@ -38,6 +38,9 @@ case "${1:-}" in
     if ! command -v chromium >/dev/null; then
       echo "dev.sh: the browser tests need Debian's chromium: apt-get install -y chromium" >&2
     fi
+    if ! command -v slapd >/dev/null && [ ! -x /usr/sbin/slapd ]; then
+      echo "dev.sh: the LDAP registry tests need OpenLDAP's slapd: apt-get install -y slapd ldap-utils" >&2
+    fi
     shift
     exec "$venv/bin/python" -m pytest "$@" ;;
   ""|-h|--help)
