@@ -35,6 +35,8 @@ from pathlib import Path
 
 import orjson
 
+from treechat.args import add_common, add_node_args, add_root_args, add_tree_args
+from treechat.installed import gateway_installed
 from treechat.ports import busy_message
 from treechat.process import READY, STOP_SIGNALS, Fatal, setup_logging
 from treechat.tls import add_server_args, server_context
@@ -50,7 +52,6 @@ CHILD_ENV = {"PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def add_up_args(p: argparse.ArgumentParser) -> None:
-    from treechat.cli import add_node_args, add_root_args, add_tree_args
     add_root_args(p)
     add_tree_args(p)
     p.add_argument("--nodes", type=int, default=1, help="how many nodes (default 1)")
@@ -71,6 +72,14 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
                    help="Prometheus metrics: the TCP gateway on BASE, node-N on BASE+N (default 0: "
                         "off; the HTTP gateway always has /metrics)")
     add_node_args(p, named=False)
+    add_common(p)
+
+
+def up_parser() -> argparse.ArgumentParser:
+    """`treechat up`'s own parser (what `treechat bench --compare` checks its flags with)."""
+    p = argparse.ArgumentParser(prog="treechat up")
+    add_up_args(p)
+    return p
 
 
 def tree_layout(nodes: int, fanout: int) -> list[tuple[str, str | None]]:
@@ -148,7 +157,6 @@ class Launcher:
                 argv += ["--parent", parent]
             nodes.append(Child(name, argv))
         gateways = []
-        from treechat.cli import gateway_installed
         for kind, port in (("http", a.http_port), ("tcp", a.tcp_port)):
             if port and gateway_installed(kind):
                 argv = py + ["gateway", kind, "--root", self.root, "--host", a.host,
@@ -224,7 +232,6 @@ class Launcher:
 
     def check_ports(self) -> None:
         """Fail before starting anything when a port `up` needs is taken."""
-        from treechat.cli import gateway_installed
         a = self.args
         wanted = [(a.port + i, "--port") for i in range(3)]
         wanted += [(port, flag) for kind, port, flag in (("http", a.http_port, "--http-port"),
