@@ -143,3 +143,26 @@ def test_a_request_ends_by_the_root_deadline(cluster):
         client.close()
 
     run(scenario())
+
+
+def test_status_without_root_asks_the_tree_up_started(cluster, monkeypatch, tmp_path):
+    monkeypatch.setenv("TREECHAT_KEYS", str(tmp_path / "keys"))  # no other test's trees here
+    first = cluster.up("--engine", "fake")
+    status = treechat("status")
+    assert status.returncode == 0, status.stderr
+    assert f"at {first.root}" in status.stdout and "node-1" in status.stdout
+    assert status.stderr == ""
+    registry = treechat("registry")
+    assert registry.returncode == 0 and "node-1" in registry.stdout
+
+    second = cluster.up("--engine", "fake", "--nodes", "2")
+    status = treechat("status")
+    assert status.returncode == 0, status.stderr
+    assert f"at {second.root}" in status.stdout and "node-2" in status.stdout
+    assert "2 trees run here" in status.stderr and "--root HOST:PORT" in status.stderr
+
+    second.proc.kill()  # kill -9: its note stays behind, naming a process that is gone
+    status = treechat("status")
+    assert status.returncode == 0, status.stderr
+    assert f"at {first.root}" in status.stdout and status.stderr == ""
+

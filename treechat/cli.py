@@ -20,6 +20,7 @@ import sys
 
 import orjson
 
+from treechat import running
 from treechat.args import (DEFAULT_ROOT, add_common, add_curve, add_insecure, add_node_args,
                            add_root_args, add_tree_args)
 from treechat.installed import gateway_module
@@ -99,6 +100,8 @@ def cmd_gateway(args) -> int:
 
 def cmd_status(args) -> int:
     from treechat.show import render_registry, render_tree
+    if args.root is None:
+        args.root, args.curve = find_root(args.curve)
     tree = asyncio.run(ask_root(args.root, lambda c: c.status(), args.curve, args.member))
     if args.command == "registry":
         tree = {"nodes": tree["nodes"]}
@@ -108,6 +111,20 @@ def cmd_status(args) -> int:
         print(orjson.dumps(tree, option=orjson.OPT_INDENT_2).decode() if args.json
               else render_tree(tree, args.root))
     return 0
+
+
+def find_root(curve: str | None) -> tuple[str, str | None]:
+    """(root, key folder) when --root is left out: the tree `treechat up` runs on this machine
+    (the newest, saying so, when several run), else DEFAULT_ROOT."""
+    trees = running.trees()
+    if not trees:
+        return DEFAULT_ROOT, curve
+    tree = trees[0]
+    if len(trees) > 1:
+        print(f"treechat: {len(trees)} trees run here ({', '.join(t['root'] for t in trees)}): "
+              f"this is {tree['root']}, the newest; --root HOST:PORT asks another",
+              file=sys.stderr)
+    return tree["root"], curve or tree.get("curve")
 
 
 async def ask_root(root: str, query, curve: str | None = None, member: str | None = None):
@@ -147,7 +164,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     for name, aliases, what in (("status", ["log"], "the live tree and each node's load"),
                                 ("registry", [], "every registered node")):
         p = sub.add_parser(name, aliases=aliases, help=what)
-        p.add_argument("--root", default=DEFAULT_ROOT, help="the root's HOST:PORT")
+        p.add_argument("--root", default=None,
+                       help="the root's HOST:PORT (default: the tree `treechat up` runs on this "
+                            f"machine, else {DEFAULT_ROOT})")
         p.add_argument("--json", action="store_true", help="print JSON")
         add_curve(p)
         p.set_defaults(func=cmd_status)

@@ -17,7 +17,8 @@ SIGKILL, its children notice through their watchdog pipe and stop (`treechat.pro
 Keys: without `--curve` or `--insecure`, `up` makes fresh CurveZMQ keys for its own tree on every
 start (one per node and gateway, readable by this user only: `broker.security.create_tree_keys`)
 and gives each child its own, so no other process on the machine can join or submit;
-`treechat status` and the bench find them by the root's address.
+`treechat status` and the bench find them by the root's address. While it runs, `up` keeps a note
+of its root's address (`treechat.running`): `treechat status` without --root asks that tree.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import orjson
 
+from treechat import running
 from treechat.args import add_common, add_node_args, add_root_args, add_tree_args
 from treechat.installed import gateway_installed
 from treechat.ports import busy_message
@@ -211,6 +213,7 @@ class Launcher:
             loop.add_signal_handler(sig, stop.set)
         self.check_ports()
         stages = self.plan()
+        note = running.note(self.root, self.args.curve)  # how `treechat status` finds this tree
         try:
             # Gateways last: one started beside the nodes serves a view of the tree without them
             # for its first second (an empty /v1/models right after the banner).
@@ -228,6 +231,7 @@ class Launcher:
             deadline = time.monotonic() + self.args.grace + STOP_MARGIN
             for stage in reversed(stages):
                 await self.stop_all(stage, deadline)
+            note.unlink(missing_ok=True)
         return 1 if self.failed.is_set() else 0
 
     def check_ports(self) -> None:
