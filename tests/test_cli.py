@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 from conftest import REPO, connect, free_ports, run, wait_for, wait_tree
-from treechat.launch import command_name, tree_layout
+from treechat.launch import command_name
+from treechat.layout import from_flags, tree_layout
 
 
 def treechat(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -85,6 +86,13 @@ def test_tree_layout_is_breadth_first():
     assert tree_layout(7, 2) == [("node-1", None), ("node-2", None), ("node-3", "node-1"),
                                  ("node-4", "node-1"), ("node-5", "node-2"), ("node-6", "node-2"),
                                  ("node-7", "node-3")]
+
+
+def test_several_models_take_turns_down_the_tree():
+    """--model A --model B --nodes 2: two nodes of each, every subtree of two or more mixed."""
+    placed = [(p.name, p.parent, p.model) for p in from_flags(["A", "B"], 2, 2)]
+    assert placed == [("node-1", None, "A"), ("node-2", None, "B"), ("node-3", "node-1", "A"),
+                      ("node-4", "node-1", "B")]
 
 
 def test_bad_input_gives_a_readable_error_and_nonzero_exit():
