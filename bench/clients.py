@@ -214,32 +214,3 @@ class RootTarget(Target):
                 rec.output_tokens = ev.completion_tokens
             elif ev.kind == "error":
                 raise Failure(ev.code or "error", ev.message or "")
-
-
-def target_options(args) -> dict:
-    """The options every target takes, from `treechat bench`'s flags."""
-    extra = {}
-    if args.extra_body:
-        try:
-            extra = orjson.loads(args.extra_body)
-        except orjson.JSONDecodeError as e:
-            raise ValueError(f"--extra-body is not JSON: {e}") from None
-        if not isinstance(extra, dict):
-            raise ValueError("--extra-body must be a JSON object")
-    return {"ignore_eos": args.ignore_eos, "timeout": args.request_timeout, "extra": extra}
-
-
-def make_target(args) -> Target:
-    kw = target_options(args)
-    chosen = [x for x in (args.base_url, args.tcp, args.root) if x]
-    if len(chosen) != 1:
-        raise ValueError("give exactly one target: --base-url URL, --tcp HOST:PORT or --root HOST:PORT")
-    context = tlsopt.client_context_of(args) if tlsopt.wants_tls(args) else None
-    if args.base_url:
-        from bench.http_client import HTTPTarget  # it builds on this module's Target and Pool
-        return HTTPTarget(args.base_url, args.endpoint, args.model, args.api_key, tls=context, **kw)
-    if args.root and context is not None:
-        raise ValueError("--root speaks ZeroMQ (CurveZMQ encrypts it), not TLS: drop --tls*")
-    if args.tcp:
-        return TCPTarget(args.tcp, tls=context, api_key=args.api_key, **kw)
-    return RootTarget(args.root, **kw)

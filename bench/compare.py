@@ -23,9 +23,10 @@ import shlex
 import sys
 import time
 
-from bench.clients import Failure, RootTarget, TCPTarget, target_options
+from bench.clients import Failure, RootTarget, TCPTarget
 from bench.http_client import HTTPTarget
 from bench.procs import Child
+from bench.targets import target_options
 from broker.sockets import free_port
 
 READY_TIMEOUT = 900.0  # seconds: a first real-model start may convert the model
@@ -48,13 +49,13 @@ def parse_axes(axes: list[str]) -> list[tuple[str, list[str]]]:
 
 def configurations(axes: list[str], up_args: str) -> list[tuple[str, list[str]]]:
     """[(label, `treechat up` argv)] for every combination; each argv is checked by up's parser."""
-    from treechat.cli import build_parser
+    from treechat.launch import up_parser
     parsed = parse_axes(axes)
     base = shlex.split(up_args or "")
     configs = []
     for combo in itertools.product(*[[(f, v) for v in vals] for f, vals in parsed]):
         argv = base + [x for f, v in combo for x in (f"--{f}", v)]
-        check_up_args(build_parser(["up"]), argv)
+        check_up_args(up_parser(), argv)
         configs.append((" ".join(f"{f}={v}" for f, v in combo), argv))
     return configs
 
@@ -62,7 +63,7 @@ def configurations(axes: list[str], up_args: str) -> list[tuple[str, list[str]]]
 def check_up_args(parser, argv: list[str]) -> None:
     """argparse exits on bad flags; turn that into a readable error before anything starts."""
     try:
-        parser.parse_args(["up", *argv])
+        parser.parse_args(argv)
     except SystemExit:
         raise ValueError(f"`treechat up {' '.join(argv)}` is not a valid command line "
                          "(see `treechat up --help`)") from None
@@ -148,13 +149,14 @@ async def tree_alive(root: str, want: int, curve: str | None = None) -> bool:
 
 
 def check_via(via: str) -> None:
-    from treechat.cli import gateway_module
+    from treechat.installed import gateway_module
     if via in ("http", "tcp") and gateway_module(via) is None:
         raise ValueError(f"the {via} gateway is not built in this checkout; use --via root")
 
 
-async def compare(args) -> list[dict]:
-    from bench.serve import bench_target
+async def compare(args, bench_target) -> list[dict]:
+    """Bench each configuration with `bench_target(args, target, label)` (`bench.serve`'s, which
+    calls this module: it hands its own down rather than have it imported back)."""
     check_via(args.via)
     configs = configurations(args.compare, args.up_args)
     runs = []

@@ -17,7 +17,7 @@ import time
 from bench.compare import tree_alive
 from bench.netns import Bed
 from bench.procs import Child
-from treechat.launch import tree_layout
+from treechat.layout import tree_layout
 
 PORT = 5550
 

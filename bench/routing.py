@@ -22,6 +22,7 @@ import sys
 
 from bench import report
 from bench.compare import compare
+from bench.serve import add_args, bench_target
 
 
 def table(runs: list[dict]) -> str:
@@ -36,7 +37,6 @@ def table(runs: list[dict]) -> str:
 
 def bench_args(a: argparse.Namespace) -> argparse.Namespace:
     """The `treechat bench` command line this preset stands for."""
-    from bench.serve import add_args
     up = (f"--engine fake --fake-delay {a.delay} --max-slots {a.slots} --nodes {a.nodes} "
           f"--fanout {a.fanout} --grace 2")
     argv = ["--compare", "policy=seed,least-loaded", "--up-args", up, "--via", a.via,
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     report.check_plot(p, a.plot)
     args = bench_args(a)
-    runs = asyncio.run(compare(args))
+    runs = asyncio.run(compare(args, bench_target))
     print(f"{a.nodes} nodes (fan-out {a.fanout}) x {a.slots} slots, {a.delay * 1000:g} ms/token; "
           f"{a.requests} requests at {a.rate:g}/s (Poisson), {100 * a.long_fraction:g}% of "
           f"{a.long} tokens, the rest {a.short}; via {a.via}")

@@ -23,9 +23,9 @@ import os
 import sys
 
 from bench import report
-from bench.clients import make_target
 from bench.metrics import parse_goodput, summarize
 from bench.run import run
+from bench.targets import make_target
 from bench.workload import DATASETS, WorkloadConfig, build
 from treechat.tls import add_client_args
 
@@ -137,7 +137,7 @@ def main(args) -> int:
     workload_config(args)
     if args.compare:
         from bench.compare import compare
-        runs = asyncio.run(compare(args))
+        runs = asyncio.run(compare(args, bench_target))
         print(report.format_compare([(r["label"], r["summary"]) for r in runs]))
     else:
         target = make_target(args)

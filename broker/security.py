@@ -216,7 +216,7 @@ def create_tree_keys(host: str, port: int, names: list[str]) -> Path:
     base.chmod(0o700)
     shutil.rmtree(folder, ignore_errors=True)  # an earlier up's keys: never reused
     create_keys(folder, tuple(names))
-    (folder / "owner").write_text(_owner(os.getpid()))
+    (folder / "owner").write_text(owner_stamp(os.getpid()))
     return folder
 
 
@@ -227,13 +227,21 @@ def running_tree(root: str) -> Path | None:
     folder = tree_folder(host, int(port)) if port.isdigit() else None
     try:
         owner = (folder / "owner").read_text()
-        pid = int(owner.split()[0])
-    except (AttributeError, OSError, ValueError, IndexError):
+    except (AttributeError, OSError):
         return None
-    return folder if _owner(pid) == owner else None
+    return folder if is_live(owner) else None
 
 
-def _owner(pid: int) -> str:
+def is_live(stamp: str) -> bool:
+    """Whether the process an `owner_stamp` names still runs (and is not a reused pid)."""
+    try:
+        pid = int(stamp.split()[0])
+    except (ValueError, IndexError):
+        return False
+    return owner_stamp(pid) == stamp
+
+
+def owner_stamp(pid: int) -> str:
     """`pid` and its start time (Linux), so a reused pid does not pass for a live owner."""
     try:
         start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]

@@ -3,7 +3,7 @@
 Process: `treechat node`. No ZeroMQ socket of its own: it counts what passes the node's `results`
 and `up` channels (`watch`: Tokens, Done and Error sent to the root; Dispatch received from the
 parent), reads the node's queue and batch at scrape time, and once per heartbeat, on the node's
-loop, checks when each peer was last heard from. Served by `treechat.metrics.Listener`.
+loop, checks when each peer was last heard from. Served by `broker.prometheus.Listener`.
 
     treechat:node_queued, node_running, node_slots, node_children, node_draining   gauges, now
     treechat:node_generation_tokens_total            tokens this node's engine produced
@@ -28,7 +28,7 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from broker import protocol as p
-from treechat.metrics import Listener
+from broker.prometheus import Listener
 
 RATE_WINDOW = 10.0  # seconds behind node_tokens_per_second
 

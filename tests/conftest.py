@@ -174,6 +174,21 @@ class Cluster:
                 proc.kill()
 
 
+def pytest_terminal_summary(terminalreporter):
+    """One line per reason tests were skipped (slapd or Chromium missing, ...), so a run that
+    skips some says so at its end without -rs (which lists each test instead)."""
+    if "s" in terminalreporter.reportchars or "a" in terminalreporter.reportchars.lower():
+        return
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):  # (file, line, "Skipped: why")
+            why = report.longrepr[2].removeprefix("Skipped: ")
+            reasons[why] = reasons.get(why, 0) + 1
+    for why, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"skipped {count} test{'s' if count > 1 else ''}: {why}",
+                                    yellow=True)
+
+
 @pytest.fixture
 def cluster(tmp_path):
     c = Cluster(tmp_path)

@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 from conftest import REPO, connect, free_ports, run, wait_for, wait_tree
-from treechat.launch import command_name, tree_layout
+from treechat.launch import command_name
+from treechat.layout import from_flags, tree_layout
 
 
 def treechat(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -87,6 +88,13 @@ def test_tree_layout_is_breadth_first():
                                  ("node-7", "node-3")]
 
 
+def test_several_models_take_turns_down_the_tree():
+    """--model A --model B --nodes 2: two nodes of each, every subtree of two or more mixed."""
+    placed = [(p.name, p.parent, p.model) for p in from_flags(["A", "B"], 2, 2)]
+    assert placed == [("node-1", None, "A"), ("node-2", None, "B"), ("node-3", "node-1", "A"),
+                      ("node-4", "node-1", "B")]
+
+
 def test_bad_input_gives_a_readable_error_and_nonzero_exit():
     port = free_ports(1)[0]
     cases = [
@@ -143,3 +151,26 @@ def test_a_request_ends_by_the_root_deadline(cluster):
         client.close()
 
     run(scenario())
+
+
+def test_status_without_root_asks_the_tree_up_started(cluster, monkeypatch, tmp_path):
+    monkeypatch.setenv("TREECHAT_KEYS", str(tmp_path / "keys"))  # no other test's trees here
+    first = cluster.up("--engine", "fake")
+    status = treechat("status")
+    assert status.returncode == 0, status.stderr
+    assert f"at {first.root}" in status.stdout and "node-1" in status.stdout
+    assert status.stderr == ""
+    registry = treechat("registry")
+    assert registry.returncode == 0 and "node-1" in registry.stdout
+
+    second = cluster.up("--engine", "fake", "--nodes", "2")
+    status = treechat("status")
+    assert status.returncode == 0, status.stderr
+    assert f"at {second.root}" in status.stdout and "node-2" in status.stdout
+    assert "2 trees run here" in status.stderr and "--root HOST:PORT" in status.stderr
+
+    second.proc.kill()  # kill -9: its note stays behind, naming a process that is gone
+    status = treechat("status")
+    assert status.returncode == 0, status.stderr
+    assert f"at {first.root}" in status.stdout and status.stderr == ""
+

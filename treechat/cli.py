@@ -16,92 +16,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import importlib.util
 import sys
 
 import orjson
 
-from treechat.metrics import add_metrics_arg
+from treechat import running
+from treechat.args import (DEFAULT_ROOT, add_common, add_curve, add_insecure, add_node_args,
+                           add_root_args, add_tree_args)
+from treechat.installed import gateway_module
+from treechat.launch import add_up_args, cmd_up
 from treechat.process import Fatal, serve, setup_logging
-
-DEFAULT_ROOT = "127.0.0.1:5550"
-
-
-def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-
-
-def add_root_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=5550,
-                   help="first of three ports: gateways PORT, tree PORT+1, node results PORT+2")
-    p.add_argument("--max-queue", type=int, default=256,
-                   help="requests the root holds when every node is busy; past that: overloaded")
-    p.add_argument("--deadline", type=float, default=600.0,
-                   help="seconds every request may take before it fails with `timeout`, unless "
-                        "it sets its own timeout (default 600; 0: none)")
-    p.add_argument("--no-affinity", dest="affinity", action="store_false",
-                   help="send each request where the policy says, not to the node that ran its "
-                        "conversation's earlier turns (which holds their cache)")
-    p.add_argument("--model-wait", type=float, default=30.0, metavar="SECONDS",
-                   help="when a model's last node is lost, its requests wait this long for one "
-                        "(a restart) before they fail (default 30)")
-    g = p.add_argument_group("kept responses (POST /v1/responses with store)")
-    g.add_argument("--state-dir", default=None, metavar="DIR",
-                   help="keep stored responses in DIR/responses-PORT.jsonl across restarts "
-                        "(default: in the root's memory while it runs)")
-    g.add_argument("--store-max", type=int, default=10_000,
-                   help="stored responses kept at most; the oldest go first (default 10000)")
-    g.add_argument("--store-max-age", type=float, default=30.0, metavar="DAYS",
-                   help="days a stored response is kept (default 30)")
-    g = p.add_argument_group("registry")
-    g.add_argument("--registry", choices=("builtin", "ldap"), default="builtin",
-                   help="builtin (in the root) or ldap (also written to an LDAP directory)")
-    g.add_argument("--ldap-url", default=None, help="ldap://HOST:PORT of the directory")
-    g.add_argument("--ldap-base", default="dc=treechat,dc=local",
-                   help="suffix; nodes live under ou=Nodes,<base>")
-    g.add_argument("--ldap-bind-dn", default=None, help="the registrar account the root binds as")
-    g.add_argument("--ldap-password-file", default=None, help="file holding its password")
-
-
-def add_tree_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", choices=("least-loaded", "seed"), default="least-loaded",
-                   help="routing: least-loaded (default, see README) or seed (the original ring)")
-    p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
-    p.add_argument("--grace", type=float, default=30.0,
-                   help="seconds SIGTERM waits for running requests before handing them back")
-    add_curve(p)
-    add_insecure(p)
-
-
-def add_curve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--curve", default=None, metavar="DIR",
-                   help="encrypt and authenticate every ZeroMQ link with the keys of "
-                        "`treechat keys DIR` (give it to every process of the tree; default: "
-                        "the keys `treechat up` made for that root, if it runs here)")
-    p.add_argument("--member", default=None, metavar="NAME",
-                   help="whose key of --curve DIR this process shows (default: a node's --name "
-                        "when DIR has that key, else 'client')")
-
-
-def add_insecure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--insecure", action="store_true",
-                   help="listen on a non-loopback address without keys (CurveZMQ keys; for a "
-                        "gateway, API keys); `up --insecure` makes no CurveZMQ keys at all. "
-                        "Anyone who reaches such a port can use it")
-
-
-def add_node_args(p: argparse.ArgumentParser, *, named: bool = True) -> None:
-    from nodes.engine import add_engine_args
-    if named:
-        p.add_argument("--name", required=True, help="unique node name (the registry key)")
-        p.add_argument("--parent", default=None,
-                       help="attach under this node (by name); default: directly under the root")
-        p.add_argument("--root", default=DEFAULT_ROOT, help="the root's HOST:PORT")
-        p.add_argument("--host", default="127.0.0.1", help="address this node's children connect to")
-        add_metrics_arg(p)
-    p.add_argument("--node-queue", type=int, default=64, help="requests a node may queue")
-    add_engine_args(p)
 
 
 def cmd_root(args) -> int:
@@ -171,33 +95,14 @@ def cmd_keys(args) -> int:
     return 0
 
 
-GATEWAYS = {"http": "gateways.http.server", "tcp": "gateways.tcp_mobile.server"}
-
-
-def gateway_module(kind: str):
-    name = GATEWAYS[kind]
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith(name.rsplit(".", 1)[0]):
-            return None
-        raise
-
-
-def gateway_installed(kind: str) -> bool:
-    """Whether the gateway exists, without importing it (`up` only starts it)."""
-    try:
-        return importlib.util.find_spec(GATEWAYS[kind]) is not None
-    except ModuleNotFoundError:  # its package is missing
-        return False
-
-
 def cmd_gateway(args) -> int:
     return serve(lambda stop, ready: args.module.serve(args, stop, ready))
 
 
 def cmd_status(args) -> int:
     from treechat.show import render_registry, render_tree
+    if args.root is None:
+        args.root, args.curve = find_root(args.curve)
     tree = asyncio.run(ask_root(args.root, lambda c: c.status(), args.curve, args.member))
     if args.command == "registry":
         tree = {"nodes": tree["nodes"]}
@@ -207,6 +112,20 @@ def cmd_status(args) -> int:
         print(orjson.dumps(tree, option=orjson.OPT_INDENT_2).decode() if args.json
               else render_tree(tree, args.root))
     return 0
+
+
+def find_root(curve: str | None) -> tuple[str, str | None]:
+    """(root, key folder) when --root is left out: the tree `treechat up` runs on this machine
+    (the newest, saying so, when several run), else DEFAULT_ROOT."""
+    trees = running.trees()
+    if not trees:
+        return DEFAULT_ROOT, curve
+    tree = trees[0]
+    if len(trees) > 1:
+        print(f"treechat: {len(trees)} trees run here ({', '.join(t['root'] for t in trees)}): "
+              f"this is {tree['root']}, the newest; --root HOST:PORT asks another",
+              file=sys.stderr)
+    return tree["root"], curve or tree.get("curve")
 
 
 async def ask_root(root: str, query, curve: str | None = None, member: str | None = None):
@@ -230,9 +149,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("up", help="start root, nodes and gateways on this machine")
-    from treechat.launch import add_up_args
     add_up_args(p)
-    p.set_defaults(func=lambda a: __import__("treechat.launch").launch.cmd_up(a))
+    p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("root", help="run the root broker")
     add_root_args(p)
@@ -247,7 +165,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     for name, aliases, what in (("status", ["log"], "the live tree and each node's load"),
                                 ("registry", [], "every registered node")):
         p = sub.add_parser(name, aliases=aliases, help=what)
-        p.add_argument("--root", default=DEFAULT_ROOT, help="the root's HOST:PORT")
+        p.add_argument("--root", default=None,
+                       help="the root's HOST:PORT (default: the tree `treechat up` runs on this "
+                            f"machine, else {DEFAULT_ROOT})")
         p.add_argument("--json", action="store_true", help="print JSON")
         add_curve(p)
         p.set_defaults(func=cmd_status)

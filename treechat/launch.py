@@ -1,8 +1,10 @@
 """`treechat up`: a whole treechat on one machine, in one command.
 
-Starts the root, then `--nodes N` nodes in a tree of fan-out `--fanout K` (node-1..node-K under the
-root, the next K under node-1, and so on), then the gateways that exist, each as its own named
-child process. Each child prints one READY line when it serves (see `treechat.process`); `up`
+Starts the root, then its nodes, then the gateways that exist, each as its own named child
+process. The nodes: `--nodes N` per `--model` (one model, the default, without it; `--model A
+--model B` serves both) in a tree of fan-out `--fanout K` (node-1..node-K under the root, the
+next K under node-1, and so on, the models in turn), or exactly the tree of `--layout FILE`
+(`treechat.layout`). Every node gets the same engine flags but its own model and slots. Each child prints one READY line when it serves (see `treechat.process`); `up`
 waits for it before starting what depends on it, then prints where everything listens.
 
 Before starting anything `up` checks its ports: a busy one is one line naming it and, where
@@ -17,7 +19,8 @@ SIGKILL, its children notice through their watchdog pipe and stop (`treechat.pro
 Keys: without `--curve` or `--insecure`, `up` makes fresh CurveZMQ keys for its own tree on every
 start (one per node and gateway, readable by this user only: `broker.security.create_tree_keys`)
 and gives each child its own, so no other process on the machine can join or submit;
-`treechat status` and the bench find them by the root's address.
+`treechat status` and the bench find them by the root's address. While it runs, `up` keeps a note
+of its root's address (`treechat.running`): `treechat status` without --root asks that tree.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ from pathlib import Path
 
 import orjson
 
+from nodes.engine.names import DEFAULT_MODEL, model_name
+from treechat import running
+from treechat.args import add_common, add_node_args, add_root_args, add_tree_args
+from treechat.installed import gateway_installed
+from treechat.layout import placements
 from treechat.ports import busy_message
 from treechat.process import READY, STOP_SIGNALS, Fatal, setup_logging
 from treechat.tls import add_server_args, server_context
@@ -50,11 +58,8 @@ CHILD_ENV = {"PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def add_up_args(p: argparse.ArgumentParser) -> None:
-    from treechat.cli import add_node_args, add_root_args, add_tree_args
     add_root_args(p)
     add_tree_args(p)
-    p.add_argument("--nodes", type=int, default=1, help="how many nodes (default 1)")
-    p.add_argument("--fanout", type=int, default=2, help="children per node in the tree (default 2)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP gateway port (0: none)")
     p.add_argument("--tcp-port", type=int, default=8001, help="TCP gateway port (0: none)")
     p.add_argument("--api-key", action="append", default=None,
@@ -68,15 +73,50 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
                    help="HTTP: let pages of ORIGIN call the API (CORS; repeatable)")
     add_server_args(p)  # both gateways serve TLS with the same certificate
     p.add_argument("--metrics-port", type=int, default=0, metavar="BASE",
-                   help="Prometheus metrics: the TCP gateway on BASE, node-N on BASE+N (default 0: "
-                        "off; the HTTP gateway always has /metrics)")
+                   help="Prometheus metrics: the TCP gateway on BASE, the Nth node on BASE+N "
+                        "(default 0: off; the HTTP gateway always has /metrics)")
     add_node_args(p, named=False)
+    # A node serves one --model; up serves several: this --model replaces the engine's own.
+    g = p.add_argument_group("models and the tree's shape", conflict_handler="resolve")
+    g.add_argument("--model", action="append", default=None, metavar="MODEL",
+                   help="a model to serve (hf: a .gguf file, a local folder or a Hub name; "
+                        f"default: {DEFAULT_MODEL}); repeat it to serve several: --model A "
+                        "--model B starts --nodes nodes for each, spread through the tree")
+    g.add_argument("--nodes", type=int, default=None, metavar="N",
+                   help="nodes per model (default 1)")
+    g.add_argument("--fanout", type=int, default=None, metavar="K",
+                   help="children per node in the tree (default 2)")
+    g.add_argument("--layout", default=None, metavar="FILE",
+                   help="the tree exactly: a JSON list of nodes (below), instead of --nodes and "
+                        "--fanout")
+    p.epilog = LAYOUT_HELP
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_common(p)
 
 
-def tree_layout(nodes: int, fanout: int) -> list[tuple[str, str | None]]:
-    """[(name, parent)] for a breadth-first tree: node-1..node-K under the root, then K per node."""
-    return [(f"node-{i}", None if i <= fanout else f"node-{(i - fanout - 1) // fanout + 1}")
-            for i in range(1, nodes + 1)]
+LAYOUT_HELP = """\
+several models:
+  treechat up --model A.gguf --model B.gguf             one node of each
+  treechat up --model A.gguf --model B.gguf --nodes 2   two of each, in one tree
+
+--layout FILE, a JSON list of nodes (a node carries requests of any model down
+to its children, so any model may sit under any other):
+  [{"name": "small-1", "parent": null,      "model": "small.gguf"},
+   {"name": "coder-1", "parent": null,      "model": "coder.gguf", "slots": 4},
+   {"name": "small-2", "parent": "coder-1", "model": "small.gguf"}]
+  name    required, unique: letters, digits, '-', '_', '.'
+  parent  another node's name, or null (or left out): under the root
+  model   what --model takes; left out: the one --model given, else the default
+  slots   requests it runs at once (its --max-slots); left out: --max-slots
+Every node gets the other engine flags (--quantization, --threads, ...) alike.
+"""
+
+
+def up_parser() -> argparse.ArgumentParser:
+    """`treechat up`'s own parser (what `treechat bench --compare` checks its flags with)."""
+    p = argparse.ArgumentParser(prog="treechat up")
+    add_up_args(p)
+    return p
 
 
 @dataclass
@@ -91,10 +131,7 @@ class Child:
 
 class Launcher:
     def __init__(self, args: argparse.Namespace):
-        if args.nodes < 1:
-            raise ValueError("--nodes must be at least 1")
-        if args.fanout < 1:
-            raise ValueError("--fanout must be at least 1")
+        self.layout = placements(args.layout, args.model, args.nodes, args.fanout)
         server_context(args.tls_cert, args.tls_key)  # unreadable files fail before anything starts
         self.args = args
         self.stopping = False
@@ -105,8 +142,7 @@ class Launcher:
     def plan(self) -> list[list[Child]]:
         a = self.args
         py = [sys.executable, "-m", "treechat.cli"]
-        layout = tree_layout(a.nodes, a.fanout)
-        keys = self.tree_keys([name for name, _ in layout])
+        keys = self.tree_keys([node.name for node in self.layout])
         curve = (["--curve", keys] if keys else []) + (["--insecure"] if a.insecure else [])
         common = ["--heartbeat", str(a.heartbeat), "--grace", str(a.grace), "--policy", a.policy,
                   "--log-level", a.log_level] + curve
@@ -128,28 +164,28 @@ class Launcher:
                   str(a.repeat_last_n)]
         if a.enforce_eager:
             engine.append("--enforce-eager")
-        for flag in ("max_slots", "model", "max_model_len", "kv_budget", "kv_cache_memory",
-                     "chat_template",
+        for flag in ("max_model_len", "kv_budget", "kv_cache_memory", "chat_template",
                      "model_config", "threads", "max_num_batched_tokens",
                      "max_tokens_default"):
             value = getattr(a, flag)
             if value is not None:
                 engine += ["--" + flag.replace("_", "-"), str(value)]
-        if a.engine == "hf" and a.threads is None and a.nodes > 1:
+        if a.engine == "hf" and a.threads is None and len(self.layout) > 1:
             # Several model nodes on one machine: each gets its share of the cores, or their
             # thread pools fight and every decode step slows down many times over.
-            engine += ["--threads", str(max(1, (os.cpu_count() or 1) // a.nodes))]
+            engine += ["--threads", str(max(1, (os.cpu_count() or 1) // len(self.layout)))]
         nodes = []
-        for i, (name, parent) in enumerate(layout, 1):
-            argv = py + ["node", "--name", name, "--root", self.root, "--host", a.host] + common + engine
-            argv += ["--member", name] if keys else []
+        for i, node in enumerate(self.layout, 1):
+            argv = py + ["node", "--name", node.name, "--root", self.root, "--host", a.host]
+            argv += common + engine + (["--member", node.name] if keys else [])
+            slots = node.slots or a.max_slots
+            for flag, value in (("--model", node.model), ("--max-slots", slots),
+                                ("--parent", node.parent)):
+                argv += [flag, str(value)] if value is not None else []
             if a.metrics_port:
                 argv += ["--metrics-port", str(a.metrics_port + i)]
-            if parent:
-                argv += ["--parent", parent]
-            nodes.append(Child(name, argv))
+            nodes.append(Child(node.name, argv))
         gateways = []
-        from treechat.cli import gateway_installed
         for kind, port in (("http", a.http_port), ("tcp", a.tcp_port)):
             if port and gateway_installed(kind):
                 argv = py + ["gateway", kind, "--root", self.root, "--host", a.host,
@@ -169,8 +205,9 @@ class Launcher:
                         for value in getattr(a, flag) or []:
                             argv += ["--" + flag.replace("_", "-"), value]
                     argv += ["--grace", str(a.grace)]
-                    if a.engine == "hf":  # /tokenize reads the nodes' tokenizer
-                        argv += ["--tokenizer", a.model or "default"]
+                    if a.engine == "hf":  # /tokenize reads the nodes' tokenizer: it has one,
+                        # the first node's (with several models, the first --model's)
+                        argv += ["--tokenizer", self.layout[0].model or "default"]
                         if a.chat_template:
                             argv += ["--chat-template", a.chat_template]
                 else:
@@ -204,6 +241,7 @@ class Launcher:
             loop.add_signal_handler(sig, stop.set)
         self.check_ports()
         stages = self.plan()
+        note = running.note(self.root, self.args.curve)  # how `treechat status` finds this tree
         try:
             # Gateways last: one started beside the nodes serves a view of the tree without them
             # for its first second (an empty /v1/models right after the banner).
@@ -221,11 +259,11 @@ class Launcher:
             deadline = time.monotonic() + self.args.grace + STOP_MARGIN
             for stage in reversed(stages):
                 await self.stop_all(stage, deadline)
+            note.unlink(missing_ok=True)
         return 1 if self.failed.is_set() else 0
 
     def check_ports(self) -> None:
         """Fail before starting anything when a port `up` needs is taken."""
-        from treechat.cli import gateway_installed
         a = self.args
         wanted = [(a.port + i, "--port") for i in range(3)]
         wanted += [(port, flag) for kind, port, flag in (("http", a.http_port, "--http-port"),
@@ -313,8 +351,13 @@ class Launcher:
 
     def announce(self) -> None:
         a = self.args
-        lines = [f"treechat is up: root {self.root} (policy {a.policy}), {a.nodes} node(s), "
-                 f"engine {a.engine}"]
+        lines = [f"treechat is up: root {self.root} (policy {a.policy}), {len(self.layout)} "
+                 f"node(s), engine {a.engine}"]
+        if a.engine == "hf":  # each model by the name it is served under, with its nodes
+            served: dict[str, list[str]] = {}
+            for node in self.layout:
+                served.setdefault(model_name(node.model), []).append(node.name)
+            lines += [f"  model {name}: {', '.join(names)}" for name, names in served.items()]
         for c in self.children:
             if c.name.endswith("gateway"):
                 tls = " (TLS)" if c.info.get("tls") else ""

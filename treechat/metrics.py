@@ -1,35 +1,15 @@
-"""`--metrics-port`: the Prometheus listener of a node or a TCP gateway (the HTTP gateway serves
-`/metrics` on its own port).
-
-One HTTP listener per process, prometheus_client's (`GET /metrics`, in its own thread), on the
-process's `--host`. Collectors it reads from that thread are either prometheus_client's own
-(thread-safe) or plain reads of a length or a flag, which need no lock.
-"""
+"""`--metrics-port`: the flag of a node or a TCP gateway that serves Prometheus metrics on its own
+listener (`broker.prometheus.Listener`; the HTTP gateway serves `/metrics` on its own port)."""
 
 from __future__ import annotations
 
 import argparse
 
-from broker.errors import Fatal
+from broker.prometheus import Listener
+
+__all__ = ["Listener", "add_metrics_arg"]  # Listener: gateways/tcp_mobile/metrics.py takes it here
 
 
 def add_metrics_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (default 0: off)")
-
-
-class Listener:
-    def __init__(self, registry, host: str, port: int):
-        from prometheus_client import start_http_server  # only processes with --metrics-port
-        if not 0 < port < 65536:
-            raise ValueError(f"--metrics-port must be 1..65535, not {port}")
-        try:
-            self.server, self.thread = start_http_server(port, host, registry)
-        except OSError as e:
-            raise Fatal(f"cannot serve metrics on {host}:{port}: {e}") from None
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{self.server.server_port}/metrics"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
+from nodes.engine.names import DEFAULT_MODEL, model_name
 from nodes.engine.paths import cache_root
 
 log = logging.getLogger("treechat.engine")
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SAMPLING = (0.2, 0.9)  # temperature, top_p: what the SmolLM2 model card recommends
 
@@ -290,21 +290,6 @@ def describe(source, mode: str) -> str:
         return mode
     kinds = Counter(t.tensor_type.name for t in source.tensors.values() if t.data.ndim > 1)
     return "gguf " + "+".join(k for k, _ in kinds.most_common())
-
-
-def model_name(model: str | None) -> str:
-    """The name a model is served under (/v1/models, the page, the logs): a GGUF file's stem
-    (`gemma-3-270m-q4_k_m` for /x/gemma-3-270m-q4_k_m.gguf), a local folder's own name, a Hub
-    name as given; the default model's name for None. The HTTP gateway's --served-model-name
-    adds other names."""
-    if model is None:
-        return DEFAULT_MODEL
-    path = Path(model).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
-        return path.stem
-    if path.is_dir():
-        return path.resolve().name or model
-    return model
 
 
 def local_folder(model: str) -> Path:
