@@ -265,8 +265,10 @@ class Root(Front, NodeSide):
     def node_lost_model(self, name: str, model: str | None) -> None:
         """Node `name` of `model` is gone: when it was the model's last, its requests wait."""
         if model and model not in self.registry.models():
-            log.warning("model %s has no node left (its last, %s, was lost); its requests wait "
-                        "%.0fs for one", model, name, self.cfg.model_wait)
+            waiting = sum(1 for r in self.table.requests.values() if r.model == model)
+            log.log(logging.WARNING if waiting else logging.INFO, "model %s has no node left (its "
+                    "last, %s, is gone); its %d request(s) wait %.0fs for one", model, name,
+                    waiting, self.cfg.model_wait)
             self.lost_models[model] = (time.monotonic(), name)
 
     def give_up_models(self, older_than: float) -> None:
