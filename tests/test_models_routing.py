@@ -67,6 +67,27 @@ def test_requests_run_only_on_nodes_of_their_model(cluster):
     run(scenario())
 
 
+def test_a_router_without_an_engine_carries_every_model_below_it(cluster):
+    root, _ = cluster.root()
+    cluster.node(root, "router", None, engine="none")
+    for name, model in (("a1", "alpha"), ("b1", "beta")):
+        cluster.node(root, name, "router", "--model", model, "--max-slots", "1",
+                     "--fake-delay", "0.05")
+
+    async def scenario():
+        client = await connect(root)
+        await wait_tree(client, {"router", "a1", "b1"})
+        for model, node in (("beta", "b1"), ("alpha", "a1"), ("beta", "b1")):
+            s = client.submit(ask(model, f"for {model}", **FOREVER))
+            await running_at(client, {node: 1})
+            s.cancel()
+            assert (await s.collect())[1].finish_reason == "cancelled"
+            await running_at(client, {node: 0})
+        client.close()
+
+    run(scenario())
+
+
 def test_one_models_flood_does_not_hold_back_another(cluster):
     """alpha's slot and its whole queue at the root are taken; beta's requests still run at once,
     and alpha's next one is refused as overloaded."""
