@@ -2,7 +2,8 @@
 
 `tiny_model` is a folder (built once per session) that `--engine hf --model PATH` loads in well
 under a second: 2 layers, hidden size 64, random weights (seeded), the SmolLM2 tokenizer with its
-chat template; `tiny_model_b` another one (other weights, another name), for two models in a tree. `tiny_model_no_template` is the same model whose tokenizer has no chat template.
+chat template; `tiny_model_b` another one (other weights, another name), for two models in a tree.
+`tiny_model_no_template` is the same model whose tokenizer has no chat template.
 The tokenizer comes from the default model's converted cache folder, so the first session on a
 fresh machine converts the default model once (about 30 s); every later one reuses it.
 `parrot_model` answers every prompt that ends in a newline (every chat prompt does) with exactly

@@ -21,13 +21,15 @@ cancel-on-disconnect are the chat path's own. What maps to what:
     metadata.user_id                     session: the conversation the request continues (outranked
                                          by an X-Session-Id header; gateways/sessions.py)
 
-`metadata`'s other fields, `service_tier`, `cache_control`, `speed`, `output_config.effort` and
-the like change nothing here and are accepted; an image or document block, a server tool (or its `container`), or
-extended `thinking` is a 400 saying so; any other top-level field is a 400 naming it. Fields of a message or a block that Anthropic does not define (an `id`, ...) are dropped and
-counted, as on the chat path; its own `cache_control` and `citations` are dropped silently. `count_tokens` runs the prompt through the tree for
-one token and answers its `usage`'s prompt tokens: the count comes from the node that would serve
-the request, with its own tokenizer and chat template, tools included (the gateway holds none),
-and the prefix cache keeps the prefill for the request that usually follows.
+`metadata`'s other fields, `service_tier`, `cache_control`, `speed`, `output_config.effort` and the
+like change nothing here and are accepted; an image or document block, a server tool (or its
+`container`), or extended `thinking` is a 400 saying so; any other top-level field is a 400 naming
+it. Fields of a message or a block that Anthropic does not define (an `id`, ...) are dropped and
+counted, as on the chat path; its own `cache_control` and `citations` are dropped silently.
+`count_tokens` runs the prompt through the tree for one token and answers its `usage`'s prompt
+tokens: the count comes from the node that would serve the request, with its own tokenizer and chat
+template, tools included (the gateway holds none), and the prefix cache keeps the prefill for the
+request that usually follows.
 
 Errors use Anthropic's envelope `{"type": "error", "error": {"type", "message"}}`; a full tree is
 529 `overloaded_error`, as Anthropic's API says when it is overloaded.

@@ -117,7 +117,8 @@ class BaseHandler(tornado.web.RequestHandler):
         if self.gw.cfg.allows(origin):
             self.set_header("Access-Control-Allow-Origin",
                             "*" if "*" in self.gw.cfg.allowed_origins else origin)
-            self.set_header("Access-Control-Expose-Headers", "X-Request-Id, X-Session-Id, Retry-After")
+            self.set_header("Access-Control-Expose-Headers",
+                            "X-Request-Id, X-Session-Id, Retry-After")
             self.set_header("Vary", "Origin")
 
     def check_trusted_origin(self, origin: str) -> bool:

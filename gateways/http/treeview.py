@@ -98,12 +98,12 @@ async def resolve_model(tree: TreeView, model: str | None,
                         served: tuple[str, ...] = ()) -> tuple[str, str | None]:
     """(the name the response shows, the tree model the request must run on or None for any).
 
-    Checked against what the tree serves right now, plus the names `--served-model-name` gives
-    the tree's default model (the first by name). A request that names no model runs on any node
-    while the tree serves one model, and on the default model's when it serves several, so the
-    name the response shows is the model that answered. Raises 503 when the root or every node is unreachable, 404
-    `model_not_found` for any other name. A miss on the cached status asks the root again: a
-    node may have just joined."""
+    Checked against what the tree serves right now, plus the names `--served-model-name` gives the
+    tree's default model (the first by name). A request that names no model runs on any node while
+    the tree serves one model, and on the default model's when it serves several, so the name the
+    response shows is the model that answered. Raises 503 when the root or every node is
+    unreachable, 404 `model_not_found` for any other name. A miss on the cached status asks the
+    root again: a node may have just joined."""
     status = await tree.recent(max_age=tree.every * 1.5)
     if status is None:
         raise root_unreachable()
