@@ -11,7 +11,7 @@ import orjson
 import requests
 from pydantic import BaseModel, Field
 
-from conftest import Cluster
+from conftest import HB, Cluster, Up, free_ports
 
 
 def start_up(tmp_path_factory, name: str, *args: str, timeout: float = 60.0):
@@ -30,6 +30,31 @@ def tiny_tree(tmp_path_factory, tiny_model: str, name: str, *args: str):
     cluster, up = start_up(tmp_path_factory, name, "--engine", "hf", "--model", tiny_model,
                            "--device", "cpu", *args, timeout=240)
     try:
+        yield up
+    finally:
+        cluster.close()
+
+
+@contextmanager
+def models_tree(tmp_path_factory, name: str, models: dict[str, str]):
+    """A root, one node per entry of `models` (node name -> a real model's folder, on CPU: the
+    tree serves every model named), and an HTTP and a TCP gateway, for one test module's
+    fixture; yields an `Up` (its `proc` the HTTP gateway's)."""
+    cluster = Cluster(tmp_path_factory.mktemp(name))
+    try:
+        root, _ = cluster.root()
+        nodes = [cluster.node(root, node, None, "--model", path, "--device", "cpu",
+                              engine="hf", wait=False) for node, path in models.items()]
+        http_port, tcp_port = free_ports(2)
+        http = cluster.start("http", "gateway", "http", "--root", root, "--port", str(http_port),
+                             "--heartbeat", HB)
+        tcp = cluster.start("tcp", "gateway", "tcp", "--root", root, "--port", str(tcp_port),
+                            "--heartbeat", HB)
+        for proc in (*nodes, http, tcp):
+            proc.wait_ready(240)
+        up = Up(http, root, http_port, tcp_port)
+        poll(lambda: len(requests.get(f"{up.http}/v1/models", timeout=10).json()["data"])
+             == len(set(models.values())), timeout=60)  # every node registered with the root
         yield up
     finally:
         cluster.close()

@@ -2,7 +2,8 @@
 
 `tiny_model` is a folder (built once per session) that `--engine hf --model PATH` loads in well
 under a second: 2 layers, hidden size 64, random weights (seeded), the SmolLM2 tokenizer with its
-chat template. `tiny_model_no_template` is the same model whose tokenizer has no chat template.
+chat template; `tiny_model_b` another one (other weights, another name), for two models in a tree.
+`tiny_model_no_template` is the same model whose tokenizer has no chat template.
 The tokenizer comes from the default model's converted cache folder, so the first session on a
 fresh machine converts the default model once (about 30 s); every later one reuses it.
 `parrot_model` answers every prompt that ends in a newline (every chat prompt does) with exactly
@@ -31,6 +32,17 @@ def default_model_dir() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, default_model_dir) -> str:
+    return tiny_llama(tmp_path_factory, default_model_dir, "tiny-llama", seed=1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(tmp_path_factory, default_model_dir) -> str:
+    """Another tiny Llama (other random weights, another folder, so another model name): a tree
+    serving two models."""
+    return tiny_llama(tmp_path_factory, default_model_dir, "tiny-llama-b", seed=5678)
+
+
+def tiny_llama(tmp_path_factory, default_model_dir: str, name: str, seed: int) -> str:
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -42,9 +54,9 @@ def tiny_model(tmp_path_factory, default_model_dir) -> str:
         # Wider weights than the default init: logits far apart, so float noise between a
         # batched and a single forward never flips an argmax.
         initializer_range=0.2)
-    torch.manual_seed(1234)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
-    folder = tmp_path_factory.mktemp("tiny-llama")
+    folder = tmp_path_factory.mktemp(name)
     model.save_pretrained(folder)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(folder)
     tok.save_pretrained(folder)

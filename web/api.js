@@ -3,7 +3,8 @@
  *
  * Endpoints used: POST /v1/chat/completions (SSE stream), GET /v1/models, GET /v1/tree.
  * Every POST carries the `_xsrf` cookie's value in `X-XSRFToken` (the gateway sets the cookie on
- * `GET /`); an optional API key goes in `Authorization: Bearer ...`.
+ * `GET /`); an optional API key goes in `Authorization: Bearer ...`; a chat request carries its
+ * conversation's session in `X-Session-Id`.
  */
 
 /** An error the gateway (or the network) reported, normalised for the UI. */
@@ -133,8 +134,8 @@ export class SSEParser {
 /**
  * Streams one chat completion.
  *
- * @param {object} req      {model, messages, temperature, max_tokens, apiKey}
- * @param {object} handlers {onDelta(text), onFinish(reason), onUsage(usage)}
+ * @param {object} req      {model, session, messages, temperature, max_tokens, apiKey}
+ * @param {object} handlers {onDelta(text), onFinish(reason), onUsage(usage), onModel(name)}
  * @param {AbortSignal} signal  aborting it cancels the request (the gateway sees the close)
  * @returns {Promise<void>} resolves at `[DONE]` or end of stream; rejects with ApiError,
  *   or with a DOMException "AbortError" when stopped.
@@ -149,11 +150,13 @@ export async function streamChat(req, handlers, signal) {
   if (req.temperature != null) body.temperature = req.temperature;
   if (req.max_tokens != null) body.max_tokens = req.max_tokens;
 
+  const sent = headers(req.apiKey);
+  if (req.session) sent["X-Session-Id"] = req.session;
   let resp;
   try {
     resp = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: headers(req.apiKey),
+      headers: sent,
       body: JSON.stringify(body),
       signal,
       cache: "no-store",
@@ -167,6 +170,7 @@ export async function streamChat(req, handlers, signal) {
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
   const parser = new SSEParser();
   let openCall = false; // a streamed tool call whose text form is not closed yet
+  let named = false; // the answering model was reported
   const handle = (payload) => {
     if (payload === "[DONE]") return true;
     let chunk;
@@ -183,6 +187,10 @@ export async function streamChat(req, handlers, signal) {
         type: e.type ?? null,
         kind: kindOf(0, e.code) === "server" ? "stream" : kindOf(0, e.code),
       });
+    }
+    if (chunk.model && !named) {
+      named = true;
+      handlers.onModel?.(chunk.model);
     }
     const choice = chunk.choices?.[0];
     if (choice?.delta?.content) handlers.onDelta?.(choice.delta.content);

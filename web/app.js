@@ -278,7 +278,7 @@ async function checkHealth() {
     try {
       const r = await fetch("/healthz", { cache: "no-store" });
       setServerState(r.ok);
-      if (r.ok && !settings.models.length) settings.loadModels();
+      if (r.ok) settings.loadModels(); // the tree's models may have changed
     } catch {
       setServerState(false);
     }

@@ -8,6 +8,7 @@
  */
 
 import { ApiError, streamChat } from "./api.js";
+import { newId } from "./store.js";
 
 const MAX_AUTO_RETRIES = 3;
 
@@ -108,6 +109,7 @@ export class Chat {
     }
     const controller = new AbortController();
     this.active = { conv, msg, controller };
+    conv.session ??= newId(); // a conversation kept before sessions existed gets one now
     Object.assign(msg, { content: "", pending: true, error: null, stats: null });
     this.store.save(conv);
     this.hooks.started?.();
@@ -119,11 +121,13 @@ export class Chat {
     let deltas = 0;
     let usage = null;
     let finish = null;
+    let model = null;
     let stopped = false;
     try {
       await streamChat(
         {
           model: this.hooks.model(),
+          session: conv.session,
           messages: this.apiMessages(conv, conv.messages.indexOf(msg)),
           temperature: s.temperature,
           max_tokens: s.maxTokens,
@@ -141,6 +145,9 @@ export class Chat {
           },
           onUsage: (u) => {
             usage = u;
+          },
+          onModel: (name) => {
+            model = name;
           },
         },
         controller.signal,
@@ -172,6 +179,7 @@ export class Chat {
         seconds: (tEnd - t0) / 1000,
         finish,
         stopped,
+        model,
       };
     }
     const retryable = msg.error?.kind === "overloaded" || msg.error?.kind === "unavailable";

@@ -1,6 +1,10 @@
 /**
  * settings.js: the model menu (filled from GET /v1/models) and the settings dialog (system
  * prompt, temperature, max tokens, model, optional API key), both saved through the Store.
+ *
+ * The menu defaults to the first model the tree serves; the one chosen is remembered with the
+ * settings and sent as `model` with each request. While the tree serves a single model the menu
+ * only shows its name (disabled): there is nothing to choose.
  */
 
 import { listModels } from "./api.js";
@@ -11,7 +15,11 @@ const $ = (id) => document.getElementById(id);
 function fillModels(select, models, chosen) {
   select.replaceChildren(...models.map((id) => new Option(id, id)));
   if (chosen && models.includes(chosen)) select.value = chosen;
+  select.disabled = models.length < 2;
+  select.title = select.disabled ? "The only model this server serves" : "";
 }
+
+const sameList = (a, b) => a.length === b.length && a.every((x, i) => x === b[i]);
 
 export class Settings {
   /**
@@ -44,8 +52,11 @@ export class Settings {
     return this.store.settings.model || this.menu.value || "";
   }
 
+  /** Fills the menu from GET /v1/models (again on each call: a node of a new model may have
+   * joined); an unchanged list leaves the menu alone, so an open menu stays open. */
   async loadModels() {
     const s = this.store.settings;
+    const before = this.models;
     try {
       this.models = await listModels(s.apiKey);
       this.hooks.serverState(true);
@@ -53,6 +64,7 @@ export class Settings {
       this.models = [];
       if (e.kind === "network") this.hooks.serverState(false);
     }
+    if (before.length && sameList(before, this.models)) return;
     const shown = this.models.length ? this.models : [s.model].filter(Boolean);
     if (!shown.length) {
       this.menu.replaceChildren(new Option("No models", ""));

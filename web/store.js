@@ -3,7 +3,9 @@
  *
  * Keys: "treechat.conversations.v1" holds {id: Conversation}; "treechat.settings.v1" holds the
  * settings object; "treechat.current.v1" the id of the open conversation.
- * Conversation: {id, title, created, updated, messages: [{role, content, stats?, error?}]}.
+ * Conversation: {id, session, title, created, updated, messages: [{role, content, stats?, error?}]};
+ * `session` is the random name its requests carry in `X-Session-Id`, so the tree sends every
+ * turn where the earlier ones ran (their prompt is still cached there).
  */
 
 const CONV_KEY = "treechat.conversations.v1";
@@ -36,7 +38,7 @@ function write(key, value) {
   }
 }
 
-function newId() {
+export function newId() {
   if (crypto.randomUUID) return crypto.randomUUID();
   return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
 }
@@ -85,7 +87,7 @@ export class Store {
 
   create(firstText) {
     const now = Date.now();
-    const conv = { id: newId(), title: titleFrom(firstText), created: now, updated: now, messages: [] };
+    const conv = { id: newId(), session: newId(), title: titleFrom(firstText), created: now, updated: now, messages: [] };
     this.convs[conv.id] = conv;
     this.select(conv.id);
     this.save(conv);

@@ -34,10 +34,11 @@ function fmt(n, digits = 1) {
   return Number.isFinite(n) ? n.toFixed(digits) : "–";
 }
 
-/** One line of numbers under an answer: tokens, tokens/s, prompt size, time. */
+/** One line under an answer: the model that answered, tokens, tokens/s, prompt size, time. */
 export function statsText(s) {
   if (!s) return "";
   const parts = [];
+  if (s.model) parts.push(s.model);
   const approx = s.counted ? "≈" : "";
   parts.push(`${approx}${s.completion_tokens ?? 0} tokens`);
   if (Number.isFinite(s.tps) && s.tps > 0) parts.push(`${fmt(s.tps)} tok/s`);

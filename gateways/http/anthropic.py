@@ -18,13 +18,18 @@ cancel-on-disconnect are the chat path's own. What maps to what:
 
     output_config.format (json_schema)   response_format json_schema: the answer follows it
 
-`metadata`, `service_tier`, `cache_control`, `speed`, `output_config.effort` and the like change
-nothing here and are accepted; an image or document block, a server tool (or its `container`), or
-extended `thinking` is a 400 saying so; any other top-level field is a 400 naming it. Fields of a message or a block that Anthropic does not define (an `id`, ...) are dropped and
-counted, as on the chat path; its own `cache_control` and `citations` are dropped silently. `count_tokens` runs the prompt through the tree for
-one token and answers its `usage`'s prompt tokens: the count comes from the node that would serve
-the request, with its own tokenizer and chat template, tools included (the gateway holds none),
-and the prefix cache keeps the prefill for the request that usually follows.
+    metadata.user_id                     session: the conversation the request continues (outranked
+                                         by an X-Session-Id header; gateways/sessions.py)
+
+`metadata`'s other fields, `service_tier`, `cache_control`, `speed`, `output_config.effort` and the
+like change nothing here and are accepted; an image or document block, a server tool (or its
+`container`), or extended `thinking` is a 400 saying so; any other top-level field is a 400 naming
+it. Fields of a message or a block that Anthropic does not define (an `id`, ...) are dropped and
+counted, as on the chat path; its own `cache_control` and `citations` are dropped silently.
+`count_tokens` runs the prompt through the tree for one token and answers its `usage`'s prompt
+tokens: the count comes from the node that would serve the request, with its own tokenizer and chat
+template, tools included (the gateway holds none), and the prefix cache keeps the prefill for the
+request that usually follows.
 
 Errors use Anthropic's envelope `{"type": "error", "error": {"type", "message"}}`; a full tree is
 529 `overloaded_error`, as Anthropic's API says when it is overloaded.
@@ -36,6 +41,7 @@ from typing import Any
 
 import orjson
 
+from gateways import sessions
 from gateways.http.anthropic_answer import Message, sse_event
 from gateways.http.completions import ChatCompletionsHandler
 from gateways.http.errors import ApiError, bad_request
@@ -96,6 +102,9 @@ def parse_messages(body: Any, *, counting: bool = False) -> Parsed:
         core["tools"] = _tools(body["tools"])
     if "tool_choice" in body:
         core.update(_tool_choice(body["tool_choice"]))
+    session = _session(body.get("metadata"))
+    if session is not None:
+        core["session"] = session
     output = body.get("output_config", {})
     if not isinstance(output, dict):
         raise bad_request("output_config", "'output_config' must be an object")
@@ -162,6 +171,14 @@ def _messages(system: Any, messages: Any) -> tuple[list[dict], int]:
         elif texts or not results:
             out.append({"role": role, "content": "\n".join(texts)})
     return out, ignored
+
+
+def _session(metadata: Any) -> str | None:
+    """`metadata.user_id`, Anthropic's name for who is asking, as the request's session."""
+    user = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if user is not None and not isinstance(user, str):
+        raise bad_request("metadata.user_id", "'user_id' must be a string")
+    return sessions.named(user)
 
 
 def _text(content: Any, where: str) -> str:

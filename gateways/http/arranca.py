@@ -3,14 +3,16 @@
     -> {"text": "What is a tree?", "timestamp": 1712345678}
     <- {"request_id": 7, "text": "A tree is ...", "timestamp": 1712345678}
 
-`request_id` is the arrival order at the root; every field besides `text` is echoed back. The
-text runs as one user message (at most `--arranca-max-tokens` tokens). The request options of the
-tree (`broker.request.Request`: temperature, seed, stop, response_format, tools, ... the same
-ones the TCP protocol takes) may ride along as fields of the body; they are used (and echoed,
-like every field). With `tools`, the calls the model made come back as `tool_calls` (OpenAI's
-shape). Like the original page's requests, it needs Tornado's XSRF token: the `_xsrf` cookie
-`GET /` sets, echoed in an `X-XSRFToken` header (or an `_xsrf` field of a form body). A body nested deeper than the gateway takes
-(`broker.nesting`) is a 400 before anything runs.
+`request_id` is the arrival order at the root; every field besides `text` is echoed back. The text
+runs as one user message (at most `--arranca-max-tokens` tokens). The request options of the tree
+(`broker.request.Request`: temperature, seed, stop, response_format, tools, ... the same ones the
+TCP protocol takes) may ride along as fields of the body; they are used (and echoed, like every
+field): `model` picks one of the tree's models (404 for one it does not serve), `session` names the
+conversation (an `X-Session-Id` header outranks it; gateways/sessions.py). With `tools`, the calls
+the model made come back as `tool_calls` (OpenAI's shape). Like the original page's requests, it
+needs Tornado's XSRF token: the `_xsrf` cookie `GET /` sets, echoed in an `X-XSRFToken` header (or
+an `_xsrf` field of a form body). A body nested deeper than the gateway takes (`broker.nesting`) is
+a 400 before anything runs.
 """
 
 from __future__ import annotations

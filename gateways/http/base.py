@@ -34,7 +34,8 @@ log = logging.getLogger("treechat.http")
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to echo
 ORIGIN = re.compile(r"^https?://[^/\s]+$")
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
-CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-XSRFToken, X-Api-Key, Anthropic-Version"
+CORS_HEADERS = ("Authorization, Content-Type, X-Request-Id, X-Session-Id, X-XSRFToken, X-Api-Key, "
+                "Anthropic-Version")
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ class BaseHandler(tornado.web.RequestHandler):
         if self.gw.cfg.allows(origin):
             self.set_header("Access-Control-Allow-Origin",
                             "*" if "*" in self.gw.cfg.allowed_origins else origin)
-            self.set_header("Access-Control-Expose-Headers", "X-Request-Id, Retry-After")
+            self.set_header("Access-Control-Expose-Headers",
+                            "X-Request-Id, X-Session-Id, Retry-After")
             self.set_header("Vary", "Origin")
 
     def check_trusted_origin(self, origin: str) -> bool:

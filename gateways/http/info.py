@@ -5,7 +5,8 @@
     GET /healthz   200 while the process runs                               (public)
     GET /readyz    200 when the root answers and an alive node has an engine (public)
     GET /metrics   Prometheus text format                                  (public)
-    GET /v1/models the models the tree's nodes serve, and --served-model-name's (API key)
+    GET /v1/models the models the tree's nodes serve, each with how many nodes serve it
+                   (`nodes`), and --served-model-name's (API key)
     GET /v1/models/ID  one of them, or 404 model_not_found                  (API key)
     GET /v1/tree   the root's live status: root queue, every node's load     (API key)
 """
@@ -19,7 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateways.http.base import ApiHandler, BaseHandler
 from gateways.http.errors import ApiError, root_unreachable
-from gateways.http.treeview import is_ready, model_infos, models_of, serving_nodes
+from gateways.http.treeview import (is_ready, model_infos, models_of, nodes_per_model,
+                                    serving_nodes)
 
 STARTED = int(time.time())
 
@@ -78,13 +80,17 @@ class ModelsHandler(ApiHandler):
         if status is None:
             raise root_unreachable()
         infos = model_infos(status, self.gw.cfg.served_names)
-        models = models_of(status)
-        aliases = [n for n in infos if n not in models]  # --served-model-name's, in order
-        return [{"id": name, "object": "model", "created": STARTED, "owned_by": "treechat",
-                 "root": name if name in models else models[0],
-                 "max_model_len": infos[name].get("max_model_len"),
-                 "max_tokens_default": infos[name].get("max_tokens_default")}
-                for name in models + aliases]
+        counts = nodes_per_model(status)
+        models = sorted(counts)
+        aliases = [n for n in infos if n not in counts]  # --served-model-name's, in order
+        entries = []
+        for name in models + aliases:
+            root = name if name in counts else models[0]
+            entries.append({"id": name, "object": "model", "created": STARTED,
+                            "owned_by": "treechat", "root": root, "nodes": counts[root],
+                            "max_model_len": infos[name].get("max_model_len"),
+                            "max_tokens_default": infos[name].get("max_tokens_default")})
+        return entries
 
 
 class ModelHandler(ModelsHandler):

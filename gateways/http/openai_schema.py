@@ -8,9 +8,13 @@ naming the offending field.
 `n` choices (and each prompt of a completions batch) are separate requests in the tree, each its
 own sample: with a `seed`, choice i gets seed + i, so the whole response repeats.
 
+`prompt_cache_key` and `user` (completions: `user`) name the conversation a request continues:
+the first one given becomes each request's `session` (gateways/sessions.py; the HTTP handler's
+`X-Session-Id` header outranks them).
+
 The field policy (the table in docs/http-api.md): a field we implement is used; a documented
-OpenAI field that changes nothing here (`user`, `store`, `metadata`, `service_tier`, ...) is
-accepted and ignored; a documented field that would change the answer in a way we do not
+OpenAI field that changes nothing here (`store`, `metadata`, `service_tier`, ...) is accepted
+and ignored; a documented field that would change the answer in a way we do not
 implement (audio output, `suffix`, `best_of` above `n`, ...) is a 400 naming it; any other field
 is a 400 `unknown_field`, at the top level and in `stream_options`. Inside messages and content
 parts clients are sloppy (LiteLLM and Cline send `cache_control`, others replay an `id`): a field
@@ -28,6 +32,7 @@ from typing import Any, Callable
 
 from broker.request import (MAX_LOGPROBS, MESSAGE_FIELDS, ROLE_FIELDS, SEED_RANGE, BadRequest,
                             Request)
+from gateways import sessions
 from gateways.http.errors import bad_request
 
 MAX_CHOICES = 16  # n
@@ -60,16 +65,11 @@ def _string(v: Any) -> bool:
 
 
 # Documented OpenAI fields that change nothing here -> (is the value harmless?, what we accept)
-IGNORED_COMMON: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "user": (_string, "any string (ignored)"),
-}
-IGNORED_CHAT = {
-    **IGNORED_COMMON,
+IGNORED_CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "store": (_always, "any value (nothing is stored)"),
     "metadata": (lambda v: isinstance(v, dict), "any object (ignored)"),
     "service_tier": (_string, "any string (one tier here)"),
     "safety_identifier": (_string, "any string (ignored)"),
-    "prompt_cache_key": (_string, "any string (ignored)"),
     "reasoning_effort": (_string, "any string (no reasoning model here)"),
     "verbosity": (_string, "any string (ignored)"),
     "modalities": (_is(["text"]), '["text"]'),
@@ -77,7 +77,10 @@ IGNORED_CHAT = {
     "functions": (_is([]), "[] (use 'tools')"),
     "function_call": (_is("none", "auto"), "'none' or 'auto' (use 'tool_choice')"),
 }
-IGNORED_COMPLETION = {**IGNORED_COMMON}
+IGNORED_COMPLETION: dict[str, tuple[Callable[[Any], bool], str]] = {}
+# The names of the conversation a request continues, the first one given winning
+CHAT_SESSION = ("prompt_cache_key", "user")
+COMPLETION_SESSION = ("user",)
 
 # OpenAI fields used as they are, plus treechat's extensions (top_k, min_p, ignore_eos,
 # repetition_penalty; `timeout` is the gateway's own)
@@ -86,8 +89,9 @@ PASSED = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed"
           "response_format")
 COMMON_FIELDS = {"stream", "stream_options", "timeout", "n", *PASSED}
 CHAT_FIELDS = {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
-               "tool_choice", "parallel_tool_calls", *COMMON_FIELDS}
-COMPLETION_FIELDS = {"prompt", "echo", "logprobs", "best_of", "suffix", *COMMON_FIELDS}
+               "tool_choice", "parallel_tool_calls", *CHAT_SESSION, *COMMON_FIELDS}
+COMPLETION_FIELDS = {"prompt", "echo", "logprobs", "best_of", "suffix", *COMPLETION_SESSION,
+                     *COMMON_FIELDS}
 STREAM_OPTIONS = {"include_usage", "include_obfuscation", "continuous_usage_stats"}
 REQUEST_FIELDS = tuple(f.name for f in fields(Request))  # Request.to_dict's keys, in its order
 
@@ -97,7 +101,7 @@ def parse_chat(body: Any) -> Parsed:
     if "audio" in body and body.get("modalities", ["text"]) == ["text"]:
         body.pop("audio")  # audio settings without audio output change nothing
     _check_fields(body, CHAT_FIELDS, IGNORED_CHAT)
-    core = {k: body[k] for k in PASSED if k in body}
+    core = {k: body[k] for k in PASSED if k in body} | _session(body, CHAT_SESSION)
     core["messages"], ignored = _messages(body.get("messages"))
     limit = body.get("max_completion_tokens")
     if limit is not None:
@@ -153,7 +157,7 @@ def parse_completion(body: Any) -> Parsed:
     echo = body.get("echo", False)
     if not isinstance(echo, bool):
         raise bad_request("echo", "'echo' must be true or false")
-    base = {k: body[k] for k in PASSED if k in body}
+    base = {k: body[k] for k in PASSED if k in body} | _session(body, COMPLETION_SESSION)
     logprobs = body.get("logprobs")
     if logprobs is not None:
         if isinstance(logprobs, bool) or not isinstance(logprobs, int) \
@@ -205,6 +209,15 @@ def _check_fields(body: dict, known: set[str], ignored: dict) -> None:
         if name == "audio":
             raise bad_request(name, "audio output is not supported by this server")
         raise bad_request(name, f"unknown field '{name}'", code="unknown_field")
+
+
+def _session(body: dict, names: tuple[str, ...]) -> dict:
+    """{"session": ...} from the first of `names` the body gives, or {} (gateways/sessions.py)."""
+    for name in names:
+        if not isinstance(body.get(name, ""), str):
+            raise bad_request(name, f"'{name}' must be a string")
+    session = sessions.named(*(body.get(name) for name in names))
+    return {"session": session} if session else {}
 
 
 def _choices(body: dict) -> int:

@@ -3,7 +3,9 @@
 The handler owns its `broker.client.Stream`s (the per-request queues the root client's reader
 fills), one per choice (`n`, and each prompt of a completions batch). `open_streams` submits them
 all and waits for the root's answer to each (accepted, or a refusal such as `overloaded` that
-becomes an HTTP error before any byte is sent, the others cancelled); `next_event` yields
+becomes an HTTP error before any byte is sent, the others cancelled); an `X-Session-Id` header
+names every request's session, outranking the body's names (gateways/sessions.py), and the
+session the requests run under comes back in the response's `X-Session-Id`. `next_event` yields
 (choice index, event) until every stream ended. A closed client connection cancels every request
 down the tree, and the handler still reads the streams to their final events so the metrics stay
 right. SIGTERM waits for the handlers registered in `Gateway.active`.
@@ -20,6 +22,7 @@ import asyncio
 from tornado.iostream import StreamClosedError
 
 from broker.client import Event, Stream
+from gateways import sessions
 from gateways.http.base import BodyHandler
 from gateways.http.errors import ApiError, from_core, root_unreachable
 from gateways.http.metrics import Tracker
@@ -45,6 +48,11 @@ class RelayHandler(BodyHandler):
         if not client.connected:
             raise root_unreachable()
         deadline = timeout or self.gw.cfg.request_timeout
+        session = self.session_header() or requests[0].get("session")
+        if session is not None:
+            for request in requests:
+                request["session"] = session
+            self.set_header(sessions.HEADER, session)
         self.trackers = [self.gw.metrics.track() for _ in requests]
         self.streams = [client.submit(r, timeout=deadline) for r in requests]
         self.open = len(self.streams)
@@ -66,6 +74,10 @@ class RelayHandler(BodyHandler):
             self.merged = asyncio.Queue()
             loop = asyncio.get_running_loop()
             self.pumps = [loop.create_task(self._pump(i, s)) for i, s in enumerate(self.streams)]
+
+    def session_header(self) -> str | None:
+        """The session the client's `X-Session-Id` header names, if it sent one."""
+        return sessions.named(self.request.headers.get(sessions.HEADER))
 
     async def _pump(self, index: int, stream: Stream) -> None:
         async for ev in stream:

@@ -123,9 +123,11 @@ class ResponseShape(sse.ChatShape):
 
     ID_PREFIX = "resp_"
 
-    def __init__(self, model: str, echo: dict):
+    def __init__(self, model: str, echo: dict, id_: str | None = None):
         super().__init__(model)
         self.echo = echo
+        if id_ is not None:
+            self.id = id_  # known before the request runs: a new chain's session
 
     def response(self, status: str, output: list[dict], usage_: dict | None = None,
                  reason: str | None = None, error: dict | None = None) -> dict:

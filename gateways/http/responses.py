@@ -13,6 +13,11 @@ cancel on disconnect), and its answer rendered as a `response` (`response_object
 `previous_response_id` puts that conversation before the new input; instructions are not carried
 over, as in OpenAI's API.
 
+The request's session (gateways/sessions.py), the conversation the tree sends home: an
+`X-Session-Id` header, else `prompt_cache_key`, else `user`, else the chain's (what its first
+response ran under, kept with every stored response), else, when the response is stored, its own
+id: a chain that names nothing runs under its first response's id from the first turn on.
+
 The field policy is the chat path's (docs/http-api.md): a field that changes nothing here is
 accepted, one that would change the answer in a way we do not implement is a 400 naming it,
 any other field is a 400 `unknown_field`. Items and content parts are read leniently: fields they
@@ -31,16 +36,17 @@ from gateways.http.errors import ApiError, bad_request, root_unreachable
 from gateways.http.openai_schema import PASSED, Parsed, parse_chat
 from gateways.http.response_objects import (ResponseOutput, ResponseShape, assistant_message,
                                             output_of, usage)
+from gateways.http.sse import new_id
 
 log = logging.getLogger("treechat.http")
 
 # Used as they are by the chat parser (treechat's sampling extensions included)
 CHAT_FIELDS = tuple(f for f in PASSED if f not in ("max_tokens", "response_format")) \
-    + ("stream", "timeout", "parallel_tool_calls")
+    + ("stream", "timeout", "parallel_tool_calls", "prompt_cache_key", "user")
 OWN_FIELDS = {"input", "instructions", "tools", "tool_choice", "text", "max_output_tokens",
               "store", "previous_response_id", "metadata"}
 IGNORED = {  # change nothing here -> what is accepted
-    "user": str, "safety_identifier": str, "prompt_cache_key": str, "service_tier": str,
+    "safety_identifier": str, "service_tier": str,
     "truncation": str, "reasoning": dict, "stream_options": dict, "background": bool,
     "include": list, "top_logprobs": int,
 }
@@ -215,6 +221,7 @@ class ResponsesHandler(ChatCompletionsHandler):
     async def post(self) -> None:
         chat, echo = translate(self.read_json())
         history: list[dict] = []
+        chain = None  # the session of the chain this response continues
         previous = echo["previous_response_id"]
         if previous is not None:
             found, value = await kept(self.gw, "get", str(previous))
@@ -222,11 +229,17 @@ class ResponsesHandler(ChatCompletionsHandler):
                 raise ApiError(400, f"Previous response with id '{previous}' not found.",
                                code="previous_response_not_found", param="previous_response_id")
             history = value["messages"]
+            chain = value.get("session", str(previous))  # kept before sessions: its own id
         system = chat["messages"][:1] if echo["instructions"] else []
         self.conversation = history + chat["messages"][len(system):]
         parsed = parse({**chat, "messages": system + self.conversation})
         self.echo = echo
-        self.shape_class = functools.partial(ResponseShape, echo=echo)  # relay makes one
+        id_ = ResponseShape.ID_PREFIX + new_id()
+        self.session = self.session_header() or parsed.requests[0].get("session") or chain \
+            or (id_ if echo["store"] else None)
+        if self.session is not None:
+            parsed.requests[0]["session"] = self.session
+        self.shape_class = functools.partial(ResponseShape, echo=echo, id_=id_)  # relay makes one
         await self.relay(parsed)
 
     async def respond(self, choices: list, parsed: Parsed) -> None:
@@ -258,7 +271,8 @@ class ResponsesHandler(ChatCompletionsHandler):
         messages = self.conversation + [assistant_message(response["output"])]
         try:
             await kept(self.gw, "put", response["id"], {"response": response,
-                                                         "messages": messages})
+                                                         "messages": messages,
+                                                         "session": self.session})
         except ApiError as e:
             log.warning("response %s not stored: %s", response["id"], e.message)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 
 from broker.client import RootClient
 from gateways.http.errors import ApiError, no_node, root_unreachable
@@ -66,9 +67,14 @@ def serving_nodes(status: dict | None) -> list[dict]:
             if n.get("state") == "alive" and n.get("engine") not in (None, "none")]
 
 
+def nodes_per_model(status: dict | None) -> Counter:
+    """Each model the tree serves -> how many alive nodes serve it."""
+    return Counter(n.get("model") or n.get("engine") for n in serving_nodes(status))
+
+
 def models_of(status: dict | None) -> list[str]:
     """The models the tree serves, in a stable order (the first is the default)."""
-    return sorted({n.get("model") or n.get("engine") for n in serving_nodes(status)})
+    return sorted(nodes_per_model(status))
 
 
 def model_infos(status: dict | None, served_names: tuple[str, ...] = ()) -> dict[str, dict]:
@@ -92,10 +98,12 @@ async def resolve_model(tree: TreeView, model: str | None,
                         served: tuple[str, ...] = ()) -> tuple[str, str | None]:
     """(the name the response shows, the tree model the request must run on or None for any).
 
-    Checked against what the tree serves right now, plus the names `--served-model-name` gives
-    the tree's default model. Raises 503 when the root or every node is unreachable, 404
-    `model_not_found` for any other name. A miss on the cached status asks the root again: a
-    node may have just joined."""
+    Checked against what the tree serves right now, plus the names `--served-model-name` gives the
+    tree's default model (the first by name). A request that names no model runs on any node while
+    the tree serves one model, and on the default model's when it serves several, so the name the
+    response shows is the model that answered. Raises 503 when the root or every node is
+    unreachable, 404 `model_not_found` for any other name. A miss on the cached status asks the
+    root again: a node may have just joined."""
     status = await tree.recent(max_age=tree.every * 1.5)
     if status is None:
         raise root_unreachable()
@@ -106,7 +114,7 @@ async def resolve_model(tree: TreeView, model: str | None,
     if not models:
         raise no_node()
     if model is None:
-        return models[0], None
+        return models[0], models[0] if len(models) > 1 else None
     if model in models:
         return model, model
     if model in served:

@@ -3,7 +3,9 @@
 `treechat chat [--tcp HOST:PORT [--tls] | --http URL]`: type a message, the answer streams
 back; Ctrl-C while an answer streams cancels it (what came so far stays in the history); Ctrl-C
 or Ctrl-D at the prompt quits; `/reset` starts a new conversation. The whole conversation is sent
-with every message, so follow-ups have context.
+with every message, so follow-ups have context, with the conversation's session (a random name,
+new at `/reset`: the `session` field over TCP, an `X-Session-Id` header over HTTP), so the tree
+sends each turn where the earlier ones ran and their prompt is still cached.
 
 Over TCP (docs/protocol.md) a dropped connection is resumed: the client reconnects, sends its
 session token and how many characters it has, and the answer goes on where it stopped. With
@@ -32,6 +34,7 @@ import http.client
 import itertools
 import json
 import os
+import secrets
 import select
 import signal
 import socket
@@ -120,10 +123,12 @@ class TcpChat:
         line, _, self.buf = self.buf.partition(b"\n")
         return json.loads(line)
 
-    def ask(self, messages: list[dict], params: dict, show) -> tuple[str, str]:
+    def ask(self, messages: list[dict], params: dict, show,
+            session: str | None = None) -> tuple[str, str]:
         rid = str(next(self.ids))
         self.reopen_if_closed()
-        self.send({"id": rid, "messages": messages, **params})
+        named = {"session": session} if session else {}
+        self.send({"id": rid, "messages": messages, **named, **params})
         self.asking, self.stop_asked = rid, False
         try:
             return self.stream(rid, show)
@@ -220,7 +225,8 @@ class HttpChat:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.streaming, self.stop_asked, self.sock = False, False, None  # cancel() reads them
 
-    def ask(self, messages: list[dict], params: dict, show) -> tuple[str, str]:
+    def ask(self, messages: list[dict], params: dict, show,
+            session: str | None = None) -> tuple[str, str]:
         where = (self.parts.hostname, self.parts.port)
         conn = http.client.HTTPSConnection(*where, timeout=600, context=self.tls) if self.tls \
             else http.client.HTTPConnection(*where, timeout=600)
@@ -232,7 +238,9 @@ class HttpChat:
                 self.sock = conn.sock
                 if self.stop_asked:
                     return "", "cancelled"
-                conn.request("POST", self.path, body, self.headers)
+                headers = {**self.headers, "X-Session-Id": session} if session \
+                    else self.headers
+                conn.request("POST", self.path, body, headers)
                 resp = conn.getresponse()
             except ssl.SSLError as e:
                 raise ChatError("tls_failed", tlsopt.describe(e)) from None
@@ -406,6 +414,7 @@ def converse(chat, messages: list[dict], start: list[dict], params: dict, tty: b
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    session = new_session()
     while True:
         try:
             line = read("you> " if tty else "")
@@ -420,11 +429,12 @@ def converse(chat, messages: list[dict], start: list[dict], params: dict, tty: b
             continue
         if line.strip() == "/reset":
             messages[:] = list(start)
+            session = new_session()
             print("[new conversation]", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
         try:
-            text, reason = chat.ask(messages, params, show)
+            text, reason = chat.ask(messages, params, show, session)
         except KeyboardInterrupt:  # before the first line came back: nothing to keep
             text, reason = "", "cancelled"
         except ChatError as e:
@@ -436,3 +446,8 @@ def converse(chat, messages: list[dict], start: list[dict], params: dict, tty: b
         messages.append({"role": "assistant", "content": text})
         print(" [cancelled]" if reason == "cancelled" else "")
         sys.stdout.flush()
+
+
+def new_session() -> str:
+    """A conversation's session name: random, so two conversations never share one."""
+    return "chat-" + secrets.token_hex(8)

@@ -4,6 +4,12 @@ No sockets here: `server.py` reads lines and hands each to `parse_line`, which r
 command (`Submit`, `CancelLine`, `Ping`, `Resume`, `HelloLine`) or raises `LineError` carrying the
 error line to send back. Server lines are plain dicts encoded by `encode` (orjson + b"\\n").
 The wire format itself is documented for client authors in docs/protocol.md.
+
+A request's `model` picks the model (the root refuses one no node serves: `unknown_model`), and
+the final line names it. Its `session` names the conversation it continues, so the tree sends it
+where the conversation's earlier turns ran; a chat request without one gets a session named after
+its conversation's opening (`gateways.sessions.of_conversation`): every turn of a conversation
+re-sends that opening, so the turns come home on any connection, with no field to send.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import orjson
 
 from broker.nesting import MAX_DEPTH, too_deep
 from broker.protocol import BadRequest, ErrorCode, Request
+from gateways import sessions
 
 MAX_ID = 128  # characters in a client id
 
@@ -87,11 +94,14 @@ def delta_line(rid: str, text: str, offset: int) -> dict:
 
 
 def done_line(rid: str, finish_reason: str, text: str, prompt_tokens: int,
-              completion_tokens: int) -> dict:
-    return {"id": rid, "done": True, "finish_reason": finish_reason, "text": text,
+              completion_tokens: int, model: str | None = None) -> dict:
+    line = {"id": rid, "done": True, "finish_reason": finish_reason, "text": text,
             "offset": len(text),
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
+    if model is not None:
+        line["model"] = model  # only when the request named one: the examples stay as they were
+    return line
 
 
 # --- client lines --------------------------------------------------------------------------------
@@ -161,6 +171,8 @@ def parse_submit(data: dict) -> Submit:
     except BadRequest as e:
         where = f" ({e.param})" if e.param and e.param not in e.message else ""
         raise LineError(Code.BAD_REQUEST, e.message + where, rid) from None
+    if "session" not in request and "messages" in request:
+        request["session"] = sessions.of_conversation(request["messages"], request.get("model"))
     return Submit(rid, request, resumable, timeout)
 
 

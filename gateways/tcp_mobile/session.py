@@ -32,13 +32,15 @@ FINISHED_KEPT = 32  # finished requests a session keeps: a final lost in flight 
 class Tracked:
     """One request of a session: where its answer stands."""
 
-    __slots__ = ("id", "stream", "resumable", "parts", "length", "final", "task", "tools")
+    __slots__ = ("id", "stream", "resumable", "parts", "length", "final", "task", "tools",
+                 "model")
 
     def __init__(self, rid: str, stream: Stream, resumable: bool, request: dict | None = None):
         self.id = rid
         self.stream = stream
         self.resumable = resumable
         self.tools = tools.mode_of(request or {})  # (mode, function): how to read tool calls
+        self.model = (request or {}).get("model")  # the model asked for, named in the final line
         self.parts: list[str] = []
         self.length = 0  # characters (code points) produced so far
         self.final: dict | None = None
@@ -105,7 +107,7 @@ class Session:
             elif ev.kind == "done":
                 text = "".join(t.parts)
                 line = done_line(t.id, ev.finish_reason, text, ev.prompt_tokens,
-                                 ev.completion_tokens)
+                                 ev.completion_tokens, t.model)
                 mode, name = t.tools
                 if mode is not None:
                     line["tool_calls"] = tools.parse(mode, name, text)[1]

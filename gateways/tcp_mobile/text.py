@@ -2,7 +2,8 @@
 
 Entered when a connection's first line is `TEXT` (any case), or is not JSON at all (it does not
 start with "{"): that line is then the first prompt. From then on each line is a prompt in one
-conversation (the connection keeps the history, so follow-ups have context). The answer streams
+conversation (the connection keeps the history, so follow-ups have context, and names the
+conversation's session, so the tree sends them where the earlier turns ran). The answer streams
 back as plain UTF-8 text and ends with an empty line. So that an empty line can only mean "end of
 answer", a blank line inside an answer is sent as a line holding one space. Errors are one line
 `[error CODE: message]`, then the empty line. An empty line gets a hint (`HINT`), then the empty
@@ -18,6 +19,7 @@ connection is closed (`Connection.refuse`). Without keys, `TEXT KEY` works too: 
 from __future__ import annotations
 
 import re
+import secrets
 import time
 
 from gateways.tcp_mobile.lines import TOO_LONG
@@ -31,6 +33,7 @@ class TextChat:
     def __init__(self, conn):
         self.conn = conn
         self.messages: list[dict] = []
+        self.session = "text-" + secrets.token_hex(8)  # the conversation's, for the routing
         self.last = "\n"  # last character written: answers start on a fresh line
         sessions = conn.gw.sessions
         sessions.drop(conn.session)  # text mode has no session to resume
@@ -80,7 +83,7 @@ class TextChat:
         if self.sessions.closing:
             return self.end_with_error(Code.SHUTTING_DOWN, "the gateway is shutting down")
         messages = self.messages + [{"role": "user", "content": prompt}]
-        stream = self.sessions.client.submit({"messages": messages})
+        stream = self.sessions.client.submit({"messages": messages, "session": self.session})
         parts: list[str] = []
         self.conn.busy = True
         try:
