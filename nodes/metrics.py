@@ -9,6 +9,8 @@ loop, checks when each peer was last heard from. Served by `broker.prometheus.Li
     treechat:node_generation_tokens_total            tokens this node's engine produced
     treechat:node_tokens_per_second                  the same, over the last 10 s
     treechat:node_requests_finished_total{finished_reason}
+    treechat:node_prompt_tokens_total                prompt tokens of the requests it finished
+    treechat:node_cached_tokens_total                of those, reused from its prefix cache
     treechat:node_errors_total{code}                 errors this node answered for a request
                                                      (engine errors, overloaded, handed_back...)
     treechat:node_dispatches_total{kind}             requests received: new, or resumed (a
@@ -47,6 +49,12 @@ class NodeMetrics:
         self.rate = Gauge("treechat:node_tokens_per_second",
                           f"Tokens generated per second over the last {RATE_WINDOW:g} s.",
                           registry=r)
+        self.prompt_tokens = Counter("treechat:node_prompt_tokens",
+                                     "Prompt tokens of the requests this node finished.",
+                                     registry=r)
+        self.cached_tokens = Counter("treechat:node_cached_tokens",
+                                     "Prompt tokens reused from this node's prefix cache.",
+                                     registry=r)
         self.finished = Counter("treechat:node_requests_finished",
                                 "Requests this node finished, by reason.", ["finished_reason"],
                                 registry=r)
@@ -116,10 +124,14 @@ class NodeMetrics:
             n = sum(len(item[2]) for item in msg.items)
             self.generated += n
             self.tokens.inc(n)
-            for done in msg.done:
+            for done in msg.done:  # [rid, reason, prompt_tokens, completion_tokens, cached?]
                 self.finished.labels(finished_reason=done[1]).inc()
+                self.prompt_tokens.inc(done[2])
+                if len(done) > 4:
+                    self.cached_tokens.inc(done[4])
         elif isinstance(msg, p.Done):
             self.finished.labels(finished_reason=msg.finish_reason).inc()
+            self.prompt_tokens.inc(msg.prompt_tokens)
         elif isinstance(msg, p.Error):
             self.errors.labels(code=msg.code).inc()
 
