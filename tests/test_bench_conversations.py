@@ -1,10 +1,18 @@
-"""The multi-turn dataset (bench/conversations.py): seeded, interleaved, real chat lengths, each
-turn carrying the history."""
+"""The multi-turn dataset (bench/conversations.py) and the affinity study (bench/affinity.py) end to
+end on the fake engine, which reports no cached tokens: the report's shape and counts, not a
+cache share."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import orjson
 import pytest
 
+from conftest import REPO
+
+from bench.affinity import TurnRecord, imbalance, set_ideals
 from bench.conversations import SYSTEM_PROMPTS, ConversationConfig, build
 
 
@@ -54,3 +62,51 @@ def test_bad_dataset_settings_are_refused_clearly():
                 {"min_words": 50, "median_words": 10}, {"stagger": -1.0}):
         with pytest.raises(ValueError):
             ConversationConfig(**bad)
+
+
+def test_the_ideal_is_the_turn_before_capped_at_the_prompt():
+    records = [TurnRecord(0, user=0, turn=1, prompt_tokens=100, output_tokens=30),
+               TurnRecord(1, user=0, turn=2, prompt_tokens=150, output_tokens=30),
+               TurnRecord(2, user=0, turn=3, prompt_tokens=170, output_tokens=5),
+               TurnRecord(3, user=1, turn=1, prompt_tokens=50, error="timeout"),
+               TurnRecord(4, user=1, turn=2, prompt_tokens=90)]
+    set_ideals(records)
+    assert [r.ideal for r in records] == [0, 130, 170, 0, 0]
+    leaves = {"a": {"requests": 3, "prompt_tokens": 100, "completion_tokens": 20},
+              "b": {"requests": 1, "prompt_tokens": 20, "completion_tokens": 20}}
+    assert imbalance(leaves) == {"requests": pytest.approx(1.5), "tokens": pytest.approx(1.5)}
+
+
+@pytest.mark.timeout(180)
+def test_the_affinity_study_runs_end_to_end_on_the_fake_engine(tmp_path):
+    out = tmp_path / "affinity.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.affinity", "--engine", "fake", "--users", "3", "--turns", "3",
+         "--nodes", "2", "--fanout", "2", "--max-tokens", "4", "--think-min", "0",
+         "--think-max", "0.1", "--stagger", "0.2", "--up-args", "--fake-delay 0.002",
+         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| affinity |" in r.stdout and "| no-affinity |" in r.stdout and "goal:" in r.stdout
+    data = orjson.loads(out.read_bytes())
+    assert [run["mode"] for run in data["runs"]] == ["affinity", "no-affinity"]
+    for run in data["runs"]:
+        s = run["summary"]
+        assert (s["turns_planned"], s["completed"], s["failed"], s["not_sent"]) == (9, 9, 0, 0)
+        assert s["later_turns"] == 6 and s["later_cached_tokens"] == 0  # the fake caches nothing
+        assert 0 < s["later_ideal_tokens"] <= s["later_prompt_tokens"]
+        assert s["output_tokens"] == 9 * 4 and s["output_throughput"] > 0
+        assert s["ttft_ms"]["p50"] > 0 and s["ttft_later_ms"]["p99"] >= s["ttft_later_ms"]["p50"]
+        # the leaves' counters saw exactly the drive's turns (not the warm-up)
+        assert set(run["leaves"]) == {"node-1", "node-2"}
+        assert sum(v["requests"] for v in run["leaves"].values()) == 9
+        assert sum(v["completion_tokens"] for v in run["leaves"].values()) == 9 * 4
+        assert sum(v["prompt_tokens"] for v in run["leaves"].values()) == \
+            sum(rec["prompt_tokens"] for rec in run["records"])
+        assert run["imbalance"]["requests"] >= 1.0
+        turns = sorted((rec["user"], rec["turn"]) for rec in run["records"])
+        assert turns == [(u, t) for u in range(3) for t in (1, 2, 3)]
+        # each turn's prompt holds the one before and its answer
+        by = {(rec["user"], rec["turn"]): rec for rec in run["records"]}
+        assert all(by[u, t]["prompt_tokens"] > by[u, t - 1]["prompt_tokens"]
+                   + by[u, t - 1]["output_tokens"] for u in range(3) for t in (2, 3))
+    assert data["dataset"]["users"] == 3 and set(data["goal"]) >= {"of_ideal", "balance_ok"}
