@@ -110,3 +110,24 @@ def test_the_affinity_study_runs_end_to_end_on_the_fake_engine(tmp_path):
         assert all(by[u, t]["prompt_tokens"] > by[u, t - 1]["prompt_tokens"]
                    + by[u, t - 1]["output_tokens"] for u in range(3) for t in (2, 3))
     assert data["dataset"]["users"] == 3 and set(data["goal"]) >= {"of_ideal", "balance_ok"}
+
+
+@pytest.mark.timeout(180)
+def test_the_two_model_study_runs_end_to_end_on_the_fake_engine(tmp_path):
+    out = tmp_path / "two.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.two_models", "--engine", "fake", "--requests", "6",
+         "--rate", "20", "--slots", "2", "--max-tokens", "4", "--fake-delay", "0.005",
+         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "B's p99 TTFT in A's flood" in r.stdout
+    runs = orjson.loads(out.read_bytes())["runs"]
+    assert [(x["phase"], x["model"], x["role"]) for x in runs] == [
+        ("steady", "alpha", "light"), ("steady", "beta", "light"),
+        ("flood", "alpha", "flooded"), ("flood", "beta", "light")]
+    for x in runs:
+        assert x["summary"]["failed"] == 0 and x["summary"]["ttft_ms"]["p99"] > 0
+        assert x["summary"]["total_output_tokens"] == 4 * x["summary"]["completed"]
+    assert [x["summary"]["completed"] for x in runs if x["role"] == "light"] == [6, 6, 6]
+    # the flood: 16 clients on alpha's 2 x 2 slots, until beta's light load ended
+    assert runs[2]["summary"]["completed"] >= 16 and not runs[2]["flood_cut"]
