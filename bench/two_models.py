@@ -240,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if b["steady"]:
         print(f"\nB's p99 TTFT in A's flood: {b['flood'] / b['steady']:.2f}x its steady p99")
     if args.out:
-        packed = [{**{k: v for k, v in r.items() if k not in ("records", "t0")},
-                   "records": report.record_dicts(r["records"], r["t0"])} for r in runs]
-        with open(args.out, "wb") as f:
-            f.write(orjson.dumps({"version": 1, "date": report.now(), "config": vars(args),
-                                  "runs": packed}, option=orjson.OPT_INDENT_2))
+        report.save_result(args.out, vars(args), runs)
         print(f"results: {args.out}")
     return 0 if all(r["summary"]["completed"] for r in runs) else 1
 
