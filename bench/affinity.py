@@ -1,4 +1,4 @@
-"""Do conversations come home? Multi-turn chats on four real-model leaves, with and without affinity.
+"""Do conversations come home? Multi-turn chats on four real-model leaves, affinity on and off.
 
 Process: `python -m bench.affinity [--users U] [--turns T] [...]`, a client. For each mode
 (`affinity`, then `no-affinity`: the root's --no-affinity) it starts `treechat up --nodes 4
@@ -226,15 +226,16 @@ def tables(runs: list[dict]) -> str:
     for run in runs:
         s, b = run["summary"], run["imbalance"]
         rows.append([run["mode"], f"{s['completed']}/{s['turns_planned']}",
+                     f"{s['duration_s']:.0f}",
                      f"{100 * s['cached_share']:.1f}%", f"{100 * s['ideal_share']:.1f}%",
                      f"{100 * s['of_ideal']:.1f}%", f"{s['misses']}/{s['later_turns']}",
                      f"{s['ttft_ms']['p50']:.0f} / {s['ttft_ms']['p99']:.0f}",
                      f"{s['ttft_later_ms']['p50']:.0f} / {s['ttft_later_ms']['p99']:.0f}",
                      f"{s['output_throughput']:.1f}", f"{b['requests']:.2f} / {b['tokens']:.2f}"])
     main = report.markdown_table(
-        ["mode", "turns ok", "cached share (t>=2)", "ideal share", "of ideal", "misses",
+        ["mode", "turns ok", "drive s", "cached share (t>=2)", "ideal share", "of ideal", "misses",
          "TTFT p50 / p99 ms", "TTFT t>=2 p50 / p99 ms", "output tok/s",
-         "max leaf / mean (req / tok)"], "lrrrrrrrrr", rows)
+         "max leaf / mean (req / tok)"], "lrrrrrrrrrr", rows)
     names = list(runs[0]["leaves"]) if runs else []
     leaf = report.markdown_table(
         ["leaf"] + [f"{run['mode']}: requests / tokens / cached" for run in runs],
@@ -271,7 +272,8 @@ def save(path: str, args, cfg: ConversationConfig, runs: list[dict], goal: dict)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.affinity", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.affinity",
+                                description=__doc__.split("\n\n")[0])
     d = p.add_argument_group("dataset (bench/conversations.py)")
     d.add_argument("--users", type=int, default=16)
     d.add_argument("--turns", type=int, default=3)
@@ -295,7 +297,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     c.add_argument("--temperature", type=float, default=0.0,
                    help="sent with every turn (default 0: both modes get the same answers)")
     c.add_argument("--send-user", action="store_true",
-                   help="also send OpenAI's `user` (user-N): the session, where the gateway uses it")
+                   help="also send OpenAI's `user` (user-N): the session, where the gateway "
+                        "uses it")
     c.add_argument("--no-warmup", dest="warmup", action="store_false")
     c.add_argument("--request-timeout", type=float, default=600.0)
     c.add_argument("--out", default=None, metavar="FILE.json")
@@ -327,11 +330,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.think_max:g} s, seed {args.seed}")
     print(tables(runs))
     if goal:
-        print(f"\ngoal: of ideal {100 * goal['of_ideal']:.1f}% (>= 90%: "
-              f"{'yes' if goal['of_ideal_ok'] else 'no'}); TTFT p50 {goal['ttft_p50_speedup']:.2f}x "
-              f"lower with affinity (>= 2x: {'yes' if goal['ttft_p50_ok'] else 'no'}) at "
-              f"{goal['throughput_ratio']:.2f}x the output tok/s; max leaf / mean "
-              f"{goal['max_leaf_over_mean']:.2f} (<= 1.3: {'yes' if goal['balance_ok'] else 'no'})")
+        yes = {True: "yes", False: "no"}
+        print(f"\ngoal: of ideal {100 * goal['of_ideal']:.1f}% (>= 90%: {yes[goal['of_ideal_ok']]}"
+              f"); TTFT p50 {goal['ttft_p50_speedup']:.2f}x lower with affinity (>= 2x: "
+              f"{yes[goal['ttft_p50_ok']]}) at {goal['throughput_ratio']:.2f}x the output tok/s; "
+              f"max leaf / mean {goal['max_leaf_over_mean']:.2f} (<= 1.3: "
+              f"{yes[goal['balance_ok']]})")
     if args.out:
         save(args.out, args, cfg, runs, goal)
         print(f"results: {args.out}")
