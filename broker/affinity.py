@@ -24,8 +24,8 @@ again: each conversation misses its cache once. The caches themselves stay in th
 
 Bounded imbalance, as consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam,
 2018) does it: a home takes a request only while it holds fewer requests than its slots and no
-more than (1 + EPSILON) times its fair share of its model's requests in flight, plus one (so a
-light load is not spread for nothing). Otherwise the request goes where the policy sends it, and
+more than (1 + EPSILON) times its fair share of its model's requests in flight, plus MARGIN (so a
+light load is not spread for nothing: a turn sent away prefills its whole history again). Otherwise the request goes where the policy sends it, and
 affinity never costs throughput.
 """
 
@@ -38,7 +38,8 @@ import orjson
 
 BLOCK_CHARS = 256  # a plain prompt's prefixes: every this many characters
 BLOCK_IDS = 64  # ... or token ids
-EPSILON = 0.2  # a home may hold up to (1 + EPSILON) x its fair share (+ 1 request)
+EPSILON = 0.2  # a home may hold up to (1 + EPSILON) x its fair share, plus MARGIN requests
+MARGIN = 2  # at a light load a home is never refused for one or two requests more than its peers
 SIZE = 65536  # keys remembered (16 bytes each, plus the dictionary's own)
 LEAD_ROLES = ("system", "developer")  # a prefix of these alone is shared, not a conversation's
 
@@ -77,7 +78,7 @@ def keys(model: str | None, request: dict) -> list[bytes]:
 def fits(held: int, slots: int, model_held: int, nodes: int) -> bool:
     """May a home holding `held` requests (of `slots`) take one more, when its model's `nodes`
     nodes hold `model_held` in all?"""
-    return held < slots and held + 1 <= (1 + EPSILON) * (model_held + 1) / max(1, nodes) + 1
+    return held < slots and held + 1 <= (1 + EPSILON) * (model_held + 1) / max(1, nodes) + MARGIN
 
 
 class Homes:
