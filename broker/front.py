@@ -37,6 +37,12 @@ class Front:
     """Mixed into `Root`: everything the front socket carries."""
 
     def on_front(self, ident: bytes, msg: p.Message) -> None:
+        if isinstance(msg, p.Peer):  # our standby, every heartbeat: answer with our state
+            self.heard_peer(msg)
+            self.front.send(self.peer_message(time.monotonic()), ident)
+            return
+        if not self.pair.active and not self.serves(ident, msg):
+            return
         gw = self.gateways.get(ident)
         if gw is None:
             if isinstance(msg, p.Bye):
@@ -66,6 +72,21 @@ class Front:
         elif not isinstance(msg, p.Heartbeat):
             self.quiet.warning("unexpected front messages", ident,
                                "front: unexpected %s from gateway %s", type(msg).__name__, gw.name)
+
+    def serves(self, ident: bytes, msg: p.Message) -> bool:
+        """A passive root: a status query is answered (it shows this root's state), a member
+        that lost the active root may make this one active (broker/pair.py), anything else is
+        told that this root is the standby."""
+        if isinstance(msg, p.StatusQuery):
+            self.front.send(p.StatusReply(ref=msg.ref, tree=self.status()), ident)
+            return False
+        if isinstance(msg, p.Bye):
+            return False
+        lost = isinstance(msg, p.Hello) and msg.lost
+        if self.pair.member(lost, time.monotonic()):
+            return True
+        self.front.send(self.standby(), ident)
+        return False
 
     def submit(self, gw, msg: p.Submit) -> None:
         def refuse(code, text, retry_after=None):

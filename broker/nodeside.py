@@ -39,6 +39,8 @@ class NodeSide:
     # --- the tree socket: adoption of top-level nodes -------------------------------------------
 
     def on_tree(self, ident: bytes, msg: p.Message) -> None:
+        if not self.pair.active:
+            return  # a passive root adopts nobody: its nodes register first (on_results)
         if not isinstance(msg, p.Heartbeat):
             return self.quiet.warning("unexpected tree messages", ident, "tree: unexpected %s "
                                       "from %r", type(msg).__name__, ident)
@@ -65,6 +67,10 @@ class NodeSide:
     # --- the results socket ---------------------------------------------------------------------
 
     def on_results(self, ident: bytes, msg: p.Message) -> None:
+        if not self.pair.active:
+            lost = isinstance(msg, p.Register) and msg.lost
+            if not self.pair.member(lost, time.monotonic()):
+                return self.results.send(self.standby(), ident)
         if isinstance(msg, p.Register):
             return self.register(ident, msg)
         if isinstance(msg, p.Lookup):

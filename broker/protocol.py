@@ -107,9 +107,11 @@ def message(cmd: bytes):
 
 @message(b"h")
 class Hello:
-    """Gateway -> root: who I am (shown by `treechat status`)."""
+    """Gateway -> root: who I am (shown by `treechat status`). `lost`: I lost the root I talked to
+    (a standby root takes over only when a member of the tree says so: broker/pair.py)."""
     name: str
     kind: str = "gateway"
+    lost: bool = False
 
 
 @message(b"b")
@@ -231,6 +233,7 @@ class Register:
     model: str | None = None
     engine: str = "none"
     info: dict | None = None
+    lost: bool = False  # as in Hello: this node lost the root it was registered with
 
 
 @message(b"w")
@@ -314,6 +317,25 @@ class Kept:
 class Bye:
     """Node or gateway -> root: I am leaving on purpose (SIGTERM, or a CLI query done)."""
     name: str
+
+
+@message(b"P")
+class Peer:
+    """Root <-> root, every heartbeat (broker/pair.py): my `state` (primary, backup, active or
+    passive), for how long I have been active (`active_for`, seconds), my epoch and the address
+    my front socket is reached at."""
+    state: str
+    epoch: int = 0
+    active_for: float = 0.0
+    address: str = ""
+
+
+@message(b"N")
+class Standby:
+    """Root -> gateway, node or CLI: I am not the active root and may not serve you; `active` is
+    the address of the one that is, when I know it."""
+    reason: str
+    active: str | None = None
 
 
 # --- decoding ------------------------------------------------------------------------------------

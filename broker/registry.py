@@ -113,6 +113,10 @@ class Registry:
     def children_of(self, name: str) -> list[Entry]:
         return [e for e in self.entries.values() if e.parent == name and e.state != "dead"]
 
+    def clear(self) -> None:
+        for name in list(self.entries):
+            self.unbind(name)
+
     def unbind(self, name: str) -> Entry | None:
         entry = self.entries.pop(name, None)
         if entry is not None:

@@ -53,6 +53,7 @@ from broker import security
 from broker.front import Front
 from broker.inflight import InFlight, Table
 from broker.nodeside import NodeSide
+from broker.pair import ACTIVE, PASSIVE, Pair
 from broker.quiet import Quiet
 from broker.registry import Registry
 from broker.routing import POLICIES, Children
@@ -86,6 +87,8 @@ class RootConfig:
     store_max: int = 10_000  # kept responses at most (the oldest go first)
     store_max_age: float = 30 * 86400.0  # seconds a kept response lives (OpenAI keeps 30 days)
     affinity: bool = True  # send a conversation's turns to the node that holds its cache
+    standby_of: str | None = None  # HOST:PORT of the primary root this one stands by for
+    member: str | None = None  # whose key of `curve` a standby shows its primary (default client)
     model_wait: float = 30.0  # seconds a model's requests wait for a node after its last is lost
 
     def __post_init__(self):
@@ -111,6 +114,10 @@ class RootConfig:
             raise ValueError("--store-max and --store-max-age must be positive")
         security.require_keys(self.host, bool(self.curve), self.insecure,
                               "CurveZMQ keys (--curve DIR)")
+        if self.standby_of is not None:
+            host, _, port = self.standby_of.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"--standby-of must be HOST:PORT, not '{self.standby_of}'")
 
     def endpoint(self, offset: int) -> str:
         return f"tcp://{self.host}:{self.port + offset}"
@@ -144,6 +151,8 @@ class Root(Front, NodeSide):
         self.draining = False
         self.idle = asyncio.Event()
         self.quiet = Quiet(log)
+        self.pair = Pair(cfg.standby_of, cfg.dead_after)
+        self.peer = None  # a standby's link to its primary's front socket
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -152,7 +161,9 @@ class Root(Front, NodeSide):
             from broker.ldap_store import LdapStore  # only roots that use LDAP need its client
             self.registry.store = await LdapStore.open(self.cfg)  # raises Fatal, clearly
         ctx = zmq.Context.instance()
-        curve = security.load(self.cfg.curve, member=None)  # it only listens
+        # It only listens, unless it stands by for a primary: then it connects to it as a member.
+        member = (self.cfg.member or security.CLIENT) if self.cfg.standby_of else None
+        curve = security.load(self.cfg.curve, member=member)
 
         def channel(handler, name):
             return Channel(make_socket(ctx, zmq.ROUTER, curve=curve), handler, name,
@@ -165,14 +176,19 @@ class Root(Front, NodeSide):
         log.info("root %x listening: front %s, tree %s, nodes %s (policy %s, %s)", self.epoch,
                  self.cfg.endpoint(0), self.cfg.endpoint(1), self.cfg.endpoint(2), self.cfg.policy,
                  f"keys {self.cfg.curve}" if curve else "no keys")
+        if self.cfg.standby_of:
+            self.peer = Channel(make_socket(ctx, zmq.DEALER, curve=curve), self.on_peer, "peer")
+            self.peer.sock.connect(f"tcp://{self.cfg.standby_of}")
+            log.info("standing by for the root at %s", self.cfg.standby_of)
         if ready:
             ready({"root": self.cfg.endpoint(0), "epoch": self.epoch})
         beat = asyncio.get_running_loop().create_task(self.heartbeat_loop())
         await stop.wait()
         await self.drain()
         beat.cancel()
-        for ch in (self.front, self.tree, self.results):
-            ch.close()
+        for ch in (self.front, self.tree, self.results, self.peer):
+            if ch is not None:
+                ch.close()
         if curve is not None:
             curve.close()
         if self.registry.store is not None:
@@ -206,6 +222,8 @@ class Root(Front, NodeSide):
         """Once a heartbeat: beat every peer (a send that finds no connection loses it), expire
         the silent ones, take back what was not acknowledged, fail what passed its deadline."""
         now = time.monotonic()
+        if self.peer is not None:
+            self.peer.send(self.peer_message(now))
         limit = now - self.cfg.dead_after
         for gw in list(self.gateways.values()):
             if gw.last_seen < limit:
@@ -222,6 +240,46 @@ class Root(Front, NodeSide):
         self.expire_deadlines(now)
         self.give_up_models(now - self.cfg.model_wait)
         self.forget_dropped(now)
+
+    # --- the other root (broker/pair.py) --------------------------------------------------------
+
+    def peer_message(self, now: float) -> p.Peer:
+        return p.Peer(state=self.pair.state, epoch=self.epoch, active_for=self.pair.active_for(now),
+                      address=f"{self.cfg.host}:{self.cfg.port}")
+
+    def on_peer(self, _ident: bytes, msg: p.Message) -> None:
+        """The primary's answer on a standby's peer link."""
+        if isinstance(msg, p.Peer):
+            self.heard_peer(msg)
+
+    def heard_peer(self, msg: p.Peer) -> None:
+        was = self.pair.state
+        if self.pair.heard(msg.state, msg.active_for, msg.address, time.monotonic()) == PASSIVE \
+                and was == ACTIVE:
+            self.step_down()
+
+    def standby(self) -> p.Standby:
+        """What a passive root tells a member it will not serve."""
+        now = time.monotonic()
+        hint = self.pair.peer_address if self.pair.peer_alive(now) else None
+        return p.Standby(reason=self.pair.why_not(now), active=hint)
+
+    def step_down(self) -> None:
+        """Both roots were active and the other has been for longer: tell every member to go
+        there (gateways resubmit, nodes register there) and forget everything, as a restart."""
+        bye = self.standby()
+        for gw in self.gateways.values():
+            self.front.send(bye, gw.identity)
+        for entry in self.registry.entries.values():
+            if entry.state != "dead":
+                self.results.send(bye, entry.identity)
+        self.gateways.clear()
+        self._outboxes.clear()
+        self.table = Table()
+        self.queues.clear()
+        self.children = Children(self.cfg.policy)
+        self.registry.clear()
+        self.epoch = secrets.randbits(24) + 1
 
     def on_event(self, socket: str, event: int) -> None:
         """A connection on `socket` closed: find out whose, on the next loop turn (once)."""
@@ -398,6 +456,7 @@ class Root(Front, NodeSide):
 
     def status(self) -> dict:
         return {"root": {"epoch": self.epoch, "policy": self.cfg.policy, "queued": self.queued(),
+                         "pair": self.pair.describe(),
                          "queued_by_model": {m or "any": len(q) for m, q in self.queues.items()},
                          "affinity": self.cfg.affinity,
                          "max_queue": self.cfg.max_queue, "in_flight": len(self.table.requests),
