@@ -16,6 +16,11 @@ root answers again (a restarted one, or the same one) every unfinished request i
 those tokens, the root continues after them, and the consumer sees one whole answer. Only when no
 root answers for `resubmit_window` seconds do the open streams end with `root_lost`.
 
+A primary root and its standby (broker/pair.py): `root` may list both, "A:5550,B:5550". The
+client talks to one at a time. When it loses that one it moves to the next, saying so (`lost` in
+Hello), which is what lets a standby take over; a root that answers `Standby` is left for the
+one it names. Either way the open streams are resubmitted where a root answers.
+
 Keys: `curve` is a `treechat keys` folder (`member` names whose key to show). Left out, the client
 uses the keys of the `treechat up` serving that address on this machine, if one runs
 (`broker.security.running_tree`); "" means none. A refused handshake is kept in `refused`.
@@ -120,18 +125,32 @@ class Stream:
         self.queue.put_nowait(ev)
 
 
+def roots(root: str) -> list[str]:
+    """`HOST:PORT`, or a primary's and its standby's: `A:5550,B:5550`."""
+    found = [r.strip() for r in root.split(",") if r.strip()]
+    for r in found:
+        host, _, port = r.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"the root address must be HOST:PORT (or HOST:PORT,HOST:PORT for a "
+                             f"root and its standby), not '{root}'")
+    if not found:
+        raise ValueError("the root address is empty")
+    return found
+
+
 class RootClient:
     def __init__(self, root: str, name: str, heartbeat: float = 1.0, misses: int = 3,
                  curve: str | None = None, member: str | None = None,
                  resubmit_window: float = 30.0):
-        host, _, port = root.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"the root address must be HOST:PORT, not '{root}'")
-        self.endpoint = f"tcp://{host}:{port}"
-        if curve is None and (found := security.running_tree(root)) is not None:
+        self.roots = roots(root)
+        self.at = 0  # the root talked to now
+        self.endpoint = f"tcp://{self.roots[0]}"
+        self.switched_at = 0.0
+        if curve is None and (found := security.running_tree(self.roots[0])) is not None:
             curve, member = str(found), "cli"  # the keys `treechat up` made for that tree
         self.curve = security.load(curve, member or security.CLIENT)
         self.refused: str | None = None
+        self.standby_reason: str | None = None  # a lone root that is a passive standby says why
         self.resubmit_window = resubmit_window
         self.lost_at: float | None = None  # when the root was lost (None: it answers)
         self.name = name
@@ -147,16 +166,34 @@ class RootClient:
         self._beat: asyncio.Task | None = None
 
     async def start(self) -> None:
+        self.connect(0)
+        self._beat = asyncio.get_running_loop().create_task(self.heartbeat_loop())
+
+    def connect(self, at: int) -> None:
+        """Talk to root `at` of the list from now on (a fresh socket: a new identity there)."""
+        if getattr(self, "ch", None) is not None:
+            self.ch.close()
+        self.at, self.switched_at, self.root_seen = at, time.monotonic(), 0.0
+        self.endpoint = f"tcp://{self.roots[at]}"
         self.ch = Channel(make_socket(zmq.Context.instance(), zmq.DEALER, curve=self.curve),
                           self.on_message, f"client:{self.name}", on_event=self.on_event)
         self.ch.sock.connect(self.endpoint)
-        self.ch.send(p.Hello(name=self.name))
-        self._beat = asyncio.get_running_loop().create_task(self.heartbeat_loop())
+        self.ch.send(self.hello())
+
+    def hello(self) -> p.Hello:
+        return p.Hello(name=self.name, lost=self.lost_at is not None)
+
+    def move(self, why: str, to: str | None = None) -> None:
+        """Go to root `to` of the list (default: the next one)."""
+        at = self.roots.index(to) if to in self.roots else (self.at + 1) % len(self.roots)
+        log.warning("%s; talking to the root at %s now", why, self.roots[at])
+        self.connect(at)
 
     async def wait_connected(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while not self.connected and not self.refused and time.monotonic() < deadline:
-            self.ch.send(p.Hello(name=self.name))
+        while not (self.connected or self.refused or self.standby_reason) \
+                and time.monotonic() < deadline:
+            self.ch.send(self.hello())
             await asyncio.sleep(0.05)
         return self.connected
 
@@ -178,8 +215,8 @@ class RootClient:
         stream = Stream(self, ref, request, timeout)
         if self.ch.send(p.Submit(ref=ref, request=request, timeout=timeout)):
             self.streams[ref] = stream
-        elif self.epoch and self.lost_at is not None:
-            self.streams[ref] = stream  # the root is away: sent when it answers again
+        elif self.epoch:  # a root answered before: it is away, or we are moving to the other
+            self.streams[ref] = stream  # sent when a root answers again
         else:
             stream._put(Event("error", code=p.ErrorCode.ROOT_LOST, retry_after=1.0,
                               message="the root is not reachable"))
@@ -228,7 +265,10 @@ class RootClient:
     # --- from the root --------------------------------------------------------------------------
 
     def on_message(self, _ident, msg: p.Message) -> None:
+        if isinstance(msg, p.Standby):
+            return self.on_standby(msg)
         self.root_seen = time.monotonic()
+        self.standby_reason = None
         if isinstance(msg, p.Deltas):
             streams = self.streams
             for ref, request_id in msg.accepted:
@@ -269,7 +309,7 @@ class RootClient:
                 self.heartbeat = min(self.heartbeat, msg.interval)  # and judge it by its own
                 self.dead_after = msg.interval * self.misses
         elif isinstance(msg, p.Reregister):  # the root dropped us (we were silent): start over
-            self.ch.send(p.Hello(name=self.name))
+            self.ch.send(self.hello())
             self.resubmit("the root had dropped this gateway")
         elif isinstance(msg, p.StatusReply):
             fut = self._queries.get(msg.ref)
@@ -292,17 +332,35 @@ class RootClient:
             self.lose_root("the connection to the root closed")
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.refused = None
-            self.ch.send(p.Hello(name=self.name))  # a new connection: the root may not know us
+            self.ch.send(self.hello())  # a new connection: the root may not know us
+
+    def on_standby(self, msg: p.Standby) -> None:
+        """This root is a passive standby. With another root to try, go there (at once when it
+        names the active one); alone, say why to whatever waits."""
+        if len(self.roots) > 1:
+            if msg.active in self.roots and self.roots.index(msg.active) != self.at:
+                return self.move(f"the root at {self.roots[self.at]} is the standby", msg.active)
+            return  # the active one is the one we lost: keep asking (it takes over) or rotate
+        if self.standby_reason != msg.reason:
+            self.standby_reason = msg.reason
+            log.error("the root at %s will not serve: %s", self.endpoint, msg.reason)
+        for ref in [r for r, s in self.streams.items() if not s.accepted]:
+            self.streams.pop(ref)._put(Event("error", code=p.ErrorCode.ROOT_LOST, retry_after=1.0,
+                                             message=msg.reason))
 
     async def heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat)
             now = time.monotonic()
             # While the root is lost, introduce ourselves: a restarted one does not know us.
-            self.ch.send(p.Hello(name=self.name) if self.lost_at is not None
+            self.ch.send(self.hello() if self.lost_at is not None
                          else p.Heartbeat(sender=self.name))
             if self.root_seen and now - self.root_seen > self.dead_after:
                 self.lose_root("the root stopped answering")
+            elif len(self.roots) > 1 and not self.connected \
+                    and now - self.switched_at > self.dead_after:
+                why = f"the root at {self.roots[self.at]} does not answer"
+                self.move(why) if self.lost_at is not None else self.lose_root(why)
             if self.lost_at is not None and now - self.lost_at > self.resubmit_window:
                 self.fail_all(f"no root answered for {self.resubmit_window:.0f} s")
 
@@ -315,6 +373,8 @@ class RootClient:
         if self.streams:
             log.warning("%s; %d open request(s) wait for it (up to %.0f s)", why,
                         len(self.streams), self.resubmit_window)
+        if len(self.roots) > 1:
+            self.move(why)  # the other root: it takes over, since we lost this one
 
     def resubmit(self, why: str) -> None:
         """A root answers again: send every unfinished request with what it already delivered."""

@@ -40,6 +40,15 @@ class RegistrationRefused(Exception):
     pass
 
 
+class StandbyRoot(Exception):
+    """The root we asked will not serve (a passive standby, or silent); `active`: the one that
+    does, when it said."""
+
+    def __init__(self, reason: str, active: str | None = None):
+        super().__init__(reason)
+        self.active = active
+
+
 class Links:
     """Mixed into `Node`: registration with the root, the parent link, fencing."""
 
@@ -84,26 +93,59 @@ class Links:
 
     # --- the root -------------------------------------------------------------------------------
 
-    async def register(self) -> None:
+    def root_endpoint(self, offset: int) -> str:
+        host, _, port = self.cfg.roots[self.root_at].rpartition(":")
+        return f"tcp://{host}:{int(port) + offset}"
+
+    def reachable(self, endpoint: str) -> str:
+        """A root listening on every address (`--host 0.0.0.0`) advertises that wildcard: reach
+        its port at the address --root gave instead."""
+        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+        if host.strip("[]") in ("0.0.0.0", "::", "*"):
+            return f"tcp://{self.cfg.roots[self.root_at].rpartition(':')[0]}:{port}"
+        return endpoint
+
+    def next_root(self, why: str, to: str | None = None) -> None:
+        """Talk to the other root of --root (the one named, or the next)."""
+        roots = self.cfg.roots
+        self.root_at = roots.index(to) if to in roots else (self.root_at + 1) % len(roots)
+        log.warning("%s; registering with the root at %s", why, roots[self.root_at])
+
+    async def register(self, lost: bool = False) -> None:
         """Bind our name at the root (a new incarnation). A refused name is retried for
-        `dead_after` (a crashed previous instance of this node may still count as alive)."""
+        `dead_after` (a crashed previous instance of this node may still count as alive).
+        With a root and its standby (broker/pair.py), one that does not answer in `dead_after`,
+        or says it is the standby, is left for the other; `lost`: we lost the root we had."""
         give_up = time.monotonic() + self.cfg.dead_after + self.cfg.heartbeat
         while True:
             if self.results is not None:
                 self.results.close()
             self.results = self.channel(zmq.DEALER, self.on_results, "results")
-            self.results.sock.connect(self.cfg.root_endpoint(2))
+            self.results.sock.connect(self.root_endpoint(2))
             self._welcome = self.loop.create_future()
             info = {**(self.engine.describe() if self.engine else {"engine": "none"}),
                     "pid": os.getpid(), **(self.metrics.describe() if self.metrics else {})}
             msg = p.Register(name=self.cfg.name, instance=self.instance, parent=self.cfg.parent,
                              endpoint=self.endpoint, slots=self.engine.slots if self.engine else 0,
-                             model=info.get("model"), engine=info.get("engine", "none"), info=info)
+                             model=info.get("model"), engine=info.get("engine", "none"), info=info,
+                             lost=lost)
+            other = time.monotonic() + self.cfg.dead_after  # then the other root, if there is one
             try:
                 while not self._welcome.done():
+                    if len(self.cfg.roots) > 1 and time.monotonic() > other:
+                        raise StandbyRoot(f"the root at {self.cfg.roots[self.root_at]} does not "
+                                          "answer")
                     self.results.send(msg)
                     await asyncio.wait([self._welcome], timeout=min(0.2, self.cfg.heartbeat))
                 welcome = self._welcome.result()
+            except StandbyRoot as e:
+                if len(self.cfg.roots) == 1:
+                    log.warning("the root will not serve: %s; asking again", e)
+                    await asyncio.sleep(self.cfg.heartbeat)
+                else:
+                    self.next_root(str(e), e.active)
+                    lost = lost or e.active is None  # it did not answer: we lost it
+                continue
             except RegistrationRefused as e:
                 if "taken by a live node" not in str(e) or time.monotonic() > give_up:
                     raise
@@ -112,13 +154,16 @@ class Links:
                 continue
             self.incarnation = welcome.incarnation  # fenced at the Welcome (on_results)
             self.epoch = welcome.epoch
-            self.tree_endpoint = self.cfg.reachable(welcome.tree)
+            self.tree_endpoint = self.reachable(welcome.tree)
             self.root_seen = time.monotonic()
             return
 
     async def rejoin(self) -> None:
-        """The root lost us (it restarted, or declared us lost): register, then attach anew."""
-        await self.register()
+        """The root lost us (it restarted, or declared us lost), or we lost it: register (with
+        the other root, when we have a root and its standby), then attach anew."""
+        if len(self.cfg.roots) > 1:
+            self.next_root("lost the root")
+        await self.register(lost=True)
         parent = self._repairs.pop("parent", None)
         if parent is not None:
             parent.cancel()  # it would attach with the old incarnation
@@ -168,6 +213,11 @@ class Links:
                 self._found.set_result(msg.entries)
         elif isinstance(msg, p.Reregister):
             self.root_seen = 0.0
+        elif isinstance(msg, p.Standby):  # a passive root: the other one, if we know it
+            if self._welcome is not None and not self._welcome.done():
+                self._welcome.set_exception(StandbyRoot(msg.reason, msg.active))
+            else:
+                self.root_seen = 0.0  # it stepped down: the heartbeat loop registers again
         else:
             log.warning("results: unexpected %s from the root", type(msg).__name__)
 

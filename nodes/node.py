@@ -32,6 +32,7 @@ from broker import protocol as p
 from broker import security
 from broker.quiet import Quiet
 from broker.routing import POLICIES, Children, Load
+from broker.client import roots
 from broker.sockets import bind
 from nodes.engine.base import Engine, EngineError, EngineRequest, StepOutput
 from nodes.links import Links, RegistrationRefused  # noqa: F401  (the CLI catches it from here)
@@ -64,9 +65,7 @@ class NodeConfig:
             raise ValueError(f"unknown policy '{self.policy}' (choose from {', '.join(POLICIES)})")
         if self.max_queue < 0:
             raise ValueError("--max-queue cannot be negative")
-        host, _, port = self.root.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"--root must be HOST:PORT, not '{self.root}'")
+        roots(self.root)  # HOST:PORT, or HOST:PORT,HOST:PORT (a root and its standby)
         security.require_keys(self.host, bool(self.curve), self.insecure,
                               "CurveZMQ keys (--curve DIR)")
 
@@ -76,17 +75,9 @@ class NodeConfig:
         own = Path(self.curve or "") / f"{self.name}.key_secret"
         return self.name if self.curve and own.exists() else security.CLIENT
 
-    def root_endpoint(self, offset: int) -> str:
-        host, _, port = self.root.rpartition(":")
-        return f"tcp://{host}:{int(port) + offset}"
-
-    def reachable(self, endpoint: str) -> str:
-        """A root listening on every address (`--host 0.0.0.0`) advertises that wildcard: reach
-        its port at the address --root gave instead."""
-        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-        if host.strip("[]") in ("0.0.0.0", "::", "*"):
-            return f"tcp://{self.root.rpartition(':')[0]}:{port}"
-        return endpoint
+    @property
+    def roots(self) -> list[str]:
+        return roots(self.root)
 
     @property
     def dead_after(self) -> float:
@@ -99,6 +90,7 @@ class Node(Links):
         self.engine = engine
         self.metrics = metrics  # nodes.metrics.NodeMetrics (--metrics-port) or None
         self.instance = uuid.uuid4().hex
+        self.root_at = 0  # which of --root's addresses we talk to (a root, or its standby)
         self.model = engine.describe().get("model") if engine is not None else None
         self.children = Children(cfg.policy)
         self.queue: deque[p.Dispatch] = deque()

@@ -37,7 +37,7 @@ def cmd_root(args) -> int:
                      curve=args.curve, deadline=args.deadline, insecure=args.insecure,
                      state_dir=args.state_dir, store_max=args.store_max,
                      store_max_age=args.store_max_age * 86400.0, affinity=args.affinity,
-                     model_wait=args.model_wait)
+                     model_wait=args.model_wait, standby_of=args.standby_of, member=args.member)
     return serve(lambda stop, ready: Root(cfg).run(stop, ready))
 
 
@@ -133,7 +133,8 @@ async def ask_root(root: str, query, curve: str | None = None, member: str | Non
     client = RootClient(root, name="cli", curve=curve, member=member)
     await client.start()
     try:
-        if not await client.wait_connected(3.0):
+        # A standby answers a status query too (it shows its state), and nothing else.
+        if not await client.wait_connected(3.0) and not client.standby_reason:
             if client.refused:
                 raise Fatal(f"the root at {root} refused this query: {client.refused}")
             raise Fatal(f"no root answers at {root} (is `treechat root` or `treechat up` running?)")
@@ -155,6 +156,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p = sub.add_parser("root", help="run the root broker")
     add_root_args(p)
     add_tree_args(p)
+    p.add_argument("--standby-of", default=None, metavar="HOST:PORT",
+                   help="stand by for the root at HOST:PORT, on another machine: take over when "
+                        "its heartbeats stop and a member of the tree lost it (members take both "
+                        "addresses: --root A:5550,B:5550)")
     p.set_defaults(func=cmd_root)
 
     p = sub.add_parser("node", help="run a node (attach it under --parent by name)")

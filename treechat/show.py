@@ -38,6 +38,12 @@ def render_tree(tree: dict, root_address: str | None = None) -> str:
     lines = [f"root {root['epoch']:x}{where}  policy {root['policy']}  queue {root['queued']}/"
              f"{root['max_queue']}  in flight {root['in_flight']}",
              f"gateways: {', '.join(root['gateways']) or 'none'}"]
+    pair = root.get("pair") or {}
+    if pair.get("peer") or pair.get("configured") == "backup":  # a root and its standby
+        heard = (f"heard {pair['peer_heard']}s ago" if pair.get("peer_heard") is not None
+                 else "never heard")
+        lines.insert(1, f"this root is {pair['state']}; its peer {pair.get('peer') or '?'} is "
+                        f"{pair.get('peer_state') or 'unknown'} ({heard})")
     nodes = tree["nodes"]
     by_name = {n["name"]: n for n in nodes}
     on_root = set(root.get("children", []))
