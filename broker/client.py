@@ -144,6 +144,7 @@ class RootClient:
                  resubmit_window: float = 30.0):
         self.roots = roots(root)
         self.at = 0  # the root talked to now
+        self.left: str | None = None  # the root we lost and left for the other
         self.endpoint = f"tcp://{self.roots[0]}"
         self.switched_at = 0.0
         if curve is None and (found := security.running_tree(self.roots[0])) is not None:
@@ -185,6 +186,7 @@ class RootClient:
 
     def move(self, why: str, to: str | None = None) -> None:
         """Go to root `to` of the list (default: the next one)."""
+        self.left = self.roots[self.at] if self.lost_at is not None else None
         at = self.roots.index(to) if to in self.roots else (self.at + 1) % len(self.roots)
         log.warning("%s; talking to the root at %s now", why, self.roots[at])
         self.connect(at)
@@ -338,9 +340,10 @@ class RootClient:
         """This root is a passive standby. With another root to try, go there (at once when it
         names the active one); alone, say why to whatever waits."""
         if len(self.roots) > 1:
-            if msg.active in self.roots and self.roots.index(msg.active) != self.at:
+            if msg.active in self.roots and self.roots.index(msg.active) != self.at \
+                    and msg.active != self.left:
                 return self.move(f"the root at {self.roots[self.at]} is the standby", msg.active)
-            return  # the active one is the one we lost: keep asking (it takes over) or rotate
+            return  # it names the one we lost: keep saying so (the heartbeat loop) until it serves
         if self.standby_reason != msg.reason:
             self.standby_reason = msg.reason
             log.error("the root at %s will not serve: %s", self.endpoint, msg.reason)

@@ -117,5 +117,6 @@ class Pair:
     def describe(self, now: float | None = None) -> dict:
         now = time.monotonic() if now is None else now
         return {"state": self.state, "configured": self.configured,
-                "peer": self.peer_address, "peer_state": self.peer_state,
+                "peer": self.peer_address,
+                "peer_state": self.peer_state if self.peer_alive(now) else "silent",
                 "peer_heard": round(now - self.peer_seen, 1) if self.peer_seen else None}

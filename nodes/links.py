@@ -108,6 +108,7 @@ class Links:
     def next_root(self, why: str, to: str | None = None) -> None:
         """Talk to the other root of --root (the one named, or the next)."""
         roots = self.cfg.roots
+        self.left = roots[self.root_at]
         self.root_at = roots.index(to) if to in roots else (self.root_at + 1) % len(roots)
         log.warning("%s; registering with the root at %s", why, roots[self.root_at])
 
@@ -117,6 +118,7 @@ class Links:
         With a root and its standby (broker/pair.py), one that does not answer in `dead_after`,
         or says it is the standby, is left for the other; `lost`: we lost the root we had."""
         give_up = time.monotonic() + self.cfg.dead_after + self.cfg.heartbeat
+        patience = 2 * self.cfg.misses  # standby answers naming the root we lost, before we go back
         while True:
             if self.results is not None:
                 self.results.close()
@@ -139,9 +141,13 @@ class Links:
                     await asyncio.wait([self._welcome], timeout=min(0.2, self.cfg.heartbeat))
                 welcome = self._welcome.result()
             except StandbyRoot as e:
-                if len(self.cfg.roots) == 1:
-                    log.warning("the root will not serve: %s; asking again", e)
-                    await asyncio.sleep(self.cfg.heartbeat)
+                patience -= 1
+                if len(self.cfg.roots) == 1 or (lost and e.active == self.left and patience > 0):
+                    # Alone, or it names the root we lost: ask again (it takes over once that
+                    # root's heartbeats have stopped there too; for a while: our own path to
+                    # that root may have been what broke).
+                    log.info("%s; asking again", e)
+                    await asyncio.sleep(self.cfg.heartbeat / 2)
                 else:
                     self.next_root(str(e), e.active)
                     lost = lost or e.active is None  # it did not answer: we lost it

@@ -4,6 +4,7 @@
         net = hosts(delay=0.02, loss=0.02)            # root, node-1..3, gateway, client hosts
         records = net.streams(["hello there", ...], concurrency=8)   # through the gateway host
         net.bed.cut("node-1"); net.bed.heal("node-1")
+        net = hosts(standby=True)                     # and a standby root on a host of its own
 
 Each process is started inside its host with the README's commands for several machines, bound
 to its host's address: `treechat root --host A`, `treechat node --name N --root A:5550 --host B
@@ -38,6 +39,7 @@ from http_helpers import poll
 from bench.clients import Target, TCPTarget
 from bench.http_client import HTTPTarget
 from bench.metrics import Record
+from bench import netns as bench_netns
 from bench.netns import Bed, unavailable
 from bench.workload import Item
 from treechat.tls import client_context
@@ -48,7 +50,7 @@ HTTP_PORT, TCP_PORT = 8000, 8001
 METRICS_PORT = 9100  # on every node host and the gateway host (TCP gateway)
 API_KEY = "sk-netns-edge"  # the gateways listen beyond loopback: clients show a key
 TREE = [("node-1", None), ("node-2", None), ("node-3", "node-1")]  # node-3 hangs under node-1
-MEMBERS = [n for n, _ in TREE] + ["http-gateway", "tcp-gateway"]  # each with its own key
+MEMBERS = [n for n, _ in TREE] + ["http-gateway", "tcp-gateway", "standby"]  # each its own key
 
 
 class HostProc(Proc):
@@ -90,7 +92,7 @@ class Net:
         self.tmp = tmp
         self.heartbeat = heartbeat
         self.procs: dict[str, HostProc] = {}
-        self.bed = Bed(["root", *[n for n, _ in TREE], "gateway", "rogue", "client"],
+        self.bed = Bed(["root", *[n for n, _ in TREE], "gateway", "rogue", "client", "standby"],
                        delay=delay, loss=loss).up()
         self.keys = tmp / "keys"  # made once, as on an operator's machine; hosts get their part
         try:
@@ -99,7 +101,9 @@ class Net:
         except BaseException:
             self.bed.close()
             raise
-        self.root = f"{self.bed.addr('root')}:{ROOT_PORT}"
+        self.root = f"{self.bed.addr('root')}:{ROOT_PORT}"  # what members are given (--root)
+        self.primary = self.root
+        self.standby = f"{self.bed.addr('standby')}:{ROOT_PORT}"
         self.http = f"http://{self.bed.addr('gateway')}:{HTTP_PORT}"
         self.tcp = f"{self.bed.addr('gateway')}:{TCP_PORT}"
         self.gateway_args: list[str] = []
@@ -137,11 +141,15 @@ class Net:
         return proc
 
     def start_tree(self, engine: tuple[str, ...] = ("--fake-delay", "0.02", "--max-slots", "4"),
-                   gateways: tuple[str, ...] = ("http", "tcp"), root_host: str | None = None) -> None:
-        """The tree; the root listens on its host's address (or `root_host`, e.g. 0.0.0.0)."""
+                   gateways: tuple[str, ...] = ("http", "tcp"), root_host: str | None = None,
+                   standby: bool = False) -> None:
+        """The tree; the root listens on its host's address (or `root_host`, e.g. 0.0.0.0).
+        `standby`: a standby root on the standby host, and members given both addresses."""
+        self.start_root(root_host)
+        if standby:
+            self.start_standby()
+            self.root = f"{self.primary},{self.standby}"
         hb = ["--heartbeat", str(self.heartbeat), "--grace", "2"]
-        self.start("root", "root", "root", "--host", root_host or self.bed.addr("root"), "--port",
-                   str(ROOT_PORT), *hb, *self.security(None, listens=True)).wait_ready()
         for name, parent in TREE:
             self.start(name, name, "node", "--name", name, "--root", self.root,
                        "--host", self.bed.addr(name), *(["--parent", parent] if parent else []),
@@ -157,6 +165,29 @@ class Net:
         for proc in self.procs.values():
             proc.wait_ready()
         self.wait_tree()
+
+    def start_root(self, root_host: str | None = None) -> HostProc:
+        """The primary root (again, after it was killed: as it was started)."""
+        proc = self.start("root", "root", "root", "--host", root_host or self.bed.addr("root"),
+                          "--port", str(ROOT_PORT), "--heartbeat", str(self.heartbeat), "--grace",
+                          "2", *self.security(None, listens=True))
+        proc.wait_ready()
+        return proc
+
+    def start_standby(self) -> HostProc:
+        proc = self.start("standby", "standby", "root", "--host", self.bed.addr("standby"),
+                          "--port", str(ROOT_PORT), "--standby-of", self.primary, "--heartbeat",
+                          str(self.heartbeat), "--grace", "2",
+                          *self.security("standby", listens=True))
+        proc.wait_ready()
+        return proc
+
+    def separate(self, a: str, b: str, cut: bool = True) -> None:
+        """Cut (or heal) only the path between hosts `a` and `b`: each drops the other's
+        address; every other link stays."""
+        for here, there in ((a, b), (b, a)):
+            bench_netns.ip("-n", self.bed.ns(here), "route", "add" if cut else "del", "blackhole",
+                           f"{self.bed.addr(there)}/32")
 
     def close(self) -> None:
         for proc in reversed(list(self.procs.values())):
@@ -188,9 +219,9 @@ class Net:
         assert status == 200, body
         return body.decode()
 
-    def cli(self, *args: str) -> str:
+    def cli(self, *args: str, root: str | None = None) -> str:
         """`treechat ARGS --root ROOT` run on the client host, as an operator would."""
-        argv = [sys.executable, "-m", "treechat.cli", *args, "--root", self.root,
+        argv = [sys.executable, "-m", "treechat.cli", *args, "--root", root or self.root,
                 *self.security("client", listens=False)]
         r = subprocess.run(self.bed.command("client", argv), cwd=REPO, capture_output=True,
                            text=True, timeout=60)

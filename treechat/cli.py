@@ -134,7 +134,8 @@ async def ask_root(root: str, query, curve: str | None = None, member: str | Non
     await client.start()
     try:
         # A standby answers a status query too (it shows its state), and nothing else.
-        if not await client.wait_connected(3.0) and not client.standby_reason:
+        wait = 3.0 * len(client.roots)  # a root that does not answer is left after 3 s
+        if not await client.wait_connected(wait) and not client.standby_reason:
             if client.refused:
                 raise Fatal(f"the root at {root} refused this query: {client.refused}")
             raise Fatal(f"no root answers at {root} (is `treechat root` or `treechat up` running?)")
