@@ -305,8 +305,6 @@ class Root(Front, NodeSide):
                 if entry.state != "dead" and not self.results.reaches(hb, entry.identity):
                     self.lose_node(entry.name, "disconnected")
 
-    # --- down the tree --------------------------------------------------------------------------
-
     # --- models ---------------------------------------------------------------------------------
 
     def models(self) -> set[str]:
