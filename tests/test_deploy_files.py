@@ -166,7 +166,8 @@ def test_the_manifest_runs_commands_the_cli_accepts():
 def test_the_manifest_hangs_together():
     workloads = pods()
     kinds = {name: w["kind"] for name, w in workloads.items()}
-    assert kinds == {"treechat-root": "Deployment", "treechat-node": "StatefulSet",
+    assert kinds == {"treechat-root-a": "Deployment", "treechat-root-b": "Deployment",
+                     "treechat-node": "StatefulSet",
                      "treechat-gateway-http": "Deployment", "treechat-gateway-tcp": "Deployment"}
     labels = []
     for name, w in workloads.items():
@@ -190,8 +191,15 @@ def test_the_manifest_hangs_together():
             assert "server.key_secret" not in paths, name
         mount = next(m for m in c["volumeMounts"] if m["name"] == "keys")["mountPath"]
         assert c["args"][c["args"].index("--curve") + 1] == mount
-        if c["args"][0] != "root":
-            assert c["args"][c["args"].index("--root") + 1] == "treechat-root:5550"
+        if c["args"][0] != "root":  # every member is given the root and its standby
+            assert c["args"][c["args"].index("--root") + 1] == \
+                "treechat-root-a:5550,treechat-root-b:5550"
+        elif name == "treechat-root-b":  # on another machine than the primary
+            assert c["args"][c["args"].index("--standby-of") + 1] == "treechat-root-a:5550"
+            assert {"client.key_secret"} <= paths  # it joins the primary as a member
+            anti = spec["affinity"]["podAntiAffinity"]
+            assert anti["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == \
+                "kubernetes.io/hostname"
         if c["args"][0] == "gateway":  # clients need a key: the gateways are reachable from outside
             assert "treechat-api-keys" in secrets
             api = next(m for m in c["volumeMounts"] if m["name"] == "api-keys")["mountPath"]
