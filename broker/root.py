@@ -38,6 +38,7 @@ from pathlib import Path
 
 import zmq
 
+from broker import limits
 from broker import protocol as p
 from broker import security
 from broker.front import Front
@@ -139,7 +140,8 @@ class Root(Front, NodeSide):
         curve = security.load(self.cfg.curve, member=None)  # it only listens
 
         def channel(handler, name):
-            return Channel(make_socket(ctx, zmq.ROUTER, curve=curve), handler, name,
+            return Channel(make_socket(ctx, zmq.ROUTER, curve=curve,
+                                       max_message=limits.ROOT_SOCKETS[name]), handler, name,
                            on_event=lambda ev, _value: self.on_event(name, ev))
         self.front = channel(self.on_front, "front")
         self.tree = channel(self.on_tree, "tree")
@@ -310,5 +312,7 @@ class Root(Front, NodeSide):
                          "max_queue": self.cfg.max_queue, "in_flight": len(self.table.requests),
                          "deadline": self.cfg.deadline or None,
                          "gateways": sorted(g.name for g in self.gateways.values()),
-                         "children": [c.name for c in self.children]},
+                         "children": [c.name for c in self.children],
+                         "connections_dropped": {ch.name: ch.dropped for ch in
+                                                 (self.front, self.tree, self.results)}},
                 "nodes": [e.public() for e in self.registry.entries.values()]}

@@ -28,6 +28,7 @@ import time
 
 import zmq
 
+from broker import limits
 from broker import protocol as p
 from broker.sockets import Channel, make_socket, refusal
 
@@ -44,7 +45,8 @@ class Links:
     """Mixed into `Node`: registration with the root, the parent link, fencing."""
 
     def channel(self, kind: int, handler, name: str) -> Channel:
-        ch = Channel(make_socket(self.ctx, kind, curve=self.curve), handler, name,
+        ch = Channel(make_socket(self.ctx, kind, curve=self.curve,
+                                 max_message=limits.NODE_SOCKETS[name]), handler, name,
                      on_event=lambda ev, value: self.on_link_event(name, ev, value))
         # --metrics-port: count what passes (down carries only Dispatches out and heartbeats,
         # of which nothing is counted)
