@@ -140,6 +140,7 @@ class RootClient:
         host, _, port = root.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"the root address must be HOST:PORT, not '{root}'")
+        self.root = root
         self.endpoint = f"tcp://{host}:{port}"
         if curve is None and (found := security.running_tree(root)) is not None:
             curve, member = str(found), "cli"  # the keys `treechat up` made for that tree
@@ -306,7 +307,9 @@ class RootClient:
                 self._found.set_result(msg.entries)
 
     def on_event(self, event: int, value: int) -> None:
-        why = refusal(event, value)
+        why = refusal(event, value, keyed=self.curve is not None)
+        if why is not None and self.curve is None:
+            why += f" ({security.where_keys_are(self.root)})"
         if why is not None and not self.refused:
             self.refused = why
             log.error("the root at %s refused this client: %s", self.endpoint, why)

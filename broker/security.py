@@ -233,6 +233,14 @@ def running_tree(root: str) -> Path | None:
     return folder if _owner(pid) == owner else None
 
 
+def where_keys_are(root: str) -> str:
+    """Where a client finds the keys of the tree at `root` (HOST:PORT), for one that has none."""
+    host, _, port = root.rpartition(":")
+    return (f"the folder its root was started with; a `treechat up` keeps its own in "
+            f"{tree_folder(host, int(port))}, which its user's commands use without a flag "
+            "while it runs")
+
+
 def _owner(pid: int) -> str:
     """`pid` and its start time (Linux), so a reused pid does not pass for a live owner."""
     try:

@@ -266,13 +266,22 @@ class Monitor:
         self.pair.close(linger=0)
 
 
-def refusal(event: int, value: int) -> str | None:
-    """Why a DEALER's handshake failed, in words, or None for any other event."""
+def refusal(event: int, value: int, keyed: bool | None = None) -> str | None:
+    """Why a DEALER's handshake failed, in words, or None for any other event. `keyed`: whether
+    this process has CurveZMQ keys (None: not said). Without keys against a keyed peer, ZeroMQ
+    reports a mechanism mismatch, or no detail at all when the peer hangs up first."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return ("the peer refused this process's CurveZMQ key (not in its authorized folder, or "
                 "revoked: see `treechat keys --add`)")
-    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and \
-            value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+    mismatch = event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and \
+        value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+    if keyed is False and (mismatch or event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+        return ("the tree uses CurveZMQ keys and this process has none: give it --curve DIR, "
+                "the tree's key folder")
+    if mismatch and keyed:
+        return ("the peer has no CurveZMQ keys and this process has: give both the same --curve "
+                "DIR, or neither (both --insecure beyond loopback)")
+    if mismatch:
         return ("the peer and this process disagree on CurveZMQ: one has keys and the other not "
                 "(give both the same --curve DIR, or both --insecure)")
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:

@@ -60,7 +60,7 @@ class Links:
                 self._probing = True
                 self.loop.call_soon(self.probe_children)
             return
-        why = refusal(event, value)
+        why = refusal(event, value, keyed=self.curve is not None)
         if why is not None and event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             self._no_detail[link] = self._no_detail.get(link, 0) + 1
             if self._no_detail[link] < NO_DETAIL_TRIES:
