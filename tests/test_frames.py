@@ -9,6 +9,8 @@ gateway accepts still goes through.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -17,7 +19,7 @@ import zmq
 
 from broker import limits
 from broker import protocol as p
-from conftest import HB, connect, free_ports, run, wait_for, wait_tree
+from conftest import HB, REPO, connect, free_ports, run, wait_for, wait_tree
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -84,6 +86,9 @@ def test_huge_frames_on_the_front_socket_leave_the_roots_memory_flat(cluster):
         client.close()
 
     run(scenario(), timeout=150)
+    status = subprocess.run([sys.executable, "-m", "treechat.cli", "status", "--root", tree.root],
+                            cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert "connections dropped: front 3" in status.stdout, status.stdout + status.stderr
     log = root.log.read_text()
     assert "front: a connection closed without a goodbye" in log
     assert log.count("closed without a goodbye") <= 2  # once per 10 s, with a count

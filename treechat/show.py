@@ -38,6 +38,9 @@ def render_tree(tree: dict, root_address: str | None = None) -> str:
     lines = [f"root {root['epoch']:x}{where}  policy {root['policy']}  queue {root['queued']}/"
              f"{root['max_queue']}  in flight {root['in_flight']}",
              f"gateways: {', '.join(root['gateways']) or 'none'}"]
+    dropped = {k: n for k, n in root.get("connections_dropped", {}).items() if n}
+    if dropped:  # closed without a goodbye: peers that exited, or frames over a socket's limit
+        lines.append("connections dropped: " + ", ".join(f"{k} {n}" for k, n in dropped.items()))
     nodes = tree["nodes"]
     by_name = {n["name"]: n for n in nodes}
     on_root = set(root.get("children", []))
