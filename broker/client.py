@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from broker import limits
 from broker import protocol as p
 from broker import security
 from broker.sockets import Channel, make_socket, refusal
@@ -138,6 +139,18 @@ def roots(root: str) -> list[str]:
     return found
 
 
+def too_large(msg: p.Submit, stream: Stream) -> bool:
+    """A Submit larger than the root reads (it would drop our connection): the stream ends with
+    `too_long` instead."""
+    size = len(msg.frames()[1])
+    if size <= limits.SUBMIT:
+        return False
+    stream._put(Event("error", code=p.ErrorCode.TOO_LONG, message=(
+        f"the request is {limits.show(size)} as the tree carries it, more than its limit of "
+        f"{limits.show(limits.SUBMIT)} (broker/limits.py)")))
+    return True
+
+
 class RootClient:
     def __init__(self, root: str, name: str, heartbeat: float = 1.0, misses: int = 3,
                  curve: str | None = None, member: str | None = None,
@@ -176,7 +189,8 @@ class RootClient:
             self.ch.close()
         self.at, self.switched_at, self.root_seen = at, time.monotonic(), 0.0
         self.endpoint = f"tcp://{self.roots[at]}"
-        self.ch = Channel(make_socket(zmq.Context.instance(), zmq.DEALER, curve=self.curve),
+        self.ch = Channel(make_socket(zmq.Context.instance(), zmq.DEALER, curve=self.curve,
+                                      max_message=limits.FROM_ROOT),
                           self.on_message, f"client:{self.name}", on_event=self.on_event)
         self.ch.sock.connect(self.endpoint)
         self.ch.send(self.hello())
@@ -215,7 +229,10 @@ class RootClient:
     def submit(self, request: dict, timeout: float | None = None) -> Stream:
         ref = next(self.refs)
         stream = Stream(self, ref, request, timeout)
-        if self.ch.send(p.Submit(ref=ref, request=request, timeout=timeout)):
+        msg = p.Submit(ref=ref, request=request, timeout=timeout)
+        if too_large(msg, stream):
+            return stream
+        if self.ch.send(msg):
             self.streams[ref] = stream
         elif self.epoch:  # a root answered before: it is away, or we are moving to the other
             self.streams[ref] = stream  # sent when a root answers again
@@ -242,9 +259,14 @@ class RootClient:
         """The root's store of kept responses (broker/store.py): op "put", "get" or "delete";
         (whether the key was there, its value for "get")."""
         ref = next(self.refs)
+        msg = p.Keep(ref=ref, op=op, key=key, value=value)
+        if (size := len(msg.frames()[1])) > limits.KEEP:
+            log.warning("not kept: %s is %s, more than the root takes (%s)", key, limits.show(size),
+                        limits.show(limits.KEEP))
+            return False, None
         fut = self._queries[ref] = asyncio.get_running_loop().create_future()
         try:
-            return await self._ask(p.Keep(ref=ref, op=op, key=key, value=value), fut, timeout)
+            return await self._ask(msg, fut, timeout)
         finally:
             self._queries.pop(ref, None)
 
@@ -326,7 +348,9 @@ class RootClient:
                 self._found.set_result(msg.entries)
 
     def on_event(self, event: int, value: int) -> None:
-        why = refusal(event, value)
+        why = refusal(event, value, keyed=self.curve is not None)
+        if why is not None and self.curve is None:
+            why += f" ({security.where_keys_are(self.roots[self.at])})"
         if why is not None and not self.refused:
             self.refused = why
             log.error("the root at %s refused this client: %s", self.endpoint, why)
@@ -405,9 +429,12 @@ class RootClient:
             self.streams[stream.ref] = stream
             text = "".join(stream.parts)
             stream.parts = [text]
-            self.ch.send(p.Submit(ref=stream.ref, request=stream.request, timeout=timeout,
-                                  resume_ids=stream.ids, resume_text=text,
-                                  resubmit=stream.accepted))
+            msg = p.Submit(ref=stream.ref, request=stream.request, timeout=timeout,
+                           resume_ids=stream.ids, resume_text=text, resubmit=stream.accepted)
+            if too_large(msg, stream):
+                del self.streams[stream.ref]
+            else:
+                self.ch.send(msg)
         if self.streams:
             log.info("%s; resubmitted %d open request(s)", why, len(self.streams))
 

@@ -48,6 +48,7 @@ from pathlib import Path
 import zmq
 
 from broker import affinity
+from broker import limits
 from broker import protocol as p
 from broker import security
 from broker.front import Front
@@ -166,7 +167,8 @@ class Root(Front, NodeSide):
         curve = security.load(self.cfg.curve, member=member)
 
         def channel(handler, name):
-            return Channel(make_socket(ctx, zmq.ROUTER, curve=curve), handler, name,
+            return Channel(make_socket(ctx, zmq.ROUTER, curve=curve,
+                                       max_message=limits.ROOT_SOCKETS[name]), handler, name,
                            on_event=lambda ev, _value: self.on_event(name, ev))
         self.front = channel(self.on_front, "front")
         self.tree = channel(self.on_tree, "tree")
@@ -177,7 +179,8 @@ class Root(Front, NodeSide):
                  self.cfg.endpoint(0), self.cfg.endpoint(1), self.cfg.endpoint(2), self.cfg.policy,
                  f"keys {self.cfg.curve}" if curve else "no keys")
         if self.cfg.standby_of:
-            self.peer = Channel(make_socket(ctx, zmq.DEALER, curve=curve), self.on_peer, "peer")
+            self.peer = Channel(make_socket(ctx, zmq.DEALER, curve=curve,
+                                            max_message=limits.CONTROL), self.on_peer, "peer")
             self.peer.sock.connect(f"tcp://{self.cfg.standby_of}")
             log.info("standing by for the root at %s", self.cfg.standby_of)
         if ready:
@@ -460,5 +463,7 @@ class Root(Front, NodeSide):
                          "max_queue": self.cfg.max_queue, "in_flight": len(self.table.requests),
                          "deadline": self.cfg.deadline or None,
                          "gateways": sorted(g.name for g in self.gateways.values()),
-                         "children": [c.name for c in self.children]},
+                         "children": [c.name for c in self.children],
+                         "connections_dropped": {ch.name: ch.dropped for ch in
+                                                 (self.front, self.tree, self.results)}},
                 "nodes": [e.public() for e in self.registry.entries.values()]}

@@ -232,6 +232,14 @@ def running_tree(root: str) -> Path | None:
     return folder if is_live(owner) else None
 
 
+def where_keys_are(root: str) -> str:
+    """Where a client finds the keys of the tree at `root` (HOST:PORT), for one that has none."""
+    host, _, port = root.rpartition(":")
+    return (f"the folder its root was started with; a `treechat up` keeps its own in "
+            f"{tree_folder(host, int(port))}, which its user's commands use without a flag "
+            "while it runs")
+
+
 def is_live(stamp: str) -> bool:
     """Whether the process an `owner_stamp` names still runs (and is not a reused pid)."""
     try:

@@ -15,6 +15,12 @@ IMMEDIATE on DEALERs (no queueing toward a peer that is not connected), explicit
 No socket picks its own identity and ROUTER_HANDOVER is off: every connection gets a fresh
 identity from the ROUTER, so no peer can take over another's connection by naming it.
 
+Every socket reads messages of a bounded size (`ZMQ_MAXMSGSIZE`, per socket: `broker.limits`):
+ZeroMQ drops a connection that sends a larger frame before it allocates the frame, and reports
+only that the connection closed. So a listening channel counts the connections that closed
+without a goodbye (`Channel.dropped`: a peer that exited or was cut, or one that sent a frame
+over the limit) and logs them at most once per 10 s.
+
 A `Monitor` reads a socket's connection events on the loop: a ROUTER learns at once that a peer's
 connection closed (then probes its peers to see which one), a DEALER learns that its handshake
 was refused (a key the other side does not authorize) instead of retrying in silence.
@@ -30,7 +36,8 @@ from typing import TYPE_CHECKING, Callable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from broker.protocol import Message, ProtocolError, decode
+from broker.limits import show
+from broker.protocol import Bye, Message, ProtocolError, decode
 from broker.quiet import Quiet
 
 if TYPE_CHECKING:
@@ -40,12 +47,16 @@ log = logging.getLogger(__name__)
 
 HWM = 100_000  # messages; admission control bounds real traffic far below this
 DRAIN_BATCH = 512  # messages read per loop turn before yielding to other work
+MAX_LEAVING = 1024  # goodbyes remembered until their connections close
 
 
-def make_socket(ctx: zmq.Context, kind: int, *, curve: "Curve | None" = None) -> zmq.Socket:
-    """A configured socket. With `curve`, ROUTERs (which listen) accept only authorized keys and
-    DEALERs (which connect) present the tree's client key: see `broker.security`."""
+def make_socket(ctx: zmq.Context, kind: int, *, max_message: int,
+                curve: "Curve | None" = None) -> zmq.Socket:
+    """A configured socket that reads messages of at most `max_message` bytes (`broker.limits`).
+    With `curve`, ROUTERs (which listen) accept only authorized keys and DEALERs (which connect)
+    present the tree's client key: see `broker.security`."""
     sock = ctx.socket(kind)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
@@ -108,9 +119,12 @@ class Channel:
         self.loop.add_reader(self._fd, self._drain)
         self._schedule_drain()  # messages may already be waiting
         self.quiet = Quiet(log)  # bad frames from strangers: one line per kind and peer and 10 s
+        self.dropped = 0  # connections that closed without a goodbye (a listening socket's)
+        self._leaving: set[bytes] = set()  # peers that said Bye: their close is expected
         self.monitor = None
         if on_event is not None:
-            self.monitor = Monitor(sock, lambda ev, value: (self._drain(), on_event(ev, value)))
+            self.monitor = Monitor(sock, lambda ev, value: (self._drain(), self._closed(ev),
+                                                            on_event(ev, value)))
 
     def send(self, msg: Message, identity: bytes | None = None) -> bool:
         """Send without blocking. False (and logged) when the peer is gone or its queue is full:
@@ -183,10 +197,27 @@ class Channel:
             self.quiet.warning(f"undecodable messages on {self.name}", identity, "%s: dropped an "
                                "undecodable message from %r: %s", self.name, identity, e)
             return
+        if identity is not None and isinstance(msg, Bye) and len(self._leaving) < MAX_LEAVING:
+            self._leaving.add(identity)
         try:
             self.on_message(identity, msg)
         except Exception:  # a handler bug must not take the whole process down
             log.exception("%s: handler failed on %s", self.name, type(msg).__name__)
+
+
+    def _closed(self, event: int) -> None:
+        """A listening socket's connection closed: expected after a Bye, else counted. ZeroMQ
+        says nothing more (a frame over the limit closes a connection as an exit does)."""
+        if event != zmq.EVENT_DISCONNECTED or not self.router:
+            return
+        if self._leaving:
+            self._leaving.pop()
+            return
+        self.dropped += 1
+        self.quiet.info("connections dropped", self.name, "%s: a connection closed without a "
+                        "goodbye: its peer exited or was cut, or it sent a frame over %s, which "
+                        "ZeroMQ drops (%d so far)", self.name,
+                        show(self.sock.getsockopt(zmq.MAXMSGSIZE)), self.dropped)
 
 
 class Monitor:
@@ -235,13 +266,22 @@ class Monitor:
         self.pair.close(linger=0)
 
 
-def refusal(event: int, value: int) -> str | None:
-    """Why a DEALER's handshake failed, in words, or None for any other event."""
+def refusal(event: int, value: int, keyed: bool | None = None) -> str | None:
+    """Why a DEALER's handshake failed, in words, or None for any other event. `keyed`: whether
+    this process has CurveZMQ keys (None: not said). Without keys against a keyed peer, ZeroMQ
+    reports a mechanism mismatch, or no detail at all when the peer hangs up first."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return ("the peer refused this process's CurveZMQ key (not in its authorized folder, or "
                 "revoked: see `treechat keys --add`)")
-    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and \
-            value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+    mismatch = event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and \
+        value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+    if keyed is False and (mismatch or event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+        return ("the tree uses CurveZMQ keys and this process has none: give it --curve DIR, "
+                "the tree's key folder")
+    if mismatch and keyed:
+        return ("the peer has no CurveZMQ keys and this process has: give both the same --curve "
+                "DIR, or neither (both --insecure beyond loopback)")
+    if mismatch:
         return ("the peer and this process disagree on CurveZMQ: one has keys and the other not "
                 "(give both the same --curve DIR, or both --insecure)")
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:

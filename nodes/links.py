@@ -28,6 +28,7 @@ import time
 
 import zmq
 
+from broker import limits
 from broker import protocol as p
 from broker.sockets import Channel, make_socket, refusal
 
@@ -53,7 +54,8 @@ class Links:
     """Mixed into `Node`: registration with the root, the parent link, fencing."""
 
     def channel(self, kind: int, handler, name: str) -> Channel:
-        ch = Channel(make_socket(self.ctx, kind, curve=self.curve), handler, name,
+        ch = Channel(make_socket(self.ctx, kind, curve=self.curve,
+                                 max_message=limits.NODE_SOCKETS[name]), handler, name,
                      on_event=lambda ev, value: self.on_link_event(name, ev, value))
         # --metrics-port: count what passes (down carries only Dispatches out and heartbeats,
         # of which nothing is counted)
@@ -67,7 +69,7 @@ class Links:
                 self._probing = True
                 self.loop.call_soon(self.probe_children)
             return
-        why = refusal(event, value)
+        why = refusal(event, value, keyed=self.curve is not None)
         if why is not None and event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             self._no_detail[link] = self._no_detail.get(link, 0) + 1
             if self._no_detail[link] < NO_DETAIL_TRIES:

@@ -19,6 +19,9 @@ loop, checks when each peer was last heard from. Served by `broker.prometheus.Li
                                                      passed without a word from that peer
     treechat:node_link_up{peer}                      1 while root / parent answer within 3 beats
     treechat:node_last_heard_seconds{peer}           seconds since root / parent last spoke
+    treechat:node_connections_dropped_total          connections to the down socket that closed
+                                                     without a goodbye: a child that exited, or
+                                                     a frame over the socket's limit
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ class NodeMetrics:
                              ["peer"], registry=r)
         self.last_heard = Gauge("treechat:node_last_heard_seconds",
                                 "Seconds since the peer last spoke.", ["peer"], registry=r)
+        self.dropped = Counter("treechat:node_connections_dropped",
+                               "Connections to the down socket that closed without a goodbye "
+                               "(a child that exited, or a frame over the socket's limit).",
+                               registry=r)
+        self.dropped_seen = 0
         self.generated = 0  # tokens so far, for the rate (read on the loop only)
         self.history: deque[tuple[float, int]] = deque()  # (time, generated) once per beat
         self.listener: Listener | None = None
@@ -140,7 +148,8 @@ class NodeMetrics:
         return max(0.0, time.monotonic() - seen)
 
     async def sample(self) -> None:
-        """Once per heartbeat: count each silent peer as one missed heartbeat; the token rate."""
+        """Once per heartbeat: count each silent peer as one missed heartbeat; the token rate; the
+        down socket's dropped connections."""
         beat = self.node.cfg.heartbeat
         while True:
             await asyncio.sleep(beat)
@@ -151,6 +160,10 @@ class NodeMetrics:
             for child in self.node.children:
                 if now - child.last_seen > 1.5 * beat:
                     self.missed.labels(peer="child").inc()
+            down = getattr(self.node, "down", None)  # made once the node runs
+            if down is not None:
+                self.dropped.inc(down.dropped - self.dropped_seen)
+                self.dropped_seen = down.dropped
             self.history.append((now, self.generated))
             while self.history and self.history[0][0] < now - RATE_WINDOW:
                 self.history.popleft()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import zmq
 
+from broker import limits
 from broker import protocol as p
 from broker import security
 from broker.quiet import Quiet
@@ -314,7 +315,8 @@ class Node(Links):
             errors = [e for e in errors if e[0] not in fenced]
             fenced.difference_update([f.rid for f in step.done] + [e[0] for e in step.errors])
         if tokens or done:
-            self.results.send(p.Tokens(items=tokens, done=done))  # one message per step
+            for msg in limits.tokens_messages(tokens, done):  # one per step, unless it is large
+                self.results.send(msg)
         for rid, code, message in errors:
             self.results.send(p.Error(id=rid, code=code, message=message))
         if step.done or step.errors:

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from broker.client import RootClient
+from broker import security
 from broker.security import create_keys
 from conftest import REPO, run, wait_tree
 
@@ -115,3 +116,21 @@ def test_no_listening_beyond_loopback_without_keys(command):
     assert result.returncode == 2
     assert "refusing to listen on 0.0.0.0" in result.stderr and "--insecure" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["status", "registry"])
+def test_asking_a_keyed_tree_without_keys_says_which_keys_to_pass(cluster, keys, command):
+    good, _ = keys
+    tree = cluster.tree(["a"], "--curve", str(good), root_args=("--curve", str(good)))
+    result = treechat(command, "--root", tree.root)
+    assert result.returncode != 0
+    host, _, port = tree.root.rpartition(":")
+    assert ("the tree uses CurveZMQ keys and this process has none: give it --curve DIR"
+            in result.stderr), result.stderr
+    assert str(security.tree_folder(host, int(port))) in result.stderr  # where `up` keeps them
+    assert "server key that is not the peer's" not in result.stderr
+    assert "Traceback" not in result.stderr
+    node = treechat("node", "--name", "keyless", "--root", tree.root, "--engine", "fake",
+                    "--heartbeat", "0.2")
+    assert node.returncode != 0
+    assert "the tree uses CurveZMQ keys and this process has none" in node.stderr, node.stderr

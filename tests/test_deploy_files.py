@@ -2,11 +2,14 @@
 docs/deploy.md, README.md) give parses with the real CLI, so a renamed flag fails here; the
 systemd units pass `systemd-analyze verify`; the Kubernetes manifest and the compose file hang
 together (selectors, names, keys, probes); the Dockerfile copies what exists and pins what
-dev.sh pins. `docker build` and `kubectl apply` need a daemon and a cluster this suite does not
-have (docs/deploy.md says what was tried where)."""
+dev.sh pins. Where podman runs (as root), deploy/try-containers.sh builds the CPU image and
+serves one request through each gateway from containers (about 90 s with a base image made).
+`kubectl apply` needs a cluster this suite does not have (docs/deploy.md says what was tried
+where)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -115,6 +118,18 @@ def test_the_dockerfile_has_cpu_and_cuda_images_that_copy_what_exists_and_pin_wh
     for cmd in re.findall(r"^CMD (\[.*\])$", text, re.M):
         parses(yaml.safe_load(cmd), "Dockerfile CMD")
     assert re.findall(r"^ENTRYPOINT (\[.*\])$", text, re.M) == ['["treechat"]']
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(shutil.which("podman") is None or os.geteuid() != 0,
+                    reason="needs podman, run as root")
+def test_the_image_runs_a_tree_that_answers_over_http_and_tcp():
+    r = subprocess.run([str(DEPLOY / "try-containers.sh")], capture_output=True, text=True,
+                       timeout=880)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert re.search(r'^HTTP: "[^"]+"', r.stdout, re.M), r.stdout[-4000:]
+    assert re.search(r'^TCP: .*"id": "q1", "done": true', r.stdout, re.M), r.stdout[-4000:]
+    assert "node-1" in r.stdout and "alive" in r.stdout  # treechat status, from a container
 
 
 def compose() -> dict:

@@ -44,6 +44,9 @@ def render_tree(tree: dict, root_address: str | None = None) -> str:
                  else "never heard")
         lines.insert(1, f"this root is {pair['state']}; its peer {pair.get('peer') or '?'} is "
                         f"{pair.get('peer_state') or 'unknown'} ({heard})")
+    dropped = {k: n for k, n in root.get("connections_dropped", {}).items() if n}
+    if dropped:  # closed without a goodbye: peers that exited, or frames over a socket's limit
+        lines.append("connections dropped: " + ", ".join(f"{k} {n}" for k, n in dropped.items()))
     nodes = tree["nodes"]
     by_name = {n["name"]: n for n in nodes}
     on_root = set(root.get("children", []))

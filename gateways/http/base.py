@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import orjson
 import tornado.web
 
+from broker import limits
 from broker.client import RootClient
 from broker.nesting import MAX_DEPTH, too_deep
 from gateways.http.errors import ApiError, not_found, status_code_name
@@ -56,8 +57,9 @@ class GatewayConfig:
                                        or origin in self.allowed_origins)
 
     def __post_init__(self):
-        if self.max_body < 1024:
-            raise ValueError("--max-body must be at least 1024 bytes")
+        if not 1024 <= self.max_body <= limits.REQUEST:
+            raise ValueError(f"--max-body must be 1024 to {limits.REQUEST} bytes (the largest "
+                             "request the tree carries)")
         if self.keepalive <= 0:
             raise ValueError("--keepalive must be positive")
         if self.request_timeout is not None and self.request_timeout <= 0:

@@ -147,7 +147,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", default=None,
                    help="a file of API keys, one per line ('#' starts a comment)")
     p.add_argument("--max-body", type=int, default=1 << 20,
-                   help="largest request body in bytes; larger gets 413 (default 1 MiB)")
+                   help="largest request body in bytes, at most 4 MiB; larger gets 413 (default 1 MiB)")
     p.add_argument("--request-timeout", type=float, default=0.0,
                    help="seconds a request may take before it fails with 504 (default 0: none; "
                         "a request's own 'timeout' field wins)")

@@ -45,7 +45,7 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.netutil import bind_sockets
 from tornado.tcpserver import TCPServer
 
-from broker import security
+from broker import limits, security
 from broker.client import RootClient
 from broker.errors import Fatal
 from broker.quiet import Quiet
@@ -84,6 +84,9 @@ class TcpConfig:
         for name in ("max_line", "max_inflight", "max_write_buffer", "backlog"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_line > limits.REQUEST:
+            raise ValueError(f"--max-line can be at most {limits.REQUEST} bytes (the largest "
+                             "request the tree carries)")
         for name in ("idle_timeout", "auth_timeout", "resume_window", "drain"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} cannot be negative")
@@ -101,7 +104,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=d.host, help="address to listen on")
     parser.add_argument("--port", type=int, default=d.port, help="port to listen on (0: any)")
     parser.add_argument("--max-line", type=int, default=d.max_line,
-                        help="longest line a client may send, in bytes (default 1 MiB)")
+                        help="longest line a client may send, in bytes, at most 4 MiB (default 1 MiB)")
     parser.add_argument("--max-inflight", type=int, default=d.max_inflight,
                         help="requests one connection may have running (default 16)")
     parser.add_argument("--max-write-buffer", type=int, default=d.max_write_buffer,

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
+from broker.limits import PROMPT_LOGPROBS_TOKENS
 from broker.protocol import Request
 
 
@@ -60,6 +61,13 @@ class EngineError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def prompt_logprobs_too_long(tokens: int) -> str:
+    """Why a prompt this long gets no prompt logprobs: all of them ride in one message to the
+    root, which reads messages of a bounded size (broker/limits.py)."""
+    return (f"prompt_logprobs are given for prompts of up to {PROMPT_LOGPROBS_TOKENS} tokens; "
+            f"this prompt has {tokens}")
 
 
 Emit = Callable[[StepOutput], None]

@@ -22,8 +22,10 @@ import math
 
 import orjson
 
+from broker.limits import PROMPT_LOGPROBS_TOKENS
 from broker.protocol import ErrorCode, FinishReason, Request
-from nodes.engine.base import Engine, EngineError, EngineRequest, Finish, StepOutput
+from nodes.engine.base import (Engine, EngineError, EngineRequest, Finish, StepOutput,
+                               prompt_logprobs_too_long)
 
 FAKE_MAX_MODEL_LEN = 1 << 20
 
@@ -167,6 +169,9 @@ class FakeEngine(Engine):
             raise EngineError(ErrorCode.BAD_REQUEST, "nothing left to generate")
         if "__engine_error__" in er.request.last_user_text():  # lets tests reach the error path
             raise EngineError(ErrorCode.ENGINE, "the fake engine was asked to fail")
+        words = len(er.request.last_user_text().split())  # the fake engine's tokens
+        if er.request.prompt_logprobs is not None and words > PROMPT_LOGPROBS_TOKENS:
+            raise EngineError(ErrorCode.TOO_LONG, prompt_logprobs_too_long(words))
         seq = self._running[er.rid] = _Seq(er, self.max_tokens_default or FAKE_MAX_MODEL_LEN)
         if er.request.prompt_logprobs is not None and not er.resume_ids:
             seq.pos = -1  # the first step reports the prompt's entries

@@ -27,9 +27,11 @@ from pathlib import Path
 
 import torch
 
+from broker.limits import PROMPT_LOGPROBS_TOKENS
 from broker.protocol import ErrorCode, FinishReason
 from nodes.engine import DEFAULT_MAX_TOKENS, REPEAT_LAST_N, grammar, models, prompt, templates
-from nodes.engine.base import Engine, EngineError, EngineRequest, Finish, StepOutput
+from nodes.engine.base import (Engine, EngineError, EngineRequest, Finish, StepOutput,
+                               prompt_logprobs_too_long)
 from nodes.engine.detok import Detokenizer
 from nodes.engine.weights import MODES
 from nodes.engine.sampling import Row, SamplingParams
@@ -272,6 +274,8 @@ class HFEngine(Engine):
                 f"This model's maximum context length is {n} tokens. However, you requested "
                 f"{p + c} tokens ({p} in the messages, {c} in the completion). Please reduce the "
                 "length of the messages or completion."))
+        if req.prompt_logprobs is not None and p > PROMPT_LOGPROBS_TOKENS:
+            raise EngineError(ErrorCode.TOO_LONG, prompt_logprobs_too_long(p))
         # With no max_tokens: the server's default cap, but never past the context or what the
         # KV budget can hold.
         room = min(n, self.kv_budget) - p
