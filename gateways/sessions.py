@@ -7,8 +7,7 @@ earlier turns ran, so their cached prompt prefix is reused (the routing is the r
     OpenAI chat, Responses    `prompt_cache_key`, then `user`  (legacy completions: `user`)
     Anthropic Messages        `metadata.user_id`
     Responses                 `previous_response_id`: the session of the chain's first response
-    TCP                       a request line's `session`, else one named after the conversation's
-                              opening (`of_conversation`)
+    TCP                       a request line's `session` (text mode: one per connection)
 
 The header outranks the body's fields, and a body's fields rank in the order above. A name a
 client gives over HTTP is used as it is when it is 1 to MAX_SESSION printable ASCII characters;
@@ -21,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-
-import orjson
 
 from broker.request import MAX_SESSION
 
@@ -40,14 +37,3 @@ def named(*candidates) -> str | None:
             return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
     return None
 
-
-def of_conversation(messages: list[dict], model: str | None) -> str:
-    """A session named after a conversation's opening: its messages up to and including the
-    first user message (and the model). Every later turn of the conversation re-sends that
-    opening, so all its turns get the same name, whatever connection they come on."""
-    opening = []
-    for m in messages:
-        opening.append([m.get("role"), m.get("content")])
-        if m.get("role") == "user":
-            break
-    return "conv-" + hashlib.sha256(orjson.dumps([model, opening])).hexdigest()[:32]

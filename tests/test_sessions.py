@@ -1,7 +1,6 @@
 """Each client's way of naming its conversation becomes the request's `session`, at the unit
 level (no processes): OpenAI's `prompt_cache_key` and `user`, Anthropic's `metadata.user_id`, the
-Responses API's fields, and the TCP protocol's `session` field or its default, named after the
-conversation's opening. The header (`X-Session-Id`) and the Responses chain go through a real
+Responses API's fields, and the TCP protocol's `session` field. The header (`X-Session-Id`) and the Responses chain go through a real
 gateway in test_many_models.py.
 """
 
@@ -92,20 +91,11 @@ def test_tcp_explicit_session_and_model_pass_through():
         "session" in e.value.line["error"]["message"]
 
 
-def test_tcp_turns_of_one_conversation_share_a_default_session():
-    turn1 = submit(text="plan a trip")["session"]
-    system = {"role": "system", "content": "Be brief."}
-    history = [{"role": "user", "content": "plan a trip"},
-               {"role": "assistant", "content": "Where to?"},
-               {"role": "user", "content": "Oslo"}]
-    assert submit(messages=history)["session"] == turn1
-    assert submit(messages=history[:1])["session"] == turn1
-    assert submit(text="plan a holiday")["session"] != turn1  # another conversation
-    assert submit(text="plan a trip", model="tiny-b")["session"] != turn1  # another model's
-    with_system = submit(messages=[system, *history])["session"]
-    assert with_system != turn1 and submit(messages=[system, *history[:1]])["session"] == \
-        with_system
-    assert "session" not in submit(prompt="once upon")  # no conversation, no default
+def test_tcp_requests_without_a_session_leave_it_to_the_root():
+    """No default is invented: two users who open alike are still two conversations; the root
+    tells them apart by their histories (broker/affinity.py)."""
+    assert "session" not in submit(text="plan a trip")
+    assert "session" not in submit(messages=[{"role": "user", "content": "plan a trip"}])
 
 
 def test_tcp_final_line_names_the_model_asked_for():

@@ -7,9 +7,8 @@ The wire format itself is documented for client authors in docs/protocol.md.
 
 A request's `model` picks the model (the root refuses one no node serves: `unknown_model`), and
 the final line names it. Its `session` names the conversation it continues, so the tree sends it
-where the conversation's earlier turns ran; a chat request without one gets a session named after
-its conversation's opening (`gateways.sessions.of_conversation`): every turn of a conversation
-re-sends that opening, so the turns come home on any connection, with no field to send.
+where the conversation's earlier turns ran; without one the root recognises the conversation by
+its history (broker/affinity.py).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import orjson
 
 from broker.nesting import MAX_DEPTH, too_deep
 from broker.protocol import BadRequest, ErrorCode, Request
-from gateways import sessions
 
 MAX_ID = 128  # characters in a client id
 
@@ -171,8 +169,6 @@ def parse_submit(data: dict) -> Submit:
     except BadRequest as e:
         where = f" ({e.param})" if e.param and e.param not in e.message else ""
         raise LineError(Code.BAD_REQUEST, e.message + where, rid) from None
-    if "session" not in request and "messages" in request:
-        request["session"] = sessions.of_conversation(request["messages"], request.get("model"))
     return Submit(rid, request, resumable, timeout)
 
 
