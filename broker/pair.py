@@ -109,7 +109,10 @@ class Pair:
                 f"{self.silence(now)}; it takes over when a member of the tree lost that root")
 
     def _become(self, state: str, now: float, why: str) -> str:
-        log.warning("root %s -> %s: %s", self.state, state, why)
+        # A start is news (info); a takeover or a root stepping down is what an operator looks for.
+        usual = self.state in (PRIMARY, BACKUP) and (state == PASSIVE or self.state == PRIMARY)
+        log.log(logging.INFO if usual else logging.WARNING, "root %s -> %s: %s", self.state,
+                state, why)
         self.state = state
         self.active_since = now if state == ACTIVE else None
         return state
