@@ -224,6 +224,12 @@ class RootClient:
     def connected(self) -> bool:
         return self.root_seen > 0 and time.monotonic() - self.root_seen < self.dead_after
 
+    @property
+    def failing_over(self) -> bool:
+        """We lost our root and are on our way to the other one: a request submitted now waits
+        for it (a gateway need not refuse it)."""
+        return len(self.roots) > 1 and self.lost_at is not None
+
     # --- requests -------------------------------------------------------------------------------
 
     def submit(self, request: dict, timeout: float | None = None) -> Stream:

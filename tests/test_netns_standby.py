@@ -23,6 +23,13 @@ def root_state(net, which: str) -> str:
     return first.split()[3].rstrip(";") if first.startswith("this root is") else "?"
 
 
+def standing_by(hosts):
+    """The tree with a standby root, once the standby hears the primary (passive)."""
+    net = hosts(standby=True, engine=ENGINE)
+    poll(lambda: root_state(net, net.standby) == "passive", 30)
+    return net
+
+
 def under_load(net, work: list[str], fault, when=lambda done: len(done) >= 20) -> list[str]:
     """The answers to `work` (200 streams, 48 at a time) with `fault()` done mid-way."""
     done: list[int] = []
@@ -40,10 +47,9 @@ def under_load(net, work: list[str], fault, when=lambda done: len(done) >= 20) -
 
 
 def test_the_active_roots_cable_is_cut_under_200_streams(hosts):
-    net = hosts(standby=True, engine=ENGINE)
+    net = standing_by(hosts)
     work = prompts(200, 16)
     clean = [echo(p) for p in work]
-    poll(lambda: root_state(net, net.standby) == "passive", 30)
     assert root_state(net, net.primary) == "active"
     cut_at: list[float] = []
     got = under_load(net, work, lambda: (net.bed.cut("root"), cut_at.append(time.monotonic())))
@@ -55,16 +61,14 @@ def test_the_active_roots_cable_is_cut_under_200_streams(hosts):
 
 
 def test_everything_on_the_active_roots_host_is_killed_under_200_streams(hosts):
-    net = hosts(standby=True, engine=ENGINE)
+    net = standing_by(hosts)
     work = prompts(200, 16)
-    poll(lambda: root_state(net, net.standby) == "passive", 30)
     assert under_load(net, work, net.procs["root"].kill) == [echo(p) for p in work]
     assert root_state(net, net.standby) == "active"
 
 
 def test_a_cut_between_the_two_roots_alone_leaves_exactly_one_active(hosts):
-    net = hosts(standby=True, engine=ENGINE)
-    poll(lambda: root_state(net, net.standby) == "passive", 30)
+    net = standing_by(hosts)
     net.separate("root", "standby")
     try:
         # The standby no longer hears the primary, but no member lost it: it stays passive.
@@ -83,10 +87,9 @@ def test_a_cut_between_the_two_roots_alone_leaves_exactly_one_active(hosts):
 
 
 def test_the_old_primary_returns_as_the_standby_and_a_second_failover_loses_nothing(hosts):
-    net = hosts(standby=True, engine=ENGINE)
+    net = standing_by(hosts)
     work = prompts(200, 16)
     clean = [echo(p) for p in work]
-    poll(lambda: root_state(net, net.standby) == "passive", 30)
     net.procs["root"].kill()
     poll(lambda: root_state(net, net.standby) == "active", 30)
     net.wait_tree()
@@ -98,9 +101,8 @@ def test_the_old_primary_returns_as_the_standby_and_a_second_failover_loses_noth
 
 
 def test_killing_the_standby_does_nothing_to_traffic(hosts):
-    net = hosts(standby=True, engine=ENGINE)
+    net = standing_by(hosts)
     work = prompts(200, 16)
-    poll(lambda: root_state(net, net.standby) == "passive", 30)
     assert under_load(net, work, net.procs["standby"].kill) == [echo(p) for p in work]
     assert root_state(net, net.primary) == "active"
     assert not net.procs["http-gateway"].logged("talking to the root at")

@@ -48,13 +48,7 @@ def test_the_standby_takes_over_when_the_primary_dies_and_nothing_is_lost(cluste
         assert (await ask(root_a))["state"] == "active"
         b = await wait_for(lambda: ask_state(root_b, "passive"))
         assert b["peer"] == root_a
-        streams = [client.submit({"prompt": words(30), "max_tokens": 90, **SAY})
-                   for _ in range(20)]
-        firsts = await asyncio.gather(*(first_delta(s) for s in streams))
-        proc_a.kill()
-        results = await asyncio.gather(*(s.collect() for s in streams))
-        for first, (text, final) in zip(firsts, results):
-            text = first + text
+        for text, final in await through(client, proc_a.kill, 20, 30, 90):
             assert (final.kind, final.finish_reason, final.completion_tokens) == ("done", "length",
                                                                                  90)
             assert text == (words(30) + " ") * 3
@@ -69,6 +63,17 @@ def test_the_standby_takes_over_when_the_primary_dies_and_nothing_is_lost(cluste
 async def ask_state(root: str, wanted: str) -> dict | None:
     found = await ask(root)
     return found if found["state"] == wanted else None
+
+
+async def through(client, fault, n: int, length: int, tokens: int) -> list:
+    """`n` streams of a `length`-word prompt for `tokens` tokens, and `fault()` once every one has
+    begun: [(whole text, final event)]."""
+    streams = [client.submit({"prompt": words(length), "max_tokens": tokens, **SAY})
+               for _ in range(n)]
+    firsts = await asyncio.gather(*(first_delta(s) for s in streams))
+    fault()
+    results = await asyncio.gather(*(s.collect() for s in streams))
+    return [(first + text, final) for first, (text, final) in zip(firsts, results)]
 
 
 async def first_delta(stream) -> str:
@@ -109,13 +114,8 @@ def test_the_old_primary_comes_back_as_the_standby_and_a_second_failover_is_loss
         cluster.root(port=port_a)  # the old primary, started as before
         back = await wait_for(lambda: ask_state(root_a, "passive"))
         assert back["peer_state"] == "active"
-        streams = [client.submit({"prompt": words(20), "max_tokens": 60, **SAY})
-                   for _ in range(10)]
-        firsts = await asyncio.gather(*(first_delta(s) for s in streams))
-        proc_b.kill()
-        results = await asyncio.gather(*(s.collect() for s in streams))
-        for first, (text, final) in zip(firsts, results):
-            assert (final.finish_reason, first + text) == ("length", (words(20) + " ") * 3)
+        for text, final in await through(client, proc_b.kill, 10, 20, 60):
+            assert (final.finish_reason, text) == ("length", (words(20) + " ") * 3)
         assert (await ask(root_a))["state"] == "active"
         client.close()
 
@@ -129,13 +129,9 @@ def test_killing_the_standby_changes_nothing_for_traffic(cluster):
         client = await connect(both)
         await wait_tree(client, {"node-1", "node-2"})
         await wait_for(lambda: ask_state(root_b, "passive"))
-        streams = [client.submit({"prompt": words(10), "max_tokens": 40, **SAY})
-                   for _ in range(10)]
-        await asyncio.gather(*(first_delta(s) for s in streams))
         epoch = client.epoch
-        proc_b.kill()
-        for text, final in await asyncio.gather(*(s.collect() for s in streams)):
-            assert final.finish_reason == "length"
+        for text, final in await through(client, proc_b.kill, 10, 10, 40):
+            assert (final.finish_reason, text) == ("length", (words(10) + " ") * 4)
         assert client.epoch == epoch  # never left the primary
         assert (await ask(root_a))["state"] == "active"
         client.close()

@@ -45,7 +45,7 @@ class RelayHandler(BodyHandler):
     async def open_streams(self, requests: list[dict], timeout: float | None) -> None:
         """Submit every request; return once the root accepted them all, or raise ApiError."""
         client = self.gw.client
-        if not client.connected:
+        if not (client.connected or client.failing_over):  # a failover: it waits for the standby
             raise root_unreachable()
         deadline = timeout or self.gw.cfg.request_timeout
         session = self.session_header() or requests[0].get("session")

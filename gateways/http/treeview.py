@@ -41,7 +41,11 @@ class TreeView:
         return status
 
     async def recent(self, max_age: float, timeout: float = 1.0) -> dict | None:
-        """The cached status when younger than `max_age` seconds, else a fresh one."""
+        """The cached status when younger than `max_age` seconds, else a fresh one. While the
+        client fails over to the standby root, the last one seen (the models it lists still
+        exist)."""
+        if self.status is not None and self.client.failing_over:
+            return self.status
         if self.status is not None and time.monotonic() - self.at < max_age \
                 and self.client.connected:
             return self.status
