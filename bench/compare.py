@@ -73,9 +73,8 @@ class Up(Child):
     """One `treechat up` on free ports, ready for `via`: `async with Up(argv) as up:` ... up.root."""
 
     def __init__(self, argv: list[str], via: str = "http", ready_timeout: float = READY_TIMEOUT):
-        self.port = free_port(3)
-        self.http_port = free_port()
-        self.tcp_port = free_port()
+        self.port = free_port(5)  # the root's three, then the gateways': distinct, all free
+        self.http_port, self.tcp_port = self.port + 3, self.port + 4
         self.up_args = argv
         self.via = via
         self.root = f"127.0.0.1:{self.port}"

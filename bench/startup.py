@@ -66,7 +66,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run_up(up_args: list[str], question: str) -> dict[str, float]:
     """One start of `treechat up`: {milestone: seconds since it was started}."""
-    root, http_port, tcp_port = free_port(3), free_port(), free_port()
+    root = free_port(5)  # the root's three, then the gateways': five distinct ports
+    http_port, tcp_port = root + 3, root + 4
     argv = [sys.executable, "-m", "treechat.cli", "up", "--port", str(root), "--http-port",
             str(http_port), "--tcp-port", str(tcp_port), *up_args]
     seen: dict[str, float] = {}

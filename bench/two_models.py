@@ -78,7 +78,8 @@ def node_argv(args, name: str, root: str, model: str) -> list[str]:
 @contextlib.asynccontextmanager
 async def tree(args):
     """Root, nodes and HTTP gateway on free ports; yields (base_url, served name of A, of B)."""
-    port, http = free_port(3), free_port()
+    port = free_port(4)  # the root's three, then the gateway's: distinct, all free
+    http = port + 3
     root = f"127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="two-models-") as folder:
         model_a, model_b = models(args, folder)
