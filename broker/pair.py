@@ -65,9 +65,10 @@ class Pair:
         if address:
             self.peer_address = address
         s = self.state
-        if s == PRIMARY:
-            return self._become(ACTIVE if state in (BACKUP, PASSIVE) else PASSIVE, now,
-                                f"the peer root is {state}") if state != PRIMARY else None
+        if s == PRIMARY and state in (BACKUP, PASSIVE):
+            return self._become(ACTIVE, now, f"the peer root is {state}")
+        if s == PRIMARY and state == ACTIVE:  # we came back: the other took over meanwhile
+            return self._become(PASSIVE, now, "the peer root is active")
         if s == BACKUP and state in (PRIMARY, ACTIVE):
             return self._become(PASSIVE, now, f"the peer root is {state}")
         if s == PASSIVE:
