@@ -140,6 +140,16 @@ class Registry:
     def models(self) -> set[str]:
         return {e.model for e in self.entries.values() if e.model and e.state == "alive"}
 
+    def aliases(self) -> dict[str, str]:
+        """Each other name a live node gives its model (its --alias) -> that model."""
+        found: dict[str, str] = {}
+        for e in self.entries.values():
+            aliases = e.info.get("aliases") if e.model and e.state == "alive" else None
+            for alias in aliases if isinstance(aliases, list) else []:
+                if isinstance(alias, str):
+                    found.setdefault(alias, e.model)
+        return found
+
     def expired(self) -> list[Entry]:
         limit = time.monotonic() - self.dead_after
         return [e for e in self.entries.values() if e.state != "dead" and e.last_seen < limit]

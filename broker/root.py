@@ -315,10 +315,11 @@ class Root(Front, NodeSide):
         return self.registry.models() | set(self.lost_models)
 
     def resolve(self, model: str | None) -> str | None:
-        """The model a request runs on: the one it names, else the tree's first (as the gateways
-        show it), else any (None: no node yet, as after a root restart)."""
+        """The model a request runs on: the one it names (or the one a node gives that name as
+        an alias), else the tree's first (as the gateways show it), else any (None: no node yet,
+        as after a root restart)."""
         if model is not None:
-            return model
+            return model if model in self.models() else self.registry.aliases().get(model, model)
         return min(self.models(), default=None)
 
     def node_lost_model(self, name: str, model: str | None) -> None:

@@ -129,6 +129,8 @@ class Links:
             self._welcome = self.loop.create_future()
             info = {**(self.engine.describe() if self.engine else {"engine": "none"}),
                     "pid": os.getpid(), **(self.metrics.describe() if self.metrics else {})}
+            if self.cfg.aliases and self.engine is not None:
+                info["aliases"] = list(self.cfg.aliases)
             msg = p.Register(name=self.cfg.name, instance=self.instance, parent=self.cfg.parent,
                              endpoint=self.endpoint, slots=self.engine.slots if self.engine else 0,
                              model=info.get("model"), engine=info.get("engine", "none"), info=info,

@@ -56,6 +56,7 @@ class NodeConfig:
     member: str | None = None  # whose key of that folder to show (default: the node's name, else
     #                            the folder's `client`)
     insecure: bool = False  # allow listening on a non-loopback address without keys
+    aliases: tuple[str, ...] = ()  # other names of its model: the root resolves them to it
 
     def __post_init__(self):
         if not security.valid_name(self.name):  # it is also its key's name

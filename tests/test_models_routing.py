@@ -4,7 +4,10 @@ the HTTP API: tests/test_http_models.py."""
 
 from __future__ import annotations
 
+import requests
+
 from conftest import connect, run, wait_for, wait_tree
+from test_http_limits import gateway
 
 FOREVER = {"ignore_eos": True}  # the fake engine's answer never ends: the request holds its slot
 
@@ -86,6 +89,32 @@ def test_a_router_without_an_engine_carries_every_model_below_it(cluster):
         client.close()
 
     run(scenario())
+
+
+def test_a_nodes_alias_names_its_model_everywhere(cluster):
+    """`treechat node --alias chat`: the root routes "chat" to that node's model, and the HTTP
+    gateway lists the name and answers under it."""
+    root, _ = cluster.root()
+    cluster.node(root, "a1", None, "--model", "alpha", "--alias", "chat", "--max-slots", "1",
+                 "--fake-delay", "0.05")
+    cluster.node(root, "b1", None, "--model", "beta", "--max-slots", "1", "--fake-delay", "0.05")
+    _, url, _ = gateway(cluster, root)
+
+    async def scenario():
+        client = await connect(root)
+        await wait_tree(client, {"a1", "b1"})
+        s = client.submit(ask("chat", "by its other name", **FOREVER))
+        await running_at(client, {"a1": 1, "b1": 0})
+        s.cancel()
+        await s.collect()
+        client.close()
+
+    run(scenario())
+    models = {m["id"]: m for m in requests.get(f"{url}/v1/models", timeout=10).json()["data"]}
+    assert set(models) == {"alpha", "beta", "chat"} and models["chat"]["root"] == "alpha"
+    r = requests.post(f"{url}/v1/chat/completions", json=ask("chat", "hello there"), timeout=30)
+    assert r.status_code == 200 and r.json()["model"] == "chat"
+    assert r.json()["choices"][0]["message"]["content"] == "hello there "
 
 
 def test_one_models_flood_does_not_hold_back_another(cluster):

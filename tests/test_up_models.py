@@ -53,7 +53,8 @@ def test_a_layout_file_gives_each_node_its_place_model_and_slots(cluster, tiny_m
     layout = tmp_path / "tree.json"
     layout.write_text(json.dumps([
         {"name": "llama-b", "parent": "qwen-a"},  # a child before its parent: the order is free
-        {"name": "llama-a", "parent": None, "model": tiny_model, "slots": 2},
+        {"name": "llama-a", "parent": None, "model": tiny_model, "slots": 2,
+         "aliases": ["chat"]},
         {"name": "qwen-a", "parent": "llama-a", "model": gguf},
     ]))
     up = cluster.up("--layout", str(layout), "--model", tiny_model, timeout=START)
@@ -63,7 +64,13 @@ def test_a_layout_file_gives_each_node_its_place_model_and_slots(cluster, tiny_m
         "llama-a": (None, llama), "qwen-a": ("llama-a", qwen), "llama-b": ("qwen-a", llama)}
     assert nodes["llama-a"]["slots"] == 2
     assert nodes["qwen-a"]["slots"] == nodes["llama-b"]["slots"] != 2  # --max-slots' default
-    assert served_models(up) == sorted([llama, qwen])
+    assert served_models(up) == sorted([llama, qwen, "chat"])  # llama-a's other name
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    request = urllib.request.Request(up.http + "/v1/chat/completions",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        assert json.load(resp)["model"] == "chat"
     assert up.proc.terminate(timeout=60) == 0
 
 
@@ -77,6 +84,7 @@ BAD_LAYOUTS = [
     ('[{"name": "a",}]', "not JSON (trailing comma is not allowed at line 1, column"),
     ('{"name": "a"}', "want a JSON list of nodes"),
     ('[{"name": "a", "slots": 0}]', "slots is a whole number, at least 1"),
+    ('[{"name": "a", "aliases": "chat"}]', "aliases is a list of names"),
     ('[{"parent": null}]', "node 1: wants a name"),
     ('[{"name": "tcp-gateway"}]', "names treechat up gives its own processes"),
 ]

@@ -48,7 +48,7 @@ def cmd_node(args) -> int:
     cfg = NodeConfig(name=args.name, root=args.root, parent=args.parent, host=args.host,
                      policy=args.policy, max_queue=args.node_queue, heartbeat=args.heartbeat,
                      grace=args.grace, curve=args.curve, member=args.member,
-                     insecure=args.insecure)
+                     insecure=args.insecure, aliases=tuple(dict.fromkeys(args.alias)))
 
     async def main(stop, ready):
         engine = await asyncio.to_thread(make_engine, args)  # loading a model can take a while
@@ -166,6 +166,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p = sub.add_parser("node", help="run a node (attach it under --parent by name)")
     add_tree_args(p)
     add_node_args(p)
+    p.add_argument("--alias", action="append", default=[], metavar="NAME",
+                   help="another name requests may give this node's model (repeatable): "
+                        "the tree routes it here, /v1/models lists it")
     p.set_defaults(func=cmd_node)
 
     for name, aliases, what in (("status", ["log"], "the live tree and each node's load"),

@@ -182,6 +182,8 @@ class Launcher:
             for flag, value in (("--model", node.model), ("--max-slots", slots),
                                 ("--parent", node.parent)):
                 argv += [flag, str(value)] if value is not None else []
+            for alias in node.aliases:
+                argv += ["--alias", alias]
             if a.metrics_port:
                 argv += ["--metrics-port", str(a.metrics_port + i)]
             nodes.append(Child(node.name, argv))

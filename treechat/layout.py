@@ -7,13 +7,15 @@ node carries requests of any model down to its children: any model may sit under
 
 From a layout file, `--layout FILE`: a JSON list of nodes, each an object
 
-    {"name": "chat-1", "parent": null, "model": "~/models/small.gguf", "slots": 4}
+    {"name": "chat-1", "parent": null, "model": "~/models/small.gguf", "slots": 4,
+     "aliases": ["chat"]}
 
     name     required: letters, digits, '-', '_' or '.'; one node per name
     parent   the name of another node of the file, or null (or left out): under the root
     model    what --model takes (a .gguf file, a folder, a Hub name); left out: the --model given,
              else the default model
     slots    requests this node runs at once (its --max-slots); left out: --max-slots
+    aliases  other names requests may give its model (its --alias, each)
 
 The nodes start together, so the file's order is free; the first node's model is the HTTP
 gateway's tokenizer (/tokenize). A file that is not such a list (not JSON, an unknown key, a
@@ -30,7 +32,7 @@ import orjson
 from broker import security
 from treechat.process import Fatal
 
-KEYS = ("name", "parent", "model", "slots")
+KEYS = ("name", "parent", "model", "slots", "aliases")
 # The root's name, and the members whose keys `up` makes beside its nodes' (`Launcher.tree_keys`).
 RESERVED = ("root", "cli", "http-gateway", "tcp-gateway")
 
@@ -41,6 +43,7 @@ class Placement:
     parent: str | None  # None: under the root
     model: str | None  # what --model takes; None: the default model
     slots: int | None = None  # None: --max-slots
+    aliases: tuple[str, ...] = ()  # other names of its model (--alias)
 
 
 def tree_layout(nodes: int, fanout: int) -> list[tuple[str, str | None]]:
@@ -137,4 +140,7 @@ def placement(entry, model: str | None) -> Placement | str:
         return "model is what --model takes (a string) or left out"
     if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 1):
         return "slots is a whole number, at least 1"
-    return Placement(name, parent, model, slots)
+    aliases = entry.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        return "aliases is a list of names (strings)"
+    return Placement(name, parent, model, slots, tuple(aliases))

@@ -20,8 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateways.http.base import ApiHandler, BaseHandler
 from gateways.http.errors import ApiError, root_unreachable
-from gateways.http.treeview import (is_ready, model_infos, models_of, nodes_per_model,
-                                    serving_nodes)
+from gateways.http.treeview import (aliases_of, is_ready, model_infos, models_of,
+                                    nodes_per_model, serving_nodes)
 
 STARTED = int(time.time())
 
@@ -80,12 +80,12 @@ class ModelsHandler(ApiHandler):
         if status is None:
             raise root_unreachable()
         infos = model_infos(status, self.gw.cfg.served_names)
+        aliases = aliases_of(status, self.gw.cfg.served_names)  # other names -> their model
         counts = nodes_per_model(status)
         models = sorted(counts)
-        aliases = [n for n in infos if n not in counts]  # --served-model-name's, in order
         entries = []
-        for name in models + aliases:
-            root = name if name in counts else models[0]
+        for name in models + list(aliases):
+            root = aliases.get(name, name)
             entries.append({"id": name, "object": "model", "created": STARTED,
                             "owned_by": "treechat", "root": root, "nodes": counts[root],
                             "max_model_len": infos[name].get("max_model_len"),

@@ -81,16 +81,29 @@ def models_of(status: dict | None) -> list[str]:
     return sorted(nodes_per_model(status))
 
 
+def aliases_of(status: dict | None, served_names: tuple[str, ...] = ()) -> dict[str, str]:
+    """Each other name a model answers to -> that model: the names nodes give their model
+    (`treechat node --alias`), and the gateway's --served-model-name (the default model's)."""
+    models = models_of(status)
+    names: dict[str, str] = {}
+    for node in serving_nodes(status):
+        aliases = (node.get("info") or {}).get("aliases")
+        for alias in aliases if isinstance(aliases, list) else []:
+            names.setdefault(alias, node.get("model"))
+    for name in served_names:
+        if models:
+            names.setdefault(name, models[0])
+    return {alias: model for alias, model in names.items() if alias not in models}
+
+
 def model_infos(status: dict | None, served_names: tuple[str, ...] = ()) -> dict[str, dict]:
-    """Each model the tree serves -> the info of a node serving it (the first); each
-    --served-model-name that is not one of them -> the default model's."""
+    """Each model the tree serves -> the info of a node serving it (the first); each other name
+    (aliases_of) -> its model's."""
     infos: dict[str, dict] = {}
     for node in serving_nodes(status):
         infos.setdefault(node.get("model") or node.get("engine"), node.get("info") or {})
-    models = models_of(status)
-    for name in served_names:
-        if models and name not in infos:
-            infos[name] = infos[models[0]]
+    for alias, model in aliases_of(status, served_names).items():
+        infos[alias] = infos[model]
     return infos
 
 
@@ -102,28 +115,29 @@ async def resolve_model(tree: TreeView, model: str | None,
                         served: tuple[str, ...] = ()) -> tuple[str, str | None]:
     """(the name the response shows, the tree model the request must run on or None for any).
 
-    Checked against what the tree serves right now, plus the names `--served-model-name` gives the
-    tree's default model (the first by name). A request that names no model runs on any node while
-    the tree serves one model, and on the default model's when it serves several, so the name the
-    response shows is the model that answered. Raises 503 when the root or every node is
+    Checked against what the tree serves right now, plus its models' other names (`aliases_of`:
+    the nodes' --alias, and --served-model-name for the default model, the first by name). A
+    request that names no model runs on any node while the tree serves one model, and on the
+    default model's when it serves several, so the name the response shows is the model that
+    answered. Raises 503 when the root or every node is
     unreachable, 404 `model_not_found` for any other name. A miss on the cached status asks the
     root again: a node may have just joined."""
     status = await tree.recent(max_age=tree.every * 1.5)
     if status is None:
         raise root_unreachable()
-    models = models_of(status)
-    if not models or (model is not None and model not in models and model not in served):
+    models, aliases = models_of(status), aliases_of(status, served)
+    if not models or (model is not None and model not in models and model not in aliases):
         status = await tree.refresh() or status
-        models = models_of(status)
+        models, aliases = models_of(status), aliases_of(status, served)
     if not models:
         raise no_node()
     if model is None:
         return models[0], models[0] if len(models) > 1 else None
     if model in models:
         return model, model
-    if model in served:
-        return model, models[0]
-    names = models + [n for n in served if n not in models]
+    if model in aliases:
+        return model, aliases[model]
+    names = models + list(aliases)
     raise ApiError(404, f"the model '{model}' does not exist here; this server serves: "
                         f"{', '.join(names)} (see GET /v1/models)",
                    code="model_not_found", param="model")
