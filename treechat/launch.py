@@ -102,12 +102,14 @@ several models:
 --layout FILE, a JSON list of nodes (a node carries requests of any model down
 to its children, so any model may sit under any other):
   [{"name": "small-1", "parent": null,      "model": "small.gguf"},
-   {"name": "coder-1", "parent": null,      "model": "coder.gguf", "slots": 4},
+   {"name": "coder-1", "parent": null,      "model": "coder.gguf", "slots": 4,
+    "aliases": ["coder"]},
    {"name": "small-2", "parent": "coder-1", "model": "small.gguf"}]
   name    required, unique: letters, digits, '-', '_', '.'
   parent  another node's name, or null (or left out): under the root
   model   what --model takes; left out: the one --model given, else the default
   slots   requests it runs at once (its --max-slots); left out: --max-slots
+  aliases other names requests may give its model (a list; its --alias each)
 Every node gets the other engine flags (--quantization, --threads, ...) alike.
 """
 
