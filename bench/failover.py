@@ -171,7 +171,8 @@ async def study(args, bed: Bed, keys: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.failover", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.failover",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--streams", type=int, default=200)
     p.add_argument("--tokens", type=int, default=64, help="tokens per stream (default 64)")
     p.add_argument("--heartbeat", type=float, default=1.0, help="the tree's (default 1.0)")

@@ -25,8 +25,8 @@ again: each conversation misses its cache once. The caches themselves stay in th
 Bounded imbalance, as consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam,
 2018) does it: a home takes a request only while it holds fewer requests than its slots and no
 more than (1 + EPSILON) times its fair share of its model's requests in flight, plus MARGIN (so a
-light load is not spread for nothing: a turn sent away prefills its whole history again). Otherwise the request goes where the policy sends it, and
-affinity never costs throughput.
+light load is not spread for nothing: a turn sent away prefills its whole history again).
+Otherwise the request goes where the policy sends it, and affinity never costs throughput.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Each client's way of naming its conversation becomes the request's `session`, at the unit
 level (no processes): OpenAI's `prompt_cache_key` and `user`, Anthropic's `metadata.user_id`, the
-Responses API's fields, and the TCP protocol's `session` field. The header (`X-Session-Id`) and the Responses chain go through a real
-gateway in test_many_models.py.
+Responses API's fields, and the TCP protocol's `session` field. The header (`X-Session-Id`) and
+the Responses chain go through a real gateway in test_many_models.py.
 """
 
 from __future__ import annotations

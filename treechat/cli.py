@@ -176,8 +176,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, aliases=aliases, help=what)
         p.add_argument("--root", default=None,
                        help="the root's HOST:PORT, or HOST:PORT,HOST:PORT (a root and its "
-                            "standby: the active one answers) (default: the tree `treechat up` runs "
-                            f"on this machine, else {DEFAULT_ROOT})")
+                            "standby: the active one answers) (default: the tree `treechat up` "
+                            f"runs on this machine, else {DEFAULT_ROOT})")
         p.add_argument("--json", action="store_true", help="print JSON")
         add_curve(p)
         p.set_defaults(func=cmd_status)
@@ -199,8 +199,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     gsub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     for kind in ("http", "tcp"):
         g = gsub.add_parser(kind, help=f"the {kind} gateway")
-        g.add_argument("--root", default=DEFAULT_ROOT, help="the root's HOST:PORT, or a root's and its "
-                       "standby's: HOST:PORT,HOST:PORT")
+        g.add_argument("--root", default=DEFAULT_ROOT, 
+                       help="the root's HOST:PORT, or a root's and its standby's: "
+                            "HOST:PORT,HOST:PORT")
         g.add_argument("--heartbeat", type=float, default=1.0,
                        help="seconds between heartbeats to the root (match the root's)")
         add_curve(g)

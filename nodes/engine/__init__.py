@@ -88,7 +88,8 @@ def make_engine(args: argparse.Namespace) -> Engine | None:
     if args.engine == "fake":
         from nodes.engine.fake import FakeEngine
         return FakeEngine(slots=args.max_slots or 4, delay=args.fake_delay,
-                          model=args.model or "fake", max_tokens_default=args.max_tokens_default or 0)
+                          model=args.model or "fake",
+                          max_tokens_default=args.max_tokens_default or 0)
     from nodes.engine.hf import HFEngine  # imports torch: only for nodes that run a model
     engine = HFEngine.from_args(args)
     engine.warm()
