@@ -83,7 +83,7 @@ def add_node_args(p: argparse.ArgumentParser, *, named: bool = True) -> None:
         p.add_argument("--name", required=True, help="unique node name (the registry key)")
         p.add_argument("--parent", default=None,
                        help="attach under this node (by name); default: directly under the root")
-        p.add_argument("--root", default=DEFAULT_ROOT, 
+        p.add_argument("--root", default=DEFAULT_ROOT,
                        help="the root's HOST:PORT, or a root's and its standby's: "
                             "HOST:PORT,HOST:PORT")
         p.add_argument("--host", default="127.0.0.1", help="address this node's children connect to")

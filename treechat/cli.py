@@ -199,7 +199,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     gsub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     for kind in ("http", "tcp"):
         g = gsub.add_parser(kind, help=f"the {kind} gateway")
-        g.add_argument("--root", default=DEFAULT_ROOT, 
+        g.add_argument("--root", default=DEFAULT_ROOT,
                        help="the root's HOST:PORT, or a root's and its standby's: "
                             "HOST:PORT,HOST:PORT")
         g.add_argument("--heartbeat", type=float, default=1.0,
