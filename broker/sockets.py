@@ -204,7 +204,6 @@ class Channel:
         except Exception:  # a handler bug must not take the whole process down
             log.exception("%s: handler failed on %s", self.name, type(msg).__name__)
 
-
     def _closed(self, event: int) -> None:
         """A listening socket's connection closed: expected after a Bye, else counted. ZeroMQ
         says nothing more (a frame over the limit closes a connection as an exit does)."""
