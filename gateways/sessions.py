@@ -36,4 +36,3 @@ def named(*candidates) -> str | None:
                 return name
             return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
     return None
-

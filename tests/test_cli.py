@@ -173,4 +173,3 @@ def test_status_without_root_asks_the_tree_up_started(cluster, monkeypatch, tmp_
     status = treechat("status")
     assert status.returncode == 0, status.stderr
     assert f"at {first.root}" in status.stdout and status.stderr == ""
-

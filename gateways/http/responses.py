@@ -295,4 +295,3 @@ class StoredResponseHandler(ApiHandler):
     @staticmethod
     def missing(id_: str) -> ApiError:
         return ApiError(404, f"Response with id '{id_}' not found.", code="not_found", param="id")
-
