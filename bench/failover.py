@@ -10,7 +10,7 @@ would be (`A:5550,B:5550`). Every link has the tree's keys.
    it stopped: requests/s each way (the standby's cost is one Peer message per heartbeat).
 2. Failover: `--streams` streams (48 at a time); once 20 have finished the primary's host is cut
    off (`--fault cut`: its cable) or its root is killed (`kill`). Reported: how long from the
-   fault to the first token the standby's tree served, and each stream's extra stall (its
+   fault until the standby is active, and to the first token the standby's tree served, and each stream's extra stall (its
    longest gap between tokens less the median longest gap of a fault-free run), p50/p99, and
    whether every stream completed with the fault-free run's text. A gap counts the wait for the
    first token too.
@@ -127,6 +127,27 @@ async def rate(c, seconds: float) -> float:
     return done / (time.monotonic() - start)
 
 
+async def watch(pair: Pair):
+    """A client of the standby alone: it answers status queries while passive."""
+    from broker.client import RootClient
+    w = RootClient(pair.standby, name="watch", heartbeat=pair.heartbeat, curve=pair.keys)
+    await w.start()
+    await w.wait_connected(3 * pair.heartbeat)
+    return w
+
+
+async def became_active(w, since: float) -> float | None:
+    """Seconds from `since` until the standby says it is active (None: not within a minute)."""
+    while time.monotonic() - since < 60:
+        try:
+            if (await w.status(1.0))["root"]["pair"]["state"] == "active":
+                return time.monotonic() - since
+        except TimeoutError:
+            pass
+        await asyncio.sleep(0.05)
+    return None
+
+
 def longest_gap(times: list[float]) -> float:
     return max((b - a for a, b in zip(times, times[1:])), default=0.0)
 
@@ -143,6 +164,7 @@ async def study(args, bed: Bed, keys: str) -> dict:
         clean = await streams(c, args.streams, args.tokens, [])
         base = statistics.median(longest_gap(t) for _, t, _ in clean)
         finished: list[int] = []
+        watcher = await watch(pair)
         run = asyncio.create_task(streams(c, args.streams, args.tokens, finished))
         while len(finished) < 20:
             await asyncio.sleep(0.01)
@@ -151,6 +173,8 @@ async def study(args, bed: Bed, keys: str) -> dict:
             bed.cut("root")
         else:
             pair.procs["root"].proc.kill()
+        active_after = await became_active(watcher, fault_at)
+        watcher.close()
         faulty = await run
         moved = max(fault_at, c.switched_at)  # when the client went to the standby
         after = [t for _, times, _ in faulty for t in times[1:] if t > moved]
@@ -162,6 +186,7 @@ async def study(args, bed: Bed, keys: str) -> dict:
                 "heartbeat": args.heartbeat, "fault": args.fault, "streams": args.streams,
                 "rps_with_standby": round(with_standby, 1), "rps_without": round(without, 1),
                 "standby_cost": round(1 - with_standby / without, 3),
+                "standby_active_after_s": round(active_after, 2) if active_after else None,
                 "first_token_after_fault_s": round(min(after) - fault_at, 2) if after else None,
                 "longest_gap_fault_free_s": round(base, 3),
                 "stalled_streams": sum(1 for s in stalls if s > 0.5),

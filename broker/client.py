@@ -188,6 +188,7 @@ class RootClient:
         if getattr(self, "ch", None) is not None:
             self.ch.close()
         self.at, self.switched_at, self.root_seen = at, time.monotonic(), 0.0
+        self.standby_since = 0.0  # when this root first said it is the standby (0: it has not)
         self.endpoint = f"tcp://{self.roots[at]}"
         self.ch = Channel(make_socket(zmq.Context.instance(), zmq.DEALER, curve=self.curve,
                                       max_message=limits.FROM_ROOT),
@@ -373,7 +374,10 @@ class RootClient:
             if msg.active in self.roots and self.roots.index(msg.active) != self.at \
                     and msg.active != self.left:
                 return self.move(f"the root at {self.roots[self.at]} is the standby", msg.active)
-            return  # it names the one we lost: keep saying so (the heartbeat loop) until it serves
+            # It names the one we lost (or none): keep saying so (the heartbeat loop) until it
+            # serves, which it does once that root has been silent there for `dead_after` too.
+            self.standby_since = self.standby_since or time.monotonic()
+            return
         if self.standby_reason != msg.reason:
             self.standby_reason = msg.reason
             log.error("the root at %s will not serve: %s", self.endpoint, msg.reason)
@@ -390,8 +394,10 @@ class RootClient:
                          else p.Heartbeat(sender=self.name))
             if self.root_seen and now - self.root_seen > self.dead_after:
                 self.lose_root("the root stopped answering")
-            elif len(self.roots) > 1 and not self.connected \
-                    and now - self.switched_at > self.dead_after:
+            elif len(self.roots) > 1 and not self.connected and now - self.switched_at > \
+                    self.dead_after * (2 if self.standby_since else 1):
+                # Silent for dead_after, or a standby for twice that: it takes over within one
+                # dead_after of the root we lost falling silent, so by then it will not.
                 why = f"the root at {self.roots[self.at]} does not answer"
                 self.move(why) if self.lost_at is not None else self.lose_root(why)
             if self.lost_at is not None and now - self.lost_at > self.resubmit_window:

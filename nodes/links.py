@@ -120,7 +120,9 @@ class Links:
         With a root and its standby (broker/pair.py), one that does not answer in `dead_after`,
         or says it is the standby, is left for the other; `lost`: we lost the root we had."""
         give_up = time.monotonic() + self.cfg.dead_after + self.cfg.heartbeat
-        patience = 2 * self.cfg.misses  # standby answers naming the root we lost, before we go back
+        # Standby answers naming the root we lost, before we go back to it: asked every half
+        # heartbeat for twice `dead_after` (the standby takes over within one).
+        patience = 4 * self.cfg.misses
         while True:
             if self.results is not None:
                 self.results.close()
