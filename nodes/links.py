@@ -171,11 +171,13 @@ class Links:
             return
 
     async def rejoin(self) -> None:
-        """The root lost us (it restarted, or declared us lost), or we lost it: register (with
-        the other root, when we have a root and its standby), then attach anew."""
-        if len(self.cfg.roots) > 1:
+        """The root lost us (it restarted, or declared us lost: it asked us back), or we lost it:
+        register (with the other root, when we lost ours and have a standby), then attach anew."""
+        lost = not self.asked_back
+        self.asked_back = False
+        if lost and len(self.cfg.roots) > 1:
             self.next_root("lost the root")
-        await self.register(lost=True)
+        await self.register(lost=lost)
         parent = self._repairs.pop("parent", None)
         if parent is not None:
             parent.cancel()  # it would attach with the old incarnation
@@ -212,6 +214,7 @@ class Links:
                 log.info("the root restarted (epoch %x -> %x); registering again", self.epoch,
                          msg.epoch)
                 self.root_seen = 0.0  # the heartbeat loop registers again
+                self.asked_back = True
         elif isinstance(msg, p.Welcome):
             if self._welcome is not None and not self._welcome.done():
                 if self.incarnation and msg.incarnation != self.incarnation:
@@ -225,6 +228,7 @@ class Links:
                 self._found.set_result(msg.entries)
         elif isinstance(msg, p.Reregister):
             self.root_seen = 0.0
+            self.asked_back = True
         elif isinstance(msg, p.Standby):  # a passive root: the other one, if we know it
             if self._welcome is not None and not self._welcome.done():
                 self._welcome.set_exception(StandbyRoot(msg.reason, msg.active))

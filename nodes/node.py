@@ -94,6 +94,7 @@ class Node(Links):
         self.instance = uuid.uuid4().hex
         self.root_at = 0  # which of --root's addresses we talk to (a root, or its standby)
         self.left: str | None = None  # the root we last left for the other
+        self.asked_back = False  # the root asked us to register again (it restarted, or lost us)
         self.model = engine.describe().get("model") if engine is not None else None
         self.children = Children(cfg.policy)
         self.queue: deque[p.Dispatch] = deque()
