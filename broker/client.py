@@ -178,6 +178,7 @@ class RootClient:
         self._queries: dict[int, asyncio.Future] = {}
         self._found: asyncio.Future | None = None
         self._beat: asyncio.Task | None = None
+        self.ch: Channel | None = None  # to the root talked to now (connect)
 
     async def start(self) -> None:
         self.connect(0)
@@ -185,7 +186,7 @@ class RootClient:
 
     def connect(self, at: int) -> None:
         """Talk to root `at` of the list from now on (a fresh socket: a new identity there)."""
-        if getattr(self, "ch", None) is not None:
+        if self.ch is not None:
             self.ch.close()
         self.at, self.switched_at, self.root_seen = at, time.monotonic(), 0.0
         self.standby_since = 0.0  # when this root first said it is the standby (0: it has not)
@@ -399,7 +400,10 @@ class RootClient:
                 # Silent for dead_after, or a standby for twice that: it takes over within one
                 # dead_after of the root we lost falling silent, so by then it will not.
                 why = f"the root at {self.roots[self.at]} does not answer"
-                self.move(why) if self.lost_at is not None else self.lose_root(why)
+                if self.lost_at is None:
+                    self.lose_root(why)  # which moves on to the other root
+                else:
+                    self.move(why)
             if self.lost_at is not None and now - self.lost_at > self.resubmit_window:
                 self.fail_all(f"no root answered for {self.resubmit_window:.0f} s")
 

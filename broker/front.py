@@ -99,9 +99,9 @@ class Front:
             request = p.Request.from_dict(msg.request)
         except p.BadRequest as e:
             return refuse(p.ErrorCode.BAD_REQUEST, str(e))
-        model = self.resolve(request.model)
+        models = self.models()
+        model = self.resolve(request.model, models)
         if not msg.resubmit:  # a resubmitted request was admitted before: it gets back in
-            models = self.models()
             if model is not None and models and model not in models:
                 return refuse(p.ErrorCode.UNKNOWN_MODEL, f"the model '{model}' does not "
                               f"exist here; this tree serves {', '.join(sorted(models))}")

@@ -23,14 +23,13 @@ from __future__ import annotations
 import logging
 import time
 
-from broker import affinity
 from broker import protocol as p
 from broker.inflight import InFlight
 from broker.registry import Entry
+from broker.routing import Load
 
 log = logging.getLogger("treechat.root")
 
-LOAD_FIELDS = ("slots", "free", "queued", "room", "running")
 
 
 class NodeSide:
@@ -89,7 +88,7 @@ class NodeSide:
             self.node_result(entry, msg)
         elif isinstance(msg, p.Heartbeat):
             if msg.load is not None:
-                entry.load.__init__(**{k: msg.load.get(k, 0) for k in LOAD_FIELDS})
+                entry.load = Load.from_dict(msg.load)
                 entry.state = "draining" if msg.load.get("draining") else "alive"
             if msg.held is not None:
                 self.reconcile(entry, ident, msg.held)
@@ -173,9 +172,7 @@ class NodeSide:
             if req.first_token_at is None:
                 req.first_token_at = time.monotonic()
                 if self.cfg.affinity:  # its node will hold its prompt: the conversation's home
-                    if req.keys is None:
-                        req.keys = affinity.keys(req.model, req.request)
-                    self.homes.note(req.keys, name)
+                    self.homes.note(self.conversation(req), name)
             self.outbox(req.gateway).items.append(
                 [req.ref, text, len(ids), item[3] if len(item) > 3 else None, ids])
         for rid, reason, prompt_tokens, completion_tokens, *cached in msg.done:

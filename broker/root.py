@@ -314,13 +314,13 @@ class Root(Front, NodeSide):
         """The models some live node serves, and those whose last node may still come back."""
         return self.registry.models() | set(self.lost_models)
 
-    def resolve(self, model: str | None) -> str | None:
-        """The model a request runs on: the one it names (or the one a node gives that name as
-        an alias), else the tree's first (as the gateways show it), else any (None: no node yet,
-        as after a root restart)."""
+    def resolve(self, model: str | None, models: set[str]) -> str | None:
+        """The model a request runs on, of `models` (the tree's now): the one it names (or the
+        one a node gives that name as an alias), else the tree's first (as the gateways show
+        it), else any (None: no node yet, as after a root restart)."""
         if model is not None:
-            return model if model in self.models() else self.registry.aliases().get(model, model)
-        return min(self.models(), default=None)
+            return model if model in models else self.registry.aliases().get(model, model)
+        return min(models, default=None)
 
     def node_lost_model(self, name: str, model: str | None) -> None:
         """Node `name` of `model` is gone: when it was the model's last, its requests wait."""
@@ -364,18 +364,23 @@ class Root(Front, NodeSide):
             if rid and rid not in self.table.by_rid:
                 return rid
 
+    @staticmethod
+    def conversation(req: InFlight) -> list[bytes]:
+        """`req`'s conversation keys (broker/affinity.py), made once."""
+        if req.keys is None:
+            req.keys = affinity.keys(req.model, req.request)
+        return req.keys
+
     def home_route(self, req: InFlight) -> list[str] | None:
         """The way down to the node that ran `req`'s conversation, when it may take one more
         request (broker/affinity.py); None: let the policy choose."""
         if not self.cfg.affinity:
             return None
-        if req.keys is None:
-            req.keys = affinity.keys(req.model, req.request)
 
         def serves(name: str) -> bool:
             entry = self.registry.entries.get(name)
             return entry is not None and entry.state == "alive" and entry.model == req.model
-        home = self.homes.find(req.keys, serves)
+        home = self.homes.find(self.conversation(req), serves)
         if home is None:
             return None
         peers = [e for e in self.registry.entries.values()
