@@ -38,7 +38,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import report
@@ -263,12 +262,9 @@ def verdict(runs: list[dict]) -> dict:
 
 
 def save(path: str, args, cfg: ConversationConfig, runs: list[dict], goal: dict) -> None:
-    packed = [{**{k: v for k, v in run.items() if k not in ("records", "t0")},
-               "records": report.record_dicts(run["records"], run["t0"])} for run in runs]
-    data = {"version": 1, "date": report.now(), "config": vars(args), "dataset": asdict(cfg),
-            "runs": packed, "goal": goal}
-    with open(path, "wb") as f:
-        f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    report.write_json(path, {"version": 1, "date": report.now(), "config": vars(args),
+                             "dataset": asdict(cfg), "runs": report.pack_runs(runs),
+                             "goal": goal})
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -111,12 +111,21 @@ def now() -> str:
 def save_result(path: str, config: dict, runs: list[dict]) -> None:
     """runs: [{"label", "summary", "records": [Record], "t0", ...}]; one run is written flat."""
     data: dict = {"version": 1, "date": now(), "config": config}
-    packed = [{**{k: v for k, v in run.items() if k not in ("records", "t0")},
-               "records": record_dicts(run["records"], run["t0"])} for run in runs]
+    packed = pack_runs(runs)
     if len(packed) == 1:
         data.update(summary=packed[0]["summary"], records=packed[0]["records"])
     else:
         data["runs"] = packed
+    write_json(path, data)
+
+
+def pack_runs(runs: list[dict]) -> list[dict]:
+    """Each run as JSON has it: its fields, its records as dicts (times from its t0)."""
+    return [{**{k: v for k, v in run.items() if k not in ("records", "t0")},
+             "records": record_dicts(run["records"], run["t0"])} for run in runs]
+
+
+def write_json(path: str, data: dict) -> None:
     with open(path, "wb") as f:
         f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
 
