@@ -19,8 +19,6 @@ from gguf import GGUFWriter, quants
 from nodes.engine import blocks, families
 from nodes.engine.weights import GGUF_NAMES, HF_NAMES, HF_POST_NORM_NAMES
 
-ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-        "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
 K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
 RANDOM_ONLY = K_TYPES + (T.IQ4_NL, T.IQ4_XS)  # types gguf's reference code cannot quantize
 
@@ -126,7 +124,7 @@ def write(net, path, kind: T = T.F16, tokenizer: bool = False,
     random float16 scales (None: Q4_K quantizes the model's own weights)."""
     config = net.config.get_text_config()
     family = families.of(config)
-    arch = ARCH[config.model_type]
+    arch = families.GGUF_ARCH[config.model_type]
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     hf = HF_POST_NORM_NAMES if family.post_norms else HF_NAMES
     state = net.state_dict()

@@ -240,3 +240,22 @@ def test_a_phi_files_metadata_gives_partial_rotary_and_longrope():
     assert text.rope_parameters["rope_type"] == "longrope"
     assert text.rope_parameters["long_factor"] == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     assert text.original_max_position_embeddings == 64
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_a_files_config_is_the_one_transformers_reads(tmp_path, kind):
+    """A first start reads a file's config without parsing its vocabulary (models.gguf_config,
+    3 s for Gemma 3's where transformers' own reading takes 11, twice): the same config."""
+    from transformers import AutoConfig
+
+    from nodes.engine.models import gguf_config
+    config = tiny_config(kind)
+    config.vocab_size = 49152  # the default model's tokenizer, which the file carries
+    path = tmp_path / "model.gguf"
+    gguf_files.write(reference_net(config), path, T.F16, tokenizer=True)
+    ours = gguf_config(path).to_dict()
+    theirs = AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name).to_dict()
+    for read in ours, theirs:
+        read.pop("_name_or_path")  # where it was read from, not what it says
+    assert ours == theirs

@@ -56,6 +56,10 @@ FAMILIES = {
     "phi3": Family(),
 }
 
+# each family's architecture as llama.cpp's files name it (general.architecture)
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+
 
 def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config

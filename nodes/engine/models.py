@@ -360,11 +360,49 @@ def meta_folder(gguf: Path, name: str) -> Path:
 
 def _write_meta(gguf: Path, tmp: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
     log.info("reading the config and tokenizer of %s once (a few seconds)", gguf.name)
-    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = gguf_config(gguf) or AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config.save_pretrained(tmp)
     GenerationConfig.from_model_config(config).save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+    # naming the tokenizer's type spares AutoTokenizer a second reading of the config
+    known = config.model_type if config.model_type in TOKENIZER_MAPPING_NAMES else None
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                  tokenizer_type=known).save_pretrained(tmp)
+
+
+def gguf_config(gguf: Path):
+    """transformers' config of a GGUF file of one of our families, as its own GGUF reading
+    builds it (`load_gguf_checkpoint(...)["config"]`), from its fast metadata reader: the
+    other parses each of the vocabulary's tokens into numpy objects (11 s for Gemma 3's
+    262,144, twice per first start). None for another architecture (transformers reads it)."""
+    from transformers import CONFIG_MAPPING
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    from nodes.engine.families import GGUF_ARCH
+    meta, tensor_names = read_gguf_metadata(str(gguf))
+    arch = meta["general.architecture"]
+    if arch not in GGUF_ARCH.values():
+        return None
+    # transformers' own rules: a Llama file whose name is "mistral" is Mistral's; untied
+    # unless the file has an output matrix; the vocabulary's size from its tokens
+    named = "mistral" if arch == "llama" and meta.get("general.name") == "mistral" else arch
+    values = {"tie_word_embeddings": "output.weight" not in tensor_names,
+              **GGUF_CONFIG_DEFAULTS_MAPPING.get(named, {})}
+    for key, value in meta.items():
+        prefix, _, rest = key.replace(arch, named).partition(".")
+        field = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        if field is None or field == -1:
+            continue
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        values[field] = value.replace(arch, named) if isinstance(value, str) else value
+    if values["model_type"] == "gemma3":  # the file holds only the text model
+        values["model_type"] = "gemma3_text"
+    if "vocab_size" not in values and isinstance(meta.get("tokenizer.ggml.tokens"), int):
+        values["vocab_size"] = meta["tokenizer.ggml.tokens"]  # the reader's count of them
+    return CONFIG_MAPPING[values["model_type"]].from_dict(values)
 
 
 def default_folder() -> Path:
