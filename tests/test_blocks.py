@@ -5,7 +5,7 @@ set to sane float16 values), multiplied by random activations on our kernels equ
 `dequantize` times the same activations (rounded as the kernels round them: 8-bit runs), on each
 vector path this CPU has (AVX2, AVX-512, AVX-512 with VNNI, forced by TREECHAT_KERNELS), for one
 row (a decode step), a few (a batch: every tile shape), and many (a prompt chunk, through
-sgemm)."""
+float32 sgemm or torch's bfloat16 GEMM)."""
 
 from __future__ import annotations
 
@@ -29,11 +29,18 @@ def reference(kind: T, raw: np.ndarray, x: torch.Tensor) -> torch.Tensor:
 
 
 def as_the_kernels_see(kind: T, x: torch.Tensor) -> torch.Tensor:
-    """x as the blocked products read it: rounded to 8 bits below 128 rows (float rows, and
-    sgemm from 128 rows, read x as it is)."""
+    """x as the products read it below BF16_FROM rows, or without the bfloat16 GEMM: rounded
+    to 8 bits below 128 rows (float rows, and sgemm from 128 rows, read x as it is)."""
     if x.shape[0] >= 128 or kind in blocks.FLOATS:
         return x
     return gguf_files.rounded_like_the_kernels(x)
+
+
+def bf16_product(kind: T, raw: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    """What the bfloat16 GEMM computes: x and the dequantized weights rounded to bfloat16."""
+    w = torch.from_numpy(np.asarray(quants.dequantize(raw, kind), dtype=np.float32))
+    w = w.reshape(raw.shape[0], -1).bfloat16().double()
+    return (x.bfloat16().double() @ w.T).float()
 
 
 @pytest.fixture(params=kernels.paths_here())
@@ -45,22 +52,37 @@ def vector_path(request, monkeypatch):
     kernels.library.cache_clear()
 
 
+@pytest.fixture(params=[False, True], ids=["sgemm", "bf16"])
+def bf16(request):
+    """Prompt chunks through float32 sgemm, or through torch's bfloat16 GEMM (forced on whatever
+    the CPU has: without bfloat16 in hardware it is slow, not wrong)."""
+    kernels.use_bf16(kernels.library(), request.param)
+    yield request.param
+    kernels.use_bf16(kernels.library(), kernels.bf16_in_hardware())
+
+
 @pytest.mark.parametrize("kind", blocks.READ, ids=lambda t: t.name)
-def test_products_equal_gguf_dequantize_times_x(kind, vector_path):
+def test_products_equal_gguf_dequantize_times_x(kind, vector_path, bf16):
     k = 512 if GGML_QUANT_SIZES[kind][0] == 256 else 576  # 576: a last group of 2 runs, not 8
     n = 37  # odd: the kernels' last weight row alone
     raw = random_blocks(kind, n, k)
     w = blocks.Blocks(kind, torch.from_numpy(raw), k)
     torch.manual_seed(0)
-    for rows in (1, 2, 3, 4, 7, 130):  # every tile shape, and a chunk through sgemm
+    for rows in (1, 2, 3, 4, 7, 40, 130):  # every tile shape, and prompt chunks
         x = torch.randn(rows, k)
-        want = reference(kind, raw, as_the_kernels_see(kind, x))
         got = w(x)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
         y = torch.randn(rows, n)
         w.add_to(x, y_acc := y.clone())
-        torch.testing.assert_close(y_acc, y + want, rtol=1e-4,
-                                   atol=1e-4 * want.abs().max().item())
+        if bf16 and rows >= kernels.BF16_FROM and kind not in blocks.FLOATS:
+            # its output is bfloat16 too: 2^-9 relative
+            want = bf16_product(kind, raw, x)
+            tol = dict(rtol=8e-3, atol=8e-3 * want.abs().max().item())
+            assert torch.equal(got.bfloat16().float(), got)  # it went through that GEMM
+        else:
+            want = reference(kind, raw, as_the_kernels_see(kind, x))
+            tol = dict(rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(y_acc, y + want, **tol)
         # and 8-bit activations stay close to the float product: about 1/127 of a step each
         exact = reference(kind, raw, x)
         assert (got - exact).norm() <= 0.02 * exact.norm()

@@ -31,11 +31,12 @@
  * same on 512), or -mavx512vnni (vpdpbusd, and vpdpwssd for the integer scales). kernels.py
  * builds the widest the CPU's flags allow (TREECHAT_KERNELS=avx2 or avx512 forces a narrower).
  *
- * Products of 128 rows or more (long prompt chunks) dequantize the weights in panels into
- * float32 and call the BLAS sgemm that torch carries (set by kernels.py): there a float GEMM is
- * faster than integer dots (on 2 AVX-512 EPYC cores, measured with the 16-bit activations these
- * kernels had before the 8-bit ones: at 64 rows ours 43-54 Gmac/s, dequantize + sgemm 29-44; at
- * 256 rows 43 against 80; not measured again since).
+ * Prompt chunks: where the CPU multiplies bfloat16 in hardware (AVX512_BF16: Zen 4, Sapphire
+ * Rapids), products of a block type of 32 rows or more dequantize the weights in panels into
+ * bfloat16 and call the bfloat16 GEMM kernels.py provides (torch's: oneDNN's, 210-220 Gmac/s on 2
+ * Zen 4 cores where MKL's float32 sgemm does 80-90 and these kernels 90-100); elsewhere products
+ * of 128 rows or more dequantize into float32 for the BLAS sgemm that torch carries. Float
+ * weights stay float: bfloat16 only where 8-bit activations already set the precision.
  *
  * Threads: OpenMP, linked by soname, so in a process where torch already loaded its libgomp the
  * two share one thread pool. Scratch is allocated per call, 64-byte aligned; a failed allocation
@@ -61,7 +62,7 @@ static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
 #ifndef WR
 #define WR 1         /* weight rows per tile */
 #endif
-#define DENSE_FROM 128 /* rows of x from which a product goes through sgemm */
+#define DENSE_FROM 128 /* rows of x from which a product goes through sgemm (without gemm16) */
 #define PANEL 256    /* weight rows dequantized at once for sgemm */
 
 static void *scratch(size_t bytes) {
@@ -73,6 +74,21 @@ static inline float half(const uint8_t *p) {
   uint16_t h;
   memcpy(&h, p, 2);
   return _cvtsh_ss(h);
+}
+
+/* float32 -> bfloat16, rounded to nearest even (weights and activations: no NaNs to keep) */
+static inline uint16_t bf16_of(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, 4);
+  return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+static inline __m128i bf16_8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i up = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(up), _mm256_extracti128_si256(up, 1));
 }
 
 static inline float hsum8(__m256 v) {
@@ -963,17 +979,27 @@ static void floats_product(int type, const float *x, int64_t m_rows, int64_t k,
  * rows of k, into out + i * k */
 static inline __attribute__((always_inline)) void dequant_rows_t(
     const int type, const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids,
-    int64_t r0, float *out, int64_t i_begin, int64_t i_end) {
+    int64_t r0, float *out, uint16_t *out16, int64_t i_begin, int64_t i_end) {
   const int64_t nb = k / RUN;
+  float run[RUN]; /* bfloat16 output: each run in float first */
   for (int64_t i = i_begin; i < i_end; i++) {
     const uint8_t *row = w + (ids ? ids[i] : r0 + i) * row_bytes;
-    float *dst = out + i * k;
+    float *dst = out16 ? NULL : out + i * k;
+    uint16_t *dst16 = out16 ? out16 + i * k : NULL;
     if (type == F32 || type == F16 || type == BF16) {
       int64_t j = 0;
-      for (; j + 8 <= k; j += 8)
-        _mm256_storeu_ps(dst + j, float8(type, row, j));
-      for (; j < k; j++)
-        dst[j] = float_at(type, row, j);
+      for (; j + 8 <= k; j += 8) {
+        if (dst16)
+          _mm_storeu_si128((__m128i *)(dst16 + j), bf16_8(float8(type, row, j)));
+        else
+          _mm256_storeu_ps(dst + j, float8(type, row, j));
+      }
+      for (; j < k; j++) {
+        if (dst16)
+          dst16[j] = bf16_of(float_at(type, row, j));
+        else
+          dst[j] = float_at(type, row, j);
+      }
       continue;
     }
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
@@ -983,7 +1009,12 @@ static inline __attribute__((always_inline)) void dequant_rows_t(
       const q6vec q6 = type == Q6_K ? q6_scales(row + (b0 >> 3) * block_bytes(Q6_K)) : q6_none();
       for (int j = 0; j < g; j++) {
         const wvec q = widen(unpack(type, row, b0 + j));
-        wstore(dst + (b0 + j) * RUN, type == Q6_K ? q6_scale(q, q6, j) : q, ws[j], wm[j]);
+        wstore(dst16 ? run : dst + (b0 + j) * RUN, type == Q6_K ? q6_scale(q, q6, j) : q, ws[j],
+               wm[j]);
+        if (dst16)
+          for (int c = 0; c < RUN; c += 8)
+            _mm_storeu_si128((__m128i *)(dst16 + (b0 + j) * RUN + c),
+                             bf16_8(_mm256_loadu_ps(run + c)));
       }
     }
   }
@@ -991,18 +1022,20 @@ static inline __attribute__((always_inline)) void dequant_rows_t(
 
 #define EACH_TYPE(X) EACH_BLOCK_TYPE(X) X(F32) X(F16) X(BF16)
 typedef void (*dequant_fn)(const uint8_t *, int64_t, int64_t, const int64_t *, int64_t, float *,
-                           int64_t, int64_t);
+                           uint16_t *, int64_t, int64_t);
 #define DEQUANT_ROWS(T)                                                                       \
   static void dequant_##T(const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids, \
-                          int64_t r0, float *out, int64_t i_begin, int64_t i_end) {           \
-    dequant_rows_t(T, w, row_bytes, k, ids, r0, out, i_begin, i_end);                         \
+                          int64_t r0, float *out, uint16_t *out16, int64_t i_begin,           \
+                          int64_t i_end) {                                                   \
+    dequant_rows_t(T, w, row_bytes, k, ids, r0, out, out16, i_begin, i_end);                 \
   }
 EACH_TYPE(DEQUANT_ROWS)
 #undef DEQUANT_ROWS
 
 /* rows of W (ids[i], or r0 + i when ids is NULL) as float32 [count, k]; -2: unknown type */
-int dequantize_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids,
-                    int64_t r0, int64_t count, float *out) {
+static int dequantize_any(int type, const uint8_t *w, int64_t row_bytes, int64_t k,
+                          const int64_t *ids, int64_t r0, int64_t count, float *out,
+                          uint16_t *out16) {
   dequant_fn rows;
   switch (type) {
 #define PICK(T) case T: rows = dequant_##T; break;
@@ -1014,9 +1047,14 @@ int dequantize_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t k, co
   {
     int64_t begin, end;
     share(count, 1, &begin, &end);
-    rows(w, row_bytes, k, ids, r0, out, begin, end);
+    rows(w, row_bytes, k, ids, r0, out, out16, begin, end);
   }
   return 0;
+}
+
+int dequantize_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids,
+                    int64_t r0, int64_t count, float *out) {
+  return dequantize_any(type, w, row_bytes, k, ids, r0, count, out, NULL);
 }
 
 /* --- the product, whatever the type and the row count ---------------------------------------- */
@@ -1027,6 +1065,19 @@ typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, co
 static sgemm_t sgemm = NULL;
 
 void set_sgemm(void *f) { sgemm = (sgemm_t)f; }
+
+/* A bfloat16 GEMM the host provides (kernels.py: torch's, which is oneDNN's on a CPU with
+ * AVX512_BF16, at 2.5x MKL's float32 sgemm): y[m, n] (rows ldy apart) (+)= x[m, k] . w[n, k]^T,
+ * 0 on success. Set, products of `gemm16_from` rows or more go through it. */
+typedef int (*gemm16_t)(const uint16_t *, int64_t, int64_t, const uint16_t *, int64_t, float *,
+                        int64_t, int);
+static gemm16_t gemm16 = NULL;
+static int64_t gemm16_from = 0;
+
+void set_gemm16(void *f, int64_t from_rows) {
+  gemm16 = (gemm16_t)f;
+  gemm16_from = from_rows;
+}
 
 typedef struct {
   int64_t type;
@@ -1054,15 +1105,60 @@ static int dense_product(const linear_t *l, const float *x, int64_t m_rows, floa
   return 0;
 }
 
+/* the bfloat16 product of many rows: x rounded to bfloat16 once, W dequantized to bfloat16 a
+ * panel of about PANEL16_BYTES at a time (it stays in the cache for the GEMM), gemm16 into y */
+#define PANEL16_BYTES (4 << 20)
+static int dense16_product(const linear_t *l, const float *x, int64_t m_rows, float *y,
+                           int64_t ldy, int acc_into) {
+  const int64_t k = l->k, fit = PANEL16_BYTES / (2 * k) / 64 * 64;
+  const int64_t panel = l->n < fit ? l->n : fit > 64 ? fit : 64;
+  uint16_t *x16 = scratch(2 * (size_t)(m_rows * k)), *w16 = scratch(2 * (size_t)(panel * k));
+  int r = x16 && w16 ? 0 : -1;
+  if (r == 0) {
+#pragma omp parallel for schedule(static) if (m_rows * k > 65536)
+    for (int64_t t = 0; t < m_rows; t++) {
+      int64_t j = 0;
+      for (; j + 8 <= k; j += 8)
+        _mm_storeu_si128((__m128i *)(x16 + t * k + j), bf16_8(_mm256_loadu_ps(x + t * k + j)));
+      for (; j < k; j++)
+        x16[t * k + j] = bf16_of(x[t * k + j]);
+    }
+  }
+  for (int64_t r0 = 0; r0 < l->n && r == 0; r0 += panel) {
+    const int64_t count = l->n - r0 < panel ? l->n - r0 : panel;
+    r = dequantize_any((int)l->type, l->w, l->row_bytes, k, NULL, r0, count, NULL, w16);
+    if (r == 0)
+      r = gemm16(x16, m_rows, k, w16, count, y + r0, ldy, acc_into) ? -3 : 0;
+  }
+  free(x16), free(w16);
+  return r;
+}
+
 /* y[:, 0:n] (+)= x @ W^T (+ bias) for x [m_rows, k]; y's rows ldy floats apart. xr: x already
- * quantized (blocked types, fewer than DENSE_FROM rows), or NULL to quantize here. */
+ * quantized (blocked types, fewer rows than go dense), or NULL to quantize here. */
+static inline int is_float(int type) { return type == F32 || type == F16 || type == BF16; }
+
+/* How a product of m rows of x by a matrix of `type` runs: block types from gemm16_from rows in
+ * bfloat16 (their 8-bit activations already set that precision; float weights keep float
+ * products), any type from DENSE_FROM rows through sgemm, else on our kernels */
+enum { BLOCKED, FLOATS, SGEMM, GEMM16 };
+static inline int path_of(int type, int64_t m_rows) {
+  if (gemm16 && m_rows >= gemm16_from && !is_float(type))
+    return GEMM16;
+  if (sgemm && m_rows >= DENSE_FROM)
+    return SGEMM;
+  return is_float(type) ? FLOATS : BLOCKED;
+}
+
 static int product_q(const linear_t *l, const float *x, const qrows *xr, int64_t m_rows, float *y,
                      int64_t ldy, int acc_into) {
-  const int type = (int)l->type;
+  const int type = (int)l->type, path = path_of(type, m_rows);
   int r = 0;
-  if (m_rows >= DENSE_FROM && sgemm) {
+  if (path == GEMM16) {
+    r = dense16_product(l, x, m_rows, y, ldy, acc_into);
+  } else if (path == SGEMM) {
     r = dense_product(l, x, m_rows, y, ldy, acc_into);
-  } else if (type == F32 || type == F16 || type == BF16) {
+  } else if (path == FLOATS) {
     floats_product(type, x, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into);
   } else {
     qrows own;
@@ -1086,14 +1182,16 @@ static int product_q(const linear_t *l, const float *x, const qrows *xr, int64_t
 static int products(const linear_t *parts, int64_t count, const float *x, int64_t m_rows,
                     float *y, int64_t ldy) {
   qrows xr;
-  const int blocked_x = m_rows < DENSE_FROM || !sgemm;
+  int blocked_x = 0;
+  for (int64_t i = 0; i < count; i++)
+    blocked_x |= path_of((int)parts[i].type, m_rows) == BLOCKED;
   if (blocked_x && quantize8(x, m_rows, parts[0].k, &xr))
     return -1;
   int r = 0;
   int64_t at = 0;
   for (int64_t i = 0; i < count && r == 0; i++) {
-    const int floats = parts[i].type == F32 || parts[i].type == F16 || parts[i].type == BF16;
-    r = product_q(parts + i, x, blocked_x && !floats ? &xr : NULL, m_rows, y + at, ldy, 0);
+    const int blocked = path_of((int)parts[i].type, m_rows) == BLOCKED;
+    r = product_q(parts + i, x, blocked ? &xr : NULL, m_rows, y + at, ldy, 0);
     at += parts[i].n;
   }
   if (blocked_x)
