@@ -97,6 +97,11 @@ def test_dequantize_and_row_lookup_equal_gguf(kind, vector_path):
     torch.testing.assert_close(w.dequantize(), want.reshape(9, k), rtol=1e-6, atol=1e-6)
     ids = torch.tensor([4, 0, 8, 4])
     torch.testing.assert_close(w.rows(ids), want.reshape(9, k)[ids], rtol=1e-6, atol=1e-6)
+    # as the bfloat16 GEMM's panels: each weight rounded to nearest even, as torch rounds
+    half = torch.empty((9, k), dtype=torch.bfloat16)
+    kernels.check(kernels.library().dequantize_rows_bf16(
+        int(kind), w.raw.data_ptr(), w.raw.shape[1], k, None, 0, 9, half.data_ptr()), "bf16")
+    assert torch.equal(half, w.dequantize().bfloat16())
 
 
 def test_an_unread_type_is_refused_by_name():

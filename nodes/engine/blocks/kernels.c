@@ -535,6 +535,24 @@ static inline void wstore(float *dst, wvec w, float scale, float min) {
   _mm512_storeu_ps(dst + 16, _mm512_fmadd_ps(
       _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w, 1))), s, m));
 }
+/* 16 floats as bfloat16, rounded to nearest even (bf16_8's arithmetic, 16 lanes) */
+static inline __m256i bf16_16(__m512 v) {
+#ifdef __AVX512BF16__
+  return (__m256i)_mm512_cvtneps_pbh(v);
+#endif
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
+}
+/* the same 32 weights as bfloat16 */
+static inline void wstore16(uint16_t *dst, wvec w, float scale, float min) {
+  const __m512 s = _mm512_set1_ps(scale), m = _mm512_set1_ps(min);
+  _mm256_storeu_si256((__m256i *)dst, bf16_16(_mm512_fmadd_ps(
+      _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w))), s, m)));
+  _mm256_storeu_si256((__m256i *)(dst + 16), bf16_16(_mm512_fmadd_ps(
+      _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w, 1))), s, m)));
+}
 #else
 typedef struct {
   __m256i lo, hi; /* weights 0..15, 16..31 as int16 */
@@ -572,6 +590,16 @@ static inline void wstore(float *dst, wvec w, float scale, float min) {
                             _mm256_cvtepi16_epi32(_mm256_extracti128_si256(w.hi, 1))};
   for (int j = 0; j < 4; j++)
     _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(parts[j]), s, m));
+}
+static inline void wstore16(uint16_t *dst, wvec w, float scale, float min) {
+  const __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(min);
+  const __m256i parts[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(w.lo)),
+                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(w.lo, 1)),
+                            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(w.hi)),
+                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(w.hi, 1))};
+  for (int j = 0; j < 4; j++)
+    _mm_storeu_si128((__m128i *)(dst + 8 * j),
+                     bf16_8(_mm256_fmadd_ps(_mm256_cvtepi32_ps(parts[j]), s, m)));
 }
 #endif
 
@@ -981,7 +1009,6 @@ static inline __attribute__((always_inline)) void dequant_rows_t(
     const int type, const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids,
     int64_t r0, float *out, uint16_t *out16, int64_t i_begin, int64_t i_end) {
   const int64_t nb = k / RUN;
-  float run[RUN]; /* bfloat16 output: each run in float first */
   for (int64_t i = i_begin; i < i_end; i++) {
     const uint8_t *row = w + (ids ? ids[i] : r0 + i) * row_bytes;
     float *dst = out16 ? NULL : out + i * k;
@@ -1008,13 +1035,11 @@ static inline __attribute__((always_inline)) void dequant_rows_t(
       scales8(type, row, b0, g, ws, wm);
       const q6vec q6 = type == Q6_K ? q6_scales(row + (b0 >> 3) * block_bytes(Q6_K)) : q6_none();
       for (int j = 0; j < g; j++) {
-        const wvec q = widen(unpack(type, row, b0 + j));
-        wstore(dst16 ? run : dst + (b0 + j) * RUN, type == Q6_K ? q6_scale(q, q6, j) : q, ws[j],
-               wm[j]);
+        const wvec q = widen(unpack(type, row, b0 + j)), scaled = type == Q6_K ? q6_scale(q, q6, j) : q;
         if (dst16)
-          for (int c = 0; c < RUN; c += 8)
-            _mm_storeu_si128((__m128i *)(dst16 + (b0 + j) * RUN + c),
-                             bf16_8(_mm256_loadu_ps(run + c)));
+          wstore16(dst16 + (b0 + j) * RUN, scaled, ws[j], wm[j]);
+        else
+          wstore(dst + (b0 + j) * RUN, scaled, ws[j], wm[j]);
       }
     }
   }
@@ -1055,6 +1080,12 @@ static int dequantize_any(int type, const uint8_t *w, int64_t row_bytes, int64_t
 int dequantize_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids,
                     int64_t r0, int64_t count, float *out) {
   return dequantize_any(type, w, row_bytes, k, ids, r0, count, out, NULL);
+}
+
+/* the same rows as bfloat16 (the bits of each float rounded to nearest even) */
+int dequantize_rows_bf16(int type, const uint8_t *w, int64_t row_bytes, int64_t k,
+                         const int64_t *ids, int64_t r0, int64_t count, uint16_t *out) {
+  return dequantize_any(type, w, row_bytes, k, ids, r0, count, NULL, out);
 }
 
 /* --- the product, whatever the type and the row count ---------------------------------------- */

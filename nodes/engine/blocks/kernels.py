@@ -76,6 +76,8 @@ def vector_path() -> str | None:
 
 def build_flags(path: str) -> list[str]:
     wide = ["-mavx512f", "-mavx512bw", "-mavx512vl"]
+    if "avx512_bf16" in cpu_flags():  # one instruction rounds floats to bfloat16
+        wide.append("-mavx512bf16")
     return BASE_FLAGS + {"avx2": [], "avx512": wide, "avx512vnni": wide + ["-mavx512vnni"]}[path]
 
 
@@ -121,6 +123,7 @@ def library() -> ctypes.CDLL | None:
     P_, I_ = P, I
     lib.matmul.argtypes = [ctypes.POINTER(Linear), P_, I_, P_, ctypes.c_int]
     lib.dequantize_rows.argtypes = [ctypes.c_int, P_, I_, I_, P_, I_, I_, P_]
+    lib.dequantize_rows_bf16.argtypes = [ctypes.c_int, P_, I_, I_, P_, I_, I_, P_]
     lib.rms_norm.argtypes = [P_, P_, I_, I_, F, P_]
     lib.rope.argtypes = [P_, I_, I_, I_, I_, I_, P_, P_, P_, I_]
     lib.glu.argtypes = [P_, I_, I_, I_, P_]
