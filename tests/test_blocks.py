@@ -20,7 +20,7 @@ from gguf_files import random_blocks
 from nodes.engine import blocks
 from nodes.engine.blocks import kernels
 
-pytestmark = pytest.mark.skipif(kernels.vector_path() is None or kernels.library() is None,
+pytestmark = pytest.mark.skipif(not kernels.buildable(),
                                 reason="no AVX2 CPU or no C compiler here")
 
 def reference(kind: T, raw: np.ndarray, x: torch.Tensor) -> torch.Tensor:

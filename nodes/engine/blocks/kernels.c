@@ -59,9 +59,7 @@ static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
 
 #define RUN 32       /* weights per run */
 #define XR 4         /* rows of x per pass over a weight row */
-#ifndef WR
-#define WR 1         /* weight rows per tile */
-#endif
+#define WR 1         /* weight rows per tile (one at a time streams fastest; docs/benchmarks.md) */
 #define DENSE_FROM 128 /* rows of x from which a product goes through sgemm (without gemm16) */
 #define PANEL 256    /* weight rows dequantized at once for sgemm */
 
@@ -706,6 +704,13 @@ static int quantize8(const float *x, int64_t m_rows, int64_t k, qrows *out) {
 
 /* --- the blocked product ------------------------------------------------------------------- */
 
+typedef struct {
+  int64_t type;
+  const uint8_t *w;  /* [n] rows of row_bytes */
+  int64_t n, k, row_bytes;
+  const float *bias; /* [n] or NULL */
+} linear_t;
+
 /* every block type, for switches that build each one's code with its type a constant */
 #define EACH_BLOCK_TYPE(X)                                                                    \
   X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q8_0) X(Q4_K) X(Q5_K) X(Q6_K) X(IQ4_NL) X(IQ4_XS)
@@ -925,22 +930,36 @@ typedef void (*blocked_fn)(const qrows *, int64_t, int64_t, const uint8_t *, int
 EACH_BLOCK_TYPE(BLOCKED_ROWS)
 #undef BLOCKED_ROWS
 
-/* y[i, r] (+)= x_i . W_r for r < n, the weight rows shared among the threads; -2: not a
- * blocked type */
-static int blocked(int type, const qrows *xr, int64_t m_rows, int64_t k, const uint8_t *w,
-                   int64_t row_bytes, int64_t n, float *y, int64_t ldy, int acc_into) {
-  blocked_fn rows;
-  switch (type) {
-#define PICK(T) case T: rows = blocked_##T; break;
-    EACH_BLOCK_TYPE(PICK)
+/* y[i, r] (+)= x_i . W_r for every row r of `count` matrices side by side (q|k|v: their
+ * outputs one after another in y's rows), in one parallel region: the threads share the rows of
+ * all of them, so a decode step pays one fork and join per fused product, not one per part.
+ * -2: not a blocked type. (WR is 1: a thread's share may start anywhere in a part.) */
+static int blocked(const linear_t *parts, int64_t count, const qrows *xr, int64_t m_rows,
+                   float *y, int64_t ldy, int acc_into) {
+  blocked_fn rows[3];
+  int64_t total = 0;
+  if (count > 3)
+    return -2;
+  for (int64_t i = 0; i < count; i++) {
+    switch ((int)parts[i].type) {
+#define PICK(T) case T: rows[i] = blocked_##T; break;
+      EACH_BLOCK_TYPE(PICK)
 #undef PICK
-  default: return -2;
+    default: return -2;
+    }
+    total += parts[i].n;
   }
 #pragma omp parallel
   {
-    int64_t begin, end;
-    share(n, WR, &begin, &end);
-    rows(xr, m_rows, k, w, row_bytes, n, y, ldy, acc_into, begin, end);
+    int64_t begin, end, at = 0;
+    share(total, WR, &begin, &end);
+    for (int64_t i = 0; i < count; i++) {
+      const linear_t *l = parts + i;
+      const int64_t lo = begin > at ? begin - at : 0, hi = end - at < l->n ? end - at : l->n;
+      if (lo < hi)
+        rows[i](xr, m_rows, l->k, l->w, l->row_bytes, l->n, y + at, ldy, acc_into, lo, hi);
+      at += l->n;
+    }
   }
   return 0;
 }
@@ -1110,13 +1129,6 @@ void set_gemm16(void *f, int64_t from_rows) {
   gemm16_from = from_rows;
 }
 
-typedef struct {
-  int64_t type;
-  const uint8_t *w;  /* [n] rows of row_bytes */
-  int64_t n, k, row_bytes;
-  const float *bias; /* [n] or NULL */
-} linear_t;
-
 /* the float product of many rows: W dequantized PANEL rows at a time, sgemm into y */
 static int dense_product(const linear_t *l, const float *x, int64_t m_rows, float *y,
                          int64_t ldy, int acc_into) {
@@ -1167,6 +1179,13 @@ static int dense16_product(const linear_t *l, const float *x, int64_t m_rows, fl
 
 /* y[:, 0:n] (+)= x @ W^T (+ bias) for x [m_rows, k]; y's rows ldy floats apart. xr: x already
  * quantized (blocked types, fewer rows than go dense), or NULL to quantize here. */
+static inline void add_bias(const linear_t *l, int64_t m_rows, float *y, int64_t ldy) {
+  if (l->bias)
+    for (int64_t t = 0; t < m_rows; t++)
+      for (int64_t j = 0; j < l->n; j++)
+        y[t * ldy + j] += l->bias[j];
+}
+
 static inline int is_float(int type) { return type == F32 || type == F16 || type == BF16; }
 
 /* How a product of m rows of x by a matrix of `type` runs: block types from gemm16_from rows in
@@ -1198,32 +1217,37 @@ static int product_q(const linear_t *l, const float *x, const qrows *xr, int64_t
         return -1;
       xr = &own;
     }
-    r = blocked(type, xr, m_rows, l->k, l->w, l->row_bytes, l->n, y, ldy, acc_into);
+    r = blocked(l, 1, xr, m_rows, y, ldy, acc_into);
     if (xr == &own)
       release(&own);
   }
-  if (r == 0 && l->bias)
-    for (int64_t t = 0; t < m_rows; t++)
-      for (int64_t j = 0; j < l->n; j++)
-        y[t * ldy + j] += l->bias[j];
+  if (r == 0)
+    add_bias(l, m_rows, y, ldy);
   return r;
 }
 
-/* Several products of the same x side by side (q|k|v, gate|up): x quantized once */
+/* Several products of the same x side by side (q|k|v, gate|up): x quantized once, and all of
+ * them in one parallel region when all are blocked (a decode step's) */
 static int products(const linear_t *parts, int64_t count, const float *x, int64_t m_rows,
                     float *y, int64_t ldy) {
   qrows xr;
-  int blocked_x = 0;
-  for (int64_t i = 0; i < count; i++)
-    blocked_x |= path_of((int)parts[i].type, m_rows) == BLOCKED;
+  int blocked_x = 0, all_blocked = 1;
+  for (int64_t i = 0; i < count; i++) {
+    const int path = path_of((int)parts[i].type, m_rows);
+    blocked_x |= path == BLOCKED;
+    all_blocked &= path == BLOCKED;
+  }
   if (blocked_x && quantize8(x, m_rows, parts[0].k, &xr))
     return -1;
   int r = 0;
-  int64_t at = 0;
-  for (int64_t i = 0; i < count && r == 0; i++) {
-    const int blocked = path_of((int)parts[i].type, m_rows) == BLOCKED;
-    r = product_q(parts + i, x, blocked ? &xr : NULL, m_rows, y + at, ldy, 0);
-    at += parts[i].n;
+  if (all_blocked && (r = blocked(parts, count, &xr, m_rows, y, ldy, 0)) == 0) {
+    for (int64_t i = 0, at = 0; i < count; at += parts[i].n, i++)
+      add_bias(parts + i, m_rows, y + at, ldy);
+  } else if (!all_blocked) {
+    for (int64_t i = 0, at = 0; i < count && r == 0; at += parts[i].n, i++) {
+      const int blocked = path_of((int)parts[i].type, m_rows) == BLOCKED;
+      r = product_q(parts + i, x, blocked ? &xr : NULL, m_rows, y + at, ldy, 0);
+    }
   }
   if (blocked_x)
     release(&xr);

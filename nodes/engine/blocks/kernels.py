@@ -98,6 +98,16 @@ class Stack(ctypes.Structure):
                 ("rot", I), ("layer", ctypes.POINTER(Layer))]
 
 
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def buildable() -> bool:
+    """Whether this machine should have the library: a CPU with AVX2 and a C compiler (where
+    it is, a failed build is a bug: the tests fail rather than skip)."""
+    return vector_path() is not None and compiler() is not None
+
+
 @cache
 def library() -> ctypes.CDLL | None:
     if os.environ.get("TREECHAT_NO_KERNELS"):
@@ -106,8 +116,8 @@ def library() -> ctypes.CDLL | None:
     if path is None:
         log.info("this CPU has no AVX2/FMA: the runner uses torch's own operators")
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler_ = compiler()
+    if compiler_ is None:
         log.info("no C compiler here: the runner uses torch's own operators")
         return None
     flags = build_flags(path)
@@ -115,7 +125,7 @@ def library() -> ctypes.CDLL | None:
     target = cache_root() / "kernels" / f"kernels-{path}-{digest}.so"
     try:
         if not target.exists():
-            build(compiler, flags, target)
+            build(compiler_, flags, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("could not build the CPU kernels (%s); using torch's own operators", e)
