@@ -23,6 +23,7 @@ from nodes.engine.blocks import kernels
 pytestmark = pytest.mark.skipif(not kernels.buildable(),
                                 reason="no AVX2 CPU or no C compiler here")
 
+
 def reference(kind: T, raw: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     w = torch.from_numpy(np.asarray(quants.dequantize(raw, kind), dtype=np.float64))
     return (x.double() @ w.reshape(raw.shape[0], -1).T).float()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import types
 
 import pytest
 import torch
