@@ -17,6 +17,7 @@ that does not fit the budget now waits in the engine until it does.
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -256,6 +257,10 @@ class HFEngine(Engine):
         them back."""
         grammar.prepare(self.tokenizer, self.vocab)
         release_free_memory()
+        # What exists now (the libraries, the model, the tokenizer) lives as long as the node:
+        # the garbage collector's full passes need not walk it again (they took 2% of a prefill,
+        # in bursts), only what serving allocates.
+        gc.freeze()
 
     def start(self, loop, emit) -> None:
         self._loop, self._emit = loop, emit
