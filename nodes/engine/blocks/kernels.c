@@ -525,31 +525,32 @@ static inline wvec q6_scale(wvec w, q6vec s, const int r) {
                                          _mm256_set1_epi16((short)(first + 1)), 1);
   return _mm512_mullo_epi16(w, _mm512_permutexvar_epi16(idx, s));
 }
-/* 32 weights as floats: w * scale + min */
-static inline void wstore(float *dst, wvec w, float scale, float min) {
-  const __m512 s = _mm512_set1_ps(scale), m = _mm512_set1_ps(min);
-  _mm512_storeu_ps(dst, _mm512_fmadd_ps(
-      _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w))), s, m));
-  _mm512_storeu_ps(dst + 16, _mm512_fmadd_ps(
-      _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w, 1))), s, m));
-}
-/* 16 floats as bfloat16, rounded to nearest even (bf16_8's arithmetic, 16 lanes) */
+/* 16 floats as bfloat16, rounded to nearest even (one instruction with AVX512_BF16, else
+ * bf16_8's arithmetic on 16 lanes) */
 static inline __m256i bf16_16(__m512 v) {
 #ifdef __AVX512BF16__
   return (__m256i)_mm512_cvtneps_pbh(v);
-#endif
+#else
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(
       _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
+#endif
 }
-/* the same 32 weights as bfloat16 */
-static inline void wstore16(uint16_t *dst, wvec w, float scale, float min) {
+/* 32 weights as floats, w * scale + min: float32 into dst, or bfloat16 into dst16 */
+static inline void wstore(float *dst, uint16_t *dst16, wvec w, float scale, float min) {
   const __m512 s = _mm512_set1_ps(scale), m = _mm512_set1_ps(min);
-  _mm256_storeu_si256((__m256i *)dst, bf16_16(_mm512_fmadd_ps(
-      _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w))), s, m)));
-  _mm256_storeu_si256((__m256i *)(dst + 16), bf16_16(_mm512_fmadd_ps(
-      _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w, 1))), s, m)));
+  const __m512 lo = _mm512_fmadd_ps(
+      _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w))), s, m);
+  const __m512 hi = _mm512_fmadd_ps(
+      _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w, 1))), s, m);
+  if (dst16) {
+    _mm256_storeu_si256((__m256i *)dst16, bf16_16(lo));
+    _mm256_storeu_si256((__m256i *)(dst16 + 16), bf16_16(hi));
+  } else {
+    _mm512_storeu_ps(dst, lo);
+    _mm512_storeu_ps(dst + 16, hi);
+  }
 }
 #else
 typedef struct {
@@ -580,24 +581,19 @@ static inline wvec q6_scale(wvec w, q6vec s, const int r) {
   return (wvec){_mm256_mullo_epi16(w.lo, _mm256_shuffle_epi8(src, i0)),
                 _mm256_mullo_epi16(w.hi, _mm256_shuffle_epi8(src, i1))};
 }
-static inline void wstore(float *dst, wvec w, float scale, float min) {
+static inline void wstore(float *dst, uint16_t *dst16, wvec w, float scale, float min) {
   const __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(min);
   const __m256i parts[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(w.lo)),
                             _mm256_cvtepi16_epi32(_mm256_extracti128_si256(w.lo, 1)),
                             _mm256_cvtepi16_epi32(_mm256_castsi256_si128(w.hi)),
                             _mm256_cvtepi16_epi32(_mm256_extracti128_si256(w.hi, 1))};
-  for (int j = 0; j < 4; j++)
-    _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(parts[j]), s, m));
-}
-static inline void wstore16(uint16_t *dst, wvec w, float scale, float min) {
-  const __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(min);
-  const __m256i parts[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(w.lo)),
-                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(w.lo, 1)),
-                            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(w.hi)),
-                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(w.hi, 1))};
-  for (int j = 0; j < 4; j++)
-    _mm_storeu_si128((__m128i *)(dst + 8 * j),
-                     bf16_8(_mm256_fmadd_ps(_mm256_cvtepi32_ps(parts[j]), s, m)));
+  for (int j = 0; j < 4; j++) {
+    const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(parts[j]), s, m);
+    if (dst16)
+      _mm_storeu_si128((__m128i *)(dst16 + 8 * j), bf16_8(v));
+    else
+      _mm256_storeu_ps(dst + 8 * j, v);
+  }
 }
 #endif
 
@@ -1055,10 +1051,8 @@ static inline __attribute__((always_inline)) void dequant_rows_t(
       const q6vec q6 = type == Q6_K ? q6_scales(row + (b0 >> 3) * block_bytes(Q6_K)) : q6_none();
       for (int j = 0; j < g; j++) {
         const wvec q = widen(unpack(type, row, b0 + j)), scaled = type == Q6_K ? q6_scale(q, q6, j) : q;
-        if (dst16)
-          wstore16(dst16 + (b0 + j) * RUN, scaled, ws[j], wm[j]);
-        else
-          wstore(dst + (b0 + j) * RUN, scaled, ws[j], wm[j]);
+        wstore(dst16 ? NULL : dst + (b0 + j) * RUN, dst16 ? dst16 + (b0 + j) * RUN : NULL, scaled,
+               ws[j], wm[j]);
       }
     }
   }

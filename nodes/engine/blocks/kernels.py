@@ -75,10 +75,11 @@ def vector_path() -> str | None:
 
 
 def build_flags(path: str) -> list[str]:
+    """avx512 is AVX-512's base (Skylake-X); avx512vnni adds VNNI and, where the CPU has it,
+    AVX512_BF16 (one instruction rounds floats to bfloat16; the others do it in integers)."""
     wide = ["-mavx512f", "-mavx512bw", "-mavx512vl"]
-    if "avx512_bf16" in cpu_flags():  # one instruction rounds floats to bfloat16
-        wide.append("-mavx512bf16")
-    return BASE_FLAGS + {"avx2": [], "avx512": wide, "avx512vnni": wide + ["-mavx512vnni"]}[path]
+    vnni = wide + ["-mavx512vnni"] + (["-mavx512bf16"] if "avx512_bf16" in cpu_flags() else [])
+    return BASE_FLAGS + {"avx2": [], "avx512": wide, "avx512vnni": vnni}[path]
 
 
 class Linear(ctypes.Structure):
