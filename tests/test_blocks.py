@@ -29,10 +29,11 @@ def reference(kind: T, raw: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     return (x.double() @ w.reshape(raw.shape[0], -1).T).float()
 
 
-def as_the_kernels_see(kind: T, x: torch.Tensor) -> torch.Tensor:
-    """x as the products read it below BF16_FROM rows, or without the bfloat16 GEMM: rounded
-    to 8 bits below 128 rows (float rows, and sgemm from 128 rows, read x as it is)."""
-    if x.shape[0] >= 128 or kind in blocks.FLOATS:
+def as_the_kernels_see(kind: T, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """x as the products read it, but for prompt rows through the bfloat16 GEMM: rounded to 8
+    bits (float rows read x as it is, and so does sgemm, from 128 rows, only without that GEMM:
+    with it, every other row of a block type stays on the 8-bit kernels whatever the count)."""
+    if kind in blocks.FLOATS or (not bf16 and x.shape[0] >= 128):
         return x
     return gguf_files.rounded_like_the_kernels(x)
 
@@ -55,8 +56,8 @@ def vector_path(request, monkeypatch):
 
 @pytest.fixture(params=[False, True], ids=["sgemm", "bf16"])
 def bf16(request):
-    """Prompt chunks through float32 sgemm, or through torch's bfloat16 GEMM (forced on whatever
-    the CPU has: without bfloat16 in hardware it is slow, not wrong)."""
+    """Without torch's bfloat16 GEMM (many rows through float32 sgemm), or with it (forced on
+    whatever the CPU has: without bfloat16 in hardware it is slow, not wrong)."""
     kernels.use_bf16(kernels.library(), request.param)
     yield request.param
     kernels.use_bf16(kernels.library(), kernels.bf16_in_hardware())
@@ -71,22 +72,39 @@ def test_products_equal_gguf_dequantize_times_x(kind, vector_path, bf16):
     torch.manual_seed(0)
     for rows in (1, 2, 3, 4, 7, 40, 130):  # every tile shape, and prompt chunks
         x = torch.randn(rows, k)
-        got = w(x)
-        y = torch.randn(rows, n)
-        w.add_to(x, y_acc := y.clone())
-        if bf16 and rows >= kernels.BF16_FROM and kind not in blocks.FLOATS:
-            # its output is bfloat16 too: 2^-9 relative
-            want = bf16_product(kind, raw, x)
-            tol = dict(rtol=8e-3, atol=8e-3 * want.abs().max().item())
-            assert torch.equal(got.bfloat16().float(), got)  # it went through that GEMM
-        else:
-            want = reference(kind, raw, as_the_kernels_see(kind, x))
-            tol = dict(rtol=1e-4, atol=1e-4 * want.abs().max().item())
-        torch.testing.assert_close(got, want, **tol)
-        torch.testing.assert_close(y_acc, y + want, **tol)
-        # and 8-bit activations stay close to the float product: about 1/127 of a step each
-        exact = reference(kind, raw, x)
-        assert (got - exact).norm() <= 0.02 * exact.norm()
+        for prompt in (False, True):  # generated tokens' rows, or a prompt's
+            got = w(x, prompt=prompt)
+            y = torch.randn(rows, n)
+            w.add_to(x, y_acc := y.clone(), prompt=prompt)
+            if bf16 and prompt and kind not in blocks.FLOATS:
+                # the GEMM's output is bfloat16 too: 2^-9 relative
+                want = bf16_product(kind, raw, x)
+                tol = dict(rtol=8e-3, atol=8e-3 * want.abs().max().item())
+                assert torch.equal(got.bfloat16().float(), got)  # it went through that GEMM
+            else:
+                want = reference(kind, raw, as_the_kernels_see(kind, x, bf16))
+                tol = dict(rtol=1e-4, atol=1e-4 * want.abs().max().item())
+            torch.testing.assert_close(got, want, **tol)
+            torch.testing.assert_close(y_acc, y + want, **tol)
+            # and 8-bit activations stay close to the float product: about 1/127 of a step each
+            exact = reference(kind, raw, x)
+            assert (got - exact).norm() <= 0.02 * exact.norm()
+
+
+def test_a_rows_numbers_do_not_depend_on_what_shares_the_product():
+    """With the bfloat16 GEMM on, a row gets the same numbers alone and among others, for
+    generated rows and prompt rows alike: a seed's answer does not depend on the batch."""
+    kernels.use_bf16(kernels.library(), True)
+    try:
+        raw = random_blocks(T.Q4_K, 64, 512)
+        w = blocks.Blocks(T.Q4_K, torch.from_numpy(raw), 512)
+        x = torch.randn(200, 512)
+        for prompt in (False, True):
+            every = w(x, prompt=prompt)
+            for lo, hi in ((0, 1), (3, 7), (10, 50), (0, 130), (199, 200)):
+                assert torch.equal(w(x[lo:hi], prompt=prompt), every[lo:hi]), (prompt, lo, hi)
+    finally:
+        kernels.use_bf16(kernels.library(), kernels.bf16_in_hardware())
 
 
 @pytest.mark.parametrize("kind", blocks.READ, ids=lambda t: t.name)

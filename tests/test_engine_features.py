@@ -97,9 +97,11 @@ def greedy(**kw) -> Request:
 # forward to a few 1e-3 on these tiny models, whose wide random weights make large activations.
 # Over a file's blocks it also rounds each product's activations to 8-bit runs (0.5% per product
 # on random weights, which amplify it: 0.1 in a logprob; on real models 0.05% in perplexity,
-# docs/benchmarks.md). A wrong kernel or layout is off by far more.
+# docs/benchmarks.md), and where the CPU has a bfloat16 GEMM a prompt's products round x, the
+# weights and each output to bfloat16 (up to 0.21 in a logprob here; 0.1% in perplexity on real
+# models). A wrong kernel or layout is off by far more.
 def tolerance(engine: HFEngine) -> float:
-    return 0.15 if engine.quantization.startswith("gguf") else 5e-3
+    return 0.3 if engine.quantization.startswith("gguf") else 5e-3
 
 
 REL = 5e-3

@@ -164,6 +164,9 @@ class Batch:
     decode_masks: dict | None = None  # TorchModel: window -> [D, 1, 1, span] visible
     rows: torch.Tensor | None = None  # cache row of every token (CpuModel), of decode rows
     freqs: dict | None = None  # TorchModel: layer type -> (cos, sin) [T, head_dim/2]
+    # CpuModel: [T] bool, the tokens whose products take the prompt path (kernels.c: bfloat16
+    # where the CPU has it); None: every chunk token, and no decode row
+    prompt_rows: torch.Tensor | None = None
 
 
 class Model:
@@ -268,14 +271,23 @@ class CpuModel(Model):
 
     def forward(self, batch: Batch, cache) -> torch.Tensor:
         """Logits [R, vocab] (float32) for the tokens at `batch.logits_at`."""
-        x = self.embed_tokens(batch.ids).contiguous()
-        pos = batch.pos.contiguous()
+        x = self.embed_tokens(batch.ids)
+        rows, pos, order = batch.rows, batch.pos, None
+        split = batch.decode  # the kernels take generated tokens first, then prompt tokens
+        if batch.prompt_rows is not None:
+            prompt = batch.prompt_rows
+            order = torch.cat([(~prompt).nonzero()[:, 0], prompt.nonzero()[:, 0]])
+            split = int((~prompt).sum())
+            x, rows, pos = x[order], rows[order], pos[order]
+        x, rows, pos = x.contiguous(), rows.contiguous(), pos.contiguous()
         self.rope_tables(int(pos.max()) + 1)
         lib = self.k.library()
         self.k.check(lib.layers_forward(ctypes.byref(self.stack), x.data_ptr(), x.shape[0],
-                                        batch.rows.data_ptr(), pos.data_ptr(),
+                                        split, rows.data_ptr(), pos.data_ptr(),
                                         cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[1],
                                         cache.k.shape[3]), "layers_forward")
+        if order is not None:  # back in the batch's order
+            x = torch.empty_like(x).index_copy_(0, order, x)
         if batch.logits_at is not None:
             x = x[batch.logits_at].contiguous()
         lib.rms_norm(x.data_ptr(), self.norm.data_ptr(), x.shape[0], x.shape[1], self.shape.eps,

@@ -85,18 +85,19 @@ class Blocks:
                                      None if self.bias is None else self.bias.data_ptr())
         return self._c
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, prompt: bool = False) -> torch.Tensor:
+        """x W^T; `prompt`: x's rows are prompt tokens (the kernels' path for them, kernels.c)."""
         y = torch.empty((x.shape[0], self.n), dtype=torch.float32)
-        self._matmul(x, y, False)
+        self._matmul(x, y, False, prompt)
         return y
 
-    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self._matmul(x, y, True)
+    def add_to(self, x: torch.Tensor, y: torch.Tensor, prompt: bool = False) -> None:
+        self._matmul(x, y, True, prompt)
 
-    def _matmul(self, x: torch.Tensor, y: torch.Tensor, acc: bool) -> None:
+    def _matmul(self, x: torch.Tensor, y: torch.Tensor, acc: bool, prompt: bool) -> None:
         x = x.float().contiguous()
         kernels.check(kernels.library().matmul(self.c, x.data_ptr(), x.shape[0], y.data_ptr(),
-                                               int(acc)), f"{self.kind.name} product")
+                                               int(acc), int(prompt)), f"{self.kind.name} product")
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` as float32 [len(ids), k] (an embedding lookup)."""

@@ -1112,16 +1112,12 @@ void set_sgemm(void *f) { sgemm = (sgemm_t)f; }
 
 /* A bfloat16 GEMM the host provides (kernels.py: torch's, which is oneDNN's on a CPU with
  * AVX512_BF16, at 2.5x MKL's float32 sgemm): y[m, n] (rows ldy apart) (+)= x[m, k] . w[n, k]^T,
- * 0 on success. Set, products of `gemm16_from` rows or more go through it. */
+ * 0 on success. Set, prompt rows of a block type go through it (see path_of). */
 typedef int (*gemm16_t)(const uint16_t *, int64_t, int64_t, const uint16_t *, int64_t, float *,
                         int64_t, int);
 static gemm16_t gemm16 = NULL;
-static int64_t gemm16_from = 0;
 
-void set_gemm16(void *f, int64_t from_rows) {
-  gemm16 = (gemm16_t)f;
-  gemm16_from = from_rows;
-}
+void set_gemm16(void *f) { gemm16 = (gemm16_t)f; }
 
 /* the float product of many rows: W dequantized PANEL rows at a time, sgemm into y */
 static int dense_product(const linear_t *l, const float *x, int64_t m_rows, float *y,
@@ -1147,27 +1143,35 @@ static int dense_product(const linear_t *l, const float *x, int64_t m_rows, floa
 #define PANEL16_BYTES (4 << 20)
 static int dense16_product(const linear_t *l, const float *x, int64_t m_rows, float *y,
                            int64_t ldy, int acc_into) {
-  const int64_t k = l->k, fit = PANEL16_BYTES / (2 * k) / 64 * 64;
+  /* One row goes in twice: oneDNN multiplies a single row with another kernel, whose sums can
+   * differ in the last bit, and a row's numbers must not depend on how many share its product */
+  const int64_t k = l->k, fit = PANEL16_BYTES / (2 * k) / 64 * 64, m = m_rows > 1 ? m_rows : 2;
   const int64_t panel = l->n < fit ? l->n : fit > 64 ? fit : 64;
-  uint16_t *x16 = scratch(2 * (size_t)(m_rows * k)), *w16 = scratch(2 * (size_t)(panel * k));
-  int r = x16 && w16 ? 0 : -1;
+  uint16_t *x16 = scratch(2 * (size_t)(m * k)), *w16 = scratch(2 * (size_t)(panel * k));
+  float *y2 = m_rows > 1 ? NULL : scratch(sizeof(float) * (size_t)(2 * l->n));
+  int r = x16 && w16 && (m_rows > 1 || y2) ? 0 : -1;
   if (r == 0) {
-#pragma omp parallel for schedule(static) if (m_rows * k > 65536)
-    for (int64_t t = 0; t < m_rows; t++) {
+#pragma omp parallel for schedule(static) if (m * k > 65536)
+    for (int64_t t = 0; t < m; t++) {
+      const float *src = x + (t < m_rows ? t : 0) * k;
       int64_t j = 0;
       for (; j + 8 <= k; j += 8)
-        _mm_storeu_si128((__m128i *)(x16 + t * k + j), bf16_8(_mm256_loadu_ps(x + t * k + j)));
+        _mm_storeu_si128((__m128i *)(x16 + t * k + j), bf16_8(_mm256_loadu_ps(src + j)));
       for (; j < k; j++)
-        x16[t * k + j] = bf16_of(x[t * k + j]);
+        x16[t * k + j] = bf16_of(src[j]);
     }
   }
   for (int64_t r0 = 0; r0 < l->n && r == 0; r0 += panel) {
     const int64_t count = l->n - r0 < panel ? l->n - r0 : panel;
     r = dequantize_any((int)l->type, l->w, l->row_bytes, k, NULL, r0, count, NULL, w16);
     if (r == 0)
-      r = gemm16(x16, m_rows, k, w16, count, y + r0, ldy, acc_into) ? -3 : 0;
+      r = (y2 ? gemm16(x16, m, k, w16, count, y2 + r0, l->n, 0)
+              : gemm16(x16, m, k, w16, count, y + r0, ldy, acc_into)) ? -3 : 0;
   }
-  free(x16), free(w16);
+  if (r == 0 && y2)
+    for (int64_t j = 0; j < l->n; j++)
+      y[j] = (acc_into ? y[j] : 0.0f) + y2[j];
+  free(x16), free(w16), free(y2);
   return r;
 }
 
@@ -1182,21 +1186,24 @@ static inline void add_bias(const linear_t *l, int64_t m_rows, float *y, int64_t
 
 static inline int is_float(int type) { return type == F32 || type == F16 || type == BF16; }
 
-/* How a product of m rows of x by a matrix of `type` runs: block types from gemm16_from rows in
- * bfloat16 (their 8-bit activations already set that precision; float weights keep float
- * products), any type from DENSE_FROM rows through sgemm, else on our kernels */
+/* How a product of m rows of x by a matrix of `type` runs. With gemm16, by the rows' kind,
+ * never by how many share the product: prompt rows (`prompt`) of a block type through gemm16,
+ * every other row of a block type on our 8-bit kernels, so a row's numbers are the same
+ * whatever else the step computes (a seed's answer does not depend on the batch, and a request
+ * resumed elsewhere recomputes its delivered tokens exactly). Float weights keep float products
+ * (sgemm from DENSE_FROM rows). Without gemm16, by the count: sgemm from DENSE_FROM rows. */
 enum { BLOCKED, FLOATS, SGEMM, GEMM16 };
-static inline int path_of(int type, int64_t m_rows) {
-  if (gemm16 && m_rows >= gemm16_from && !is_float(type))
-    return GEMM16;
+static inline int path_of(int type, int64_t m_rows, int prompt) {
+  if (gemm16 && !is_float(type))
+    return prompt ? GEMM16 : BLOCKED;
   if (sgemm && m_rows >= DENSE_FROM)
     return SGEMM;
   return is_float(type) ? FLOATS : BLOCKED;
 }
 
 static int product_q(const linear_t *l, const float *x, const qrows *xr, int64_t m_rows, float *y,
-                     int64_t ldy, int acc_into) {
-  const int type = (int)l->type, path = path_of(type, m_rows);
+                     int64_t ldy, int acc_into, int prompt) {
+  const int type = (int)l->type, path = path_of(type, m_rows, prompt);
   int r = 0;
   if (path == GEMM16) {
     r = dense16_product(l, x, m_rows, y, ldy, acc_into);
@@ -1223,11 +1230,11 @@ static int product_q(const linear_t *l, const float *x, const qrows *xr, int64_t
 /* Several products of the same x side by side (q|k|v, gate|up): x quantized once, and all of
  * them in one parallel region when all are blocked (a decode step's) */
 static int products(const linear_t *parts, int64_t count, const float *x, int64_t m_rows,
-                    float *y, int64_t ldy) {
+                    float *y, int64_t ldy, int prompt) {
   qrows xr;
   int blocked_x = 0, all_blocked = 1;
   for (int64_t i = 0; i < count; i++) {
-    const int path = path_of((int)parts[i].type, m_rows);
+    const int path = path_of((int)parts[i].type, m_rows, prompt);
     blocked_x |= path == BLOCKED;
     all_blocked &= path == BLOCKED;
   }
@@ -1239,8 +1246,8 @@ static int products(const linear_t *parts, int64_t count, const float *x, int64_
       add_bias(parts + i, m_rows, y + at, ldy);
   } else if (!all_blocked) {
     for (int64_t i = 0, at = 0; i < count && r == 0; at += parts[i].n, i++) {
-      const int blocked = path_of((int)parts[i].type, m_rows) == BLOCKED;
-      r = product_q(parts + i, x, blocked ? &xr : NULL, m_rows, y + at, ldy, 0);
+      const int blocked = path_of((int)parts[i].type, m_rows, prompt) == BLOCKED;
+      r = product_q(parts + i, x, blocked ? &xr : NULL, m_rows, y + at, ldy, 0, prompt);
     }
   }
   if (blocked_x)
@@ -1248,8 +1255,31 @@ static int products(const linear_t *parts, int64_t count, const float *x, int64_
   return r;
 }
 
-int matmul(const linear_t *l, const float *x, int64_t m_rows, float *y, int acc_into) {
-  return product_q(l, x, NULL, m_rows, y, l->n, acc_into);
+/* y (+)= x @ W^T for m rows of x; `prompt`: they are prompt rows (see path_of) */
+int matmul(const linear_t *l, const float *x, int64_t m_rows, float *y, int acc_into, int prompt) {
+  return product_q(l, x, NULL, m_rows, y, l->n, acc_into, prompt);
+}
+
+/* Rows [0, split) of a layer's batch are generated tokens, [split, T) prompt tokens: each part
+ * of a product runs on its own kind's path */
+static int split_products(const linear_t *parts, int64_t count, const float *x, int64_t t_rows,
+                          int64_t split, float *y, int64_t ldy) {
+  int r = 0;
+  if (split > 0)
+    r = products(parts, count, x, split, y, ldy, 0);
+  if (split < t_rows && r == 0)
+    r = products(parts, count, x + split * parts[0].k, t_rows - split, y + split * ldy, ldy, 1);
+  return r;
+}
+
+static int split_matmul(const linear_t *l, const float *x, int64_t t_rows, int64_t split,
+                        float *y, int64_t ldy, int acc_into) {
+  int r = 0;
+  if (split > 0)
+    r = product_q(l, x, NULL, split, y, ldy, acc_into, 0);
+  if (split < t_rows && r == 0)
+    r = product_q(l, x + split * l->k, NULL, t_rows - split, y + split * ldy, ldy, acc_into, 1);
+  return r;
 }
 
 /* --- the rest of a layer -------------------------------------------------------------------- */
@@ -1476,8 +1506,10 @@ static void add_branch(float *x, float *b, const float *norm, int64_t t_rows, in
  * kv_heads, cap, head_dim] float16. A layer:
  *     h = attn_norm(x); q|k|v = qkv(h); q, k = q_norm(q), k_norm(k); rope(q, k)
  *     x += post_attn_norm(o(attention))          (the norm only where the family has it)
- *     x += post_mlp_norm(down(act(gate) * up)),  gate|up = gate_up(mlp_norm(x)) */
-int layers_forward(const stack_t *s, float *x, int64_t t_rows, const int64_t *rows,
+ *     x += post_mlp_norm(down(act(gate) * up)),  gate|up = gate_up(mlp_norm(x))
+ * Tokens [0, split) are generated ones (decode rows, a resumed request's delivered tokens),
+ * [split, T) prompt tokens: each runs its kind's products (path_of). */
+int layers_forward(const stack_t *s, float *x, int64_t t_rows, int64_t split, const int64_t *rows,
                    const int64_t *pos, uint16_t *kc, uint16_t *vc, int64_t cache_rows,
                    int64_t cap) {
   const int64_t h = s->hidden, qd = s->heads * s->head_dim;
@@ -1493,7 +1525,7 @@ int layers_forward(const stack_t *s, float *x, int64_t t_rows, const int64_t *ro
   for (int64_t i = 0; i < s->layers && r == 0; i++) {
     const layer_t *l = s->layer + i;
     rms_norm(x, l->attn_norm, t_rows, h, s->eps, norm);
-    r |= products(l->qkv, l->qkv_parts, norm, t_rows, qkv, qkv_n);
+    r |= split_products(l->qkv, l->qkv_parts, norm, t_rows, split, qkv, qkv_n);
     for (int64_t t = 0; t < t_rows && (l->q_norm || l->k_norm); t++) {
       float *row = qkv + t * qkv_n;
       if (l->q_norm)
@@ -1506,19 +1538,19 @@ int layers_forward(const stack_t *s, float *x, int64_t t_rows, const int64_t *ro
     r |= attention(qkv, t_rows, qkv_n, s->heads, s->kv_heads, s->head_dim, kc + i * layer_size,
                    vc + i * layer_size, cap, rows, pos, s->scale, l->window, s->softcap, attn);
     if (l->post_attn_norm) {
-      r |= matmul(&l->o, attn, t_rows, branch, 0);
+      r |= split_matmul(&l->o, attn, t_rows, split, branch, h, 0);
       add_branch(x, branch, l->post_attn_norm, t_rows, h, s->eps);
     } else {
-      r |= matmul(&l->o, attn, t_rows, x, 1);
+      r |= split_matmul(&l->o, attn, t_rows, split, x, h, 1);
     }
     rms_norm(x, l->mlp_norm, t_rows, h, s->eps, norm);
-    r |= products(l->gate_up, l->gate_up_parts, norm, t_rows, gu, 2 * s->inter);
+    r |= split_products(l->gate_up, l->gate_up_parts, norm, t_rows, split, gu, 2 * s->inter);
     glu(gu, t_rows, s->inter, s->act, act);
     if (l->post_mlp_norm) {
-      r |= matmul(&l->down, act, t_rows, branch, 0);
+      r |= split_matmul(&l->down, act, t_rows, split, branch, h, 0);
       add_branch(x, branch, l->post_mlp_norm, t_rows, h, s->eps);
     } else {
-      r |= matmul(&l->down, act, t_rows, x, 1);
+      r |= split_matmul(&l->down, act, t_rows, split, x, h, 1);
     }
   }
   free(norm), free(branch), free(qkv), free(attn), free(gu), free(act);

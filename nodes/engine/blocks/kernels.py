@@ -132,16 +132,16 @@ def library() -> ctypes.CDLL | None:
         log.warning("could not build the CPU kernels (%s); using torch's own operators", e)
         return None
     P_, I_ = P, I
-    lib.matmul.argtypes = [ctypes.POINTER(Linear), P_, I_, P_, ctypes.c_int]
+    lib.matmul.argtypes = [ctypes.POINTER(Linear), P_, I_, P_, ctypes.c_int, ctypes.c_int]
     lib.dequantize_rows.argtypes = [ctypes.c_int, P_, I_, I_, P_, I_, I_, P_]
     lib.dequantize_rows_bf16.argtypes = [ctypes.c_int, P_, I_, I_, P_, I_, I_, P_]
     lib.rms_norm.argtypes = [P_, P_, I_, I_, F, P_]
     lib.rope.argtypes = [P_, I_, I_, I_, I_, I_, P_, P_, P_, I_]
     lib.glu.argtypes = [P_, I_, I_, I_, P_]
     lib.attention.argtypes = [P_, I_, I_, I_, I_, I_, P_, P_, I_, P_, P_, F, I_, F, P_]
-    lib.layers_forward.argtypes = [ctypes.POINTER(Stack), P_, I_, P_, P_, P_, P_, I_, I_]
+    lib.layers_forward.argtypes = [ctypes.POINTER(Stack), P_, I_, I_, P_, P_, P_, P_, I_, I_]
     lib.set_sgemm.argtypes = [P_]
-    lib.set_gemm16.argtypes = [P_, I_]
+    lib.set_gemm16.argtypes = [P_]
     sgemm = torch_sgemm()
     if sgemm is not None:
         lib.set_sgemm(sgemm)
@@ -176,11 +176,8 @@ def _bf16_gemm(x: int, m: int, k: int, w: int, n: int, y: int, ldy: int, acc: in
         return 1
 
 
-# Products of this many rows or more (prompt chunks) go through torch's bfloat16 GEMM where the
-# CPU multiplies bfloat16 in hardware: on 2 Zen 4 cores a 64-token prompt of a 1B model then
-# prefills 1.5x as fast as on our 8-bit kernels, 256 tokens 1.9x; at 16 rows it is slower, at
-# 32 about even (docs/benchmarks.md). Perplexity stays within 0.11% of float32's.
-BF16_FROM = 32
+# Prompt rows (the runner marks them: runner.py) go through torch's bfloat16 GEMM where the CPU
+# multiplies bfloat16 in hardware.
 BF16_GEMM = ctypes.CFUNCTYPE(ctypes.c_int, P, I, I, P, I, P, I, ctypes.c_int)(_bf16_gemm)
 
 
@@ -189,9 +186,9 @@ def bf16_in_hardware() -> bool:
 
 
 def use_bf16(lib: ctypes.CDLL, on: bool) -> None:
-    """Products of BF16_FROM rows or more through torch's bfloat16 GEMM (on), or not (then from
-    128 rows through float32 sgemm, below on the 8-bit kernels)."""
-    lib.set_gemm16(ctypes.cast(BF16_GEMM, P).value if on else None, BF16_FROM)
+    """Prompt rows through torch's bfloat16 GEMM (on), or not (then products of 128 rows or
+    more through float32 sgemm, fewer on the 8-bit kernels)."""
+    lib.set_gemm16(ctypes.cast(BF16_GEMM, P).value if on else None)
 
 
 def torch_sgemm() -> int | None:
