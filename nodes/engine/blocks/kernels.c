@@ -31,10 +31,12 @@
  * same on 512), or -mavx512vnni (vpdpbusd, and vpdpwssd for the integer scales). kernels.py
  * builds the widest the CPU's flags allow (TREECHAT_KERNELS=avx2 or avx512 forces a narrower).
  *
- * Prompt chunks: where the CPU multiplies bfloat16 in hardware (AVX512_BF16: Zen 4, Sapphire
- * Rapids), products of a block type of 32 rows or more dequantize the weights in panels into
- * bfloat16 and call the bfloat16 GEMM kernels.py provides (torch's: oneDNN's, 210-220 Gmac/s on 2
- * Zen 4 cores where MKL's float32 sgemm does 80-90 and these kernels 90-100); elsewhere products
+ * Prompt tokens: where the CPU multiplies bfloat16 in hardware (AVX512_BF16: Zen 4, Sapphire
+ * Rapids), their products with a block type dequantize the weights in panels into bfloat16 and
+ * call the bfloat16 GEMM kernels.py provides (torch's: oneDNN's, 210-220 Gmac/s on 2 Zen 4 cores
+ * where MKL's float32 sgemm does 80-90 and these kernels 90-100). The caller says which rows are
+ * prompt tokens (layers_forward's split): the path follows a row's kind, never the count, so a
+ * row's numbers never depend on what shares its product (path_of). Without that GEMM, products
  * of 128 rows or more dequantize into float32 for the BLAS sgemm that torch carries. Float
  * weights stay float: bfloat16 only where 8-bit activations already set the precision.
  *
