@@ -96,8 +96,16 @@ class _Compiler:
         import llguidance.hf  # only nodes that constrain something pay for the import
         self.llg = llguidance
         eos = tokenizer.eos_token_id
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
-                                                      eos_token=eos)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.padding is None and backend.truncation is None:
+            # what llguidance.hf.from_tokenizer does, without its copy of the tokenizer (a JSON
+            # round trip, 1.4 of its 4.2 s for Gemma 3's 262k tokens), made only to switch off
+            # padding and truncation, which are off
+            self.tokenizer = llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size,
+                                                    eos_token=eos)
+        else:
+            self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
+                                                          eos_token=eos)
         self.cache: OrderedDict[bytes, object] = OrderedDict()
         self.lock = threading.Lock()
 
