@@ -1052,7 +1052,8 @@ static inline __attribute__((always_inline)) void dequant_rows_t(
       scales8(type, row, b0, g, ws, wm);
       const q6vec q6 = type == Q6_K ? q6_scales(row + (b0 >> 3) * block_bytes(Q6_K)) : q6_none();
       for (int j = 0; j < g; j++) {
-        const wvec q = widen(unpack(type, row, b0 + j)), scaled = type == Q6_K ? q6_scale(q, q6, j) : q;
+        const wvec q = widen(unpack(type, row, b0 + j));
+        const wvec scaled = type == Q6_K ? q6_scale(q, q6, j) : q;
         wstore(dst16 ? NULL : dst + (b0 + j) * RUN, dst16 ? dst16 + (b0 + j) * RUN : NULL, scaled,
                ws[j], wm[j]);
       }
@@ -1140,7 +1141,7 @@ static int dense_product(const linear_t *l, const float *x, int64_t m_rows, floa
   return 0;
 }
 
-/* the bfloat16 product of many rows: x rounded to bfloat16 once, W dequantized to bfloat16 a
+/* the bfloat16 product of prompt rows: x rounded to bfloat16 once, W dequantized to bfloat16 a
  * panel of about PANEL16_BYTES at a time (it stays in the cache for the GEMM), gemm16 into y */
 #define PANEL16_BYTES (4 << 20)
 static int dense16_product(const linear_t *l, const float *x, int64_t m_rows, float *y,
