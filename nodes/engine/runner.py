@@ -49,7 +49,6 @@ class LlamaRunner:
         ids = [s.tokens[-1] for s in decode_seqs]
         pos = [s.length for s in decode_seqs]
         plan, logits_at, at = [], list(range(d)), d
-        prompt_rows = [False] * d
         for seq, start, length in chunks:
             ids += seq.feed[start:start + length]
             pos += range(start, start + length)
@@ -57,26 +56,29 @@ class LlamaRunner:
             at += length
             if start + length == len(seq.feed):
                 logits_at.append(at - 1)
-            prompt_rows += self.prompt_rows(seq, start, length)
         dev = self.device
         batch = Batch(ids=torch.tensor(ids, dtype=torch.long, device=dev),
                       pos=torch.tensor(pos, dtype=torch.long, device=dev), decode=d, chunks=plan,
                       span=max(pos[:d], default=-1) + 1,
                       logits_at=None if len(logits_at) == len(ids) else
                       torch.tensor(logits_at, dtype=torch.long, device=dev),
-                      prompt_rows=torch.tensor(prompt_rows) if chunks else None)
+                      prompt_rows=self.prompt_rows(d, chunks))
         return self.model.forward(self.model.prepare(batch), self.cache)
 
     @staticmethod
-    def prompt_rows(seq, start: int, length: int) -> list[bool]:
-        """Which of a chunk's tokens take the kernels' prompt path (bfloat16, where the CPU has
-        it): the prompt's own; a resumed request's delivered tokens are recomputed as they were
-        made, as generated tokens. A token's kind alone decides, never what shares the step or
-        how much of a prompt a cached prefix held (a short prompt would run faster on the 8-bit
+    def prompt_rows(d: int, chunks: list[tuple]) -> torch.Tensor | None:
+        """Which tokens take the kernels' prompt path (bfloat16, where the CPU has it): None for
+        the batch's own rule (chunk tokens do, decode rows do not), or, when a chunk holds a
+        resumed request's delivered tokens, the mask that recomputes them as they were made,
+        as generated tokens. A token's kind alone decides, never what shares the step or how
+        much of a prompt a cached prefix held (a short prompt would run faster on the 8-bit
         kernels, but then the same tokens' keys and values would differ by rounding between a
         short prompt and a long one that shares its start): a seed's answer does not depend on
         the batch, and a resumed request goes on exactly as it would have."""
-        return [p < seq.prompt_tokens for p in range(start, start + length)]
+        if all(start + length <= seq.prompt_tokens for seq, start, length in chunks):
+            return None
+        return torch.tensor([False] * d + [p < seq.prompt_tokens for seq, start, length in chunks
+                                           for p in range(start, start + length)])
 
 
 class DecodeGraphs:

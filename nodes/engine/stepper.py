@@ -217,8 +217,7 @@ class Stepper:
             from nodes.engine.llama import Batch, Chunk
             batch = Batch(ids=torch.tensor(ids, dtype=torch.long, device=dev),
                           pos=torch.arange(len(ids), device=dev), decode=0,
-                          chunks=[Chunk(seq.row, 0, len(ids))],
-                          prompt_rows=torch.tensor(runner.prompt_rows(seq, 0, len(ids))))
+                          chunks=[Chunk(seq.row, 0, len(ids))])  # the prompt's own tokens
             logits = runner.model.forward(runner.model.prepare(batch), self.cache)
         lp = torch.log_softmax(logits[:-1, :self.e.vocab].float(), dim=-1)
         k = seq.prompt_logprobs

@@ -1230,10 +1230,11 @@ static int product_q(const linear_t *l, const float *x, const qrows *xr, int64_t
   return r;
 }
 
-/* Several products of the same x side by side (q|k|v, gate|up): x quantized once, and all of
- * them in one parallel region when all are blocked (a decode step's) */
+/* Several products of the same x side by side (q|k|v, gate|up; or one: o, down), y (+)= each:
+ * x quantized once, and all of them in one parallel region when all are blocked (a decode
+ * step's) */
 static int products(const linear_t *parts, int64_t count, const float *x, int64_t m_rows,
-                    float *y, int64_t ldy, int prompt) {
+                    float *y, int64_t ldy, int acc_into, int prompt) {
   qrows xr;
   int blocked_x = 0, all_blocked = 1;
   for (int64_t i = 0; i < count; i++) {
@@ -1244,13 +1245,13 @@ static int products(const linear_t *parts, int64_t count, const float *x, int64_
   if (blocked_x && quantize8(x, m_rows, parts[0].k, &xr))
     return -1;
   int r = 0;
-  if (all_blocked && (r = blocked(parts, count, &xr, m_rows, y, ldy, 0)) == 0) {
+  if (all_blocked && (r = blocked(parts, count, &xr, m_rows, y, ldy, acc_into)) == 0) {
     for (int64_t i = 0, at = 0; i < count; at += parts[i].n, i++)
       add_bias(parts + i, m_rows, y + at, ldy);
   } else if (!all_blocked) {
     for (int64_t i = 0, at = 0; i < count && r == 0; at += parts[i].n, i++) {
       const int blocked = path_of((int)parts[i].type, m_rows, prompt) == BLOCKED;
-      r = product_q(parts + i, x, blocked ? &xr : NULL, m_rows, y + at, ldy, 0, prompt);
+      r = product_q(parts + i, x, blocked ? &xr : NULL, m_rows, y + at, ldy, acc_into, prompt);
     }
   }
   if (blocked_x)
@@ -1266,22 +1267,13 @@ int matmul(const linear_t *l, const float *x, int64_t m_rows, float *y, int acc_
 /* Rows [0, split) of a layer's batch are generated tokens, [split, T) prompt tokens: each part
  * of a product runs on its own kind's path */
 static int split_products(const linear_t *parts, int64_t count, const float *x, int64_t t_rows,
-                          int64_t split, float *y, int64_t ldy) {
+                          int64_t split, float *y, int64_t ldy, int acc_into) {
   int r = 0;
   if (split > 0)
-    r = products(parts, count, x, split, y, ldy, 0);
+    r = products(parts, count, x, split, y, ldy, acc_into, 0);
   if (split < t_rows && r == 0)
-    r = products(parts, count, x + split * parts[0].k, t_rows - split, y + split * ldy, ldy, 1);
-  return r;
-}
-
-static int split_matmul(const linear_t *l, const float *x, int64_t t_rows, int64_t split,
-                        float *y, int64_t ldy, int acc_into) {
-  int r = 0;
-  if (split > 0)
-    r = product_q(l, x, NULL, split, y, ldy, acc_into, 0);
-  if (split < t_rows && r == 0)
-    r = product_q(l, x + split * l->k, NULL, t_rows - split, y + split * ldy, ldy, acc_into, 1);
+    r = products(parts, count, x + split * parts[0].k, t_rows - split, y + split * ldy, ldy,
+                 acc_into, 1);
   return r;
 }
 
@@ -1528,7 +1520,7 @@ int layers_forward(const stack_t *s, float *x, int64_t t_rows, int64_t split, co
   for (int64_t i = 0; i < s->layers && r == 0; i++) {
     const layer_t *l = s->layer + i;
     rms_norm(x, l->attn_norm, t_rows, h, s->eps, norm);
-    r |= split_products(l->qkv, l->qkv_parts, norm, t_rows, split, qkv, qkv_n);
+    r |= split_products(l->qkv, l->qkv_parts, norm, t_rows, split, qkv, qkv_n, 0);
     for (int64_t t = 0; t < t_rows && (l->q_norm || l->k_norm); t++) {
       float *row = qkv + t * qkv_n;
       if (l->q_norm)
@@ -1541,19 +1533,19 @@ int layers_forward(const stack_t *s, float *x, int64_t t_rows, int64_t split, co
     r |= attention(qkv, t_rows, qkv_n, s->heads, s->kv_heads, s->head_dim, kc + i * layer_size,
                    vc + i * layer_size, cap, rows, pos, s->scale, l->window, s->softcap, attn);
     if (l->post_attn_norm) {
-      r |= split_matmul(&l->o, attn, t_rows, split, branch, h, 0);
+      r |= split_products(&l->o, 1, attn, t_rows, split, branch, h, 0);
       add_branch(x, branch, l->post_attn_norm, t_rows, h, s->eps);
     } else {
-      r |= split_matmul(&l->o, attn, t_rows, split, x, h, 1);
+      r |= split_products(&l->o, 1, attn, t_rows, split, x, h, 1);
     }
     rms_norm(x, l->mlp_norm, t_rows, h, s->eps, norm);
-    r |= split_products(l->gate_up, l->gate_up_parts, norm, t_rows, split, gu, 2 * s->inter);
+    r |= split_products(l->gate_up, l->gate_up_parts, norm, t_rows, split, gu, 2 * s->inter, 0);
     glu(gu, t_rows, s->inter, s->act, act);
     if (l->post_mlp_norm) {
-      r |= split_matmul(&l->down, act, t_rows, split, branch, h, 0);
+      r |= split_products(&l->down, 1, act, t_rows, split, branch, h, 0);
       add_branch(x, branch, l->post_mlp_norm, t_rows, h, s->eps);
     } else {
-      r |= split_matmul(&l->down, act, t_rows, split, x, h, 1);
+      r |= split_products(&l->down, 1, act, t_rows, split, x, h, 1);
     }
   }
   free(norm), free(branch), free(qkv), free(attn), free(gu), free(act);
