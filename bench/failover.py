@@ -10,8 +10,9 @@ would be (`A:5550,B:5550`). Every link has the tree's keys.
    it stopped: requests/s each way (the standby's cost is one Peer message per heartbeat).
 2. Failover: `--streams` streams (48 at a time); once 20 have finished the primary's host is cut
    off (`--fault cut`: its cable) or its root is killed (`kill`). Reported: how long from the
-   fault until the standby is active, and to the first token the standby's tree served, and each stream's extra stall (its
-   longest gap between tokens less the median longest gap of a fault-free run), p50/p99, and
+   fault until the standby is active, and to the first token the standby's tree served, and
+   each stream's extra stall (its longest gap between tokens less the median longest gap of a
+   fault-free run), p50/p99, and
    whether every stream completed with the fault-free run's text. A gap counts the wait for the
    first token too.
 """

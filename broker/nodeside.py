@@ -31,7 +31,6 @@ from broker.routing import Load
 log = logging.getLogger("treechat.root")
 
 
-
 class NodeSide:
     """Mixed into `Root`: everything the tree and results sockets carry."""
 
