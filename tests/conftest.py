@@ -151,8 +151,10 @@ class Cluster:
         return Tree(root, procs)
 
     def up(self, *args: str, timeout: float = 60.0) -> Up:
-        port = free_ports(1, span=3)[0]
-        http_port, tcp_port = free_ports(2)
+        # the root's three ports, then the gateways': one span, so no later pick can hand out a
+        # port of the root's before it binds it (CI once gave the TCP gateway the root's port)
+        port = free_ports(1, span=5)[0]
+        http_port, tcp_port = port + 3, port + 4
         proc = self.start("up", "up", "--port", str(port), "--http-port", str(http_port),
                           "--tcp-port", str(tcp_port), "--heartbeat", HB, "--grace", "2", *args)
         deadline = time.monotonic() + timeout
