@@ -17,6 +17,8 @@ that does not fit the budget now waits in the engine until it does.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
 import logging
 import queue
@@ -92,13 +94,21 @@ class HFEngineConfig:
             raise ValueError(f"--chat-template {self.chat_template}: no such file")
 
 
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing)."""
-    import ctypes
+@functools.cache
+def _malloc_trim():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing):
+    glibc keeps what a thread frees for that thread's next allocations, and a node's steps
+    free tens of MB (activations, a reshaped cache) that would stay in its RSS while it idles."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def available_memory() -> int:
@@ -405,7 +415,10 @@ class HFEngine(Engine):
         with torch.inference_mode():
             while not self._stopping:
                 out = StepOutput()
-                if not self._drain(out, block=not (self._running or self._waiting)):
+                idle = not (self._running or self._waiting)
+                if idle:  # what the last requests' steps freed goes back to the system
+                    release_free_memory()
+                if not self._drain(out, block=idle):
                     break
                 try:
                     stepper.step(out)
