@@ -89,6 +89,83 @@ class Matcher:
         return self._m.get_error()
 
 
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character: these, back to bytes."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    moved = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(moved)}
+
+
+class Vocabulary:
+    """A tokenizer as llguidance's `TokenizerWrapper` takes it: every token's bytes, the special
+    ones, and a way to tokenize text. llguidance can read the tokenizer's JSON instead, but then
+    parses and keeps a second tokenizer of its own: for Gemma 3's 262k tokens 130 MB more of a
+    node's memory and a second more of its start. The bytes are what llguidance's own reading
+    (its `toktrie_hf`) makes of the two kinds of tokenizer models use, compared token by token in
+    tests/test_grammar.py: byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) and SentencePiece's
+    byte fallback (Gemma). Any other kind: None, and llguidance reads the JSON."""
+
+    def __init__(self, tokenizer, tokens: list[bytes], special: list[int]):
+        self.eos_token_id = tokenizer.eos_token_id
+        self.bos_token_id = tokenizer.bos_token_id
+        self.tokens, self.special_token_ids = tokens, special
+        self._backend = tokenizer.backend_tokenizer
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):  # TokenizerWrapper asks once whether bytes are taken
+            raise TypeError("text only")
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    @classmethod
+    def of(cls, tokenizer) -> "Vocabulary | None":
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or backend.decoder is None:
+            return None
+        state = orjson.loads(backend.decoder.__getstate__())
+        decoders = state.get("decoders", [state])
+        kinds = {d["type"] for d in decoders}
+        if "ByteLevel" in kinds:
+            chars = _byte_level_chars()
+
+            def raw(piece: str) -> bytes | None:
+                return bytes(chars[c] for c in piece) if all(c in chars for c in piece) else None
+        elif "ByteFallback" in kinds and _no_added_space(backend):
+            space = next((d["pattern"]["String"] for d in decoders if d["type"] == "Replace"
+                          and d.get("content") == " " and len(d["pattern"].get("String", "")) == 1),
+                         " ")  # SentencePiece's "\u2581" stands for a space
+
+            def raw(piece: str) -> bytes | None:
+                if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                    return bytes([int(piece[3:5], 16)])
+                return piece.replace(space, " ").encode()
+        else:
+            return None
+        added = backend.get_added_tokens_decoder()
+        # llguidance's rule: added tokens that are special or look like <...> are special
+        special = sorted(i for i, a in added.items()
+                         if a.special or (a.content.startswith("<") and a.content.endswith(">")))
+        tokens = [b""] * backend.get_vocab_size(with_added_tokens=True)
+        for piece, i in backend.get_vocab(with_added_tokens=True).items():
+            if i in added:
+                tokens[i] = added[i].content.encode()
+            else:
+                tokens[i] = raw(piece) or b""
+        return cls(tokenizer, tokens, special)
+
+
+def _no_added_space(backend) -> bool:
+    """True when encoding a fragment adds no space of its own before it (no `Prepend`
+    normalizer, no `Metaspace` pre-tokenizer); llguidance switches those off in its copy."""
+    def kinds(part) -> set[str]:
+        if part is None:
+            return set()
+        state = orjson.loads(part.__getstate__())
+        inner = state.get("normalizers") or state.get("pretokenizers") or [state]
+        return {p["type"] for p in inner}
+    return not ({"Prepend", "Metaspace"} & (kinds(backend.normalizer)
+                                            | kinds(backend.pre_tokenizer)))
+
+
 class _Compiler:
     """llguidance's view of one tokenizer, and the schemas compiled for it."""
 
@@ -96,14 +173,12 @@ class _Compiler:
         import llguidance.hf  # only nodes that constrain something pay for the import
         self.llg = llguidance
         eos = tokenizer.eos_token_id
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None and backend.padding is None and backend.truncation is None:
-            # what llguidance.hf.from_tokenizer does, without its copy of the tokenizer (a JSON
-            # round trip, 1.4 of its 4.2 s for Gemma 3's 262k tokens), made only to switch off
-            # padding and truncation, which are off
-            self.tokenizer = llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size,
-                                                    eos_token=eos)
-        else:
+        vocabulary = Vocabulary.of(tokenizer)
+        if vocabulary is not None:
+            from llguidance._tokenizer import TokenizerWrapper
+            self.tokenizer = llguidance.LLTokenizer(TokenizerWrapper(vocabulary),
+                                                    n_vocab=vocab_size, eos_token=eos)
+        else:  # llguidance reads the tokenizer's JSON and keeps a second tokenizer of its own
             self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
                                                           eos_token=eos)
         self.cache: OrderedDict[bytes, object] = OrderedDict()
