@@ -245,6 +245,11 @@ static inline void k_scales(const uint8_t *q, float d, float dmin, float *ws, fl
   _mm256_storeu_ps(wm, _mm256_mul_ps(mn, _mm256_set1_ps(-dmin)));
 }
 
+/* int32 lanes 0..g-1 all ones, the others zero: a mask for the g runs of a last, short group */
+static inline __m256i first_lanes(int g) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 /* the float scale and minimum of runs b0 .. b0+g-1 (g <= 8; b0 a multiple of 8) */
 static inline __attribute__((always_inline)) void scales8(const int type, const uint8_t *row,
                                                           int64_t b0, int g, float *ws,
@@ -268,30 +273,24 @@ static inline __attribute__((always_inline)) void scales8(const int type, const 
   }
   const int64_t bytes = block_bytes(type);
   const int has_min = type == Q4_1 || type == Q5_1;
-  if (g == 8) { /* one gather of the eight blocks' first four bytes: d, and m where it is */
-    const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                          _mm256_set1_epi32((int)bytes));
-    const __m256i dm = _mm256_i32gather_epi32((const int *)(row + b0 * bytes), at, 1);
-    const __m256i lo16 = _mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF));
-    const __m128i d16 = _mm_packus_epi32(_mm256_castsi256_si128(lo16),
-                                         _mm256_extracti128_si256(lo16, 1));
-    _mm256_storeu_ps(ws, _mm256_cvtph_ps(d16));
-    if (has_min) {
-      const __m256i hi16 = _mm256_srli_epi32(dm, 16);
-      _mm256_storeu_ps(wm, _mm256_cvtph_ps(_mm_packus_epi32(
-          _mm256_castsi256_si128(hi16), _mm256_extracti128_si256(hi16, 1))));
-    } else {
-      _mm256_storeu_ps(wm, _mm256_setzero_ps());
-    }
-    return;
+  /* one gather of the blocks' first four bytes: d, and m where it is (blocks past g: zeros) */
+  const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                        _mm256_set1_epi32((int)bytes));
+  const int *first = (const int *)(row + b0 * bytes);
+  const __m256i dm = g == 8 ? _mm256_i32gather_epi32(first, at, 1)
+                            : _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), first, at,
+                                                          first_lanes(g), 1);
+  const __m256i lo16 = _mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF));
+  const __m128i d16 = _mm_packus_epi32(_mm256_castsi256_si128(lo16),
+                                       _mm256_extracti128_si256(lo16, 1));
+  _mm256_storeu_ps(ws, _mm256_cvtph_ps(d16));
+  if (has_min) {
+    const __m256i hi16 = _mm256_srli_epi32(dm, 16);
+    _mm256_storeu_ps(wm, _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(hi16),
+                                                          _mm256_extracti128_si256(hi16, 1))));
+  } else {
+    _mm256_storeu_ps(wm, _mm256_setzero_ps());
   }
-  for (int j = 0; j < g; j++) {
-    const uint8_t *blk = row + (b0 + j) * bytes;
-    ws[j] = half(blk);
-    wm[j] = has_min ? half(blk + 2) : 0.0f;
-  }
-  for (int j = g; j < 8; j++)
-    ws[j] = wm[j] = 0.0f;
 }
 
 /* --- the vector paths ---------------------------------------------------------------------- */
@@ -858,17 +857,11 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
         if (off > 0.0f)
           m = _mm256_mul_ps(m, _mm256_set1_ps(-off));
 #pragma GCC unroll 4
-        for (int c = 0; c < NX; c++) {
-          if (g == GROUP) {
-            corr[a][c] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xs + c * nb), corr[a][c]);
-          } else {
-            float mv[8], t = 0.0f;
-            _mm256_storeu_ps(mv, m);
-            for (int j = 0; j < g; j++)
-              t += mv[j] * xs[c * nb + j];
-            corr[a][c] = _mm256_add_ps(corr[a][c], _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, t));
-          }
-        }
+        for (int c = 0; c < NX; c++) /* a short group's sums end with the row's: masked */
+          corr[a][c] = _mm256_fmadd_ps(m, g == GROUP ? _mm256_loadu_ps(xs + c * nb)
+                                                     : _mm256_maskload_ps(xs + c * nb,
+                                                                          first_lanes(g)),
+                                       corr[a][c]);
       }
     }
     if (g == GROUP) {
