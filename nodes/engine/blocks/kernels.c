@@ -245,6 +245,13 @@ static inline void k_scales(const uint8_t *q, float d, float dmin, float *ws, fl
   _mm256_storeu_ps(wm, _mm256_mul_ps(mn, _mm256_set1_ps(-dmin)));
 }
 
+/* four bytes at p, wherever they lie */
+static inline int load4(const uint8_t *p) {
+  int v;
+  memcpy(&v, p, 4);
+  return v;
+}
+
 /* int32 lanes 0..g-1 all ones, the others zero: a mask for the g runs of a last, short group */
 static inline __m256i first_lanes(int g) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -273,13 +280,12 @@ static inline __attribute__((always_inline)) void scales8(const int type, const 
   }
   const int64_t bytes = block_bytes(type);
   const int has_min = type == Q4_1 || type == Q5_1;
-  /* one gather of the blocks' first four bytes: d, and m where it is (blocks past g: zeros) */
-  const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                        _mm256_set1_epi32((int)bytes));
-  const int *first = (const int *)(row + b0 * bytes);
-  const __m256i dm = g == 8 ? _mm256_i32gather_epi32(first, at, 1)
-                            : _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), first, at,
-                                                          first_lanes(g), 1);
+  /* the blocks' first four bytes: d, and m where it is (blocks past g: zeros). Eight scalar
+   * loads: a gather's latency (Zen 4) held up every product of a group behind it */
+#define HEAD(j) ((j) < g ? load4(row + (b0 + (j)) * bytes) : 0)
+  const __m256i dm = _mm256_setr_epi32(HEAD(0), HEAD(1), HEAD(2), HEAD(3), HEAD(4), HEAD(5),
+                                       HEAD(6), HEAD(7));
+#undef HEAD
   const __m256i lo16 = _mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF));
   const __m128i d16 = _mm_packus_epi32(_mm256_castsi256_si128(lo16),
                                        _mm256_extracti128_si256(lo16, 1));
