@@ -36,4 +36,12 @@ def test_the_default_tokenizer_byte_level_reads_as_llguidance_reads_it(tiny_mode
 def test_gemmas_sentencepiece_tokenizer_reads_as_llguidance_reads_it(gemma_gguf):
     """Gemma 3's 262k tokens: SentencePiece pieces with byte fallback and 6k special tokens."""
     folder = models.meta_folder(*models.gguf_file(gemma_gguf))
-    same_view(models.lean(AutoTokenizer.from_pretrained(folder)))
+    lean, full = models.lean(AutoTokenizer.from_pretrained(folder)), \
+        AutoTokenizer.from_pretrained(folder)
+    assert lean._merges is None  # the Python copy is gone, and nothing a node does misses it:
+    for text in TEXTS:
+        ids = full.encode(text)
+        assert lean.encode(text) == ids and lean.decode(ids) == full.decode(ids)
+    assert lean.convert_ids_to_tokens(ids) == full.convert_ids_to_tokens(ids)
+    assert lean.get_vocab() == full.get_vocab() and len(lean) == len(full)
+    same_view(lean)
