@@ -9,6 +9,8 @@ kernels (a float16 KV cache) and on the torch path a GPU runs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
@@ -183,7 +185,8 @@ def test_the_real_gemma_3_file_answers_from_its_own_blocks(gemma_gguf, tmp_path,
         def emit(out):
             for item in out.tokens:
                 answers[item[0]] = answers.get(item[0], "") + item[1]
-            if any(f.rid == 2 for f in out.done):
+            finished.update(f.rid for f in out.done)
+            if finished >= {1, 2, 3}:
                 done.set()
         engine.start(asyncio.get_running_loop(), emit)
         engine.submit(EngineRequest(1, Request(
@@ -191,12 +194,24 @@ def test_the_real_gemma_3_file_answers_from_its_own_blocks(gemma_gguf, tmp_path,
             max_tokens=3)))
         engine.submit(EngineRequest(2, Request(
             messages=[{"role": "user", "content": "Hello!"}], temperature=0.0, max_tokens=8)))
-        await asyncio.wait_for(done.wait(), 120)
+        engine.submit(EngineRequest(3, Request(  # a grammar over Gemma's SentencePiece tokens
+            messages=[{"role": "user", "content": "A city and its country, as JSON."}],
+            temperature=0.0, max_tokens=60, response_format={"type": "json_schema", "json_schema": {
+                "name": "place", "schema": PLACE}})))
+        await asyncio.wait_for(done.wait(), 180)
         engine.stop()
 
+    finished: set[int] = set()
     asyncio.run(main())
     assert "Paris" in answers[1]
     assert answers[2].strip()  # the chat template renders and the model answers
+    place = json.loads(answers[3])
+    assert set(place) == {"city", "country"} and all(isinstance(v, str) for v in place.values())
+
+
+PLACE = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
+         "properties": {"city": {"type": "string", "maxLength": 20},
+                        "country": {"type": "string", "maxLength": 20}}}
 
 
 def test_phi_long_context_turns_by_the_long_factors(tmp_path, monkeypatch):
