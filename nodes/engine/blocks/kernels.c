@@ -398,10 +398,10 @@ static inline __attribute__((always_inline)) bvec pair_k(const int type, const u
 }
 /* two 32-blocks' 16 bytes of nibbles each (q0, q1) as their 64 weights, as `nibbles` lays a run */
 static inline bvec nibble_pair(const uint8_t *q0, const uint8_t *q1) {
-  const __m256i two = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)q1),
-                                       _mm_loadu_si128((const __m128i *)q0));
-  const __m512i raw = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
-                                               _mm512_castsi256_si512(two));
+  /* [q0 q0 q1 q1]: two broadcast loads and one insert, no cross-lane permute */
+  const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q0));
+  const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q1));
+  const __m512i raw = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
   return _mm512_and_si512(_mm512_srlv_epi64(raw, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
                           _mm512_set1_epi8(0x0F));
 }
