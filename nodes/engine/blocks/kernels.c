@@ -417,9 +417,9 @@ static inline __attribute__((always_inline)) bvec pair(const int type, const uin
     uint32_t bits0, bits1;
     memcpy(&bits0, h0, 4);
     memcpy(&bits1, h1, 4);
-    return _mm512_or_si512(nibble_pair(h0 + 4, h1 + 4),
-                           _mm512_maskz_mov_epi8((__mmask64)bits0 | (__mmask64)bits1 << 32,
-                                                 _mm512_set1_epi8(0x10)));
+    const bvec low = nibble_pair(h0 + 4, h1 + 4); /* + 16 where the fifth bit is set */
+    return _mm512_mask_add_epi8(low, (__mmask64)bits0 | (__mmask64)bits1 << 32, low,
+                                _mm512_set1_epi8(0x10));
   }
   return bpair(codes(type, row, b), codes(type, row, b + 1));
 }
