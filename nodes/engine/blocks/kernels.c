@@ -628,12 +628,13 @@ typedef struct {
   float *d;   /* [M, groups] the group's step over 128: run r's is d * f_r */
   int16_t *f; /* [M, K/32] f_r of each run */
   float *rs;  /* [M, K/32, 8] each run's step, eight times (one per lane) */
+  float *st;  /* [M, K/32] the same steps once each: a one-row product's */
   float *o;   /* [M, K/32] step * sum(q) of each run: for the minimums and the codes' offsets */
   float *o6;  /* [M, K/16] the same per 16 values: for Q6_K's offset, whose scales are per 16 */
 } qrows;
 
 static void release(qrows *r) {
-  free(r->q), free(r->d), free(r->f), free(r->rs), free(r->o), free(r->o6);
+  free(r->q), free(r->d), free(r->f), free(r->rs), free(r->st), free(r->o), free(r->o6);
 }
 
 static inline int64_t groups_of(int64_t nb) { return (nb + GROUP - 1) / GROUP; }
@@ -659,9 +660,10 @@ static int quantize8(const float *x, int64_t m_rows, int64_t k, qrows *out) {
   out->d = scratch(sizeof(float) * (size_t)(m_rows * ng));
   out->f = scratch(sizeof(int16_t) * (size_t)(m_rows * nb));
   out->rs = scratch(sizeof(float) * (size_t)(m_rows * nb * 8));
+  out->st = scratch(sizeof(float) * (size_t)(m_rows * nb));
   out->o = scratch(sizeof(float) * (size_t)(m_rows * nb));
   out->o6 = scratch(sizeof(float) * (size_t)(m_rows * nb * 2));
-  if (!out->q || !out->d || !out->f || !out->rs || !out->o || !out->o6) {
+  if (!out->q || !out->d || !out->f || !out->rs || !out->st || !out->o || !out->o6) {
     release(out);
     return -1;
   }
@@ -696,6 +698,7 @@ static int quantize8(const float *x, int64_t m_rows, int64_t k, qrows *out) {
       const int32_t first = hsum8i(_mm256_add_epi32(q32[0], q32[1]));
       const int32_t second = hsum8i(_mm256_add_epi32(q32[2], q32[3]));
       _mm256_storeu_ps(out->rs + (row * nb + b) * 8, _mm256_set1_ps(rstep));
+      out->st[row * nb + b] = rstep;
       out->o[row * nb + b] = rstep * (float)(first + second);
       out->o6[(row * nb + b) * 2] = rstep * (float)first;
       out->o6[(row * nb + b) * 2 + 1] = rstep * (float)second;
@@ -729,11 +732,14 @@ static inline void share(int64_t n, int64_t unit, int64_t *begin, int64_t *end) 
 
 /* Runs b, b + 1 of the 32-block types (b alone if !two: its pair's lanes get zeros) of WR
  * weight rows against NX rows of x, into acc: each run's dot products times its float scale
- * (ws[a][j], j = b's place in its group) and step */
+ * (ws[a][j], j = b's place in its group) and step; for one row of x (a decode step), the two
+ * multiplied once per group (sx[a] lane j), which spares a load and a product per pair (with
+ * more rows that would take a lane shuffle per row and pair instead: slower) */
 static inline __attribute__((always_inline)) void pairs(const int type, const int NX,
                                                         const uint8_t *const *w, const qrows *xr,
                                                         int64_t i0, int64_t nb, int64_t b,
-                                                        const float ws[WR][8], const int j,
+                                                        const float ws[WR][8],
+                                                        const __m256 sx[WR], const int j,
                                                         const int two, fvec acc[WR][XR]) {
   const int is_signed = type == Q8_0 || type == IQ4_NL || type == IQ4_XS;
   bvec u[WR];
@@ -741,16 +747,18 @@ static inline __attribute__((always_inline)) void pairs(const int type, const in
 #pragma GCC unroll 4
   for (int a = 0; a < WR; a++) {
     u[a] = two ? pair(type, w[a], b) : bpair(codes(type, w[a], b), _mm256_setzero_si256());
-    s[a] = spread(_mm256_loadu_ps(ws[a]), j); /* scales8 set ws past the group's runs to 0 */
+    /* scales8 set ws past the group's runs to 0 */
+    s[a] = NX == 1 ? spread(sx[a], j) : spread(_mm256_loadu_ps(ws[a]), j);
   }
 #pragma GCC unroll 4
   for (int c = 0; c < NX; c++) {
     const bvec xv = bload(xr->q + ((i0 + c) * nb + b) * RUN);
-    const svec steps = sload(xr->rs + ((i0 + c) * nb + b) * 8);
+    const svec steps = NX == 1 ? s[0] : sload(xr->rs + ((i0 + c) * nb + b) * 8);
 #pragma GCC unroll 4
     for (int a = 0; a < WR; a++)
       acc[a][c] = fdot(acc[a][c], is_signed ? dot4(izero(), babs(u[a]), bsign(xv, u[a]))
-                                            : dot4(izero(), u[a], xv), smul(s[a], steps));
+                                            : dot4(izero(), u[a], xv),
+                       NX == 1 ? s[a] : smul(s[a], steps));
   }
 }
 
@@ -853,9 +861,16 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
     }
     const int g = nb - b0 < GROUP ? (int)(nb - b0) : GROUP;
     float ws[WR][8], wm[WR][8];
+    __m256 sx[WR]; /* one row of x: its steps times the runs' scales (past g: zeros) */
 #pragma GCC unroll 4
     for (int a = 0; a < WR; a++) {
       scales8(type, w[a], b0, g, ws[a], wm[a]);
+      if (NX == 1) {
+        const float *st = xr->st + i0 * nb + b0;
+        sx[a] = _mm256_mul_ps(_mm256_loadu_ps(ws[a]),
+                              g == GROUP ? _mm256_loadu_ps(st)
+                                         : _mm256_maskload_ps(st, first_lanes(g)));
+      }
       const float off = (float)OFFSET(type);
       if (type == Q4_1 || type == Q5_1 || off > 0.0f) {
         const float *xs = xr->o + i0 * nb + b0;
@@ -873,10 +888,10 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
     if (g == GROUP) {
 #pragma GCC unroll 4
       for (int j = 0; j < GROUP; j += 2)
-        pairs(type, NX, w, xr, i0, nb, b0 + j, ws, j, 1, acc);
+        pairs(type, NX, w, xr, i0, nb, b0 + j, ws, sx, j, 1, acc);
     } else {
       for (int j = 0; j < g; j += 2)
-        pairs(type, NX, w, xr, i0, nb, b0 + j, ws, j, j + 1 < g, acc);
+        pairs(type, NX, w, xr, i0, nb, b0 + j, ws, sx, j, j + 1 < g, acc);
     }
   }
 #pragma GCC unroll 4
