@@ -119,10 +119,7 @@ class Vocabulary:
     @classmethod
     def of(cls, tokenizer) -> "Vocabulary | None":
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None or backend.decoder is None:
-            return None
-        state = orjson.loads(backend.decoder.__getstate__())
-        decoders = state.get("decoders", [state])
+        decoders = _parts(backend.decoder) if backend is not None else []
         kinds = {d["type"] for d in decoders}
         if "ByteLevel" in kinds:
             chars = _byte_level_chars()
@@ -153,17 +150,21 @@ class Vocabulary:
         return cls(tokenizer, tokens, special)
 
 
+def _parts(component) -> list[dict]:
+    """A tokenizer component's settings (its decoder, normalizer or pre-tokenizer): a
+    Sequence's members in order, else the one; none for no component."""
+    if component is None:
+        return []
+    state = orjson.loads(component.__getstate__())
+    return state.get("decoders") or state.get("normalizers") or state.get("pretokenizers") \
+        or [state]
+
+
 def _no_added_space(backend) -> bool:
     """True when encoding a fragment adds no space of its own before it (no `Prepend`
     normalizer, no `Metaspace` pre-tokenizer); llguidance switches those off in its copy."""
-    def kinds(part) -> set[str]:
-        if part is None:
-            return set()
-        state = orjson.loads(part.__getstate__())
-        inner = state.get("normalizers") or state.get("pretokenizers") or [state]
-        return {p["type"] for p in inner}
-    return not ({"Prepend", "Metaspace"} & (kinds(backend.normalizer)
-                                            | kinds(backend.pre_tokenizer)))
+    parts = _parts(backend.normalizer) + _parts(backend.pre_tokenizer)
+    return not {"Prepend", "Metaspace"} & {p["type"] for p in parts}
 
 
 class _Compiler:
