@@ -753,6 +753,7 @@ static inline __attribute__((always_inline)) void pairs(const int type, const in
 #pragma GCC unroll 4
   for (int c = 0; c < NX; c++) {
     const bvec xv = bload(xr->q + ((i0 + c) * nb + b) * RUN);
+    /* one row: s[a] holds the steps already (sx), `steps` goes unused */
     const svec steps = NX == 1 ? s[0] : sload(xr->rs + ((i0 + c) * nb + b) * 8);
 #pragma GCC unroll 4
     for (int a = 0; a < WR; a++)
