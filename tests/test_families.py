@@ -274,3 +274,42 @@ def test_a_files_config_is_the_one_transformers_reads(tmp_path, kind):
     for read in ours, theirs:
         read.pop("_name_or_path")  # where it was read from, not what it says
     assert ours == theirs
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_a_node_reads_a_files_saved_config_without_the_models_own_class(tmp_path, kind,
+                                                                         monkeypatch):
+    """A node reads a file's saved config into transformers' base config class: importing the
+    model's own class imports transformers' model-loading code (60 MB of a node's memory).
+    Every value equals what the model's class reads, and a node that loads the file imports
+    no model's config code at all."""
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from nodes.engine import models
+    monkeypatch.setenv("TREECHAT_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(kind)
+    config.vocab_size = 49152
+    path = tmp_path / "model.gguf"
+    gguf_files.write(reference_net(config), path, T.F16, tokenizer=True)
+    folder = models.meta_folder(*models.gguf_file(str(path)))  # what a first start writes
+    ours, theirs = vars(models.saved_config(folder)), vars(AutoConfig.from_pretrained(folder))
+    # where it was read from, and a flag of transformers' generate, which we do not run
+    unread = {"_name_or_path", "use_cache"}
+    assert {k: v for k, v in ours.items() if k not in unread} == \
+        {k: v for k, v in theirs.items() if k not in unread}
+    tok, auto = models.load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    assert type(tok) is type(auto)
+    text = "<|im_start|>user\nWhat is the capital of France? ünïcödé 12345<|im_end|>"
+    assert tok(text)["input_ids"] == auto(text)["input_ids"]
+    load = ("import sys; from nodes.engine import models; "
+            f"models.load({str(path)!r}, device='cpu', dtype='auto', load_format='auto', "
+            "model_config=None); print(sorted(m for m in sys.modules if m in "
+            f"('transformers.models.{kind}.configuration_{kind}', "
+            "'transformers.core_model_loading', 'sympy')))")
+    out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True,
+                         timeout=150, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

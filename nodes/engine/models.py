@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import torch
 
 from nodes.engine.names import DEFAULT_MODEL, model_name
@@ -198,7 +199,7 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
          model_config: str | None, quantization: str = "auto") -> Loaded:
     """Find the model, decide the runner (ours for the families it serves, else transformers')
     and the precision, and load it. A GGUF file's weights are read straight from the file."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from nodes.engine import families, llama, weights
     dev = pick_device(device)
@@ -215,7 +216,7 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
         if found is not None:
             gguf, cached = found
             folder = meta_folder(gguf, cached)
-            config = AutoConfig.from_pretrained(folder)
+            config = saved_config(folder)
             why = families.unsupported(config)
             if why is None:
                 source = weights.open_gguf(gguf)  # a tensor type we do not read: an error here
@@ -224,6 +225,7 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
                 log.warning("%s: %s, so it runs on transformers' own forward, the slow path "
                             "(its weights converted once to float32)", gguf.name, why)
                 folder = convert_gguf(gguf, cached)
+                config = AutoConfig.from_pretrained(folder)
         else:
             folder = local_folder(model)
             config = AutoConfig.from_pretrained(folder)
@@ -239,7 +241,7 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
     ours = source is not None
     dt = pick_dtype(dtype, dev, config)
     mode = pick_quantization(quantization, dev, ours)
-    tok = lean(AutoTokenizer.from_pretrained(folder))
+    tok = lean(load_tokenizer(folder))
     gen = generation_config(folder, config)
     loaded = Loaded(config=config, tokenizer=tok, name=name, device=dev, dtype=dt,
                     quantization=describe(source, mode), eos_ids=eos_ids(gen, tok),
@@ -249,6 +251,29 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
     else:
         loaded.net = transformers_model(config, folder, load_format, dev, dt)
     return loaded
+
+
+def saved_config(folder: Path):
+    """The config a meta folder holds (written whole by `_write_meta`), read into transformers'
+    base config class rather than the model's own: importing any model's config class imports
+    transformers' model-loading code with it (torch.distributed's tensors, sympy: 700 modules
+    and 60 MB of a node's memory) that a node running our runner never uses. Saved whole, the
+    file holds every value the model's class would give (tests/test_families.py compares)."""
+    from transformers.configuration_utils import PreTrainedConfig
+    return PreTrainedConfig.from_dict(orjson.loads((folder / "config.json").read_bytes()))
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer of a folder, by the class its tokenizer_config.json names; AutoTokenizer
+    reads the model's config with the model's own class to choose one (see saved_config)."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+    try:
+        named = orjson.loads((folder / "tokenizer_config.json").read_bytes()).get("tokenizer_class")
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        named = None
+    cls = tokenizer_class_from_name(named) if isinstance(named, str) else None
+    return (cls or AutoTokenizer).from_pretrained(folder)
 
 
 def lean(tokenizer):
