@@ -259,8 +259,8 @@ def saved_config(folder: Path):
     transformers' model-loading code with it (torch.distributed's tensors, sympy: 700 modules
     and 60 MB of a node's memory) that a node running our runner never uses. Saved whole, the
     file holds every value the model's class would give (tests/test_families.py compares)."""
-    from transformers.configuration_utils import PreTrainedConfig
-    return PreTrainedConfig.from_dict(orjson.loads((folder / "config.json").read_bytes()))
+    from transformers.configuration_utils import PretrainedConfig  # both 4.x's and 5.x's name
+    return PretrainedConfig.from_dict(orjson.loads((folder / "config.json").read_bytes()))
 
 
 def load_tokenizer(folder: Path):
