@@ -280,7 +280,7 @@ def test_a_files_config_is_the_one_transformers_reads(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_a_node_reads_a_saved_config_without_the_models_class(tmp_path, kind, monkeypatch):
     """A node reads a file's saved config into transformers' base config class: importing the
-    model's own class imports transformers' model-loading code (60 MB of a node's memory).
+    model's own class imports transformers' model-loading code (56 MB of a node's memory).
     Every value equals what the model's class reads, and a node that loads the file imports
     no model's config code at all."""
     import subprocess

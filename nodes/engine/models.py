@@ -256,23 +256,27 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
 def saved_config(folder: Path):
     """The config a meta folder holds (written whole by `_write_meta`), read into transformers'
     base config class rather than the model's own: importing any model's config class imports
-    transformers' model-loading code with it (torch.distributed's tensors, sympy: 700 modules
-    and 60 MB of a node's memory) that a node running our runner never uses. Saved whole, the
+    transformers' model-loading code with it (torch.distributed's tensors, sympy: 726 modules
+    and 56 MB of a node's memory) that a node running our runner never uses. Saved whole, the
     file holds every value the model's class would give (tests/test_families.py compares)."""
     from transformers.configuration_utils import PretrainedConfig  # both 4.x's and 5.x's name
     return PretrainedConfig.from_dict(orjson.loads((folder / "config.json").read_bytes()))
 
 
 def load_tokenizer(folder: Path):
-    """The tokenizer of a folder, by the class its tokenizer_config.json names; AutoTokenizer
-    reads the model's config with the model's own class to choose one (see saved_config)."""
+    """The tokenizer of a folder, by the class its tokenizer_config.json names (its fast
+    version first, as AutoTokenizer picks; transformers 5 has only those); AutoTokenizer reads
+    the model's config with the model's own class to choose one (see saved_config)."""
     from transformers import AutoTokenizer
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
     try:
         named = orjson.loads((folder / "tokenizer_config.json").read_bytes()).get("tokenizer_class")
     except (OSError, orjson.JSONDecodeError, AttributeError):
         named = None
-    cls = tokenizer_class_from_name(named) if isinstance(named, str) else None
+    cls = None
+    if isinstance(named, str):
+        cls = tokenizer_class_from_name(named.removesuffix("Fast") + "Fast") \
+            or tokenizer_class_from_name(named)
     return (cls or AutoTokenizer).from_pretrained(folder)
 
 
