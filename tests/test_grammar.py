@@ -2,6 +2,8 @@
 rather than from the tokenizer's JSON: the same bytes for every token, the same special tokens,
 the same tokenization, for both kinds of tokenizer the families use."""
 
+from pathlib import Path
+
 import llguidance
 import llguidance.hf
 import pytest
@@ -28,7 +30,7 @@ def same_view(tokenizer) -> None:
 
 @pytest.mark.timeout(120)
 def test_the_default_tokenizer_byte_level_reads_as_llguidance_reads_it(tiny_model):
-    same_view(models.lean(AutoTokenizer.from_pretrained(tiny_model)))
+    same_view(models.lean(models.load_tokenizer(Path(tiny_model))))  # as a node loads it
 
 
 @pytest.mark.slow
@@ -36,8 +38,7 @@ def test_the_default_tokenizer_byte_level_reads_as_llguidance_reads_it(tiny_mode
 def test_gemmas_sentencepiece_tokenizer_reads_as_llguidance_reads_it(gemma_gguf):
     """Gemma 3's 262k tokens: SentencePiece pieces with byte fallback and 6k special tokens."""
     folder = models.meta_folder(*models.gguf_file(gemma_gguf))
-    lean, full = models.lean(AutoTokenizer.from_pretrained(folder)), \
-        AutoTokenizer.from_pretrained(folder)
+    lean, full = models.lean(models.load_tokenizer(folder)), AutoTokenizer.from_pretrained(folder)
     assert lean._merges is None  # the Python copy is gone, and nothing a node does misses it:
     for text in TEXTS:
         ids = full.encode(text)
