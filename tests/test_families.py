@@ -300,10 +300,17 @@ def test_a_node_reads_a_saved_config_without_the_models_class(tmp_path, kind, mo
     unread = {"_name_or_path", "use_cache"}
     assert {k: v for k, v in ours.items() if k not in unread} == \
         {k: v for k, v in theirs.items() if k not in unread}
-    tok, auto = models.load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
-    assert type(tok) is type(auto)
+    # the node reads the saved tokenizer.json with the generic class; it tokenizes as
+    # transformers' reading of the GGUF file does
+    tok = models.load_tokenizer(folder, saved=True)
+    auto = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     text = "<|im_start|>user\nWhat is the capital of France? ünïcödé 12345<|im_end|>"
-    assert tok(text)["input_ids"] == auto(text)["input_ids"]
+    for special in (True, False):
+        ids = auto(text, add_special_tokens=special)["input_ids"]
+        assert tok(text, add_special_tokens=special)["input_ids"] == ids
+        assert tok.decode(ids) == auto.decode(ids)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.all_special_ids, tok.chat_template) == \
+        (auto.bos_token_id, auto.eos_token_id, auto.all_special_ids, auto.chat_template)
     load = ("import sys; from nodes.engine import models; "
             f"models.load({str(path)!r}, device='cpu', dtype='auto', load_format='auto', "
             "model_config=None); print(sorted(m for m in sys.modules if m in "

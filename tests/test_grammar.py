@@ -9,7 +9,7 @@ import llguidance.hf
 import pytest
 from transformers import AutoTokenizer
 
-from nodes.engine import grammar, models
+from nodes.engine import grammar, models, templates
 
 TEXTS = ["Hello, world!", ' {"name": "Zoë", "tags": ["東京", "🚀"]}\n', "  two  spaces\tand a tab"]
 
@@ -38,11 +38,23 @@ def test_the_default_tokenizer_byte_level_reads_as_llguidance_reads_it(tiny_mode
 def test_gemmas_sentencepiece_tokenizer_reads_as_llguidance_reads_it(gemma_gguf):
     """Gemma 3's 262k tokens: SentencePiece pieces with byte fallback and 6k special tokens."""
     folder = models.meta_folder(*models.gguf_file(gemma_gguf))
-    lean, full = models.lean(models.load_tokenizer(folder)), AutoTokenizer.from_pretrained(folder)
-    assert lean._merges is None  # the Python copy is gone, and nothing a node does misses it:
+    # as a node loads it: the saved tokenizer.json read as it is, not rebuilt by GemmaTokenizer
+    lean = models.lean(models.load_tokenizer(folder, saved=True))
+    full = AutoTokenizer.from_pretrained(folder)
+    assert getattr(lean, "_merges", None) is None  # no Python copy, and nothing misses it:
     for text in TEXTS:
         ids = full.encode(text)
         assert lean.encode(text) == ids and lean.decode(ids) == full.decode(ids)
+        assert lean.encode(text, add_special_tokens=False) == \
+            full.encode(text, add_special_tokens=False)
     assert lean.convert_ids_to_tokens(ids) == full.convert_ids_to_tokens(ids)
     assert lean.get_vocab() == full.get_vocab() and len(lean) == len(full)
+    assert (lean.bos_token_id, lean.eos_token_id, lean.all_special_ids) == \
+        (full.bos_token_id, full.eos_token_id, full.all_special_ids)
+    chat = [{"role": "user", "content": TEXTS[1]}]  # the file has no template: a node's own
+    assert lean.chat_template is full.chat_template is None
+    assert lean.apply_chat_template(chat, chat_template=templates.GEMMA.template, tokenize=True,
+                                    add_generation_prompt=True) == \
+        full.apply_chat_template(chat, chat_template=templates.GEMMA.template, tokenize=True,
+                                 add_generation_prompt=True)
     same_view(lean)

@@ -51,7 +51,7 @@ class Tokenizer:
         else:
             folder = models.local_folder(self.model)
             config = AutoConfig.from_pretrained(folder)
-        tok = models.load_tokenizer(folder)
+        tok = models.load_tokenizer(folder, saved=bool(gguf))
         template, _ = templates.choose(self.chat_template, config, tok)
         return tok, template or tok.chat_template
 
