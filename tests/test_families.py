@@ -77,8 +77,11 @@ def serve(config, source, on_kernels: bool, monkeypatch):
     assert isinstance(model, CpuModel if on_kernels else TorchModel)
     s = model.shape
     cache = RowCache(s.layers, s.kv_heads, s.head_dim, model.cache_dtype, torch.device("cpu"),
-                     4096, 256, 4)
+                     4096, 256, 4, zeroed=model.cache_zeroed)
     cache.reshape(2, 64, 64, 0)
+    if not model.cache_zeroed:  # the kernels read no position past a row's own: NaN there
+        cache.k.fill_(float("nan"))  # would spread into every logit
+        cache.v.fill_(float("nan"))
     return model, cache
 
 
@@ -134,6 +137,31 @@ def test_gguf_f16_logits_equal_transformers(tmp_path, kind, on_kernels, monkeypa
     model, cache = serve(config, weights.GGUFSource(tmp_path / "model.gguf"), on_kernels,
                          monkeypatch)
     check_logits(net, model, cache, 3e-3 if on_kernels else 1e-4)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_rows_of_different_lengths_decode_over_an_unfilled_cache(tmp_path, kind, monkeypatch):
+    """A node's cache on our kernels is not zeroed when it grows (RowCache zeroed=False): two
+    rows decode together, the shorter one's positions past its own length hold NaN, and both
+    rows' logits are transformers' (Gemma 3: the longer row also past its sliding window)."""
+    config = tiny_config(kind)
+    net = reference_net(config)
+    net.save_pretrained(tmp_path)
+    model, cache = serve(config, weights.SafetensorsSource(tmp_path, families.of(config)), True,
+                         monkeypatch)
+    ids, nxt = torch.randint(0, VOCAB, (2, 20)), torch.randint(0, VOCAB, (2,))
+    with torch.no_grad():
+        refs = [net(torch.cat([ids[0], nxt[:1]])[None]).logits[0, -1],
+                net(torch.cat([ids[1, :9], nxt[1:]])[None]).logits[0, -1]]
+        b = Batch(ids=torch.cat([ids[0], ids[1, :9]]),
+                  pos=torch.cat([torch.arange(20), torch.arange(9)]), decode=0,
+                  chunks=[Chunk(0, 0, 20), Chunk(1, 0, 9)], logits_at=torch.tensor([19, 28]))
+        model.forward(model.prepare(b), cache)
+        decoded = model.forward(model.prepare(Batch(ids=nxt, pos=torch.tensor([20, 9]),
+                                                    decode=2)), cache)
+    assert cache.k[:, 1, :, 10:].isnan().all()  # the short row's unused positions, untouched
+    assert rel(decoded[0], refs[0]) < 3e-3 and rel(decoded[1], refs[1]) < 3e-3
 
 
 BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL,

@@ -172,6 +172,8 @@ class Batch:
 class Model:
     """What both implementations share: the shape, embeddings, the head, the rotary tables."""
 
+    cache_zeroed = True  # its attention reads past a row's length (see RowCache)
+
     def __init__(self, shape: Shape, embed, norm: torch.Tensor, lm_head, rope: dict,
                  device: torch.device, dtype: torch.dtype):
         self.shape = shape
@@ -206,6 +208,7 @@ class CpuModel(Model):
     """The forward on our C kernels: weights are `Blocks`, the KV cache float16."""
 
     cache_dtype = torch.float16
+    cache_zeroed = False  # attention() reads positions 0..pos of a row, nothing past them
 
     def __init__(self, shape: Shape, embed, layers: list[Layer], norm, lm_head, rope: dict):
         super().__init__(shape, embed, norm, lm_head, rope, torch.device("cpu"), torch.float32)

@@ -392,7 +392,8 @@ def make_runner(loaded: Loaded, *, slots: int, max_model_len: int, kv_budget: in
     if static:
         slots = max(1, min(slots, budget // max_model_len))
     cache = RowCache(layers, kv_heads, head_dim, kv_dtype, dev, budget, max_model_len,
-                     slots + 1 if static else slots, static=static)  # + the graphs' scratch row
+                     slots + 1 if static else slots, static=static,  # + the graphs' scratch row
+                     zeroed=loaded.model is None or loaded.model.cache_zeroed)
     if loaded.model is not None:
         return LlamaRunner(loaded.model, cache, graphs=static and cuda_graphs), budget
     return HFRunner(loaded.net, cache, dt), budget
