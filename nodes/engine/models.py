@@ -271,7 +271,8 @@ def load_tokenizer(folder: Path, saved: bool = False):
     `saved`: a meta folder (`meta_folder`), whose tokenizer.json its class wrote whole at the
     first start, which the generic fast class reads as it is. The model's own class would build
     it again from a Python copy of its vocabulary and merges (Gemma 3: 262k tokens and 515k
-    merges, 1 s more of every start and 14 MB more of the node's memory)."""
+    merges, half a second more of every start) with its family's own pipeline, which need not
+    be the file's."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
     if saved and (folder / "tokenizer.json").exists():
