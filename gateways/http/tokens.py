@@ -41,17 +41,9 @@ class Tokenizer:
         return await asyncio.shield(self.loading)
 
     def load(self) -> tuple[Any, str | None]:
-        from transformers import AutoConfig
-
         from nodes.engine import models, templates
-        gguf = models.gguf_file(self.model)  # found, named and read as models.load does
-        if gguf:
-            folder = models.meta_folder(*gguf)
-            config = models.saved_config(folder)
-        else:
-            folder = models.local_folder(self.model)
-            config = AutoConfig.from_pretrained(folder)
-        tok = models.load_tokenizer(folder, saved=bool(gguf))
+        folder, config, gguf = models.described(self.model)  # as models.load finds it
+        tok = models.load_tokenizer(folder, saved=gguf is not None)
         template, _ = templates.choose(self.chat_template, config, tok)
         return tok, template or tok.chat_template
 

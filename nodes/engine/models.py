@@ -203,7 +203,7 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
 
     from nodes.engine import families, llama, weights
     dev = pick_device(device)
-    source, defaults, written = None, DEFAULT_SAMPLING, False
+    source, defaults, found = None, DEFAULT_SAMPLING, None
     if load_format == "dummy":
         kind, values = DUMMY_CONFIGS[model_config]
         config = AutoConfig.for_model(kind, **values)
@@ -212,12 +212,10 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
         if families.unsupported(config) is None:
             source = weights.RandomSource(llama.Shape.of(config), dev)
     else:
-        found = gguf_file(model)
+        folder, config, found = described(model)
+        why = families.unsupported(config)
         if found is not None:
             gguf, cached = found
-            folder, written = meta_folder(gguf, cached), True
-            config = saved_config(folder)
-            why = families.unsupported(config)
             if why is None:
                 source = weights.open_gguf(gguf)  # a tensor type we do not read: an error here
                 config = with_file_values(config, source.meta, source.tensors)
@@ -226,22 +224,18 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
                             "(its weights converted once to float32)", gguf.name, why)
                 folder = convert_gguf(gguf, cached)
                 config = AutoConfig.from_pretrained(folder)
-        else:
-            folder = local_folder(model)
-            config = AutoConfig.from_pretrained(folder)
-            why = families.unsupported(config)
-            if why is None and any(folder.glob("*.safetensors")):
-                source = weights.SafetensorsSource(folder, families.of(config))
-            elif why is not None:
-                log.warning("%s: %s, so it runs on transformers' own forward, the slow path",
-                            folder.name, why)
+        elif why is None and any(folder.glob("*.safetensors")):
+            source = weights.SafetensorsSource(folder, families.of(config))
+        elif why is not None:
+            log.warning("%s: %s, so it runs on transformers' own forward, the slow path",
+                        folder.name, why)
         name = model_name(model)
         if model is not None:
             defaults = None
     ours = source is not None
     dt = pick_dtype(dtype, dev, config)
     mode = pick_quantization(quantization, dev, ours)
-    tok = lean(load_tokenizer(folder, saved=written))
+    tok = lean(load_tokenizer(folder, saved=found is not None))  # a folder we wrote
     gen = generation_config(folder, config)
     loaded = Loaded(config=config, tokenizer=tok, name=name, device=dev, dtype=dt,
                     quantization=describe(source, mode), eos_ids=eos_ids(gen, tok),
@@ -251,6 +245,19 @@ def load(model: str | None, *, device: str, dtype: str, load_format: str,
     else:
         loaded.net = transformers_model(config, folder, load_format, dev, dt)
     return loaded
+
+
+def described(model: str | None) -> tuple[Path, object, tuple[Path, str] | None]:
+    """(folder, config, GGUF): the folder holding the model's config and tokenizer, its config,
+    and for a GGUF file (`gguf_file`'s answer) the file; its folder is the meta folder this
+    module writes. A node (`load`) and the HTTP gateway's /tokenize find a model alike."""
+    from transformers import AutoConfig
+    found = gguf_file(model)
+    if found is not None:
+        folder = meta_folder(*found)
+        return folder, saved_config(folder), found
+    folder = local_folder(model)
+    return folder, AutoConfig.from_pretrained(folder), None
 
 
 def saved_config(folder: Path):
