@@ -321,6 +321,18 @@ def test_compiled_grammars_are_cached_per_schema(engine):
     assert grammar.compile_for(greedy(prompt="x"), engine.tokenizer, engine.vocab) is None
 
 
+def test_llguidance_is_built_at_the_first_constrained_request(tiny_model):
+    """A node never asked for a grammar does not hold llguidance's view of its tokenizer (57 MB
+    of Gemma 3's node); the first request that asks builds it and is answered as usual."""
+    engine = start(tiny_model, tiny_model)
+    engine.warm()
+    run(engine, greedy(prompt="Hello", max_tokens=4))
+    assert engine.tokenizer not in grammar._compilers
+    got = run(engine, json_request())
+    assert engine.tokenizer in grammar._compilers
+    jsonschema.validate(orjson.loads(got[1]["text"]), SCHEMA)
+
+
 def test_apply_bitmask_keeps_exactly_the_allowed_tokens():
     logits = torch.zeros(3, 70)
     bitmask = grammar.allocate_bitmask(3, 70)

@@ -260,12 +260,10 @@ class HFEngine(Engine):
     # --- the event loop's side ---------------------------------------------------------------------
 
     def warm(self) -> None:
-        """Work a node does once before it serves, off its event loop: llguidance's view of the
-        tokenizer (~0.5 s holding the GIL, which at the first constrained request would stall
-        the node's heartbeats). Building it passes the tokenizer through JSON: for a large
-        vocabulary (Gemma's 262k tokens) hundreds of MB that glibc keeps unless told to give
-        them back."""
-        grammar.prepare(self.tokenizer, self.vocab)
+        """Work a node does once before it serves: what loading freed (the tokenizer's JSON, for a
+        large vocabulary hundreds of MB that glibc keeps unless told) goes back to the system.
+        llguidance's view of the tokenizer waits for the first constrained request
+        (grammar._compiler)."""
         release_free_memory()
         # What exists now (the libraries, the model, the tokenizer) lives as long as the node:
         # the garbage collector's full passes need not walk it again (they took 2% of a prefill,
