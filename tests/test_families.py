@@ -337,8 +337,10 @@ def test_a_node_reads_a_saved_config_without_the_models_class(tmp_path, kind, mo
         ids = auto(text, add_special_tokens=special)["input_ids"]
         assert tok(text, add_special_tokens=special)["input_ids"] == ids
         assert tok.decode(ids) == auto.decode(ids)
-    assert (tok.bos_token_id, tok.eos_token_id, tok.all_special_ids, tok.chat_template) == \
-        (auto.bos_token_id, auto.eos_token_id, auto.all_special_ids, auto.chat_template)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.all_special_ids,
+            tok.chat_template, tok.model_max_length, tok.get_added_vocab()) == \
+        (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id, auto.all_special_ids,
+         auto.chat_template, auto.model_max_length, auto.get_added_vocab())
     load = ("import sys; from nodes.engine import models; "
             f"models.load({str(path)!r}, device='cpu', dtype='auto', load_format='auto', "
             "model_config=None); print(sorted(m for m in sys.modules if m in "
