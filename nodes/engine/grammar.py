@@ -236,10 +236,10 @@ def compile_for(request: Request, tokenizer, vocab_size: int) -> Matcher | None:
 
 def _compiler(tokenizer, vocab_size: int) -> _Compiler:
     """llguidance's view of `tokenizer`, built at the first constrained request a node serves:
-    it holds the token trie and a slice (16 MB of the default model's node, 57 MB of Gemma 3's),
-    which a node that is never asked for a grammar need not keep. The build holds the GIL for
-    most of its 0.2 s (SmolLM2) to 1 s (Gemma 3's 262k tokens), once: the node's streams pause
-    that long, well inside its heartbeats' three missed beats."""
+    it holds the token trie and a slice (16 MB of the default model's node, about 60 MB of Gemma
+    3's), which a node that is never asked for a grammar need not keep. The build holds the GIL
+    for most of its 0.2 s (SmolLM2) to 1.2 s (Gemma 3's 262k tokens), once: the node's streams
+    pause that long, well inside its heartbeats' three missed beats."""
     with _compilers_lock:  # one llguidance tokenizer per HF tokenizer
         compiler = _compilers.get(tokenizer)
         if compiler is None:
