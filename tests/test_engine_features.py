@@ -322,8 +322,8 @@ def test_compiled_grammars_are_cached_per_schema(engine):
 
 
 def test_llguidance_is_built_at_the_first_constrained_request(tiny_model):
-    """A node never asked for a grammar does not hold llguidance's view of its tokenizer (57 MB
-    of Gemma 3's node); the first request that asks builds it and is answered as usual."""
+    """A node never asked for a grammar does not hold llguidance's view of its tokenizer (about 60
+    MB of Gemma 3's node); the first request that asks builds it and is answered as usual."""
     engine = start(tiny_model, tiny_model)
     engine.warm()
     run(engine, greedy(prompt="Hello", max_tokens=4))

@@ -287,7 +287,8 @@ def load_tokenizer(folder: Path, saved: bool = False):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
     if saved and (folder / "tokenizer.json").exists():
-        settings = json.loads((folder / "tokenizer_config.json").read_text())  # ints past 64 bits
+        config = folder / "tokenizer_config.json"  # json: its ints go past 64 bits
+        settings = json.loads(config.read_text()) if config.exists() else {}
         for key in ("tokenizer_class", "backend", "is_local", "local_files_only"):
             settings.pop(key, None)
         template = folder / "chat_template.jinja"
