@@ -63,12 +63,25 @@ def bf16(request):
     kernels.use_bf16(kernels.library(), kernels.bf16_in_hardware())
 
 
-@pytest.mark.parametrize("kind", blocks.READ, ids=lambda t: t.name)
-def test_products_equal_gguf_dequantize_times_x(kind, vector_path, bf16):
-    k = 512 if GGML_QUANT_SIZES[kind][0] == 256 else 576  # 576: a last group of 2 runs, not 8
-    n = 37  # odd: the kernels' last weight row alone
-    raw = random_blocks(kind, n, k)
+# every type as the file lays it out, and Q4_K as the AVX-512 builds repack it (Blocks.for_cpu)
+CASES = [(kind, False) for kind in blocks.READ] + [(T.Q4_K, True)]
+CASE_IDS = [kind.name for kind in blocks.READ] + ["Q4_K-in-panels"]
+
+
+def as_loaded(kind: T, raw: np.ndarray, k: int, panels: bool, path: str) -> blocks.Blocks:
     w = blocks.Blocks(kind, torch.from_numpy(raw), k)
+    if panels:
+        w = w.for_cpu()
+        assert w.panels == path.startswith("avx512")  # AVX2 keeps Q4_K's rows
+    return w
+
+
+@pytest.mark.parametrize("kind,panels", CASES, ids=CASE_IDS)
+def test_products_equal_gguf_dequantize_times_x(kind, panels, vector_path, bf16):
+    k = 512 if GGML_QUANT_SIZES[kind][0] == 256 else 576  # 576: a last group of 2 runs, not 8
+    n = 40 if panels else 37  # odd: the kernels' last weight row alone; panels: whole eights
+    raw = random_blocks(kind, n, k)
+    w = as_loaded(kind, raw, k, panels, vector_path)
     torch.manual_seed(0)
     for rows in (1, 2, 3, 4, 7, 40, 130):  # every tile shape, and prompt chunks
         x = torch.randn(rows, k)
@@ -91,13 +104,15 @@ def test_products_equal_gguf_dequantize_times_x(kind, vector_path, bf16):
             assert (got - exact).norm() <= 0.02 * exact.norm()
 
 
-def test_a_rows_numbers_do_not_depend_on_what_shares_the_product():
+@pytest.mark.parametrize("panels", [False, True], ids=["rows", "panels"])
+def test_a_rows_numbers_do_not_depend_on_what_shares_the_product(panels):
     """With the bfloat16 GEMM on, a row gets the same numbers alone and among others, for
     generated rows and prompt rows alike: a seed's answer does not depend on the batch."""
     kernels.use_bf16(kernels.library(), True)
     try:
         raw = random_blocks(T.Q4_K, 64, 512)
         w = blocks.Blocks(T.Q4_K, torch.from_numpy(raw), 512)
+        w = w.for_cpu() if panels else w
         x = torch.randn(200, 512)
         for prompt in (False, True):
             every = w(x, prompt=prompt)
@@ -107,19 +122,20 @@ def test_a_rows_numbers_do_not_depend_on_what_shares_the_product():
         kernels.use_bf16(kernels.library(), kernels.bf16_in_hardware())
 
 
-@pytest.mark.parametrize("kind", blocks.READ, ids=lambda t: t.name)
-def test_dequantize_and_row_lookup_equal_gguf(kind, vector_path):
+@pytest.mark.parametrize("kind,panels", CASES, ids=CASE_IDS)
+def test_dequantize_and_row_lookup_equal_gguf(kind, panels, vector_path):
     k = 256 if GGML_QUANT_SIZES[kind][0] == 256 else 96
-    raw = random_blocks(kind, 9, k, seed=3)
-    w = blocks.Blocks(kind, torch.from_numpy(raw), k)
+    n = 16 if panels else 9
+    raw = random_blocks(kind, n, k, seed=3)
+    w = as_loaded(kind, raw, k, panels, vector_path)
     want = torch.from_numpy(np.asarray(quants.dequantize(raw, kind), dtype=np.float32))
-    torch.testing.assert_close(w.dequantize(), want.reshape(9, k), rtol=1e-6, atol=1e-6)
-    ids = torch.tensor([4, 0, 8, 4])
-    torch.testing.assert_close(w.rows(ids), want.reshape(9, k)[ids], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.dequantize(), want.reshape(n, k), rtol=1e-6, atol=1e-6)
+    ids = torch.tensor([4, 0, 8, 4, n - 1])
+    torch.testing.assert_close(w.rows(ids), want.reshape(n, k)[ids], rtol=1e-6, atol=1e-6)
     # as the bfloat16 GEMM's panels: each weight rounded to nearest even, as torch rounds
-    half = torch.empty((9, k), dtype=torch.bfloat16)
+    half = torch.empty((n, k), dtype=torch.bfloat16)
     kernels.check(kernels.library().dequantize_rows_bf16(
-        int(kind), w.raw.data_ptr(), w.raw.shape[1], k, None, 0, 9, half.data_ptr()), "bf16")
+        w.type_id, w.raw.data_ptr(), w.raw.shape[1], k, None, 0, n, half.data_ptr()), "bf16")
     assert torch.equal(half, w.dequantize().bfloat16())
 
 

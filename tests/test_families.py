@@ -184,6 +184,38 @@ def test_every_block_type_in_a_file_gives_transformers_logits(tmp_path, family, 
     check_logits(net, model, cache, 0.1 if on_kernels and kind not in blocks.FLOATS else 5e-3)
 
 
+def mapped_kb(path) -> int:
+    """kB of `path`'s mapping resident in this process (/proc/self/smaps)."""
+    kb, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                kb += int(line.split()[1])
+    return kb
+
+
+@pytest.mark.skipif("avx512" not in (kernels.vector_path() or ""), reason="AVX2: Q4_K keeps rows")
+def test_a_q4_k_file_is_repacked_and_gives_its_pages_back(tmp_path, monkeypatch):
+    """Where the AVX-512 kernel runs, a Q4_K file's matrices are repacked in panels of eight
+    rows (the same logits as transformers', as above) and the file's pages behind them leave
+    the node's memory: no matrix is held twice."""
+    config = tiny_config("llama", width=256)
+    net = reference_net(config)
+    path = tmp_path / "model.gguf"
+    gguf_files.write(net, path, T.Q4_K)
+    source = weights.GGUFSource(path)
+    before = mapped_kb(path)  # the header and the tensor table, read
+    model, cache = serve(config, source, True, monkeypatch)
+    q4k = [w for layer in model.layers for w in (*layer.qkv, layer.o, *layer.gate_up, layer.down)
+           if w.kind == T.Q4_K]
+    assert q4k and all(w.panels for w in q4k)
+    # reading every tensor would make the whole file resident; only the vectors' pages remain
+    assert mapped_kb(path) - before < 0.1 * path.stat().st_size / 1024
+    check_logits(net, model, cache, 0.1)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_real_gemma_3_file_answers_from_its_own_blocks(gemma_gguf, tmp_path, monkeypatch):

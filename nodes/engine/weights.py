@@ -81,6 +81,11 @@ class GGUFSource:
         raw = t.data.view(np.uint8).reshape(t.data.shape[0], -1)
         return Blocks(t.tensor_type, torch.from_numpy(raw), t.columns)
 
+    def release(self, name: str) -> None:
+        """Tensor `name`'s bytes are not read from the file again (repacked: Blocks.for_cpu)."""
+        from nodes.engine.formats import gguf
+        gguf.give_back(self.tensors[name].data)
+
 
 class SafetensorsSource:
     embed, norm, head = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
@@ -172,8 +177,12 @@ def build(config, source, *, mode: str, device: torch.device, dtype: torch.dtype
     def matrix(name: str, bias: str | None = None, floor: T | None = None) -> Blocks | Float:
         w = source.get(name)
         b = source.get(bias).float() if bias and source.has(bias) else None
-        if isinstance(w, Blocks):
-            return w if b is None else Blocks(w.kind, w.raw, w.k, b)
+        if isinstance(w, Blocks):  # (a file's: GGUFSource)
+            w = w if b is None else Blocks(w.kind, w.raw, w.k, b)
+            if on_kernels and (fast := w.for_cpu()) is not w:
+                source.release(name)  # the file's pages out of RSS: the copy replaced them
+                w = fast
+            return w
         # float weights: in the mode's blocks for our kernels, else as they are
         want = floor if floor is not None and kind != T.F32 else kind
         return Blocks.of(w.cpu(), want, b) if on_kernels else Float(w, b)

@@ -1,8 +1,10 @@
 """Weight matrices in GGUF's own blocks, and the products our runner takes of them.
 
 A `Blocks` is a matrix W [n, k] exactly as a GGUF file stores it: `raw`, uint8 [n, row_bytes],
-one row of blocks per output (for a file, a view of its mapped bytes: never copied, never
-converted), and its type. The types read (gguf.GGMLQuantizationType):
+one row of blocks per output (for a file, a view of its mapped bytes: never converted), and its
+type. One exception, for speed: where the AVX-512 kernels run, Q4_K is repacked at load in
+panels of eight rows (`for_cpu`, kernels.c's Q4_K8: the same blocks, eight rows interleaved),
+and the file's pages it came from are given back. The types read (gguf.GGMLQuantizationType):
 
     Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   runs of 32 weights with a float16 scale (and minimum)
     Q4_K Q5_K Q6_K             super-blocks of 256 (what the _S/_M/_L mixes are made of)
@@ -30,6 +32,7 @@ from nodes.engine.blocks import kernels
 READ = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K,
         T.IQ4_NL, T.IQ4_XS)
 FLOATS = (T.F32, T.F16, T.BF16)
+Q4_K8, PANEL_BYTES = 112, 1184  # kernels.c: Q4_K repacked, eight rows' super-block per tile
 
 
 class UnreadableType(ValueError):
@@ -47,17 +50,21 @@ def check_type(kind: T, tensor: str, source) -> None:
 class Blocks:
     """W [n, k] in GGUF blocks of type `kind`: raw uint8 [n, row_bytes]; `bias` float32 [n]."""
 
-    __slots__ = ("kind", "raw", "n", "k", "bias", "_c")
+    __slots__ = ("kind", "raw", "n", "k", "bias", "panels", "_c")
 
-    def __init__(self, kind: T, raw: torch.Tensor, k: int, bias: torch.Tensor | None = None):
+    def __init__(self, kind: T, raw: torch.Tensor, k: int, bias: torch.Tensor | None = None,
+                 panels: bool = False):
         block, size = GGML_QUANT_SIZES[kind]
         if k % block:
             raise ValueError(f"{kind.name} holds rows of a multiple of {block} weights, not {k}")
+        if panels:  # repacked (for_cpu): 1184 bytes per eight rows' super-block
+            size = PANEL_BYTES // 8
         if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] != k // block * size:
             raise ValueError(f"{kind.name} rows of {k} weights are {k // block * size} bytes, "
                              f"not {tuple(raw.shape)} {raw.dtype}")
         self.kind, self.raw, self.n, self.k = kind, raw, raw.shape[0], k
         self.bias = None if bias is None else bias.float().contiguous()
+        self.panels = panels
         self._c = None
 
     @classmethod
@@ -72,6 +79,24 @@ class Blocks:
                 quants.quantize(w.float().cpu().numpy(), kind)).view(np.uint8).reshape(n, -1))
         return cls(kind, raw, k, bias)
 
+    def for_cpu(self) -> "Blocks":
+        """This matrix as our kernels read it fastest: Q4_K with rows in panels of eight
+        (kernels.c's Q4_K8: a decode step's product at about twice the speed on one core) where
+        the AVX-512 builds have that kernel and the rows come in eights; else itself. The new
+        copy is the repacked bytes (1184 for 1152); the caller may give the old ones back."""
+        lib = kernels.library()
+        if self.kind != T.Q4_K or self.panels or self.n % 8 or lib is None:
+            return self
+        out = torch.empty((self.n, self.k // 256 * PANEL_BYTES // 8), dtype=torch.uint8)
+        if lib.repack_q4k8(self.raw.data_ptr(), self.n, self.k, out.data_ptr()):
+            return self  # this build has no Q4_K8 kernel (AVX2)
+        return Blocks(self.kind, out, self.k, self.bias, panels=True)
+
+    @property
+    def type_id(self) -> int:
+        """The kernels' id of this matrix's layout: GGUF's type, or Q4_K8's."""
+        return Q4_K8 if self.panels else int(self.kind)
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.n, self.k
@@ -80,7 +105,7 @@ class Blocks:
     def c(self) -> kernels.Linear:
         """The kernels' view of this matrix (the tensors stay owned here)."""
         if self._c is None:
-            self._c = kernels.Linear(int(self.kind), self.raw.data_ptr(), self.n, self.k,
+            self._c = kernels.Linear(self.type_id, self.raw.data_ptr(), self.n, self.k,
                                      self.raw.shape[1],
                                      None if self.bias is None else self.bias.data_ptr())
         return self._c
@@ -106,7 +131,7 @@ class Blocks:
             return self.dequantize()[ids]
         ids = ids.to(torch.int64).contiguous()
         out = torch.empty((ids.numel(), self.k), dtype=torch.float32)
-        kernels.check(lib.dequantize_rows(int(self.kind), self.raw.data_ptr(), self.raw.shape[1],
+        kernels.check(lib.dequantize_rows(self.type_id, self.raw.data_ptr(), self.raw.shape[1],
                                           self.k, ids.data_ptr(), 0, ids.numel(),
                                           out.data_ptr()), "embedding lookup")
         return out
@@ -114,12 +139,12 @@ class Blocks:
     def dequantize(self) -> torch.Tensor:
         """The whole matrix as float32 [n, k]: our kernels, or gguf's reference code."""
         lib = kernels.library()
-        if lib is None:
+        if lib is None:  # (never repacked: that takes the kernels)
             return torch.from_numpy(np.ascontiguousarray(
                 quants.dequantize(self.raw.numpy(), self.kind), dtype=np.float32)
             ).reshape(self.n, self.k)
         out = torch.empty((self.n, self.k), dtype=torch.float32)
-        kernels.check(lib.dequantize_rows(int(self.kind), self.raw.data_ptr(), self.raw.shape[1],
+        kernels.check(lib.dequantize_rows(self.type_id, self.raw.data_ptr(), self.raw.shape[1],
                                           self.k, None, 0, self.n, out.data_ptr()),
                       "dequantize")
         return out

@@ -13,6 +13,7 @@ as uint8 rows of blocks. The format: https://github.com/ggml-org/ggml/blob/maste
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import struct
 from dataclasses import dataclass
@@ -84,6 +85,17 @@ def read(path: Path) -> tuple[dict, dict[str, Tensor]]:
         return parse(buf, path)
     except (struct.error, ValueError, KeyError) as e:  # cut short, or not what it says it is
         raise GGUFError(f"{path} is damaged or cut short ({e})") from None
+
+
+def give_back(data: np.ndarray) -> None:
+    """A mapped tensor's pages out of this process (a copy of its bytes took its place): the
+    whole pages inside it, which the file would give again if they were ever read."""
+    page = mmap.PAGESIZE
+    lo = -(-data.ctypes.data // page) * page
+    hi = (data.ctypes.data + data.nbytes) // page * page
+    if hi > lo:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo),
+                                  mmap.MADV_DONTNEED)
 
 
 def parse(buf, path: Path) -> tuple[dict, dict[str, Tensor]]:
