@@ -1374,17 +1374,22 @@ static int dense_product(const linear_t *l, const float *x, int64_t m_rows, floa
 }
 
 /* the bfloat16 product of prompt rows: x rounded to bfloat16 once, W dequantized to bfloat16 a
- * panel of about PANEL16_BYTES at a time (it stays in the cache for the GEMM), gemm16 into y */
+ * panel of about PANEL16_BYTES at a time (it stays in the cache for the GEMM), gemm16 into y.
+ * The rows go in padded (copies of the first) to a multiple of GEMM16_ROWS: oneDNN keeps code
+ * for every shape it meets (0.3-0.4 MB per shape with Sapphire Rapids' AMX), so a node that met
+ * every prompt length grew by hundreds of MB; and a single row is never alone (oneDNN multiplies
+ * one row with another kernel, whose sums can differ in the last bit, and a row's numbers must
+ * not depend on how many share its product). */
 #define PANEL16_BYTES (4 << 20)
+#define GEMM16_ROWS 16
 static int dense16_product(const linear_t *l, const float *x, int64_t m_rows, float *y,
                            int64_t ldy, int acc_into) {
-  /* One row goes in twice: oneDNN multiplies a single row with another kernel, whose sums can
-   * differ in the last bit, and a row's numbers must not depend on how many share its product */
-  const int64_t k = l->k, fit = PANEL16_BYTES / (2 * k) / 64 * 64, m = m_rows > 1 ? m_rows : 2;
+  const int64_t k = l->k, fit = PANEL16_BYTES / (2 * k) / 64 * 64;
+  const int64_t m = (m_rows + GEMM16_ROWS - 1) / GEMM16_ROWS * GEMM16_ROWS;
   const int64_t panel = l->n < fit ? l->n : fit > 64 ? fit : 64;
   uint16_t *x16 = scratch(2 * (size_t)(m * k)), *w16 = scratch(2 * (size_t)(panel * k));
-  float *y2 = m_rows > 1 ? NULL : scratch(sizeof(float) * (size_t)(2 * l->n));
-  int r = x16 && w16 && (m_rows > 1 || y2) ? 0 : -1;
+  float *y2 = m == m_rows ? NULL : scratch(sizeof(float) * (size_t)(m * l->n));
+  int r = x16 && w16 && (m == m_rows || y2) ? 0 : -1;
   if (r == 0) {
 #pragma omp parallel for schedule(static) if (m * k > 65536)
     for (int64_t t = 0; t < m; t++) {
@@ -1404,8 +1409,9 @@ static int dense16_product(const linear_t *l, const float *x, int64_t m_rows, fl
               : gemm16(x16, m, k, w16, count, y + r0, ldy, acc_into)) ? -3 : 0;
   }
   if (r == 0 && y2)
-    for (int64_t j = 0; j < l->n; j++)
-      y[j] = (acc_into ? y[j] : 0.0f) + y2[j];
+    for (int64_t t = 0; t < m_rows; t++)
+      for (int64_t j = 0; j < l->n; j++)
+        y[t * ldy + j] = (acc_into ? y[t * ldy + j] : 0.0f) + y2[t * l->n + j];
   free(x16), free(w16), free(y2);
   return r;
 }
