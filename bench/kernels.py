@@ -13,6 +13,8 @@ with the same (dequantized) weights:
     torch int8 (bf16)    aten._weight_int8pack_mm: one scale per row
     ours TYPE            blocks/kernels.c over GGUF blocks of TYPE (random, valid blocks), the
                          vector path this CPU has (TREECHAT_KERNELS=avx2 forces the narrower)
+    ours Q4_K in panels  the same Q4_K blocks repacked as the AVX-512 builds load them
+                         (Blocks.for_cpu: eight rows interleaved)
 
 Prints a markdown table (milliseconds for all layers' products; GB/s; relative error).
 """
@@ -55,9 +57,10 @@ def random_blocks(kind: T, n: int, k: int, rng) -> torch.Tensor:
     return torch.from_numpy(raw.reshape(n, -1))
 
 
-def ours(kind: T):
+def ours(kind: T, panels: bool = False):
     def make(n: int, k: int, rng):
         w = Blocks(kind, random_blocks(kind, n, k, rng), k)
+        w = w.for_cpu() if panels else w
         return w, w.dequantize(), w.raw.numel()
     return make
 
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         widths = {k for _, k in matrices(a.shape)}
         candidates.update({f"ours {t.name} ({kernels.vector_path()})": ours(t) for t in OURS
                            if all(k % GGML_QUANT_SIZES[t][0] == 0 for k in widths)})
+        if kernels.vector_path().startswith("avx512") and all(k % 256 == 0 for k in widths):
+            candidates[f"ours Q4_K in panels ({kernels.vector_path()})"] = ours(T.Q4_K, True)
     print(f"{a.layers} layers of {a.shape}'s products")
     print("| kernel | " + " | ".join(f"{m} rows (ms)" for m in rows) + " | GB/s at 1 row | error |")
     print("|---|" + "---:|" * (len(rows) + 2))
