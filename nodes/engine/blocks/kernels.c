@@ -998,8 +998,8 @@ int repack_q4k8(const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
         q4k_scale_min(sb + 4, j, tile + 32 + 8 * j + r, tile + 96 + 8 * j + r);
       for (int v = 0; v < 16; v++)
         for (int h = 0; h < 2; h++)
-          memcpy(tile + 160 + 64 * v + 4 * (2 * r + h), sb + 16 + 32 * (v / 4) + 8 * (v % 4) + 4 * h,
-                 4);
+          memcpy(tile + 160 + 64 * v + 4 * (2 * r + h),
+                 sb + 16 + 32 * (v / 4) + 8 * (v % 4) + 4 * h, 4);
     }
   }
   return 0;
@@ -1021,8 +1021,8 @@ static void q4k8_row(const uint8_t *w, int64_t k, int64_t row, uint8_t *sbs) {
     }
     for (int v = 0; v < 16; v++)
       for (int h = 0; h < 2; h++)
-        memcpy(sb + 16 + 32 * (v / 4) + 8 * (v % 4) + 4 * h, tile + 160 + 64 * v + 4 * (2 * r + h),
-               4);
+        memcpy(sb + 16 + 32 * (v / 4) + 8 * (v % 4) + 4 * h,
+               tile + 160 + 64 * v + 4 * (2 * r + h), 4);
   }
 }
 
@@ -1055,8 +1055,8 @@ static inline __attribute__((always_inline)) void q4k8_tile(const int NX, const 
     acc[c] = _mm512_setzero_ps(), corr[c] = _mm512_setzero_ps();
   for (int64_t s = 0; s < nsb; s++) {
     const uint8_t *t = panel + s * Q4K8_BYTES;
-    for (int off = 0; off < Q4K8_BYTES; off += 64) /* the next tiles: see tile's prefetch */
-      _mm_prefetch((const char *)t + off, _MM_HINT_T0);
+    for (int off = 0; off < Q4K8_BYTES; off += 64) /* all the tile's lines asked for at once: */
+      _mm_prefetch((const char *)t + off, _MM_HINT_T0); /* faster here than tiles ahead */
     /* d per lane 2r + h (the products), dmin per lane r + 8 (run parity) (the minimums) */
     const __m512 d = _mm512_permutexvar_ps(
         pairs_of, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t))));
@@ -1087,32 +1087,34 @@ static inline __attribute__((always_inline)) void q4k8_tile(const int NX, const 
         }
       }
       /* runs 2p and 2p + 1: scales per lane 2r + h; minimums times dmin per lane r + 8 * run */
-      const __m512i sc =
-          _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(t + 32 + 16 * p))));
+      const __m512i sc = _mm512_castsi256_si512(
+          _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(t + 32 + 16 * p))));
       const __m512i sc0 = _mm512_maskz_permutexvar_epi16(0x55555555, run0, sc);
       const __m512i sc1 = _mm512_maskz_permutexvar_epi16(0x55555555, run1, sc);
-      const __m512 mins = _mm512_mul_ps(
-          dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(t + 96 + 16 * p)))));
+      const __m128i mn = _mm_loadu_si128((const __m128i *)(t + 96 + 16 * p));
+      const __m512 mins = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn)));
 #pragma GCC unroll 4
       for (int c = 0; c < NX; c++) {
         const int64_t run = (i0 + c) * nb + s * GROUP + 2 * p;
-        isum[c] = wdot(isum[c], lo_acc[c], _mm512_madd_epi16(sc0, _mm512_set1_epi32(xr->f[run])));
-        isum[c] = wdot(isum[c], hi_acc[c], _mm512_madd_epi16(sc1, _mm512_set1_epi32(xr->f[run + 1])));
+        const __m512i f0 = _mm512_set1_epi32(xr->f[run]), f1 = _mm512_set1_epi32(xr->f[run + 1]);
+        isum[c] = wdot(isum[c], lo_acc[c], _mm512_madd_epi16(sc0, f0)); /* scale * factor */
+        isum[c] = wdot(isum[c], hi_acc[c], _mm512_madd_epi16(sc1, f1));
         corr[c] = _mm512_fnmadd_ps(mins, _mm512_loadu_ps(xr->os + run * 8), corr[c]);
       }
     }
 #pragma GCC unroll 4
     for (int c = 0; c < NX; c++)
       acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[c]),
-                               _mm512_mul_ps(d, _mm512_set1_ps(xr->d[(i0 + c) * nsb + s])), acc[c]);
+                               _mm512_mul_ps(d, _mm512_set1_ps(xr->d[(i0 + c) * nsb + s])),
+                               acc[c]);
   }
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
 #pragma GCC unroll 4
   for (int c = 0; c < NX; c++) {
     const __m512 both = _mm512_add_ps(acc[c], _mm512_permute_ps(acc[c], 0xB1)); /* 2r + 2r+1 */
     const __m256 rows = _mm512_castps512_ps256(_mm512_permutexvar_ps(evens, both));
-    const __m256 mins = _mm256_add_ps(_mm512_castps512_ps256(corr[c]),
-                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(corr[c]), 1)));
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(corr[c]), 1));
+    const __m256 mins = _mm256_add_ps(_mm512_castps512_ps256(corr[c]), high);
     _mm256_storeu_ps(out[c], _mm256_add_ps(rows, mins));
   }
 }
