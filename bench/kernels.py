@@ -13,7 +13,7 @@ with the same (dequantized) weights:
     torch int8 (bf16)    aten._weight_int8pack_mm: one scale per row
     ours TYPE            blocks/kernels.c over GGUF blocks of TYPE (random, valid blocks), the
                          vector path this CPU has (TREECHAT_KERNELS=avx2 forces the narrower)
-    ours Q4_K in panels  the same Q4_K blocks repacked as the AVX-512 builds load them
+    ours Q4_K in panels  the same Q4_K (Q6_K) blocks repacked as the AVX-512 builds load them
                          (Blocks.for_cpu: eight rows interleaved)
 
 Prints a markdown table (milliseconds for all layers' products; GB/s; relative error).
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         candidates.update({f"ours {t.name} ({kernels.vector_path()})": ours(t) for t in OURS
                            if all(k % GGML_QUANT_SIZES[t][0] == 0 for k in widths)})
         if kernels.vector_path().startswith("avx512") and all(k % 256 == 0 for k in widths):
-            candidates[f"ours Q4_K in panels ({kernels.vector_path()})"] = ours(T.Q4_K, True)
+            for t in (T.Q4_K, T.Q6_K):
+                candidates[f"ours {t.name} in panels ({kernels.vector_path()})"] = ours(t, True)
     print(f"{a.layers} layers of {a.shape}'s products")
     print("| kernel | " + " | ".join(f"{m} rows (ms)" for m in rows) + " | GB/s at 1 row | error |")
     print("|---|" + "---:|" * (len(rows) + 2))

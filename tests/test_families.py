@@ -196,21 +196,22 @@ def mapped_kb(path) -> int:
     return kb
 
 
-@pytest.mark.skipif("avx512" not in (kernels.vector_path() or ""), reason="AVX2: Q4_K keeps rows")
-def test_a_q4_k_file_is_repacked_and_gives_its_pages_back(tmp_path, monkeypatch):
-    """Where the AVX-512 kernel runs, a Q4_K file's matrices are repacked in panels of eight
-    rows (the same logits as transformers', as above) and the file's pages behind them leave
-    the node's memory: no matrix is held twice."""
+@pytest.mark.skipif("avx512" not in (kernels.vector_path() or ""), reason="AVX2 keeps rows")
+@pytest.mark.parametrize("kind", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_a_k_quant_file_is_repacked_and_gives_its_pages_back(tmp_path, kind, monkeypatch):
+    """Where the AVX-512 kernels run, a Q4_K or Q6_K file's matrices are repacked in panels of
+    eight rows (the same logits as transformers', as above) and the file's pages behind them
+    leave the node's memory: no matrix is held twice."""
     config = tiny_config("llama", width=256)
     net = reference_net(config)
     path = tmp_path / "model.gguf"
-    gguf_files.write(net, path, T.Q4_K)
+    gguf_files.write(net, path, kind)
     source = weights.GGUFSource(path)
     before = mapped_kb(path)  # the header and the tensor table, read
     model, cache = serve(config, source, True, monkeypatch)
-    q4k = [w for layer in model.layers for w in (*layer.qkv, layer.o, *layer.gate_up, layer.down)
-           if w.kind == T.Q4_K]
-    assert q4k and all(w.panels for w in q4k)
+    matrices = [w for layer in model.layers
+                for w in (*layer.qkv, layer.o, *layer.gate_up, layer.down)]
+    assert all(w.kind == kind and w.panels for w in matrices)
     # reading every tensor would make the whole file resident; only the vectors' pages remain
     assert mapped_kb(path) - before < 0.1 * path.stat().st_size / 1024
     check_logits(net, model, cache, 0.1)

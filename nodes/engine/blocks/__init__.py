@@ -2,9 +2,9 @@
 
 A `Blocks` is a matrix W [n, k] exactly as a GGUF file stores it: `raw`, uint8 [n, row_bytes],
 one row of blocks per output (for a file, a view of its mapped bytes: never converted), and its
-type. One exception, for speed: where the AVX-512 kernels run, Q4_K is repacked at load in
-panels of eight rows (`for_cpu`, kernels.c's Q4_K8: the same blocks, eight rows interleaved),
-and the file's pages it came from are given back. The types read (gguf.GGMLQuantizationType):
+type. One exception, for speed: where the AVX-512 kernels run, Q4_K and Q6_K are repacked at
+load in panels of eight rows (`for_cpu`, kernels.c's Q4_K8 and Q6_K8: the same blocks, eight
+rows interleaved), and the file's pages they came from are given back. The types read (gguf.GGMLQuantizationType):
 
     Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   runs of 32 weights with a float16 scale (and minimum)
     Q4_K Q5_K Q6_K             super-blocks of 256 (what the _S/_M/_L mixes are made of)
@@ -32,7 +32,8 @@ from nodes.engine.blocks import kernels
 READ = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K,
         T.IQ4_NL, T.IQ4_XS)
 FLOATS = (T.F32, T.F16, T.BF16)
-Q4_K8, PANEL_BYTES = 112, 1184  # kernels.c: Q4_K repacked, eight rows' super-block per tile
+# kernels.c's panel layouts: (the kernels' id, bytes of eight rows' super-blocks, its repacker)
+PANELS = {T.Q4_K: (112, 1184, "repack_q4k8"), T.Q6_K: (114, 1680, "repack_q6k8")}
 
 
 class UnreadableType(ValueError):
@@ -57,8 +58,8 @@ class Blocks:
         block, size = GGML_QUANT_SIZES[kind]
         if k % block:
             raise ValueError(f"{kind.name} holds rows of a multiple of {block} weights, not {k}")
-        if panels:  # repacked (for_cpu): 1184 bytes per eight rows' super-block
-            size = PANEL_BYTES // 8
+        if panels:  # repacked (for_cpu): eight rows' super-blocks a tile
+            size = PANELS[kind][1] // 8
         if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] != k // block * size:
             raise ValueError(f"{kind.name} rows of {k} weights are {k // block * size} bytes, "
                              f"not {tuple(raw.shape)} {raw.dtype}")
@@ -80,22 +81,24 @@ class Blocks:
         return cls(kind, raw, k, bias)
 
     def for_cpu(self) -> "Blocks":
-        """This matrix as our kernels read it fastest: Q4_K with rows in panels of eight
-        (kernels.c's Q4_K8: a decode step's product at about twice the speed on one core) where
-        the AVX-512 builds have that kernel and the rows come in eights; else itself. The new
-        copy is the repacked bytes (1184 for 1152); the caller may give the old ones back."""
+        """This matrix as our kernels read it fastest: Q4_K and Q6_K with rows in panels of
+        eight (kernels.c's Q4_K8, Q6_K8: a decode step's product at about 1.7x the speed on one
+        core) where the AVX-512 builds have those kernels and the rows come in eights; else
+        itself. The new copy is the repacked bytes (Q4_K 1184 for 1152, Q6_K the same 1680);
+        the caller may give the old ones back."""
         lib = kernels.library()
-        if self.kind != T.Q4_K or self.panels or self.n % 8 or lib is None:
+        if self.kind not in PANELS or self.panels or self.n % 8 or lib is None:
             return self
-        out = torch.empty((self.n, self.k // 256 * PANEL_BYTES // 8), dtype=torch.uint8)
-        if lib.repack_q4k8(self.raw.data_ptr(), self.n, self.k, out.data_ptr()):
-            return self  # this build has no Q4_K8 kernel (AVX2)
+        _, tile, repack = PANELS[self.kind]
+        out = torch.empty((self.n, self.k // 256 * tile // 8), dtype=torch.uint8)
+        if getattr(lib, repack)(self.raw.data_ptr(), self.n, self.k, out.data_ptr()):
+            return self  # this build has no panel kernels (AVX2)
         return Blocks(self.kind, out, self.k, self.bias, panels=True)
 
     @property
     def type_id(self) -> int:
-        """The kernels' id of this matrix's layout: GGUF's type, or Q4_K8's."""
-        return Q4_K8 if self.panels else int(self.kind)
+        """The kernels' id of this matrix's layout: GGUF's type, or its panels'."""
+        return PANELS[self.kind][0] if self.panels else int(self.kind)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -58,7 +58,7 @@
 /* GGUF's tensor types (gguf.GGMLQuantizationType) */
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13,
        Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23, BF16 = 30,
-       Q4_K8 = 112 /* ours, not GGUF's: Q4_K repacked in panels of eight rows (below) */ };
+       Q4_K8 = 112, Q6_K8 = 114 /* ours, not GGUF's: Q4_K, Q6_K in panels of eight rows */ };
 
 /* IQ4_NL's and IQ4_XS's sixteen levels (ggml's kvalues_iq4nl) */
 static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
@@ -1026,6 +1026,64 @@ static void q4k8_row(const uint8_t *w, int64_t k, int64_t row, uint8_t *sbs) {
   }
 }
 
+/* Q6_K8, Q6_K's panels, the same way: a tile (Q6K8_BYTES, the 1680 of eight super-blocks) holds
+ *   d[8]                row r's float16 scale
+ *   sc[16][8]           group g's int8 scale (16 weights) of row r at [g][r]
+ *   [8][3][64]          for half n and quarter q (index 4n + q) three vectors, int32 lane 2r + h
+ *                       of each holding row r's bytes at 8q + 4h .. +3 of: ql's 64n (A),
+ *                       ql's 64n + 32 (B), qh's 32n (C); so A's and B's low and high nibbles
+ *                       with C's four 2-bit fields are the codes of runs 4n .. 4n + 3 */
+#define Q6K8_BYTES 1680
+
+int repack_q6k8(const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
+#ifndef __AVX512BW__
+  return -2;
+#endif
+  if (n % 8 || k % 256)
+    return -2;
+  const int64_t nsb = k / 256, row_bytes = nsb * 210;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n / 8 * nsb; t++) {
+    uint8_t *tile = out + t * Q6K8_BYTES;
+    for (int r = 0; r < 8; r++) {
+      const uint8_t *sb = w + (t / nsb * 8 + r) * row_bytes + t % nsb * 210;
+      memcpy(tile + 2 * r, sb + 208, 2);
+      for (int g = 0; g < 16; g++)
+        tile[16 + 8 * g + r] = sb[192 + g];
+      for (int i = 0; i < 8; i++) /* i = 4n + q */
+        for (int h = 0; h < 2; h++) {
+          uint8_t *lane = tile + 144 + 192 * i + 4 * (2 * r + h);
+          const int at = 8 * (i % 4) + 4 * h;
+          memcpy(lane, sb + 64 * (i / 4) + at, 4);
+          memcpy(lane + 64, sb + 64 * (i / 4) + 32 + at, 4);
+          memcpy(lane + 128, sb + 128 + 32 * (i / 4) + at, 4);
+        }
+    }
+  }
+  return 0;
+}
+
+/* row `row` of a Q6_K8 matrix back as Q6_K super-blocks (k / 256 of 210 bytes) */
+static void q6k8_row(const uint8_t *w, int64_t k, int64_t row, uint8_t *sbs) {
+  const int64_t nsb = k / 256;
+  const int r = (int)(row % 8);
+  for (int64_t s = 0; s < nsb; s++) {
+    const uint8_t *tile = w + (row / 8 * nsb + s) * Q6K8_BYTES;
+    uint8_t *sb = sbs + s * 210;
+    memcpy(sb + 208, tile + 2 * r, 2);
+    for (int g = 0; g < 16; g++)
+      sb[192 + g] = tile[16 + 8 * g + r];
+    for (int i = 0; i < 8; i++)
+      for (int h = 0; h < 2; h++) {
+        const uint8_t *lane = tile + 144 + 192 * i + 4 * (2 * r + h);
+        const int at = 8 * (i % 4) + 4 * h;
+        memcpy(sb + 64 * (i / 4) + at, lane, 4);
+        memcpy(sb + 64 * (i / 4) + 32 + at, lane + 64, 4);
+        memcpy(sb + 128 + 32 * (i / 4) + at, lane + 128, 4);
+      }
+  }
+}
+
 #ifdef __AVX512BW__
 /* acc + each int32 lane's low 16 bits times s's (a's fit 16 bits; s's high halves are 0) */
 static inline __m512i wdot(__m512i acc, __m512i a, __m512i s) {
@@ -1118,26 +1176,110 @@ static inline __attribute__((always_inline)) void q4k8_tile(const int NX, const 
     _mm256_storeu_ps(out[c], _mm256_add_ps(rows, mins));
   }
 }
+
+/* One Q6_K8 panel against NX rows of x: out[c][r]. A group's (16 weights') two vectors add up in
+ * int32 (dpbusd, unsigned codes), minus the offset 32 as 16 * sum(q) on each of its two lanes,
+ * and go to float with the group's scale times d and the run's step. */
+static inline __attribute__((always_inline)) void q6k8_tile(const int NX, const uint8_t *panel,
+                                                            const qrows *xr, int64_t i0,
+                                                            int64_t nb, float out[XR][8]) {
+  const int64_t nsb = nb / GROUP;
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+  const __m512i pairs_of = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i pairs_hi = _mm512_add_epi32(pairs_of, _mm512_set1_epi32(8));
+  __m512 acc[XR];
+#pragma GCC unroll 4
+  for (int c = 0; c < NX; c++)
+    acc[c] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < nsb; s++) {
+    const uint8_t *t = panel + s * Q6K8_BYTES;
+    for (int off = 0; off < Q6K8_BYTES; off += 64) /* as Q4_K8's */
+      _mm_prefetch((const char *)t + off, _MM_HINT_T0);
+    const __m512 d = _mm512_castpd_ps(_mm512_broadcast_f64x4(
+        _mm256_castps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t)))));
+#pragma GCC unroll 2
+    for (int n = 0; n < 2; n++) {
+#pragma GCC unroll 2
+      for (int g = 0; g < 2; g++) {
+        __m512i a[XR][4];
+#pragma GCC unroll 4
+        for (int c = 0; c < NX; c++)
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; j++)
+            a[c][j] = _mm512_setzero_si512();
+#pragma GCC unroll 2
+        for (int q = 2 * g; q < 2 * g + 2; q++) {
+          const uint8_t *v = t + 144 + 192 * (4 * n + q);
+          const __m512i A = _mm512_loadu_si512(v), B = _mm512_loadu_si512(v + 64);
+          const __m512i C = _mm512_loadu_si512(v + 128);
+          __m512i u[4];
+          u[0] = _mm512_or_si512(_mm512_and_si512(A, m4),
+                                 _mm512_and_si512(_mm512_slli_epi16(C, 4), m30));
+          u[1] = _mm512_or_si512(_mm512_and_si512(B, m4),
+                                 _mm512_and_si512(_mm512_slli_epi16(C, 2), m30));
+          u[2] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(A, 4), m4),
+                                 _mm512_and_si512(C, m30));
+          u[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(B, 4), m4),
+                                 _mm512_and_si512(_mm512_srli_epi16(C, 2), m30));
+#pragma GCC unroll 4
+          for (int c = 0; c < NX; c++) {
+            const int8_t *x = xr->q + (i0 + c) * nb * RUN + s * 256 + 128 * n + 8 * q;
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+              int64_t xj;
+              memcpy(&xj, x + 32 * j, 8);
+              a[c][j] = dot4(a[c][j], u[j], _mm512_set1_epi64(xj));
+            }
+          }
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) {
+          /* group 8n + 2j + g's scales times d, per lane 2r + h */
+          const __m128i sc = _mm_loadu_si128((const __m128i *)(t + 16 + 8 * (8 * n + 2 * j)));
+          const __m512 sd = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+          const __m512 sg = _mm512_permutexvar_ps(g ? pairs_hi : pairs_of, sd);
+#pragma GCC unroll 4
+          for (int c = 0; c < NX; c++) {
+            const int64_t run = (i0 + c) * nb + s * GROUP + 4 * n + j;
+            /* step * (sum - 32 * sum(q) over two lanes) = step * sum - 16 * (step * sum(q)) */
+            const __m512 part = _mm512_fmsub_ps(_mm512_cvtepi32_ps(a[c][j]),
+                                                _mm512_set1_ps(xr->st[run]),
+                                                _mm512_set1_ps(16.0f * xr->o6[run * 2 + g]));
+            acc[c] = _mm512_fmadd_ps(part, sg, acc[c]);
+          }
+        }
+      }
+    }
+  }
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+#pragma GCC unroll 4
+  for (int c = 0; c < NX; c++) {
+    const __m512 both = _mm512_add_ps(acc[c], _mm512_permute_ps(acc[c], 0xB1));
+    _mm256_storeu_ps(out[c], _mm512_castps512_ps256(_mm512_permutexvar_ps(evens, both)));
+  }
+}
 #endif
 
-/* y[i, r] (+)= x_i . W_r for rows r in [r_begin, r_end) (multiples of 8) of a Q4_K8 matrix */
-static void blocked_Q4_K8(const qrows *xr, int64_t m_rows, int64_t k, const uint8_t *w,
-                          int64_t row_bytes, int64_t n, float *y, int64_t ldy, int acc_into,
-                          int64_t r_begin, int64_t r_end) {
-  (void)row_bytes, (void)n;
+/* y[i, r] (+)= x_i . W_r for rows r in [r_begin, r_end) (multiples of 8) of a panel type */
+static inline __attribute__((always_inline)) void blocked_panels(
+    const int type, const qrows *xr, int64_t m_rows, int64_t k, const uint8_t *w, float *y,
+    int64_t ldy, int acc_into, int64_t r_begin, int64_t r_end) {
 #ifdef __AVX512BW__
-  const int64_t nb = k / RUN;
+  const int64_t nb = k / RUN, panel_bytes = k / 256 * (type == Q4_K8 ? Q4K8_BYTES : Q6K8_BYTES);
   for (int64_t r0 = r_begin; r0 < r_end; r0 += 8) {
-    const uint8_t *panel = w + r0 / 8 * (k / 256) * Q4K8_BYTES;
+    const uint8_t *panel = w + r0 / 8 * panel_bytes;
     for (int64_t i0 = 0; i0 < m_rows; i0 += XR) {
       const int nx = m_rows - i0 < XR ? (int)(m_rows - i0) : XR;
       float sums[XR][8];
+#define PANEL_TILE(NX)                                                                        \
+  (type == Q4_K8 ? q4k8_tile(NX, panel, xr, i0, nb, sums) : q6k8_tile(NX, panel, xr, i0, nb, sums))
       switch (nx) {
-      case 1: q4k8_tile(1, panel, xr, i0, nb, sums); break;
-      case 2: q4k8_tile(2, panel, xr, i0, nb, sums); break;
-      case 3: q4k8_tile(3, panel, xr, i0, nb, sums); break;
-      default: q4k8_tile(4, panel, xr, i0, nb, sums);
+      case 1: PANEL_TILE(1); break;
+      case 2: PANEL_TILE(2); break;
+      case 3: PANEL_TILE(3); break;
+      default: PANEL_TILE(4);
       }
+#undef PANEL_TILE
       for (int c = 0; c < nx; c++)
         for (int a = 0; a < 8; a++) {
           float *o = y + (i0 + c) * ldy + r0 + a;
@@ -1146,15 +1288,26 @@ static void blocked_Q4_K8(const qrows *xr, int64_t m_rows, int64_t k, const uint
     }
   }
 #else
-  (void)xr, (void)m_rows, (void)k, (void)w, (void)y, (void)ldy, (void)acc_into, (void)r_begin,
-      (void)r_end;
+  (void)type, (void)xr, (void)m_rows, (void)k, (void)w, (void)y, (void)ldy, (void)acc_into,
+      (void)r_begin, (void)r_end;
 #endif
 }
+
+#define BLOCKED_PANELS(T)                                                                     \
+  static void blocked_##T(const qrows *xr, int64_t m_rows, int64_t k, const uint8_t *w,       \
+                          int64_t row_bytes, int64_t n, float *y, int64_t ldy, int acc_into,  \
+                          int64_t r_begin, int64_t r_end) {                                  \
+    (void)row_bytes, (void)n;                                                                 \
+    blocked_panels(T, xr, m_rows, k, w, y, ldy, acc_into, r_begin, r_end);                    \
+  }
+BLOCKED_PANELS(Q4_K8)
+BLOCKED_PANELS(Q6_K8)
+#undef BLOCKED_PANELS
 
 /* y[i, r] (+)= x_i . W_r for every row r of `count` matrices side by side (q|k|v: their
  * outputs one after another in y's rows), in one parallel region: the threads share the rows of
  * all of them, so a decode step pays one fork and join per fused product, not one per part.
- * -2: not a blocked type. The threads share each part's rows, Q4_K8's in whole panels. */
+ * -2: not a blocked type. The threads share each part's rows, panels' in whole panels. */
 static int blocked(const linear_t *parts, int64_t count, const qrows *xr, int64_t m_rows,
                    float *y, int64_t ldy, int acc_into) {
   blocked_fn rows[3];
@@ -1166,6 +1319,7 @@ static int blocked(const linear_t *parts, int64_t count, const qrows *xr, int64_
       EACH_BLOCK_TYPE(PICK)
 #undef PICK
     case Q4_K8: rows[i] = blocked_Q4_K8; break;
+    case Q6_K8: rows[i] = blocked_Q6_K8; break;
     default: return -2;
     }
   }
@@ -1174,7 +1328,7 @@ static int blocked(const linear_t *parts, int64_t count, const qrows *xr, int64_
     for (int64_t i = 0, at = 0; i < count; at += parts[i].n, i++) {
       const linear_t *l = parts + i;
       int64_t begin, end;
-      share(l->n, l->type == Q4_K8 ? 8 : WR, &begin, &end);
+      share(l->n, l->type == Q4_K8 || l->type == Q6_K8 ? 8 : WR, &begin, &end);
       if (begin < end)
         rows[i](xr, m_rows, l->k, l->w, l->row_bytes, l->n, y + at, ldy, acc_into, begin, end);
     }
@@ -1293,18 +1447,35 @@ typedef void (*dequant_fn)(const uint8_t *, int64_t, int64_t, const int64_t *, i
 EACH_TYPE(DEQUANT_ROWS)
 #undef DEQUANT_ROWS
 
-/* Q4_K8 rows: each one's super-blocks unpacked, then dequantized as Q4_K */
-static void dequant_Q4_K8(const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids,
-                          int64_t r0, float *out, uint16_t *out16, int64_t i_begin,
-                          int64_t i_end) {
-  (void)row_bytes;
-  uint8_t sbs[k / 256 * 144];
+/* Q4_K8 and Q6_K8 rows: each one's super-blocks unpacked, then dequantized as Q4_K, Q6_K */
+static inline __attribute__((always_inline)) void dequant_panels(
+    const int type, const uint8_t *w, int64_t k, const int64_t *ids, int64_t r0, float *out,
+    uint16_t *out16, int64_t i_begin, int64_t i_end) {
+  const int64_t bytes = k / 256 * (type == Q4_K8 ? 144 : 210);
+  uint8_t sbs[bytes];
   for (int64_t i = i_begin; i < i_end; i++) {
-    q4k8_row(w, k, ids ? ids[i] : r0 + i, sbs);
-    dequant_Q4_K(sbs, k / 256 * 144, k, NULL, 0, out ? out + i * k : NULL,
-                 out16 ? out16 + i * k : NULL, 0, 1);
+    float *dst = out ? out + i * k : NULL;
+    uint16_t *dst16 = out16 ? out16 + i * k : NULL;
+    if (type == Q4_K8) {
+      q4k8_row(w, k, ids ? ids[i] : r0 + i, sbs);
+      dequant_Q4_K(sbs, bytes, k, NULL, 0, dst, dst16, 0, 1);
+    } else {
+      q6k8_row(w, k, ids ? ids[i] : r0 + i, sbs);
+      dequant_Q6_K(sbs, bytes, k, NULL, 0, dst, dst16, 0, 1);
+    }
   }
 }
+
+#define DEQUANT_PANELS(T)                                                                     \
+  static void dequant_##T(const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *ids, \
+                          int64_t r0, float *out, uint16_t *out16, int64_t i_begin,           \
+                          int64_t i_end) {                                                   \
+    (void)row_bytes;                                                                          \
+    dequant_panels(T, w, k, ids, r0, out, out16, i_begin, i_end);                             \
+  }
+DEQUANT_PANELS(Q4_K8)
+DEQUANT_PANELS(Q6_K8)
+#undef DEQUANT_PANELS
 
 /* rows of W (ids[i], or r0 + i when ids is NULL) as float32 [count, k]; -2: unknown type */
 static int dequantize_any(int type, const uint8_t *w, int64_t row_bytes, int64_t k,
@@ -1316,6 +1487,7 @@ static int dequantize_any(int type, const uint8_t *w, int64_t row_bytes, int64_t
     EACH_TYPE(PICK)
 #undef PICK
   case Q4_K8: rows = dequant_Q4_K8; break;
+  case Q6_K8: rows = dequant_Q6_K8; break;
   default: return -2;
   }
 #pragma omp parallel if (count * k > 65536)
@@ -1376,14 +1548,15 @@ static int dense_product(const linear_t *l, const float *x, int64_t m_rows, floa
 }
 
 /* the bfloat16 product of prompt rows: x rounded to bfloat16 once, W dequantized to bfloat16 a
- * panel of about PANEL16_BYTES at a time (it stays in the cache for the GEMM), gemm16 into y.
- * The rows go in padded (copies of the first) to a multiple of GEMM16_ROWS: oneDNN keeps code
- * for every shape it meets (0.3-0.4 MB per shape with Sapphire Rapids' AMX), so a node that met
- * every prompt length grew by hundreds of MB; and a single row is never alone (oneDNN multiplies
- * one row with another kernel, whose sums can differ in the last bit, and a row's numbers must
- * not depend on how many share its product). */
+ * panel of about PANEL16_BYTES at a time (it stays in the cache for the GEMM), gemm16 into y,
+ * GEMM16_ROWS rows a call (the last padded with copies of the first). Always that one shape,
+ * because oneDNN's sums depend on it: with Sapphire Rapids' AMX a row multiplied among 48 rows
+ * and among 64 could differ in its last bit (and a single row takes another kernel on every
+ * CPU), where a row's numbers must not depend on how many share its product; and oneDNN keeps
+ * code for every shape it meets (0.3-0.4 MB each with AMX), so a node that met every prompt
+ * length grew by hundreds of MB. */
 #define PANEL16_BYTES (4 << 20)
-#define GEMM16_ROWS 16
+#define GEMM16_ROWS 64
 static int dense16_product(const linear_t *l, const float *x, int64_t m_rows, float *y,
                            int64_t ldy, int acc_into) {
   const int64_t k = l->k, fit = PANEL16_BYTES / (2 * k) / 64 * 64;
@@ -1406,9 +1579,12 @@ static int dense16_product(const linear_t *l, const float *x, int64_t m_rows, fl
   for (int64_t r0 = 0; r0 < l->n && r == 0; r0 += panel) {
     const int64_t count = l->n - r0 < panel ? l->n - r0 : panel;
     r = dequantize_any((int)l->type, l->w, l->row_bytes, k, NULL, r0, count, NULL, w16);
-    if (r == 0)
-      r = (y2 ? gemm16(x16, m, k, w16, count, y2 + r0, l->n, 0)
-              : gemm16(x16, m, k, w16, count, y + r0, ldy, acc_into)) ? -3 : 0;
+    for (int64_t t0 = 0; t0 < m && r == 0; t0 += GEMM16_ROWS) {
+      const uint16_t *xs = x16 + t0 * k;
+      r = (y2 ? gemm16(xs, GEMM16_ROWS, k, w16, count, y2 + t0 * l->n + r0, l->n, 0)
+              : gemm16(xs, GEMM16_ROWS, k, w16, count, y + t0 * ldy + r0, ldy, acc_into))
+              ? -3 : 0;
+    }
   }
   if (r == 0 && y2)
     for (int64_t t = 0; t < m_rows; t++)
