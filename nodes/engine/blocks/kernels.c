@@ -26,10 +26,10 @@
  * Rows of x are taken four at a time, so a run is unpacked once per four rows; each thread
  * streams its own share of weight rows one after another (two rows at a time, interleaved,
  * read Q6_K at 23 GB/s where one at a time reads it at 37, on 2 EPYC cores).
- * Q4_K, the type of most of a Q4_K_M file, is repacked at load by the AVX-512 builds, eight
- * rows interleaved (Q4_K8, below): one vector then holds eight rows' weights, each lane one
- * row's, which spares the per-row scale shuffles and sums (1.7x the products per second on one
- * core where the weights sit in the cache).
+ * Q4_K and Q6_K, the types of a Q4_K_M file, are repacked at load by the AVX-512 builds, eight
+ * rows interleaved (Q4_K8, Q6_K8, below): one vector then holds eight rows' weights, each lane
+ * one row's, which spares the per-row scale shuffles and sums (Q4_K: 1.7x the products per
+ * second on one core where the weights sit in the cache; Q6_K 1.2x).
  *
  * Vector paths, one source: built with -mavx2 (maddubs + madd on 256 bits), -mavx512bw (the
  * same on 512), or -mavx512vnni (vpdpbusd, and vpdpwssd for the integer scales). kernels.py
