@@ -4,7 +4,8 @@ A `Blocks` is a matrix W [n, k] exactly as a GGUF file stores it: `raw`, uint8 [
 one row of blocks per output (for a file, a view of its mapped bytes: never converted), and its
 type. One exception, for speed: where the AVX-512 kernels run, Q4_K and Q6_K are repacked at
 load in panels of eight rows (`for_cpu`, kernels.c's Q4_K8 and Q6_K8: the same blocks, eight
-rows interleaved), and the file's pages they came from are given back. The types read (gguf.GGMLQuantizationType):
+rows interleaved), and the file's pages they came from are given back. The types read
+(gguf.GGMLQuantizationType):
 
     Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   runs of 32 weights with a float16 scale (and minimum)
     Q4_K Q5_K Q6_K             super-blocks of 256 (what the _S/_M/_L mixes are made of)
@@ -32,8 +33,8 @@ from nodes.engine.blocks import kernels
 READ = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K,
         T.IQ4_NL, T.IQ4_XS)
 FLOATS = (T.F32, T.F16, T.BF16)
-# kernels.c's panel layouts: (the kernels' id, bytes of eight rows' super-blocks, its repacker)
-PANELS = {T.Q4_K: (112, 1184, "repack_q4k8"), T.Q6_K: (114, 1680, "repack_q6k8")}
+# kernels.c's panel layouts: the kernels' id, and the bytes of eight rows' super-blocks
+PANELS = {T.Q4_K: (112, 1184), T.Q6_K: (114, 1680)}
 
 
 class UnreadableType(ValueError):
@@ -89,9 +90,8 @@ class Blocks:
         lib = kernels.library()
         if self.kind not in PANELS or self.panels or self.n % 8 or lib is None:
             return self
-        _, tile, repack = PANELS[self.kind]
-        out = torch.empty((self.n, self.k // 256 * tile // 8), dtype=torch.uint8)
-        if getattr(lib, repack)(self.raw.data_ptr(), self.n, self.k, out.data_ptr()):
+        out = torch.empty((self.n, self.k // 256 * PANELS[self.kind][1] // 8), dtype=torch.uint8)
+        if lib.repack_panels(int(self.kind), self.raw.data_ptr(), self.n, self.k, out.data_ptr()):
             return self  # this build has no panel kernels (AVX2)
         return Blocks(self.kind, out, self.k, self.bias, panels=True)
 

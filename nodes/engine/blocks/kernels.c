@@ -956,7 +956,7 @@ EACH_BLOCK_TYPE(BLOCKED_ROWS)
 /* --- Q4_K in panels of eight rows (Q4_K8) ---------------------------------------------------
  * Row by row, a decode step's Q4_K product spends most of its instructions on each row's own
  * scales and on spreading them over a vector's lanes (kscale), then sums each row's lanes. So the
- * AVX-512 builds repack a Q4_K matrix at load (repack_q4k8; the file's pages are given back):
+ * AVX-512 builds repack a Q4_K matrix at load (repack_panels; the file's pages are given back):
  * eight rows' super-blocks of the same columns lie together, one vector holds eight rows' weights
  * with each lane one row's, the activations are broadcast, and eight rows' sums come out side by
  * side. A tile (eight rows by 256 columns, Q4K8_BYTES; tiles of a panel one after another):
@@ -979,30 +979,15 @@ static inline void q4k_scale_min(const uint8_t *q, int j, uint8_t *sc, uint8_t *
   }
 }
 
-/* n rows of Q4_K (n a multiple of 8) into out, n / 8 panels of k / 256 tiles; -2 where the
- * build has no Q4_K8 kernel (AVX2) or the shape does not fit */
-int repack_q4k8(const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
-#ifndef __AVX512BW__
-  return -2;
-#endif
-  if (n % 8 || k % 256)
-    return -2;
-  const int64_t nsb = k / 256, row_bytes = nsb * 144;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < n / 8 * nsb; t++) {
-    uint8_t *tile = out + t * Q4K8_BYTES;
-    for (int r = 0; r < 8; r++) {
-      const uint8_t *sb = w + (t / nsb * 8 + r) * row_bytes + t % nsb * 144;
-      memcpy(tile + 2 * r, sb, 2), memcpy(tile + 16 + 2 * r, sb + 2, 2);
-      for (int j = 0; j < 8; j++)
-        q4k_scale_min(sb + 4, j, tile + 32 + 8 * j + r, tile + 96 + 8 * j + r);
-      for (int v = 0; v < 16; v++)
-        for (int h = 0; h < 2; h++)
-          memcpy(tile + 160 + 64 * v + 4 * (2 * r + h),
-                 sb + 16 + 32 * (v / 4) + 8 * (v % 4) + 4 * h, 4);
-    }
-  }
-  return 0;
+/* row r of a tile from its Q4_K super-block */
+static void q4k8_put(uint8_t *tile, int r, const uint8_t *sb) {
+  memcpy(tile + 2 * r, sb, 2), memcpy(tile + 16 + 2 * r, sb + 2, 2);
+  for (int j = 0; j < 8; j++)
+    q4k_scale_min(sb + 4, j, tile + 32 + 8 * j + r, tile + 96 + 8 * j + r);
+  for (int v = 0; v < 16; v++)
+    for (int h = 0; h < 2; h++)
+      memcpy(tile + 160 + 64 * v + 4 * (2 * r + h), sb + 16 + 32 * (v / 4) + 8 * (v % 4) + 4 * h,
+             4);
 }
 
 /* row `row` of a Q4_K8 matrix back as Q4_K super-blocks (k / 256 of 144 bytes) */
@@ -1035,31 +1020,37 @@ static void q4k8_row(const uint8_t *w, int64_t k, int64_t row, uint8_t *sbs) {
  *                       with C's four 2-bit fields are the codes of runs 4n .. 4n + 3 */
 #define Q6K8_BYTES 1680
 
-int repack_q6k8(const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
+/* row r of a tile from its Q6_K super-block */
+static void q6k8_put(uint8_t *tile, int r, const uint8_t *sb) {
+  memcpy(tile + 2 * r, sb + 208, 2);
+  for (int g = 0; g < 16; g++)
+    tile[16 + 8 * g + r] = sb[192 + g];
+  for (int i = 0; i < 8; i++) /* i = 4n + q */
+    for (int h = 0; h < 2; h++) {
+      uint8_t *lane = tile + 144 + 192 * i + 4 * (2 * r + h);
+      const int at = 8 * (i % 4) + 4 * h;
+      memcpy(lane, sb + 64 * (i / 4) + at, 4);
+      memcpy(lane + 64, sb + 64 * (i / 4) + 32 + at, 4);
+      memcpy(lane + 128, sb + 128 + 32 * (i / 4) + at, 4);
+    }
+}
+
+/* n rows of Q4_K or Q6_K (`type`; n a multiple of 8) into out in panels: n / 8 panels of k / 256
+ * tiles; -2 where the build has no panel kernels (AVX2) or the type or shape does not fit */
+int repack_panels(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
 #ifndef __AVX512BW__
   return -2;
 #endif
-  if (n % 8 || k % 256)
+  if ((type != Q4_K && type != Q6_K) || n % 8 || k % 256)
     return -2;
-  const int64_t nsb = k / 256, row_bytes = nsb * 210;
+  const int64_t nsb = k / 256, sb_bytes = block_bytes(type), row_bytes = nsb * sb_bytes;
+  const int64_t tile_bytes = type == Q4_K ? Q4K8_BYTES : Q6K8_BYTES;
 #pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < n / 8 * nsb; t++) {
-    uint8_t *tile = out + t * Q6K8_BYTES;
+  for (int64_t t = 0; t < n / 8 * nsb; t++)
     for (int r = 0; r < 8; r++) {
-      const uint8_t *sb = w + (t / nsb * 8 + r) * row_bytes + t % nsb * 210;
-      memcpy(tile + 2 * r, sb + 208, 2);
-      for (int g = 0; g < 16; g++)
-        tile[16 + 8 * g + r] = sb[192 + g];
-      for (int i = 0; i < 8; i++) /* i = 4n + q */
-        for (int h = 0; h < 2; h++) {
-          uint8_t *lane = tile + 144 + 192 * i + 4 * (2 * r + h);
-          const int at = 8 * (i % 4) + 4 * h;
-          memcpy(lane, sb + 64 * (i / 4) + at, 4);
-          memcpy(lane + 64, sb + 64 * (i / 4) + 32 + at, 4);
-          memcpy(lane + 128, sb + 128 + 32 * (i / 4) + at, 4);
-        }
+      const uint8_t *sb = w + (t / nsb * 8 + r) * row_bytes + t % nsb * sb_bytes;
+      (type == Q4_K ? q4k8_put : q6k8_put)(out + t * tile_bytes, r, sb);
     }
-  }
   return 0;
 }
 

@@ -134,8 +134,7 @@ def library() -> ctypes.CDLL | None:
     P_, I_ = P, I
     lib.matmul.argtypes = [ctypes.POINTER(Linear), P_, I_, P_, ctypes.c_int, ctypes.c_int]
     lib.dequantize_rows.argtypes = [ctypes.c_int, P_, I_, I_, P_, I_, I_, P_]
-    lib.repack_q4k8.argtypes = [P_, I_, I_, P_]
-    lib.repack_q6k8.argtypes = [P_, I_, I_, P_]
+    lib.repack_panels.argtypes = [ctypes.c_int, P_, I_, I_, P_]
     lib.dequantize_rows_bf16.argtypes = [ctypes.c_int, P_, I_, I_, P_, I_, I_, P_]
     lib.rms_norm.argtypes = [P_, P_, I_, I_, F, P_]
     lib.rope.argtypes = [P_, I_, I_, I_, I_, I_, P_, P_, P_, I_]
