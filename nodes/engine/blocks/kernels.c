@@ -970,20 +970,13 @@ EACH_BLOCK_TYPE(BLOCKED_ROWS)
  * Products that dequantize (prompt rows) unpack a row's super-blocks first (q4k8_row). */
 #define Q4K8_BYTES 1184
 
-static inline void q4k_scale_min(const uint8_t *q, int j, uint8_t *sc, uint8_t *m) {
-  if (j < 4) {
-    *sc = q[j] & 63, *m = q[j + 4] & 63;
-  } else {
-    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
-}
-
 /* row r of a tile from its Q4_K super-block */
 static void q4k8_put(uint8_t *tile, int r, const uint8_t *sb) {
+  uint8_t scales[16]; /* the scales, then the minimums */
+  _mm_storeu_si128((__m128i *)scales, k_bytes(sb + 4));
   memcpy(tile + 2 * r, sb, 2), memcpy(tile + 16 + 2 * r, sb + 2, 2);
   for (int j = 0; j < 8; j++)
-    q4k_scale_min(sb + 4, j, tile + 32 + 8 * j + r, tile + 96 + 8 * j + r);
+    tile[32 + 8 * j + r] = scales[j], tile[96 + 8 * j + r] = scales[8 + j];
   for (int v = 0; v < 16; v++)
     for (int h = 0; h < 2; h++)
       memcpy(tile + 160 + 64 * v + 4 * (2 * r + h), sb + 16 + 32 * (v / 4) + 8 * (v % 4) + 4 * h,
@@ -1020,6 +1013,10 @@ static void q4k8_row(const uint8_t *w, int64_t k, int64_t row, uint8_t *sbs) {
  *                       with C's four 2-bit fields are the codes of runs 4n .. 4n + 3 */
 #define Q6K8_BYTES 1680
 
+/* a panel type's tile: eight rows' super-blocks */
+static inline int64_t tile_bytes(int type) { return type == Q4_K8 ? Q4K8_BYTES : Q6K8_BYTES; }
+static inline int is_panels(int type) { return type == Q4_K8 || type == Q6_K8; }
+
 /* row r of a tile from its Q6_K super-block */
 static void q6k8_put(uint8_t *tile, int r, const uint8_t *sb) {
   memcpy(tile + 2 * r, sb + 208, 2);
@@ -1044,12 +1041,12 @@ int repack_panels(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out
   if ((type != Q4_K && type != Q6_K) || n % 8 || k % 256)
     return -2;
   const int64_t nsb = k / 256, sb_bytes = block_bytes(type), row_bytes = nsb * sb_bytes;
-  const int64_t tile_bytes = type == Q4_K ? Q4K8_BYTES : Q6K8_BYTES;
+  const int64_t tile = tile_bytes(type == Q4_K ? Q4_K8 : Q6_K8);
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < n / 8 * nsb; t++)
     for (int r = 0; r < 8; r++) {
       const uint8_t *sb = w + (t / nsb * 8 + r) * row_bytes + t % nsb * sb_bytes;
-      (type == Q4_K ? q4k8_put : q6k8_put)(out + t * tile_bytes, r, sb);
+      (type == Q4_K ? q4k8_put : q6k8_put)(out + t * tile, r, sb);
     }
   return 0;
 }
@@ -1076,6 +1073,13 @@ static void q6k8_row(const uint8_t *w, int64_t k, int64_t row, uint8_t *sbs) {
 }
 
 #ifdef __AVX512BW__
+/* lanes 2r and 2r + 1 added: the eight rows' sums of a panel's accumulator */
+static inline __m256 row_sums(__m512 acc) {
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512 both = _mm512_add_ps(acc, _mm512_permute_ps(acc, 0xB1));
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(evens, both));
+}
+
 /* acc + each int32 lane's low 16 bits times s's (a's fit 16 bits; s's high halves are 0) */
 static inline __m512i wdot(__m512i acc, __m512i a, __m512i s) {
 #ifdef __AVX512VNNI__
@@ -1157,14 +1161,11 @@ static inline __attribute__((always_inline)) void q4k8_tile(const int NX, const 
                                _mm512_mul_ps(d, _mm512_set1_ps(xr->d[(i0 + c) * nsb + s])),
                                acc[c]);
   }
-  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
 #pragma GCC unroll 4
   for (int c = 0; c < NX; c++) {
-    const __m512 both = _mm512_add_ps(acc[c], _mm512_permute_ps(acc[c], 0xB1)); /* 2r + 2r+1 */
-    const __m256 rows = _mm512_castps512_ps256(_mm512_permutexvar_ps(evens, both));
     const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(corr[c]), 1));
     const __m256 mins = _mm256_add_ps(_mm512_castps512_ps256(corr[c]), high);
-    _mm256_storeu_ps(out[c], _mm256_add_ps(rows, mins));
+    _mm256_storeu_ps(out[c], _mm256_add_ps(row_sums(acc[c]), mins));
   }
 }
 
@@ -1242,12 +1243,9 @@ static inline __attribute__((always_inline)) void q6k8_tile(const int NX, const 
       }
     }
   }
-  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
 #pragma GCC unroll 4
-  for (int c = 0; c < NX; c++) {
-    const __m512 both = _mm512_add_ps(acc[c], _mm512_permute_ps(acc[c], 0xB1));
-    _mm256_storeu_ps(out[c], _mm512_castps512_ps256(_mm512_permutexvar_ps(evens, both)));
-  }
+  for (int c = 0; c < NX; c++)
+    _mm256_storeu_ps(out[c], row_sums(acc[c]));
 }
 #endif
 
@@ -1256,7 +1254,7 @@ static inline __attribute__((always_inline)) void blocked_panels(
     const int type, const qrows *xr, int64_t m_rows, int64_t k, const uint8_t *w, float *y,
     int64_t ldy, int acc_into, int64_t r_begin, int64_t r_end) {
 #ifdef __AVX512BW__
-  const int64_t nb = k / RUN, panel_bytes = k / 256 * (type == Q4_K8 ? Q4K8_BYTES : Q6K8_BYTES);
+  const int64_t nb = k / RUN, panel_bytes = k / 256 * tile_bytes(type);
   for (int64_t r0 = r_begin; r0 < r_end; r0 += 8) {
     const uint8_t *panel = w + r0 / 8 * panel_bytes;
     for (int64_t i0 = 0; i0 < m_rows; i0 += XR) {
@@ -1319,7 +1317,7 @@ static int blocked(const linear_t *parts, int64_t count, const qrows *xr, int64_
     for (int64_t i = 0, at = 0; i < count; at += parts[i].n, i++) {
       const linear_t *l = parts + i;
       int64_t begin, end;
-      share(l->n, l->type == Q4_K8 || l->type == Q6_K8 ? 8 : WR, &begin, &end);
+      share(l->n, is_panels((int)l->type) ? 8 : WR, &begin, &end);
       if (begin < end)
         rows[i](xr, m_rows, l->k, l->w, l->row_bytes, l->n, y + at, ldy, acc_into, begin, end);
     }
@@ -1442,7 +1440,7 @@ EACH_TYPE(DEQUANT_ROWS)
 static inline __attribute__((always_inline)) void dequant_panels(
     const int type, const uint8_t *w, int64_t k, const int64_t *ids, int64_t r0, float *out,
     uint16_t *out16, int64_t i_begin, int64_t i_end) {
-  const int64_t bytes = k / 256 * (type == Q4_K8 ? 144 : 210);
+  const int64_t bytes = k / 256 * block_bytes(type == Q4_K8 ? Q4_K : Q6_K);
   uint8_t sbs[bytes];
   for (int64_t i = i_begin; i < i_end; i++) {
     float *dst = out ? out + i * k : NULL;
