@@ -1191,6 +1191,12 @@ static inline __attribute__((always_inline)) void q6k8_tile(const int NX, const 
         _mm256_castps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t)))));
 #pragma GCC unroll 2
     for (int n = 0; n < 2; n++) {
+      __m512 sd[4]; /* runs 4n + j's two groups' scales times d, per lane r + 8g */
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; j++) {
+        const __m128i sc = _mm_loadu_si128((const __m128i *)(t + 16 + 8 * (8 * n + 2 * j)));
+        sd[j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+      }
 #pragma GCC unroll 2
       for (int g = 0; g < 2; g++) {
         __m512i a[XR][4];
@@ -1226,10 +1232,8 @@ static inline __attribute__((always_inline)) void q6k8_tile(const int NX, const 
         }
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) {
-          /* group 8n + 2j + g's scales times d, per lane 2r + h */
-          const __m128i sc = _mm_loadu_si128((const __m128i *)(t + 16 + 8 * (8 * n + 2 * j)));
-          const __m512 sd = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
-          const __m512 sg = _mm512_permutexvar_ps(g ? pairs_hi : pairs_of, sd);
+          /* group 8n + 2j + g's, per lane 2r + h */
+          const __m512 sg = _mm512_permutexvar_ps(g ? pairs_hi : pairs_of, sd[j]);
 #pragma GCC unroll 4
           for (int c = 0; c < NX; c++) {
             const int64_t run = (i0 + c) * nb + s * GROUP + 4 * n + j;
