@@ -14,7 +14,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_ports
 from web_helpers import CHROMIUM, Page, chromium
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -37,29 +37,6 @@ if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
 
 # ------------------------------------------------------------------ the system under test
 
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive free loopback ports (the root listens on PORT..PORT+2)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count >= 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free run of loopback ports")
-
-
 def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
@@ -72,7 +49,7 @@ class System:
     """`treechat up --engine fake` on free ports; `url` is the HTTP gateway's base."""
 
     def __init__(self, tmp: Path, *extra: str, delay: float = 0.05):
-        root_port = free_ports(4)  # the root takes three, the HTTP gateway the fourth
+        root_port = free_ports(1, span=4)[0]  # the root takes three, the HTTP gateway the fourth
         self.http_port = root_port + 3
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = tmp / f"treechat-up-{self.http_port}.log"
