@@ -217,6 +217,59 @@ def test_a_k_quant_file_is_repacked_and_gives_its_pages_back(tmp_path, kind, mon
     check_logits(net, model, cache, 0.1)
 
 
+def mapping_of(address: int) -> dict:
+    """The mapping of this process holding `address` (/proc/self/smaps): its file ('' where
+    anonymous) and its fields (kB counts and flags, as strings)."""
+    found = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):
+                lo, hi = (int(v, 16) for v in head[0].split("-"))
+                if found is not None:
+                    break
+                if lo <= address < hi:
+                    found = {"file": head[5] if len(head) > 5 else ""}
+            elif found is not None:
+                found[head[0].rstrip(":")] = head[1]
+    assert found is not None, hex(address)
+    return found
+
+
+def huge_pages_allowed() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="no kernels: the weights go dense")
+@pytest.mark.parametrize("kind", [T.Q8_0, T.Q4_K], ids=lambda t: t.name)
+def test_a_files_matrices_move_to_huge_pages_and_its_embedding_stays(tmp_path, kind,
+                                                                      monkeypatch):
+    """Every matrix the runner multiplies by is copied once into anonymous memory advised into
+    2 MB pages (a decode step streams it faster), and the file's pages behind it leave the
+    node's memory; an untied embedding, only looked up, stays in the file."""
+    config = tiny_config("llama", width=256, tied=False)
+    net = reference_net(config)
+    path = tmp_path / "model.gguf"
+    gguf_files.write(net, path, kind)
+    source = weights.GGUFSource(path)
+    before = mapped_kb(path)
+    model, cache = serve(config, source, True, monkeypatch)
+    assert mapped_kb(path) - before < 0.1 * path.stat().st_size / 1024
+    products = [w for layer in model.layers
+                for w in (*layer.qkv, layer.o, *layer.gate_up, layer.down)] + [model.lm_head]
+    for w in products:
+        where = mapping_of(w.raw.data_ptr())
+        assert where["file"] == "", where  # anonymous: a copy, not the file's pages
+        if huge_pages_allowed():
+            assert where.get("THPeligible") == "1", where
+    assert mapping_of(model.embed.raw.data_ptr())["file"] == str(path)
+    check_logits(net, model, cache, 0.1)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_real_gemma_3_file_answers_from_its_own_blocks(gemma_gguf, tmp_path, monkeypatch):

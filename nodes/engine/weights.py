@@ -3,14 +3,16 @@
 Three sources, one result (a CpuModel or a TorchModel):
 
     GGUFSource         a llama.cpp file, memory-mapped (formats/gguf.py): every matrix stays in
-                       the file's own blocks (`Blocks`, a view of the mapped bytes: no copy, no
-                       float32 anywhere), whatever mix of types the file has
+                       the file's own blocks (`Blocks`: no float32 anywhere), whatever mix of
+                       types the file has
     SafetensorsSource  a Hugging Face folder: float weights, quantized here if asked (--quantization
                        int8: Q8_0, int4: Q4_1, by gguf's reference quantizer)
     RandomSource       random weights of a published shape (benchmarks, --load-format dummy)
 
-On a CPU with our kernels the model keeps Blocks; a GPU (or a CPU without them) gets each matrix
-dequantized once to its dtype, q|k|v and gate|up concatenated. Tensor names per source and per
+On a CPU with our kernels the model keeps Blocks, each matrix it multiplies by copied once into
+an Arena of 2 MB pages (blocks/arena.py; the file's pages given back, so memory holds it once);
+a GPU (or a CPU without them) gets each matrix dequantized once to its dtype, q|k|v and gate|up
+concatenated. Tensor names per source and per
 family differ only in the norms around the MLP (Gemma's `pre_feedforward_layernorm` is Llama's
 `post_attention_layernorm`).
 """
@@ -27,6 +29,7 @@ from gguf import GGMLQuantizationType as T
 
 from nodes.engine import blocks
 from nodes.engine.blocks import Blocks
+from nodes.engine.blocks.arena import Arena
 from nodes.engine.llama import CpuModel, Layer, Shape, TorchModel, rotary
 
 log = logging.getLogger("treechat.engine")
@@ -174,18 +177,26 @@ def build(config, source, *, mode: str, device: torch.device, dtype: torch.dtype
             v = v + source.norm_shift
         return v.to(device).contiguous() if not on_kernels else v.contiguous()
 
-    def matrix(name: str, bias: str | None = None, floor: T | None = None) -> Blocks | Float:
+    arena = Arena() if on_kernels else None  # the products' weights, in 2 MB pages
+
+    def matrix(name: str, bias: str | None = None, floor: T | None = None,
+               product: bool = True) -> Blocks | Float:
+        """`product`: the runner multiplies by it (else only looks rows up: an untied embedding,
+        which stays where it lies, the file's pages read as tokens need them)."""
         w = source.get(name)
         b = source.get(bias).float() if bias and source.has(bias) else None
         if isinstance(w, Blocks):  # (a file's: GGUFSource)
             w = w if b is None else Blocks(w.kind, w.raw, w.k, b)
-            if on_kernels and (fast := w.for_cpu()) is not w:
+            if on_kernels and product:
+                w = w.for_cpu(arena)
                 source.release(name)  # the file's pages out of RSS: the copy replaced them
-                w = fast
             return w
         # float weights: in the mode's blocks for our kernels, else as they are
         want = floor if floor is not None and kind != T.F32 else kind
-        return Blocks.of(w.cpu(), want, b) if on_kernels else Float(w, b)
+        if not on_kernels:
+            return Float(w, b)
+        w = Blocks.of(w.cpu(), want, b)
+        return w.for_cpu(arena) if product else w
 
     def optional(i, part):
         name = source.layer(i, part)
@@ -212,9 +223,9 @@ def build(config, source, *, mode: str, device: torch.device, dtype: torch.dtype
                             post_mlp_norm=optional(i, "post_mlp_norm")))
     # a float model's embeddings and head stay 8-bit when its layers are quantized (llama.cpp's
     # choice too: the head is where 4 bits cost the most)
-    embed = matrix(source.embed, floor=T.Q8_0)
-    head = embed if shape.tied or not source.has(source.head) else \
-        matrix(source.head, floor=T.Q8_0)
+    tied = shape.tied or not source.has(source.head)
+    embed = matrix(source.embed, floor=T.Q8_0, product=tied)
+    head = embed if tied else matrix(source.head, floor=T.Q8_0)
     norm = vector(source.norm)
     rope = rotary(config)
     if source.has("rope_freqs.weight"):  # Llama 3's long-context scaling, as llama.cpp's files

@@ -4,7 +4,9 @@ A `Blocks` is a matrix W [n, k] exactly as a GGUF file stores it: `raw`, uint8 [
 one row of blocks per output (for a file, a view of its mapped bytes: never converted), and its
 type. One exception, for speed: where the AVX-512 kernels run, Q4_K and Q6_K are repacked at
 load in panels of eight rows (`for_cpu`, kernels.c's Q4_K8 and Q6_K8: the same blocks, eight
-rows interleaved), and the file's pages they came from are given back. The types read
+rows interleaved); and every matrix of a CPU model is copied into an `Arena` of 2 MB pages
+(arena.py: a decode step streams them faster). The file's pages they came from are given back.
+The types read
 (gguf.GGMLQuantizationType):
 
     Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   runs of 32 weights with a float16 scale (and minimum)
@@ -29,6 +31,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants
 
 from nodes.engine.blocks import kernels
+from nodes.engine.blocks.arena import Arena
 
 READ = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K,
         T.IQ4_NL, T.IQ4_XS)
@@ -81,19 +84,24 @@ class Blocks:
                 quants.quantize(w.float().cpu().numpy(), kind)).view(np.uint8).reshape(n, -1))
         return cls(kind, raw, k, bias)
 
-    def for_cpu(self) -> "Blocks":
+    def for_cpu(self, arena: Arena | None = None) -> "Blocks":
         """This matrix as our kernels read it fastest: Q4_K and Q6_K with rows in panels of
         eight (kernels.c's Q4_K8, Q6_K8: a decode step's product at about 1.7x the speed on one
-        core) where the AVX-512 builds have those kernels and the rows come in eights; else
-        itself. The new copy is the repacked bytes (Q4_K 1184 for 1152, Q6_K the same 1680);
-        the caller may give the old ones back."""
+        core) where the AVX-512 builds have those kernels and the rows come in eights, and, given
+        an arena, in its 2 MB pages (arena.py); else itself. A new copy is the repacked bytes
+        (Q4_K 1184 for 1152, Q6_K the same 1680) or the same ones: the caller may give the old
+        ones back."""
         lib = kernels.library()
-        if self.kind not in PANELS or self.panels or self.n % 8 or lib is None:
+        if self.kind in PANELS and not self.panels and self.n % 8 == 0 and lib is not None:
+            shape = (self.n, self.k // 256 * PANELS[self.kind][1] // 8)
+            out = torch.empty(shape, dtype=torch.uint8) if arena is None else arena.take(shape)
+            if not lib.repack_panels(int(self.kind), self.raw.data_ptr(), self.n, self.k,
+                                     out.data_ptr()):
+                return Blocks(self.kind, out, self.k, self.bias, panels=True)
+            # this build has no panel kernels (AVX2): the rows as they are
+        if arena is None:
             return self
-        out = torch.empty((self.n, self.k // 256 * PANELS[self.kind][1] // 8), dtype=torch.uint8)
-        if lib.repack_panels(int(self.kind), self.raw.data_ptr(), self.n, self.k, out.data_ptr()):
-            return self  # this build has no panel kernels (AVX2)
-        return Blocks(self.kind, out, self.k, self.bias, panels=True)
+        return Blocks(self.kind, arena.copy(self.raw), self.k, self.bias, self.panels)
 
     @property
     def type_id(self) -> int:
