@@ -352,3 +352,27 @@ def test_peer_bench_checks_its_flags_and_tables_every_file(capsys):
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[:4] == ["big", "0.80", "1", "failed / 18.2"]
     assert cells[6] == "– / 1500 (1600)" and cells[7] == "– / 16.0 (40%)"  # 0.8 GB / 50 ms
+
+
+@pytest.mark.timeout(120)
+def test_step_bench_times_decode_and_prefill_on_a_real_file(tiny_kquant_gguf):
+    """bench.step loads a GGUF file as a node does and times its forward: decode steps and
+    prefills, with the node's memory; a file that is not there is a clear error."""
+    from nodes.engine.blocks import kernels
+    path, _ = tiny_kquant_gguf
+
+    def step(*args):
+        return subprocess.run([sys.executable, "-m", "bench.step", "--model", *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=100)
+
+    if kernels.library() is None:
+        pytest.skip("no C kernels here: bench.step times our CPU runner only")
+    decode = step(path, "--rows", "2", "--steps", "3")
+    assert decode.returncode == 0, decode.stderr[-800:]
+    assert "decode, 2 rows:" in decode.stdout and "ms a step" in decode.stdout
+    assert "'Rss'" in decode.stdout
+    prefill = step(path, "--rows", "2", "--prompt", "16", "--steps", "1")
+    assert prefill.returncode == 0, prefill.stderr[-800:]
+    assert "prefill 2 x 16:" in prefill.stdout
+    missing = step(str(REPO / "no-such-model.gguf"))
+    assert missing.returncode == 2 and "bench.step: --model" in missing.stderr
