@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from typing import TYPE_CHECKING, Callable
 
@@ -81,15 +82,35 @@ def bind(sock: zmq.Socket, endpoint: str) -> str:
     return endpoint
 
 
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands out for outgoing connections (and for binds to port 0)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# free_port picks below the ephemeral range: a port found free by binding port 0 lies inside it,
+# and any connection made before the server binds may take it as its local port ("Address
+# already in use"); below the range only an explicit bind takes a port. A cursor walks the range
+# from a point of this process's own, so no two calls hand out the same port until it wraps.
+_PORT_FLOOR = 20000
+_PORT_CEILING = max(_PORT_FLOOR + 2000, _ephemeral_floor())
+_next_port = _PORT_FLOOR + (os.getpid() * 37) % (_PORT_CEILING - _PORT_FLOOR)
+
+
 def free_port(span: int = 1, host: str = "127.0.0.1") -> int:
-    """The first of `span` consecutive free ports (the root takes three: PORT, PORT+1, PORT+2)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            base = s.getsockname()[1]
-        if base + span < 65535 and all(_is_free(host, base + i) for i in range(span)):
+    """The first of `span` consecutive free ports (the root takes three: PORT, PORT+1, PORT+2),
+    below the kernel's ephemeral range, none handed out before by this process."""
+    global _next_port
+    for _ in range(_PORT_CEILING - _PORT_FLOOR):
+        if _next_port + span > _PORT_CEILING:
+            _next_port = _PORT_FLOOR
+        base, _next_port = _next_port, _next_port + span
+        if all(_is_free(host, base + i) for i in range(span)):
             return base
-    raise RuntimeError(f"no {span} consecutive free ports on {host}")
+    raise RuntimeError(f"no {span} consecutive free ports on {host} below {_PORT_CEILING}")
 
 
 def _is_free(host: str, port: int) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from broker.sockets import free_port  # noqa: E402
 from model_fixtures import *  # noqa: E402,F401,F403  (the tiny real model, for engine tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,45 +39,10 @@ READY = "TREECHAT-READY "
 HB = "0.2"  # fast heartbeats keep failure tests short (dead after 3 misses = 0.6 s)
 
 
-def _ephemeral_floor() -> int:
-    """The lowest port the kernel hands out for outgoing connections (and for binds to port 0)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-# Tests take their ports below the ephemeral range: a port found free by binding port 0 lies
-# inside it, and any connection made before the server binds may take it ("Address already in
-# use"). Below the range only an explicit bind takes a port. Each run starts at its own point.
-_PORT_FLOOR = 20000
-_PORT_CEILING = max(_PORT_FLOOR + 2000, _ephemeral_floor())
-_next_port = _PORT_FLOOR + (os.getpid() * 37) % (_PORT_CEILING - _PORT_FLOOR)
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def free_ports(n: int, span: int = 1) -> list[int]:
-    """`n` free 127.0.0.1 ports, each the first of `span` consecutive free ports, none shared,
-    none handed out before in this run."""
-    global _next_port
-    ports: list[int] = []
-    for _ in range(_PORT_CEILING - _PORT_FLOOR):
-        if len(ports) == n:
-            return ports
-        if _next_port + span > _PORT_CEILING:
-            _next_port = _PORT_FLOOR
-        base, _next_port = _next_port, _next_port + span
-        if all(_is_free(base + i) for i in range(span)):
-            ports.append(base)
-    raise RuntimeError(f"no {n} runs of {span} free ports below {_PORT_CEILING}")
+    """`n` free 127.0.0.1 ports, each the first of `span` consecutive free ports, none shared
+    (below the kernel's ephemeral range: broker.sockets.free_port)."""
+    return [free_port(span) for _ in range(n)]
 
 
 class Proc:

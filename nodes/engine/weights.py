@@ -12,9 +12,8 @@ Three sources, one result (a CpuModel or a TorchModel):
 On a CPU with our kernels the model keeps Blocks, each matrix it multiplies by copied once into
 an Arena of 2 MB pages (blocks/arena.py; the file's pages given back, so memory holds it once);
 a GPU (or a CPU without them) gets each matrix dequantized once to its dtype, q|k|v and gate|up
-concatenated. Tensor names per source and per
-family differ only in the norms around the MLP (Gemma's `pre_feedforward_layernorm` is Llama's
-`post_attention_layernorm`).
+concatenated. Tensor names per source and per family differ only in the norms around the MLP
+(Gemma's `pre_feedforward_layernorm` is Llama's `post_attention_layernorm`).
 """
 
 from __future__ import annotations

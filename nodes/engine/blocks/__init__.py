@@ -6,8 +6,7 @@ type. One exception, for speed: where the AVX-512 kernels run, Q4_K and Q6_K are
 load in panels of eight rows (`for_cpu`, kernels.c's Q4_K8 and Q6_K8: the same blocks, eight
 rows interleaved); and every matrix of a CPU model is copied into an `Arena` of 2 MB pages
 (arena.py: a decode step streams them faster). The file's pages they came from are given back.
-The types read
-(gguf.GGMLQuantizationType):
+The types read (gguf.GGMLQuantizationType):
 
     Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   runs of 32 weights with a float16 scale (and minimum)
     Q4_K Q5_K Q6_K             super-blocks of 256 (what the _S/_M/_L mixes are made of)

@@ -3,8 +3,8 @@
 A decode step streams every weight once. From 4 KB pages (the GGUF file's mapping, or memory
 torch allocates) each new page costs a TLB miss and restarts the hardware prefetchers, which
 stop at page edges; from 2 MB pages the stream runs on. On a 2-vCPU Sapphire Rapids the
-SmolLM2-135M Q6_K file's decode step took 10.3-11.3 ms from 2 MB pages against 12.8-13.4 from
-the file's mapping, and the Llama-3.2-1B shape's 47-50 against 56-61 (docs/benchmarks.md).
+Llama-3.2-1B shape's decode step took 36.6-38.5 ms from 2 MB pages against 43.3-43.9 from the
+file's mapping and torch's memory (docs/benchmarks.md). The price: fresh pages, zeroed at load.
 
 The arena takes chunks of virtual memory (CHUNK, or one matrix's size where that is larger),
 each aligned to 2 MB and advised MADV_HUGEPAGE, and hands out 64-byte aligned slices one after
