@@ -184,56 +184,31 @@ def test_every_block_type_in_a_file_gives_transformers_logits(tmp_path, family, 
     check_logits(net, model, cache, 0.1 if on_kernels and kind not in blocks.FLOATS else 5e-3)
 
 
-def mapped_kb(path) -> int:
-    """kB of `path`'s mapping resident in this process (/proc/self/smaps)."""
-    kb, inside = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
-                inside = line.rstrip().endswith(str(path))
-            elif inside and line.startswith("Rss:"):
-                kb += int(line.split()[1])
-    return kb
-
-
-@pytest.mark.skipif("avx512" not in (kernels.vector_path() or ""), reason="AVX2 keeps rows")
-@pytest.mark.parametrize("kind", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
-def test_a_k_quant_file_is_repacked_and_gives_its_pages_back(tmp_path, kind, monkeypatch):
-    """Where the AVX-512 kernels run, a Q4_K or Q6_K file's matrices are repacked in panels of
-    eight rows (the same logits as transformers', as above) and the file's pages behind them
-    leave the node's memory: no matrix is held twice."""
-    config = tiny_config("llama", width=256)
-    net = reference_net(config)
-    path = tmp_path / "model.gguf"
-    gguf_files.write(net, path, kind)
-    source = weights.GGUFSource(path)
-    before = mapped_kb(path)  # the header and the tensor table, read
-    model, cache = serve(config, source, True, monkeypatch)
-    matrices = [w for layer in model.layers
-                for w in (*layer.qkv, layer.o, *layer.gate_up, layer.down)]
-    assert all(w.kind == kind and w.panels for w in matrices)
-    # reading every tensor would make the whole file resident; only the vectors' pages remain
-    assert mapped_kb(path) - before < 0.1 * path.stat().st_size / 1024
-    check_logits(net, model, cache, 0.1)
-
-
-def mapping_of(address: int) -> dict:
-    """The mapping of this process holding `address` (/proc/self/smaps): its file ('' where
-    anonymous) and its fields (kB counts and flags, as strings)."""
-    found = None
+def mappings() -> list[dict]:
+    """This process's mappings (/proc/self/smaps): each one's range, file ('' where anonymous)
+    and fields (kB counts and flags, as strings)."""
+    out: list[dict] = []
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split()
             if "-" in head[0] and not head[0].endswith(":"):
                 lo, hi = (int(v, 16) for v in head[0].split("-"))
-                if found is not None:
-                    break
-                if lo <= address < hi:
-                    found = {"file": head[5] if len(head) > 5 else ""}
-            elif found is not None:
-                found[head[0].rstrip(":")] = head[1]
-    assert found is not None, hex(address)
-    return found
+                out.append({"lo": lo, "hi": hi, "file": head[5] if len(head) > 5 else ""})
+            else:
+                out[-1][head[0].rstrip(":")] = head[1]
+    return out
+
+
+def mapped_kb(path) -> int:
+    """kB of `path`'s mapping resident in this process."""
+    return sum(int(m["Rss"]) for m in mappings() if m["file"] == str(path))
+
+
+def mapping_of(address: int) -> dict:
+    """The mapping holding `address`."""
+    found = [m for m in mappings() if m["lo"] <= address < m["hi"]]
+    assert found, hex(address)
+    return found[0]
 
 
 def huge_pages_allowed() -> bool:
@@ -245,23 +220,27 @@ def huge_pages_allowed() -> bool:
 
 
 @pytest.mark.skipif(kernels.library() is None, reason="no kernels: the weights go dense")
-@pytest.mark.parametrize("kind", [T.Q8_0, T.Q4_K], ids=lambda t: t.name)
-def test_a_files_matrices_move_to_huge_pages_and_its_embedding_stays(tmp_path, kind,
-                                                                      monkeypatch):
+@pytest.mark.parametrize("kind", [T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_a_files_matrices_are_copied_once_into_huge_pages(tmp_path, kind, monkeypatch):
     """Every matrix the runner multiplies by is copied once into anonymous memory advised into
-    2 MB pages (a decode step streams it faster), and the file's pages behind it leave the
-    node's memory; an untied embedding, only looked up, stays in the file."""
+    2 MB pages (a decode step streams it faster), Q4_K and Q6_K repacked in panels of eight rows
+    on the way where the AVX-512 kernels run, and the file's pages behind them leave the node's
+    memory: no matrix is held twice. An untied embedding, only looked up, stays in the file.
+    The logits are transformers', as above."""
     config = tiny_config("llama", width=256, tied=False)
     net = reference_net(config)
     path = tmp_path / "model.gguf"
     gguf_files.write(net, path, kind)
     source = weights.GGUFSource(path)
-    before = mapped_kb(path)
+    before = mapped_kb(path)  # the header and the tensor table, read
     model, cache = serve(config, source, True, monkeypatch)
+    # reading every tensor would make the whole file resident; only the vectors' pages remain
     assert mapped_kb(path) - before < 0.1 * path.stat().st_size / 1024
     products = [w for layer in model.layers
                 for w in (*layer.qkv, layer.o, *layer.gate_up, layer.down)] + [model.lm_head]
+    panels = kind in blocks.PANELS and kernels.vector_path().startswith("avx512")
     for w in products:
+        assert w.kind == kind and w.panels == panels
         where = mapping_of(w.raw.data_ptr())
         assert where["file"] == "", where  # anonymous: a copy, not the file's pages
         if huge_pages_allowed():

@@ -14,6 +14,7 @@ another. Only the pages written take memory. Where the kernel gives no transpare
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -32,9 +33,7 @@ class Arena:
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
         """A new uint8 tensor of `shape` in the arena (its contents undefined until written)."""
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         at = -(-self.used // ALIGN) * ALIGN
         if self.buf is None or at + n > self.buf.numel():
             self._grow(n)
