@@ -76,10 +76,11 @@ class GGUFSource:
 
     def get(self, name: str):
         t = self.tensors[name]
-        if t.data.ndim == 1:
+        if t.data.ndim == 1:  # a copy: a vector read from the mapped file at every step would
+            # map the pages around it too (each fault maps a folio of the page cache)
             if t.tensor_type == T.BF16:
                 return torch.from_numpy(t.data.copy()).view(torch.bfloat16).float()
-            return torch.from_numpy(np.asarray(t.data, dtype=np.float32))
+            return torch.from_numpy(np.array(t.data, dtype=np.float32))
         raw = t.data.view(np.uint8).reshape(t.data.shape[0], -1)
         return Blocks(t.tensor_type, torch.from_numpy(raw), t.columns)
 
@@ -87,6 +88,11 @@ class GGUFSource:
         """Tensor `name`'s bytes are not read from the file again (repacked: Blocks.for_cpu)."""
         from nodes.engine.formats import gguf
         gguf.give_back(self.tensors[name].data)
+
+    def release_all(self) -> None:
+        """The model is built: no page of the file stays in RSS but those read again later."""
+        from nodes.engine.formats import gguf
+        gguf.give_back_file(self.tensors)
 
 
 class SafetensorsSource:
@@ -230,9 +236,11 @@ def build(config, source, *, mode: str, device: torch.device, dtype: torch.dtype
     if source.has("rope_freqs.weight"):  # Llama 3's long-context scaling, as llama.cpp's files
         factors = source.get("rope_freqs.weight").double()  # carry it: frequencies divided
         rope = {t: (freq / factors, scale) for t, (freq, scale) in rope.items()}
-    if on_kernels:
-        return CpuModel(shape, embed, layers, norm, head, rope)
-    return torch_model(shape, embed, layers, norm, head, rope, device, dtype)
+    model = CpuModel(shape, embed, layers, norm, head, rope) if on_kernels else \
+        torch_model(shape, embed, layers, norm, head, rope, device, dtype)
+    if isinstance(source, GGUFSource):
+        source.release_all()
+    return model
 
 
 @dataclass

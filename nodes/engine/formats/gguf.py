@@ -38,6 +38,7 @@ class Tensor:
     tensor_type: GGMLQuantizationType
     data: np.ndarray  # floats in their shape, or uint8 rows of blocks
     columns: int  # weights per row (GGUF's first dimension)
+    offset: int  # where its bytes begin in the file
 
 
 class GGUFError(ValueError):
@@ -90,9 +91,23 @@ def read(path: Path) -> tuple[dict, dict[str, Tensor]]:
 def give_back(data: np.ndarray) -> None:
     """A mapped tensor's pages out of this process (a copy of its bytes took its place): the
     whole pages inside it, which the file would give again if they were ever read."""
+    _dont_need(data.ctypes.data, data.ctypes.data + data.nbytes)
+
+
+def give_back_file(tensors: dict[str, Tensor]) -> None:
+    """Every page of the mapped file out of this process, its header's (read once, at start)
+    included: for when the runner has copied what it reads. A page read again (an untied
+    embedding's rows) comes back from the page cache as it is read."""
+    if tensors:
+        first = min(tensors.values(), key=lambda t: t.offset)
+        _dont_need(first.data.ctypes.data - first.offset,
+                   max(t.data.ctypes.data + t.data.nbytes for t in tensors.values()))
+
+
+def _dont_need(start: int, end: int) -> None:
+    """madvise(MADV_DONTNEED) on the whole pages within [start, end) of a private mapping."""
     page = mmap.PAGESIZE
-    lo = -(-data.ctypes.data // page) * page
-    hi = (data.ctypes.data + data.nbytes) // page * page
+    lo, hi = -(-start // page) * page, end // page * page
     if hi > lo:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo),
                                   mmap.MADV_DONTNEED)
@@ -130,5 +145,5 @@ def parse(buf, path: Path) -> tuple[dict, dict[str, Tensor]]:
             data = raw.view(FLOATS[kind]).reshape(list(reversed(shape)))
         else:
             data = raw.reshape(rows, row_bytes)
-        tensors[name] = Tensor(name, kind, data, shape[0])
+        tensors[name] = Tensor(name, kind, data, shape[0], start + offset)
     return meta, tensors
