@@ -14,7 +14,8 @@ each model file in turn (default: the default model's), starts every server at o
 
 and sends each the same seeded workload over the OpenAI streaming API, temperature 0, with
 ignore_eos, C requests open at once, after the same warm-up, for each concurrency level, in rounds
-that alternate which server goes first (only one is measured at a time; the others idle):
+that alternate which server goes first (only one is measured at a time; the others idle), each
+level with prompts drawn anew (completions: none repeats another level's, warm-up included):
 
     chat          /v1/chat/completions, the built-in chat prompts, --max-tokens (128) each,
                   --requests-per-slot x C requests per level
@@ -24,7 +25,7 @@ that alternate which server goes first (only one is measured at a time; the othe
 (--requests N,N,... sets the count per level for either.) Prints one markdown table per file and
 level, each peer's output tokens/s relative to treechat's, then one table of every file: tokens/s,
 TTFT p50, the resident memory of the treechat node process (not the gateway or root) and of each
-peer at the end (and its peak, VmHWM), and for files of 1B parameters or more the weight bytes
+peer at rest after the run (read once no RSS moved for 0.5 s) and its peak (VmHWM), and for files of 1B parameters or more the weight bytes
 one decode step reads (every tensor of the file; the embedding table only where the output head
 is a separate tensor) times the decode tokens/s at 1 open (1 / p50 TPOT), against the machine's
 copy bandwidth (numpy, one thread per core, 1 GiB, read + write counted, as bench.engine
@@ -136,6 +137,21 @@ def memory_mb(pid: int | None) -> dict:
     return {"rss_mb": kib["VmRSS"] * 1024 / 1e6, "peak_mb": kib["VmHWM"] * 1024 / 1e6}
 
 
+async def at_rest(pids: dict, every: float = 0.5, limit: float = 10.0) -> dict:
+    """Each server's memory_mb once all rest: read again every `every` s until no RSS moved by
+    1 MB (a node hands what its steps freed back when its engine idles, a moment after the last
+    answer; read at once, the last server measured would carry that), at most `limit` s."""
+    rss = lambda m: m.get("rss_mb", 0.0)  # noqa: E731
+    last, deadline = None, time.monotonic() + limit
+    while True:
+        now = {label: memory_mb(pid()) for label, pid in pids.items()}
+        if last is not None and (time.monotonic() > deadline or all(
+                abs(rss(now[x]) - rss(last[x])) < 1 for x in now)):
+            return now
+        last = now
+        await asyncio.sleep(every)
+
+
 def node_pid(up_pid: int) -> int | None:
     """The `treechat node` process among a `treechat up`'s children (root, node, gateways)."""
     for d in Path("/proc").iterdir():
@@ -194,13 +210,14 @@ def requests(a, concurrency: int) -> int:
 
 
 def workload(a, concurrency: int) -> tuple[list[Item], list[Item]]:
-    """(the measured items, the warm-up) of one level."""
-    n = requests(a, concurrency)
+    """(the measured items, the warm-up) of one level, drawn with a seed of its own: random
+    token prompts no other level sends, so no server answers a level from its prompt cache."""
+    n, offset = requests(a, concurrency), 2 * concurrency
     if a.workload == "completions":
-        return (token_prompts(n, a.prompt_tokens, a.max_tokens, a.seed),
-                token_prompts(a.warmup, a.prompt_tokens, a.max_tokens, a.seed, offset=1))
+        return (token_prompts(n, a.prompt_tokens, a.max_tokens, a.seed, offset),
+                token_prompts(a.warmup, a.prompt_tokens, a.max_tokens, a.seed, offset + 1))
     cfg = WorkloadConfig(dataset="chat", num_requests=n, output_len=a.max_tokens, seed=a.seed)
-    return build(cfg), build(cfg, a.warmup, offset=1)
+    return build(cfg, offset=offset), build(cfg, a.warmup, offset=offset + 1)
 
 
 async def measure(url: str, model: str | None, items, warmup, concurrency: int,
@@ -253,7 +270,7 @@ async def study(a, gguf: str) -> dict:
             print(f"    {label} did not start on {gguf}: {why.strip()[-1500:]}", file=sys.stderr,
                   flush=True)
         levels = {c: await level(servers, c, a) for c in a.concurrency} if servers else {}
-        memory = {label: memory_mb(pid()) for label, pid in pids.items()}
+        memory = await at_rest(pids)
     return {"file": file_facts(gguf), "levels": levels, "memory": memory, "failed": failed}
 
 
@@ -317,7 +334,7 @@ def files_table(studies: list[dict], labels: list[str], bandwidth: float | None)
     peers = [x for x in labels if x != "treechat"]
     ratio = ("treechat / " + ", ".join(peers)) if "treechat" in labels and peers else None
     headers = ["file", "GB", "open", f"output tok/s {both}"] + ([ratio] if ratio else []) + [
-        f"p50 TTFT (ms) {both}", f"RSS MB at end (peak) {both}",
+        f"p50 TTFT (ms) {both}", f"RSS MB at rest (peak) {both}",
         f"weights read GB/s at 1 open {both}"]
     rows = []
     for st in studies:

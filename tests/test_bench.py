@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import os
 import subprocess
 import sys
@@ -335,13 +337,25 @@ def test_peer_bench_checks_its_flags_and_tables_every_file(capsys):
     default model's file), prompts are exact token counts, and the table of every file says
     which server failed and where the roofline column applies."""
     from bench.metrics import Record
-    from bench.peer import files_table, main, token_prompts
+    from bench.peer import at_rest, files_table, main, token_prompts, workload
     with pytest.raises(SystemExit) as e:
         main(["--concurrency", "1,8", "--requests", "3"])
     assert e.value.code == 2 and "one positive number per --concurrency" in capsys.readouterr().err
     items = token_prompts(3, 64, 64, seed=0)
     assert [len(i.prompt) for i in items] == [64] * 3 and items[0].text() == items[0].prompt
     assert all(1000 <= t < 10000 for i in items for t in i.prompt)
+    a = argparse.Namespace(workload="completions", concurrency=[1, 8], requests=None, rounds=2,
+                           warmup=2, prompt_tokens=64, max_tokens=64, seed=0)
+    sent = [[str(i.prompt) for part in workload(a, c) for i in part] for c in (1, 8)]
+    assert len(sent[0]) == 5 and len(sent[1]) == 10  # no level meets another level's prompt
+    assert len(set(sent[0] + sent[1])) == 15
+    idle = subprocess.Popen(["sleep", "30"])
+    try:  # a process whose memory does not move is read at rest
+        rest = asyncio.run(at_rest({"sleep": lambda: idle.pid}, every=0.05))
+        assert rest["sleep"]["rss_mb"] > 0 and rest["sleep"]["peak_mb"] >= rest["sleep"]["rss_mb"]
+    finally:
+        idle.kill()
+        idle.wait()
     recs = [Record(0, start=0.0, ttft=0.1, itl=[0.05] * 9, end=0.55, output_tokens=10)]
     summary = summarize(recs, 0.55)
     big = {"file": {"name": "big", "bytes": 8e8, "parameters": 1.2e9, "decode_bytes": 8e8},
