@@ -25,11 +25,11 @@ level with prompts drawn anew (completions: none repeats another level's, warm-u
 (--requests N,N,... sets the count per level for either.) Prints one markdown table per file and
 level, each peer's output tokens/s relative to treechat's, then one table of every file: tokens/s,
 TTFT p50, the resident memory of the treechat node process (not the gateway or root) and of each
-peer at rest after the run (read once no RSS moved for 0.5 s) and its peak (VmHWM), and for files of 1B parameters or more the weight bytes
-one decode step reads (every tensor of the file; the embedding table only where the output head
-is a separate tensor) times the decode tokens/s at 1 open (1 / p50 TPOT), against the machine's
-copy bandwidth (numpy, one thread per core, 1 GiB, read + write counted, as bench.engine
-counts). Writes --save-result / --plot.
+peer at rest after the run (read once no RSS moved for 0.5 s) and its peak (VmHWM), and for
+files of 1B parameters or more the weight bytes one decode step reads (every tensor of the file;
+the embedding table only where the output head is a separate tensor) times the decode tokens/s
+at 1 open (1 / p50 TPOT), against the machine's copy bandwidth (numpy, one thread per core, 1 GiB,
+read + write counted, as bench.engine counts). Writes --save-result / --plot.
 
 Notes: `transformers serve` ignores ignore_eos and stream_options, and without --cb-num-blocks
 its CPU cache grew to 13.7 GB (OOM on a 23 GB machine), so a fixed cache is passed
@@ -141,12 +141,11 @@ async def at_rest(pids: dict, every: float = 0.5, limit: float = 10.0) -> dict:
     """Each server's memory_mb once all rest: read again every `every` s until no RSS moved by
     1 MB (a node hands what its steps freed back when its engine idles, a moment after the last
     answer; read at once, the last server measured would carry that), at most `limit` s."""
-    rss = lambda m: m.get("rss_mb", 0.0)  # noqa: E731
     last, deadline = None, time.monotonic() + limit
     while True:
         now = {label: memory_mb(pid()) for label, pid in pids.items()}
         if last is not None and (time.monotonic() > deadline or all(
-                abs(rss(now[x]) - rss(last[x])) < 1 for x in now)):
+                abs(now[x].get("rss_mb", 0) - last[x].get("rss_mb", 0)) < 1 for x in now)):
             return now
         last = now
         await asyncio.sleep(every)

@@ -225,9 +225,9 @@ def test_a_files_matrices_are_copied_once_into_huge_pages(tmp_path, kind, monkey
     """Every matrix the runner multiplies by is copied once into anonymous memory advised into
     2 MB pages (a decode step streams it faster), Q4_K and Q6_K repacked in panels of eight rows
     on the way where the AVX-512 kernels run, and the file's pages leave the node's memory, its
-    header's too: no matrix is held twice. An untied embedding, only looked up, stays in the
-    file, and its rows are the only pages of the file a forward reads. The logits are
-    transformers', as above."""
+    header's too: no matrix is held twice, and no vector is read from the file (each read would
+    map the pages around it back). An untied embedding, only looked up, stays in the file. The
+    logits are transformers', as above."""
     config = tiny_config("llama", width=256, tied=False)
     net = reference_net(config)
     path = tmp_path / "model.gguf"
