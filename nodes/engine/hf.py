@@ -17,8 +17,6 @@ that does not fit the budget now waits in the engine until it does.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import gc
 import logging
 import queue
@@ -92,23 +90,6 @@ class HFEngineConfig:
             raise ValueError("--model-config only goes with --load-format dummy")
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             raise ValueError(f"--chat-template {self.chat_template}: no such file")
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing):
-    glibc keeps what a thread frees for that thread's next allocations, and a node's steps
-    free tens of MB (activations, a reshaped cache) that would stay in its RSS while it idles."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def available_memory() -> int:
@@ -264,7 +245,7 @@ class HFEngine(Engine):
         large vocabulary hundreds of MB that glibc keeps unless told) goes back to the system.
         llguidance's view of the tokenizer waits for the first constrained request
         (grammar._compiler)."""
-        release_free_memory()
+        models.release_free_memory()
         # What exists now (the libraries, the model, the tokenizer) lives as long as the node:
         # the garbage collector's full passes need not walk it again (they took 2% of a prefill,
         # in bursts), only what serving allocates.
@@ -415,7 +396,7 @@ class HFEngine(Engine):
                 out = StepOutput()
                 idle = not (self._running or self._waiting)
                 if idle:  # what the last requests' steps freed goes back to the system
-                    release_free_memory()
+                    models.release_free_memory()
                 if not self._drain(out, block=idle):
                     break
                 try:

@@ -84,10 +84,11 @@ class GGUFSource:
         raw = t.data.view(np.uint8).reshape(t.data.shape[0], -1)
         return Blocks(t.tensor_type, torch.from_numpy(raw), t.columns)
 
-    def release(self, name: str) -> None:
-        """Tensor `name`'s bytes are not read from the file again (repacked: Blocks.for_cpu)."""
+    def release(self, name: str, lo: int = 0, hi: int | None = None) -> None:
+        """Tensor `name`'s rows lo..hi (all of them by default) are not read from the file again
+        (copied or repacked: Blocks.for_cpu)."""
         from nodes.engine.formats import gguf
-        gguf.give_back(self.tensors[name].data)
+        gguf.give_back(self.tensors[name].data[lo:hi])
 
     def release_all(self) -> None:
         """The model is built: no page of the file stays in RSS but those read again later."""
@@ -192,9 +193,9 @@ def build(config, source, *, mode: str, device: torch.device, dtype: torch.dtype
         b = source.get(bias).float() if bias and source.has(bias) else None
         if isinstance(w, Blocks):  # (a file's: GGUFSource)
             w = w if b is None else Blocks(w.kind, w.raw, w.k, b)
-            if on_kernels and product:
-                w = w.for_cpu(arena)
-                source.release(name)  # the file's pages out of RSS: the copy replaced them
+            if on_kernels and product:  # the file's pages out of RSS as the copy replaces them
+                w = w.for_cpu(arena, lambda lo, hi: source.release(name, lo, hi))
+                source.release(name)  # (and the pages that pieces shared)
             return w
         # float weights: in the mode's blocks for our kernels, else as they are
         want = floor if floor is not None and kind != T.F32 else kind

@@ -37,6 +37,7 @@ READ = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.
 FLOATS = (T.F32, T.F16, T.BF16)
 # kernels.c's panel layouts: the kernels' id, and the bytes of eight rows' super-blocks
 PANELS = {T.Q4_K: (112, 1184), T.Q6_K: (114, 1680)}
+PIECE = 16 << 20  # bytes of rows copied at a time by for_cpu
 
 
 class UnreadableType(ValueError):
@@ -83,24 +84,36 @@ class Blocks:
                 quants.quantize(w.float().cpu().numpy(), kind)).view(np.uint8).reshape(n, -1))
         return cls(kind, raw, k, bias)
 
-    def for_cpu(self, arena: Arena | None = None) -> "Blocks":
+    def for_cpu(self, arena: Arena | None = None, release=None) -> "Blocks":
         """This matrix as our kernels read it fastest: Q4_K and Q6_K with rows in panels of
         eight (kernels.c's Q4_K8, Q6_K8: a decode step's product at about 1.7x the speed on one
         core) where the AVX-512 builds have those kernels and the rows come in eights, and, given
         an arena, in its 2 MB pages (arena.py); else itself. A new copy is the repacked bytes
-        (Q4_K 1184 for 1152, Q6_K the same 1680) or the same ones: the caller may give the old
-        ones back."""
+        (Q4_K 1184 for 1152, Q6_K the same 1680) or the same ones, made PIECE bytes of rows at a
+        time: `release(lo, hi)` after each piece may give rows lo..hi's old bytes back, so a
+        large matrix (an embedding of 262k rows: 178 MB) is never held twice at once."""
         lib = kernels.library()
+        rows = max(8, PIECE // max(1, self.raw.shape[1]) // 8 * 8)
+        pieces = [(lo, min(self.n, lo + rows)) for lo in range(0, self.n, rows)]
         if self.kind in PANELS and not self.panels and self.n % 8 == 0 and lib is not None:
             shape = (self.n, self.k // 256 * PANELS[self.kind][1] // 8)
             out = torch.empty(shape, dtype=torch.uint8) if arena is None else arena.take(shape)
-            if not lib.repack_panels(int(self.kind), self.raw.data_ptr(), self.n, self.k,
-                                     out.data_ptr()):
+            for lo, hi in pieces:
+                if lib.repack_panels(int(self.kind), self.raw[lo].data_ptr(), hi - lo, self.k,
+                                     out[lo].data_ptr()):
+                    break  # this build has no panel kernels (AVX2): the rows as they are
+                if release is not None:
+                    release(lo, hi)
+            else:
                 return Blocks(self.kind, out, self.k, self.bias, panels=True)
-            # this build has no panel kernels (AVX2): the rows as they are
         if arena is None:
             return self
-        return Blocks(self.kind, arena.copy(self.raw), self.k, self.bias, self.panels)
+        out = arena.take(tuple(self.raw.shape))
+        for lo, hi in pieces:
+            out[lo:hi].copy_(self.raw[lo:hi])
+            if release is not None:
+                release(lo, hi)
+        return Blocks(self.kind, out, self.k, self.bias, self.panels)
 
     @property
     def type_id(self) -> int:
