@@ -41,12 +41,6 @@ class Arena:
         self.used = at + n
         return self.buf[at:at + n].view(shape)
 
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
-        """`t`'s bytes (uint8) in the arena."""
-        out = self.take(tuple(t.shape))
-        out.copy_(t)
-        return out
-
     def _grow(self, need: int) -> None:
         size = max(self.chunk, -(-need // HUGE) * HUGE)
         m = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
