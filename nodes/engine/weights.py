@@ -84,9 +84,9 @@ class GGUFSource:
         raw = t.data.view(np.uint8).reshape(t.data.shape[0], -1)
         return Blocks(t.tensor_type, torch.from_numpy(raw), t.columns)
 
-    def release(self, name: str, lo: int = 0, hi: int | None = None) -> None:
-        """Tensor `name`'s rows lo..hi (all of them by default) are not read from the file again
-        (copied or repacked: Blocks.for_cpu)."""
+    def release(self, name: str, lo: int, hi: int) -> None:
+        """Tensor `name`'s rows lo..hi are not read from the file again (copied or repacked:
+        Blocks.for_cpu; the pages they share with the next rows go in release_all)."""
         from nodes.engine.formats import gguf
         gguf.give_back(self.tensors[name].data[lo:hi])
 
@@ -195,7 +195,6 @@ def build(config, source, *, mode: str, device: torch.device, dtype: torch.dtype
             w = w if b is None else Blocks(w.kind, w.raw, w.k, b)
             if on_kernels and product:  # the file's pages out of RSS as the copy replaces them
                 w = w.for_cpu(arena, lambda lo, hi: source.release(name, lo, hi))
-                source.release(name)  # (and the pages that pieces shared)
             return w
         # float weights: in the mode's blocks for our kernels, else as they are
         want = floor if floor is not None and kind != T.F32 else kind

@@ -93,7 +93,7 @@ class Blocks:
         time: `release(lo, hi)` after each piece may give rows lo..hi's old bytes back, so a
         large matrix (an embedding of 262k rows: 178 MB) is never held twice at once."""
         lib = kernels.library()
-        rows = max(8, PIECE // max(1, self.raw.shape[1]) // 8 * 8)
+        rows = max(8, PIECE // self.raw.shape[1] // 8 * 8)
         pieces = [(lo, min(self.n, lo + rows)) for lo in range(0, self.n, rows)]
         if self.kind in PANELS and not self.panels and self.n % 8 == 0 and lib is not None:
             shape = (self.n, self.k // 256 * PANELS[self.kind][1] // 8)
